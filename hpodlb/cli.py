@@ -1,0 +1,179 @@
+"""The `hpodlb` command: argument parsing, exit statuses, and wiring adapters to the core.
+
+Exit statuses are a contract (DESIGN.md): 2 means "could not even evaluate" (bad config, bad usage,
+bad inventory for `plan`), 1 means "evaluated, and something is wrong or pending", 0 means all is well.
+boto3 and paramiko are imported only by the commands that need them, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from hpodlb import __version__
+from hpodlb.config import Config, ConfigError, config_path, load_config
+
+if TYPE_CHECKING:
+    from hpodlb.reconcile import Reconciler
+
+EXIT_OK, EXIT_PENDING, EXIT_UNUSABLE = 0, 1, 2
+
+Command = Callable[[Config, argparse.Namespace], int]
+
+
+def build_reconciler(config: Config) -> Reconciler:
+    """Real adapters for a config: one elbv2 client per region, the host-key gate if enabled."""
+    from hpodlb.reconcile import Reconciler
+    from hpodlb.targets import TargetGroup, elbv2_client
+
+    clients: dict[str, object] = {}
+    groups = []
+    for tg in config.target_groups:
+        region = config.aws.region or tg.region
+        if region not in clients:
+            clients[region] = elbv2_client(region)
+        groups.append(TargetGroup(clients[region], tg.arn, tg.port))
+    return Reconciler(config, groups, gate=None)
+
+
+def cmd_plan(config: Config, args: argparse.Namespace) -> int:
+    from hpodlb import report
+    from hpodlb.state import load_state
+
+    state, warning = load_state(config.state.dir)
+    if warning:
+        _log().warning("state_rebuilt", warning=warning)
+    outcome = build_reconciler(config).run_pass(state, apply=False)
+    if outcome.inventory_error:
+        _fail(f"cannot plan: {outcome.inventory_error}")
+        return EXIT_UNUSABLE
+    if outcome.errors:
+        for error in outcome.errors:
+            _fail(f"cannot plan: {error}")
+        return EXIT_UNUSABLE
+    assert outcome.plan is not None
+    render = report.plan_json if args.json else report.plan_text
+    print(render(outcome.plan, outcome.nodes))
+    return EXIT_OK if outcome.plan.converged else EXIT_PENDING
+
+
+def cmd_once(config: Config, args: argparse.Namespace) -> int:
+    from hpodlb.state import load_state, save_state
+
+    state, warning = load_state(config.state.dir)
+    if warning:
+        _log().warning("state_rebuilt", warning=warning)
+    outcome = build_reconciler(config).run_pass(state, apply=True)
+    save_state(config.state.dir, state)
+    _log().info(
+        "pass_finished",
+        converged=outcome.converged,
+        summary=outcome.summary(),
+        seconds=round(outcome.duration_seconds, 3),
+    )
+    if outcome.inventory_error:
+        _fail(outcome.inventory_error)
+        return EXIT_UNUSABLE
+    print(outcome.summary())
+    return EXIT_OK if outcome.converged else EXIT_PENDING
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    import json
+
+    from hpodlb import report
+    from hpodlb.state import load_state
+
+    state, warning = load_state(config.state.dir)
+    arns = [tg.arn for tg in config.target_groups]
+    if args.json:
+        doc = report.status_doc(state, arns, time.time())
+        doc["state_warning"] = warning
+        print(json.dumps(doc, indent=2))
+    else:
+        if warning:
+            print(warning)
+        print(report.status_text(state, arns, time.time()))
+    return EXIT_OK
+
+
+def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
+    from hpodlb.checks import run_checks
+
+    problems = 0
+    for ok, line in run_checks(config, build_reconciler(config)):
+        print(f"{'ok  ' if ok else 'FAIL'}  {line}")
+        problems += not ok
+    print(f"{problems} problem(s) found" if problems else "configuration is usable")
+    return EXIT_PENDING if problems else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpodlb",
+        description="Keep a HyperPod Slurm cluster's login-node NLB target groups and SSH host keys "
+        "in step with its resource config.",
+    )
+    parser.add_argument("--version", action="version", version=f"hpodlb {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $HPODLB_CONFIG or /etc/hpodlb/config.toml)",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    add("once", cmd_once, "run one pass; exit 0 converged, 1 failed or held back, 2 unusable input")
+    p = add(
+        "plan",
+        cmd_plan,
+        "show what a pass would do and change nothing; exit 0 nothing to do, "
+        "1 changes pending, 2 could not plan",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable plan")
+    p = add("status", cmd_status, "login nodes and targets as of the last pass (no AWS calls)")
+    p.add_argument("--json", action="store_true", help="machine-readable status")
+    add(
+        "check-config",
+        cmd_check_config,
+        "validate the config, resource config, AWS access and key store; exit 0 ok, 1 problems",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from hpodlb.logs import setup_logging
+
+    setup_logging(verbose=args.verbose, stream=sys.stderr)
+    path = config_path(args.config)
+    try:
+        config = load_config(path, os.environ)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            _fail(f"config error: {line}")
+        _log().error("config_invalid", path=str(path), error=str(exc))
+        return EXIT_UNUSABLE
+    func: Command = args.func
+    return func(config, args)
+
+
+def _fail(line: str) -> None:
+    print(f"hpodlb: {line}", file=sys.stderr)
+
+
+def _log() -> Any:
+    from hpodlb.logs import get_logger
+
+    return get_logger("hpodlb.cli")

@@ -1,0 +1,251 @@
+"""The daemon's one config file: TOML, validated, with `HPODLB_<SECTION>__<KEY>` overrides.
+
+Every field carries its default and the reason for it. This module must never touch AWS, SSH or the
+state dir: it only turns a file (and the environment) into a `Config` or a `ConfigError` whose message
+names the file, the key and the problem on one line, because that line is what an admin sees at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Ubuntu 22.04's Python 3.10
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = "/etc/hpodlb/config.toml"
+ENV_PREFIX = "HPODLB_"
+
+# arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID (aws-cn and aws-us-gov too).
+TARGET_GROUP_ARN = re.compile(
+    r"^arn:aws(-[a-z]+)*:elasticloadbalancing:(?P<region>[a-z0-9-]+):\d{12}:"
+    r"targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}$"
+)
+KEY_TYPES = ("rsa", "ecdsa", "ed25519")
+
+
+class ConfigError(Exception):
+    """The config file (or an override) cannot be used; the message is one line for the admin."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterConfig(_Section):
+    resource_config: Path = Path("/opt/ml/config/resource_config.json")
+    """Where HyperPod writes the cluster's instances: the desired set comes from here."""
+    provisioning_parameters: Path = Path("/opt/ml/config/provisioning_parameters.json")
+    """Names the login group (`login_group`) when `login_groups` is empty."""
+    login_groups: tuple[str, ...] = ()
+    """Instance groups whose instances are login nodes; empty: provisioning_parameters, else
+    "login-group"."""
+    allowed_cidrs: tuple[str, ...] = (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+    )
+    """What NLB IP targets accept; an address outside them is refused, never registered."""
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _cidrs_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.IPv4Network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not an IPv4 CIDR ({exc})") from None
+        return value
+
+    def networks(self) -> tuple[ipaddress.IPv4Network, ...]:
+        return tuple(ipaddress.IPv4Network(c, strict=False) for c in self.allowed_cidrs)
+
+
+class TargetGroupConfig(_Section):
+    arn: str
+    """The target group (target type `ip`) whose targets are the login nodes."""
+    port: int = Field(default=22, ge=1, le=65535)
+    """The port each target is registered on; targets at other ports are never touched."""
+
+    @field_validator("arn")
+    @classmethod
+    def _arn_shape(cls, value: str) -> str:
+        if not TARGET_GROUP_ARN.match(value):
+            raise ValueError(
+                f"{value!r} is not a target group ARN "
+                "(arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID)"
+            )
+        return value
+
+    @property
+    def region(self) -> str:
+        match = TARGET_GROUP_ARN.match(self.arn)
+        assert match is not None  # validated above
+        return match.group("region")
+
+    @property
+    def name(self) -> str:
+        return self.arn.split("/")[1]
+
+
+class AwsConfig(_Section):
+    region: str = ""
+    """Empty: the target group ARN's own region, which is the only one its API answers in."""
+
+
+class ReconcileConfig(_Section):
+    interval_seconds: float = Field(default=30, gt=0)
+    """How often `run` passes when nothing changes; the resource config's changes trigger sooner."""
+    prune: bool = True
+    """Remove targets at the configured port that no login node accounts for (hand-added drift)."""
+    max_deregister_fraction: float = Field(default=0.5, ge=0, le=1)
+    """At most this share of a group's targets leaves in one pass: a bad read cannot empty it."""
+    absent_passes_before_deregister: int = Field(default=2, ge=1)
+    """Consecutive passes a node must be missing before its target goes: deregister cautiously."""
+    min_in_service: int = Field(default=1, ge=0)
+    """Never leave fewer registered targets than this, whatever the inputs say."""
+
+
+class SshConfig(_Section):
+    user: str = "ubuntu"
+    port: int = Field(default=22, ge=1, le=65535)
+    key_file: Path = Path("/home/ubuntu/.ssh/id_rsa")
+    sudo: bool = True
+    """Prefix privileged remote commands with `sudo -n` (never prompts, fails instead)."""
+    connect_timeout_seconds: float = Field(default=10, gt=0)
+    """Bounds every connect, handshake and remote command, so a silent node cannot hang a pass."""
+
+
+class HostKeysConfig(_Section):
+    enabled: bool = True
+    store: Path = Path("/etc/hpodlb/host_keys")
+    types: tuple[str, ...] = KEY_TYPES
+    remote_dir: Path = Path("/etc/ssh")
+    reload_command: str = "systemctl try-reload-or-restart ssh"
+    adopt_from_first_node: bool = True
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [t for t in value if t not in KEY_TYPES]
+        if unknown:
+            raise ValueError(f"unknown key type(s) {unknown}; choose from {list(KEY_TYPES)}")
+        if not value:
+            raise ValueError("at least one key type is required")
+        if len(set(value)) != len(value):
+            raise ValueError("key types are listed twice")
+        return value
+
+
+class StateConfig(_Section):
+    dir: Path = Path("/var/lib/hpodlb")
+
+
+class Config(_Section):
+    cluster: ClusterConfig = ClusterConfig()
+    target_groups: tuple[TargetGroupConfig, ...]
+    aws: AwsConfig = AwsConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
+    ssh: SshConfig = SshConfig()
+    host_keys: HostKeysConfig = HostKeysConfig()
+    state: StateConfig = StateConfig()
+
+    @field_validator("target_groups")
+    @classmethod
+    def _some_target_groups(
+        cls, value: tuple[TargetGroupConfig, ...]
+    ) -> tuple[TargetGroupConfig, ...]:
+        if not value:
+            raise ValueError("at least one [[target_groups]] table is required")
+        arns = [tg.arn for tg in value]
+        if len(set(arns)) != len(arns):
+            raise ValueError("the same target group ARN is listed twice")
+        return value
+
+
+def config_path(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """`--config`, else `$HPODLB_CONFIG`, else the packaged default path."""
+    return Path(explicit or environ.get("HPODLB_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
+    """Read, override and validate; raise ConfigError with one line per problem."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    sources = _apply_env_overrides(raw, path, environ)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(err, path, sources) for err in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _apply_env_overrides(
+    raw: dict[str, Any], path: Path, environ: Mapping[str, str]
+) -> dict[str, str]:
+    """Fold `HPODLB_SECTION__KEY=value` into the raw table; return key -> env var for messages."""
+    sources: dict[str, str] = {}
+    for var, value in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or var == "HPODLB_CONFIG" or "__" not in var:
+            continue
+        section, _, key = var[len(ENV_PREFIX) :].lower().partition("__")
+        model = Config.model_fields.get(section)
+        section_type = model.annotation if model else None
+        if not (isinstance(section_type, type) and issubclass(section_type, _Section)):
+            raise ConfigError(f"{var}: no config section [{section}] can be overridden")
+        field = section_type.model_fields.get(key)
+        if field is None:
+            raise ConfigError(f"{var}: [{section}] has no key {key!r}")
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        table[key] = _env_value(value, is_list="tuple" in str(field.annotation))
+        sources[f"{section}.{key}"] = var
+    return sources
+
+
+def _env_value(value: str, *, is_list: bool) -> Any:
+    if not is_list:
+        return value  # pydantic's lax mode turns "30" into 30 and "false" into False
+    if value.strip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # pydantic then names the key and says it is not a list
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _describe(err: Mapping[str, Any], path: Path, sources: Mapping[str, str]) -> str:
+    parts: list[str] = []
+    for loc in err["loc"]:
+        if isinstance(loc, int):
+            parts[-1] = f"{parts[-1]}[{loc}]" if parts else f"[{loc}]"
+        else:
+            parts.append(str(loc))
+    key = ".".join(parts) or "(top level)"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif err["type"] == "missing":
+        message = "required key is missing"
+    where = f"{path}: {key}"
+    if key in sources:
+        where = f"{sources[key]} (overrides {path}): {key}"
+    return f"{where}: {message}"

@@ -1,0 +1,178 @@
+"""The desired set: which login nodes the resource config lists.
+
+HyperPod owns `/opt/ml/config/resource_config.json` and may rewrite it while we read (in place or by
+rename: not documented), so a read is retried until two stats around it agree, and anything short of a
+complete, well-formed file is an `InventoryError`. The caller must treat that as "change nothing this
+pass": an empty or half-written file must never look like "all login nodes left".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_LOGIN_GROUP = "login-group"
+_READ_ATTEMPTS = 3
+_SETTLE_SECONDS = 0.2
+
+
+class InventoryError(Exception):
+    """The resource config cannot be trusted this pass; the message names the file and field."""
+
+
+@dataclass(frozen=True, order=True)
+class LoginNode:
+    ip: str
+    instance_id: str
+    name: str
+    group: str
+
+    def label(self) -> str:
+        return f"{self.ip} ({self.instance_id})"
+
+
+def login_group_names(
+    configured: Sequence[str], provisioning_parameters: Path
+) -> tuple[tuple[str, ...], str]:
+    """Which instance groups hold login nodes, and where that answer came from."""
+    if configured:
+        return tuple(configured), "cluster.login_groups"
+    try:
+        raw = provisioning_parameters.read_bytes()
+    except FileNotFoundError:
+        return (DEFAULT_LOGIN_GROUP,), "default (no provisioning parameters file)"
+    except OSError as exc:
+        raise InventoryError(f"{provisioning_parameters}: cannot read: {exc.strerror}") from None
+    data = _parse_json(raw, provisioning_parameters)
+    if not isinstance(data, dict):
+        raise InventoryError(f"{provisioning_parameters}: expected a JSON object")
+    group = data.get("login_group")
+    if group is None:
+        return (DEFAULT_LOGIN_GROUP,), f"default ({provisioning_parameters} has no login_group)"
+    if not isinstance(group, str) or not group:
+        raise InventoryError(f"{provisioning_parameters}: login_group: expected a group name")
+    return (group,), f"{provisioning_parameters}: login_group"
+
+
+def read_login_nodes(
+    path: Path,
+    login_groups: Sequence[str],
+    allowed: Sequence[ipaddress.IPv4Network],
+) -> tuple[LoginNode, ...]:
+    """Every instance of the login groups, validated; InventoryError if anything is off."""
+    return parse_login_nodes(_read_settled(path), path, login_groups, allowed)
+
+
+def parse_login_nodes(
+    raw: bytes,
+    path: Path,
+    login_groups: Sequence[str],
+    allowed: Sequence[ipaddress.IPv4Network],
+) -> tuple[LoginNode, ...]:
+    data = _parse_json(raw, path)
+    if not isinstance(data, dict):
+        raise InventoryError(f"{path}: expected a JSON object at the top level")
+    groups = data.get("InstanceGroups")
+    if not isinstance(groups, list):
+        raise InventoryError(f"{path}: InstanceGroups: expected a list")
+    found: dict[str, list[Any]] = {}
+    for index, group in enumerate(groups):
+        where = f"InstanceGroups[{index}]"
+        if not isinstance(group, dict) or not isinstance(group.get("Name"), str):
+            raise InventoryError(f"{path}: {where}.Name: expected an object with a string Name")
+        if group["Name"] in login_groups:
+            instances = group.get("Instances")
+            if not isinstance(instances, list):
+                raise InventoryError(f"{path}: {where}.Instances: expected a list")
+            found[group["Name"]] = [(f"{where}.Instances[{i}]", x) for i, x in enumerate(instances)]
+    missing = [g for g in login_groups if g not in found]
+    if missing:
+        # A renamed or mistyped group would otherwise read as "every login node left".
+        raise InventoryError(f"{path}: InstanceGroups: no group named {', '.join(missing)}")
+    nodes: list[LoginNode] = []
+    seen: dict[str, str] = {}
+    for group_name, instances in found.items():
+        for where, instance in instances:
+            node = _login_node(instance, group_name, f"{path}: {where}", allowed)
+            if node.ip in seen:
+                raise InventoryError(
+                    f"{path}: {where}.CustomerIpAddress: {node.ip} is listed twice "
+                    f"(also {seen[node.ip]})"
+                )
+            seen[node.ip] = where
+            nodes.append(node)
+    return tuple(sorted(nodes))
+
+
+def _login_node(
+    instance: Any, group: str, where: str, allowed: Sequence[ipaddress.IPv4Network]
+) -> LoginNode:
+    if not isinstance(instance, dict):
+        raise InventoryError(f"{where}: expected an object")
+    ip_text = instance.get("CustomerIpAddress")
+    if not isinstance(ip_text, str):
+        raise InventoryError(f"{where}.CustomerIpAddress: expected a string")
+    try:
+        ip = ipaddress.ip_address(ip_text)
+    except ValueError:
+        raise InventoryError(
+            f"{where}.CustomerIpAddress: {ip_text!r} is not an IP address"
+        ) from None
+    if ip.version != 4:
+        raise InventoryError(
+            f"{where}.CustomerIpAddress: {ip} is IPv6; NLB IP targets here are IPv4"
+        )
+    if not any(ip in net for net in allowed):
+        raise InventoryError(
+            f"{where}.CustomerIpAddress: {ip} is outside cluster.allowed_cidrs "
+            f"({', '.join(str(n) for n in allowed)})"
+        )
+    instance_id = instance.get("InstanceId")
+    name = instance.get("InstanceName")
+    for field, value in (("InstanceId", instance_id), ("InstanceName", name)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise InventoryError(f"{where}.{field}: expected a non-empty string")
+    if instance_id is None and name is None:
+        raise InventoryError(f"{where}: needs an InstanceId or an InstanceName")
+    return LoginNode(
+        ip=str(ip), instance_id=str(instance_id or name), name=str(name or instance_id), group=group
+    )
+
+
+def _parse_json(raw: bytes, path: Path) -> Any:
+    if not raw.strip():
+        raise InventoryError(f"{path}: file is empty")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InventoryError(f"{path}: not valid JSON: {exc}") from None
+
+
+def _read_settled(path: Path) -> bytes:
+    """Read until the file's identity and size/mtime are the same before and after the read."""
+    last_error = "changed while being read"
+    for attempt in range(_READ_ATTEMPTS):
+        if attempt:
+            time.sleep(_SETTLE_SECONDS)
+        try:
+            before = path.stat()
+            raw = path.read_bytes()
+            after = path.stat()
+        except FileNotFoundError:
+            last_error = "file not found"
+            continue
+        except OSError as exc:
+            raise InventoryError(f"{path}: cannot read: {exc.strerror}") from None
+        if _fingerprint(before) == _fingerprint(after) and len(raw) == after.st_size:
+            return raw
+    raise InventoryError(f"{path}: {last_error}")
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)

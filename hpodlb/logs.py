@@ -1,0 +1,91 @@
+"""Log setup: one JSON event per line for the journal, a readable console on a TTY.
+
+Under systemd (`JOURNAL_STREAM` names our stdout) each line gets a `<N>` syslog priority prefix so
+`journalctl -u hpodlb -p warning` works. boto3, botocore, paramiko and apscheduler log through the
+stdlib; they are routed through the same renderer, at levels that keep their chatter out of `info`.
+Nothing here may ever log key material: callers pass fingerprints, never key bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
+_NOISY = {
+    "botocore": logging.WARNING,
+    "boto3": logging.WARNING,
+    "urllib3": logging.WARNING,
+    "paramiko": logging.WARNING,
+    "apscheduler": logging.WARNING,
+}
+
+
+def stream_is_journal(stream: TextIO, environ: dict[str, str] | None = None) -> bool:
+    """True when `stream` is the journal socket systemd handed us (JOURNAL_STREAM=dev:inode)."""
+    value = (environ if environ is not None else os.environ).get("JOURNAL_STREAM", "")
+    try:
+        dev, inode = (int(x) for x in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, inode)
+
+
+def _journal_prefix(_: Any, method: str, event: str | bytes) -> str:
+    text = event.decode() if isinstance(event, bytes) else event
+    return f"<{_PRIORITY.get(method, 6)}>{text}"
+
+
+def setup_logging(
+    *, verbose: bool = False, stream: TextIO | None = None, journal: bool | None = None
+) -> None:
+    """Configure structlog and the stdlib root logger once per process."""
+    out = stream or sys.stdout
+    if journal is None:
+        journal = stream_is_journal(out)
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        timestamper,
+    ]
+    renderer: Any
+    final: list[Any]
+    if out.isatty() and not journal:
+        renderer = structlog.dev.ConsoleRenderer(colors=True)
+        final = [renderer]
+    else:
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+        final = [structlog.processors.format_exc_info, renderer]
+        if journal:
+            final.append(_journal_prefix)
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    level = logging.DEBUG if verbose else logging.INFO
+    root.setLevel(level)
+    for name, noisy_level in _NOISY.items():
+        logging.getLogger(name).setLevel(
+            logging.DEBUG if verbose and name != "paramiko" else noisy_level
+        )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str = "hpodlb") -> Any:
+    return structlog.get_logger(name)

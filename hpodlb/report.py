@@ -1,0 +1,153 @@
+"""Text and JSON views of a plan and of the state, for `plan` and `status`.
+
+Pure formatting: no I/O besides returning strings, so the CLI stays a thin layer and the views are
+testable. Nothing rendered here ever contains key material (the state holds none).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from hpodlb.inventory import LoginNode
+from hpodlb.planner import Plan
+from hpodlb.state import State
+
+
+def short_tg(arn: str) -> str:
+    """`NAME` of `arn:...:targetgroup/NAME/ID`; unique enough in a table, readable at a glance."""
+    parts = arn.split("/")
+    return parts[1] if len(parts) >= 3 else arn
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def plan_text(plan: Plan, nodes: Sequence[LoginNode]) -> str:
+    if plan.converged and not plan.unmanaged:
+        return f"Nothing to do: {len(nodes)} login nodes in step with every target group."
+    rows: list[list[str]] = [["ACTION", "TARGET GROUP", "IP", "INSTANCE", "WHY"]]
+    for a in plan.actions:
+        where = f"{short_tg(a.target_group)}:{a.port}" if a.target_group else "-"
+        why = f"HELD by {a.held_by.value}: {a.reason}" if a.held_by else a.reason
+        rows.append([a.kind.value, where, a.ip, a.instance_id or "-", why])
+    for w in plan.waiting:
+        rows.append(["waiting", "-", w.node.ip, w.node.instance_id, w.reason])
+    for arn, t in plan.unmanaged:
+        rows.append(["leave", f"{short_tg(arn)}:{t.port}", t.ip, "-", "not ours and prune = false"])
+    return table(rows)
+
+
+def plan_json(plan: Plan, nodes: Sequence[LoginNode]) -> str:
+    doc = {
+        "converged": plan.converged,
+        "login_nodes": [n.__dict__ for n in nodes],
+        "actions": [
+            {
+                "kind": a.kind.value,
+                "target_group": a.target_group,
+                "port": a.port,
+                "ip": a.ip,
+                "instance_id": a.instance_id,
+                "reason": a.reason,
+                "held_by": a.held_by.value if a.held_by else None,
+                "after_push": a.after_push,
+            }
+            for a in plan.actions
+        ],
+        "waiting": [
+            {"ip": w.node.ip, "instance_id": w.node.instance_id, "reason": w.reason}
+            for w in plan.waiting
+        ],
+        "unmanaged": [
+            {"target_group": arn, "ip": t.ip, "port": t.port} for arn, t in plan.unmanaged
+        ],
+    }
+    return json.dumps(doc, indent=2)
+
+
+def _when(ts: float | None, now: float) -> str:
+    if not ts:
+        return "-"
+    ago = now - ts
+    if ago < 0:
+        return f"in {-ago:.0f}s"
+    return f"{ago:.0f}s ago" if ago < 3600 else time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
+
+
+def status_doc(state: State, target_groups: Sequence[str], now: float) -> dict[str, Any]:
+    """One entry per login node and per stray target, as `status --json` prints it."""
+    tg_state = {arn: {t.ip: t.state for t in state.targets.get(arn, [])} for arn in target_groups}
+    nodes = []
+    for ip, rec in sorted(state.nodes.items()):
+        nodes.append(
+            {
+                "ip": ip,
+                "instance_id": rec.instance_id,
+                "name": rec.name,
+                "group": rec.group,
+                "key_state": rec.key_state,
+                "key_detail": rec.key_detail,
+                "verified_at": rec.verified_at,
+                "backoff_until": rec.backoff_until if (rec.backoff_until or 0) > now else None,
+                "last_error": rec.last_error,
+                "targets": {arn: tg_state[arn].get(ip, "not registered") for arn in target_groups},
+            }
+        )
+    strays = [
+        {"ip": ip, "target_group": arn, "state": s}
+        for arn, by_ip in tg_state.items()
+        for ip, s in sorted(by_ip.items())
+        if ip not in state.nodes
+    ]
+    return {
+        "nodes": nodes,
+        "other_targets": strays,
+        "target_group_errors": state.target_errors,
+        "last_pass": state.last_pass.model_dump() if state.last_pass else None,
+    }
+
+
+def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
+    doc = status_doc(state, target_groups, now)
+    out: list[str] = []
+    last = state.last_pass
+    if last is None:
+        out.append("No pass has run yet (no state file): run `hpodlb once` or start the service.")
+    else:
+        verdict = "converged" if last.ok else "NOT converged"
+        out.append(f"Last pass {_when(last.finished_at, now)}: {verdict}: {last.summary}")
+    header = ["IP", "INSTANCE", "NAME", "GROUP", "KEYS", "VERIFIED", "BACKOFF"]
+    header += [short_tg(a) for a in target_groups] + ["LAST ERROR"]
+    rows = [header]
+    for n in doc["nodes"]:
+        keys = n["key_state"] + (f": {n['key_detail']}" if n["key_detail"] else "")
+        rows.append(
+            [
+                n["ip"],
+                n["instance_id"],
+                n["name"],
+                n["group"],
+                keys,
+                _when(n["verified_at"], now),
+                _when(n["backoff_until"], now),
+                *[n["targets"][a] for a in target_groups],
+                n["last_error"] or "-",
+            ]
+        )
+    for s in doc["other_targets"]:
+        cells = [s["state"] if a == s["target_group"] else "" for a in target_groups]
+        rows.append([s["ip"], "(not a login node)", "-", "-", "-", "-", "-", *cells, "-"])
+    if len(rows) > 1:
+        out.append(table(rows))
+    for arn, err in doc["target_group_errors"].items():
+        out.append(f"target group {short_tg(arn)}: {err}")
+    if last is not None:
+        out.extend(f"held back: {h}" for h in last.held)
+        out.extend(f"error: {e}" for e in last.errors)
+    return "\n".join(out)

@@ -1,0 +1,77 @@
+"""Shared fixtures: config files written the way an admin writes them, and fixture inventories."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TG_ARN = "arn:aws:elasticloadbalancing:us-west-2:123456789012:targetgroup/smhp-login-node-tg/0123456789abcdef"
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def render_config(sections: dict[str, dict[str, Any]], target_groups: list[dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for section, keys in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
+    for tg in target_groups:
+        lines.append("[[target_groups]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in tg.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def cluster_dir(tmp_path: Path) -> Path:
+    """A copy of the fixtures as /opt/ml/config would hold them."""
+    d = tmp_path / "opt-ml-config"
+    d.mkdir()
+    for f in FIXTURES.glob("*.json"):
+        shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, cluster_dir: Path) -> Callable[..., Path]:
+    """Write a config file; keyword sections override the test defaults (host keys off)."""
+
+    def write(target_groups: list[dict[str, Any]] | None = None, **sections: dict[str, Any]) -> Path:
+        base: dict[str, dict[str, Any]] = {
+            "cluster": {
+                "resource_config": str(cluster_dir / "resource_config.json"),
+                "provisioning_parameters": str(cluster_dir / "provisioning_parameters.json"),
+            },
+            "host_keys": {"enabled": False},
+            "state": {"dir": str(tmp_path / "state")},
+        }
+        for name, keys in sections.items():
+            base.setdefault(name, {}).update(keys)
+        path = tmp_path / "config.toml"
+        path.write_text(render_config(base, target_groups or [{"arn": TG_ARN, "port": 22}]))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def fresh_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No HPODLB_* variables from the developer's shell leak into a test."""
+    import os
+
+    for var in [v for v in os.environ if v.startswith("HPODLB_")]:
+        monkeypatch.delenv(var)
+    yield

@@ -1,0 +1,119 @@
+"""The config file: defaults, overrides, and one clear line per mistake."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hpodlb.config import ConfigError, config_path, load_config
+from tests.conftest import TG_ARN
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_is_valid_and_equals_the_defaults() -> None:
+    """config/hpodlb.toml documents every key with its default, and loads."""
+    config = load_config(REPO / "config" / "hpodlb.toml", {})
+    assert config.reconcile.interval_seconds == 30
+    assert config.reconcile.absent_passes_before_deregister == 2
+    assert config.host_keys.types == ("rsa", "ecdsa", "ed25519")
+    assert config.target_groups[0].region == "us-west-2"
+    assert config.cluster.allowed_cidrs[-1] == "100.64.0.0/10"
+
+
+def test_every_documented_key_appears_in_the_example() -> None:
+    """Each field of every section is written out in the example config."""
+    from hpodlb.config import Config
+
+    text = (REPO / "config" / "hpodlb.toml").read_text()
+    for name, field in Config.model_fields.items():
+        section = field.annotation
+        if name == "target_groups":
+            assert "[[target_groups]]" in text
+            continue
+        assert f"[{name}]" in text
+        for key in section.model_fields:  # type: ignore[union-attr]
+            assert f"\n{key} = " in text, f"{name}.{key} missing from the example config"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("[reconcile]\ninterval_seconds = -5\n", "reconcile.interval_seconds: Input should be greater than 0"),
+        ("[reconcile]\nmax_deregister_fraction = 1.5\n", "reconcile.max_deregister_fraction"),
+        ("[reconcile]\nprune = \"maybe\"\n", "reconcile.prune"),
+        ("[reconcile]\nintervall_seconds = 5\n", "reconcile.intervall_seconds: unknown key"),
+        ("[colour]\nx = 1\n", "colour: unknown key"),
+        ("[host_keys]\ntypes = [\"dsa\"]\n", "host_keys.types: unknown key type"),
+        ("[cluster]\nallowed_cidrs = [\"10.0.0.0/33\"]\n", "cluster.allowed_cidrs"),
+    ],
+)
+def test_bad_values_name_file_key_and_problem(tmp_path: Path, body: str, expected: str) -> None:
+    """Each impossible value is refused with one line naming the file and the key."""
+    path = tmp_path / "c.toml"
+    path.write_text(body + f'[[target_groups]]\narn = "{TG_ARN}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    assert str(err.value).startswith(f"{path}: ")
+    assert expected in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_malformed_arn_is_refused(tmp_path: Path) -> None:
+    """A target group ARN of the wrong shape is named with its index."""
+    path = tmp_path / "c.toml"
+    path.write_text('[[target_groups]]\narn = "arn:aws:elasticloadbalancing:us-west-2:1:loadbalancer/x"\n')
+    with pytest.raises(ConfigError, match=r"target_groups\[0\]\.arn: .* is not a target group ARN"):
+        load_config(path, {})
+
+
+def test_missing_target_groups_is_refused(tmp_path: Path) -> None:
+    """A config without any target group cannot be used."""
+    path = tmp_path / "c.toml"
+    path.write_text("[reconcile]\nprune = true\n")
+    with pytest.raises(ConfigError, match="target_groups: required key is missing"):
+        load_config(path, {})
+
+
+def test_missing_and_unparsable_files(tmp_path: Path) -> None:
+    """A missing file and a TOML syntax error both name the file."""
+    with pytest.raises(ConfigError, match="nope.toml: file not found"):
+        load_config(tmp_path / "nope.toml", {})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[reconcile\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML"):
+        load_config(bad, {})
+
+
+def test_environment_overrides_single_keys(write_config: Callable[..., Path]) -> None:
+    """HPODLB_<SECTION>__<KEY> overrides one key, with types coerced as in the file."""
+    path = write_config()
+    env = {
+        "HPODLB_RECONCILE__PRUNE": "false",
+        "HPODLB_RECONCILE__INTERVAL_SECONDS": "5",
+        "HPODLB_CLUSTER__LOGIN_GROUPS": "login-a, login-b",
+        "HPODLB_HOST_KEYS__TYPES": '["ed25519"]',
+    }
+    config = load_config(path, env)
+    assert config.reconcile.prune is False
+    assert config.reconcile.interval_seconds == 5
+    assert config.cluster.login_groups == ("login-a", "login-b")
+    assert config.host_keys.types == ("ed25519",)
+
+
+def test_bad_environment_override_names_the_variable(write_config: Callable[..., Path]) -> None:
+    """An override with a bad value or an unknown key names the variable, not just the file."""
+    path = write_config()
+    with pytest.raises(ConfigError, match=r"^HPODLB_RECONCILE__MIN_IN_SERVICE \(overrides .*\): reconcile.min_in_service"):
+        load_config(path, {"HPODLB_RECONCILE__MIN_IN_SERVICE": "-1"})
+    with pytest.raises(ConfigError, match=r"^HPODLB_RECONCILE__TYPO: \[reconcile\] has no key 'typo'"):
+        load_config(path, {"HPODLB_RECONCILE__TYPO": "1"})
+
+
+def test_config_path_precedence() -> None:
+    """--config beats $HPODLB_CONFIG, which beats /etc/hpodlb/config.toml."""
+    assert config_path("/a.toml", {"HPODLB_CONFIG": "/b.toml"}) == Path("/a.toml")
+    assert config_path(None, {"HPODLB_CONFIG": "/b.toml"}) == Path("/b.toml")
+    assert config_path(None, {}) == Path("/etc/hpodlb/config.toml")

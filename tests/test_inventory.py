@@ -1,0 +1,182 @@
+"""Reading the desired set: fixtures, every kind of broken file, and hostile input."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hpodlb.inventory import (
+    InventoryError,
+    LoginNode,
+    login_group_names,
+    parse_login_nodes,
+    read_login_nodes,
+)
+from tests.conftest import FIXTURES
+
+PRIVATE = tuple(
+    ipaddress.IPv4Network(c) for c in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+)
+PATH = Path("/opt/ml/config/resource_config.json")
+
+
+def doc(*instances: dict[str, Any], group: str = "login-group") -> bytes:
+    return json.dumps({"InstanceGroups": [{"Name": group, "Instances": list(instances)}]}).encode()
+
+
+def inst(ip: Any = "10.1.0.1", iid: Any = "i-1", name: Any = "login-1") -> dict[str, Any]:
+    return {"CustomerIpAddress": ip, "InstanceId": iid, "InstanceName": name}
+
+
+def test_fixture_login_nodes() -> None:
+    """The realistic fixture yields its three login nodes and nothing from other groups."""
+    nodes = read_login_nodes(FIXTURES / "resource_config.json", ["login-group"], PRIVATE)
+    assert nodes == (
+        LoginNode("10.1.70.201", "i-0a1b2c3d4e5f60013", "login-group-3", "login-group"),
+        LoginNode("10.1.71.12", "i-0a1b2c3d4e5f60011", "login-group-1", "login-group"),
+        LoginNode("10.1.72.45", "i-0a1b2c3d4e5f60012", "login-group-2", "login-group"),
+    )
+
+
+def test_login_group_from_provisioning_parameters(tmp_path: Path) -> None:
+    """Empty login_groups: the fixture's provisioning parameters name the group."""
+    groups, source = login_group_names([], FIXTURES / "provisioning_parameters.json")
+    assert groups == ("login-group",)
+    assert "login_group" in source
+    assert login_group_names(["a", "b"], tmp_path / "x.json")[0] == ("a", "b")
+    assert login_group_names([], tmp_path / "missing.json")[0] == ("login-group",)
+    (tmp_path / "pp.json").write_text('{"login_group": "my-logins"}')
+    assert login_group_names([], tmp_path / "pp.json")[0] == ("my-logins",)
+    (tmp_path / "bad.json").write_text('{"login_group": 7}')
+    with pytest.raises(InventoryError, match="login_group"):
+        login_group_names([], tmp_path / "bad.json")
+
+
+def test_several_login_groups_and_name_only_instances() -> None:
+    """Nodes of several groups are merged; an instance with only a name uses it as its id."""
+    raw = json.dumps({"InstanceGroups": [
+        {"Name": "a", "Instances": [inst("10.1.0.1", "i-1")]},
+        {"Name": "b", "Instances": [{"CustomerIpAddress": "10.1.0.2", "InstanceName": "b-1"}]},
+    ]}).encode()
+    nodes = parse_login_nodes(raw, PATH, ["a", "b"], PRIVATE)
+    assert [(n.ip, n.instance_id, n.group) for n in nodes] == [("10.1.0.1", "i-1", "a"), ("10.1.0.2", "b-1", "b")]
+
+
+def test_empty_login_group_is_valid() -> None:
+    """A login group with no instances is a real answer (the guards decide what that may cause)."""
+    assert parse_login_nodes(doc(), PATH, ["login-group"], PRIVATE) == ()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"", "file is empty"),
+        (b"   \n", "file is empty"),
+        (b'{"InstanceGroups": [{"Name": "login-group", "Inst', "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[]", "expected a JSON object"),
+        (b'{"Groups": []}', "InstanceGroups: expected a list"),
+        (b'{"InstanceGroups": [{"Name": 3}]}', r"InstanceGroups\[0\].Name"),
+        (b'{"InstanceGroups": [{"Name": "other", "Instances": []}]}', "no group named login-group"),
+        (b'{"InstanceGroups": [{"Name": "login-group"}]}', r"InstanceGroups\[0\].Instances: expected a list"),
+        (doc("x"), r"Instances\[0\]: expected an object"),
+        (doc({"InstanceId": "i-1"}), r"Instances\[0\].CustomerIpAddress: expected a string"),
+        (doc(inst(ip=10)), "CustomerIpAddress: expected a string"),
+        (doc(inst(ip="10.1.0.256")), "is not an IP address"),
+        (doc(inst(ip="fd00::1")), "is IPv6"),
+        (doc(inst(ip="8.8.8.8")), "outside cluster.allowed_cidrs"),
+        (doc(inst(ip="127.0.0.1")), "outside cluster.allowed_cidrs"),
+        (doc(inst(ip="169.254.169.254")), "outside cluster.allowed_cidrs"),
+        (doc(inst(ip="224.0.0.1")), "outside cluster.allowed_cidrs"),
+        (doc(inst(iid=None, name=None)), "needs an InstanceId or an InstanceName"),
+        (doc(inst(iid="")), "InstanceId: expected a non-empty string"),
+        (doc(inst(), inst(iid="i-2")), r"10.1.0.1 is listed twice \(also InstanceGroups\[0\].Instances\[0\]\)"),
+    ],
+)
+def test_malformed_resource_configs_are_refused(raw: bytes, message: str) -> None:
+    """Every broken shape is an InventoryError naming the file and the field."""
+    with pytest.raises(InventoryError, match=message) as err:
+        parse_login_nodes(raw, PATH, ["login-group"], PRIVATE)
+    assert str(err.value).startswith(str(PATH))
+
+
+def test_missing_and_truncated_files(tmp_path: Path) -> None:
+    """A missing file and a file cut in half are both refused (never read as 'no login nodes')."""
+    with pytest.raises(InventoryError, match="file not found"):
+        read_login_nodes(tmp_path / "nope.json", ["login-group"], PRIVATE)
+    whole = (FIXTURES / "resource_config.json").read_bytes()
+    half = tmp_path / "half.json"
+    half.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InventoryError, match="not valid JSON"):
+        read_login_nodes(half, ["login-group"], PRIVATE)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    """A directory where the file should be is reported, not crashed on."""
+    (tmp_path / "rc.json").mkdir()
+    with pytest.raises(InventoryError, match="cannot read"):
+        read_login_nodes(tmp_path / "rc.json", ["login-group"], PRIVATE)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20,
+)
+ip_like = st.one_of(
+    st.ip_addresses().map(str),
+    st.sampled_from(["10.1.0.1", "10.1.0.1 ", "010.1.0.1", "", "10.1.0", "::ffff:10.1.0.1"]),
+    st.text(max_size=16),
+)
+instance_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "CustomerIpAddress": ip_like | json_values,
+        "InstanceId": st.text(max_size=12) | json_values,
+        "InstanceName": st.text(max_size=12),
+    },
+)
+config_like = st.fixed_dictionaries(
+    {
+        "InstanceGroups": st.lists(
+            st.fixed_dictionaries(
+                {"Name": st.sampled_from(["login-group", "compute"]) | json_values},
+                optional={"Instances": st.lists(instance_like | json_values, max_size=5) | json_values},
+            ),
+            max_size=4,
+        )
+        | json_values
+    }
+) | json_values
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(config_like)
+def test_no_input_crashes_the_reader(data: Any) -> None:
+    """Whatever the JSON says, the reader returns valid private IPv4 nodes or an InventoryError."""
+    raw = json.dumps(data).encode()
+    try:
+        nodes = parse_login_nodes(raw, PATH, ["login-group"], PRIVATE)
+    except InventoryError:
+        return
+    ips = [n.ip for n in nodes]
+    assert len(ips) == len(set(ips))
+    for n in nodes:
+        assert any(ipaddress.IPv4Address(n.ip) in net for net in PRIVATE)
+        assert n.instance_id
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_no_bytes_crash_the_reader(raw: bytes) -> None:
+    """Arbitrary bytes (a file caught mid-write) give an InventoryError, never another exception."""
+    try:
+        parse_login_nodes(raw, PATH, ["login-group"], PRIVATE)
+    except InventoryError:
+        pass
