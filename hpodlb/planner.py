@@ -236,9 +236,9 @@ def _plan_group(
     for ip in sorted(set(by_ip) - registered):
         why = "draining target re-registered" if ip in at_port else "login node not registered"
         if verdict[ip] is KeyVerdict.IN_SYNC:
-            actions.append(act(Kind.REGISTER, ip, f"{why}; host keys in sync"))
+            actions.append(act(Kind.REGISTER, ip, why))
         elif verdict[ip] is KeyVerdict.NEEDS_KEYS and ip not in backing_off:
-            actions.append(act(Kind.REGISTER, ip, f"{why}; once pushed host keys verify"))
+            actions.append(act(Kind.REGISTER, ip, f"{why}; after its pushed host keys verify"))
 
     # Candidates to leave. Wrong identity first: it is serving users the wrong host key right now.
     identity = [ip for ip in sorted(registered & set(by_ip)) if verdict[ip] in _NOT_IN_SYNC]

@@ -259,6 +259,8 @@ class Reconciler:
         for node in nodes:
             record = state.nodes.get(node.ip) or NodeRecord()
             record.instance_id, record.name, record.group = node.instance_id, node.name, node.group
+            if self.gate is None:
+                record.key_state = "not checked"
             keep[node.ip] = record
         state.nodes = keep
 

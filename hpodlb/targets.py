@@ -32,11 +32,20 @@ class TargetsError(Exception):
 
 
 def boto_config(connect_timeout_seconds: float = 5, read_timeout_seconds: float = 15) -> BotoConfig:
-    """Retries with backoff for throttling and 5xx, bounded so a pass cannot hang on AWS."""
+    """Retries with backoff for throttling and 5xx, bounded so a pass cannot hang on AWS.
+
+    `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` still win, as they do for any boto3 program.
+    """
+    import os
+
     from botocore.config import Config as BotoConfig
 
+    retries = {
+        "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+        "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
+    }
     return BotoConfig(
-        retries={"mode": "standard", "max_attempts": 5},
+        retries=retries,
         connect_timeout=connect_timeout_seconds,
         read_timeout=read_timeout_seconds,
     )

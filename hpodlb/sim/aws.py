@@ -16,7 +16,7 @@ from typing import Any
 REGION = "us-west-2"
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",  # noqa: S105 - moto's documented dummy credentials
+    "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": REGION,
 }
 
@@ -34,7 +34,8 @@ class FakeAws:
         import boto3
 
         return boto3.session.Session(
-            aws_access_key_id="testing", aws_secret_access_key="testing"  # noqa: S106
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",  # noqa: S106
         ).client(service, region_name=self.region, endpoint_url=self.endpoint_url)
 
     def create_login_nlb(self, name: str = "smhp-login-node", port: int = 22) -> str:
@@ -43,14 +44,20 @@ class FakeAws:
         vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
         subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.64.0/18")["Subnet"]["SubnetId"]
         tg = elb.create_target_group(
-            Name=f"{name}-tg", Protocol="TCP", Port=port, VpcId=vpc, TargetType="ip",
+            Name=f"{name}-tg",
+            Protocol="TCP",
+            Port=port,
+            VpcId=vpc,
+            TargetType="ip",
             HealthCheckProtocol="TCP",
         )["TargetGroups"][0]["TargetGroupArn"]
         lb = elb.create_load_balancer(
             Name=f"{name}-lb", Subnets=[subnet], Scheme="internal", Type="network"
         )["LoadBalancers"][0]["LoadBalancerArn"]
         elb.create_listener(
-            LoadBalancerArn=lb, Protocol="TCP", Port=port,
+            LoadBalancerArn=lb,
+            Protocol="TCP",
+            Port=port,
             DefaultActions=[{"Type": "forward", "TargetGroupArn": tg}],
         )
         return str(tg)

@@ -1,0 +1,180 @@
+"""The `hpodlb` command as an admin runs it: a real process, boto3 pointed at a moto server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hpodlb.sim.aws import FakeAws, moto_server
+
+
+@pytest.fixture(scope="module")
+def aws() -> Iterator[FakeAws]:
+    with moto_server() as fake:
+        yield fake
+
+
+@pytest.fixture
+def arn(aws: FakeAws) -> str:
+    """A fresh target group per test (one moto server serves the whole module)."""
+    return aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def hpodlb(aws: FakeAws, fresh_env: None) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "AWS_"))}
+        full_env.update(aws.env())
+        full_env.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "hpodlb", *args], env=full_env, capture_output=True, text=True,
+            timeout=120, check=False,
+        )
+
+    return run
+
+
+def test_help_lists_the_commands(hpodlb: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    """`hpodlb --help` names every command of the contract that exists."""
+    out = hpodlb("--help")
+    assert out.returncode == 0
+    for command in ("once", "plan", "status", "check-config"):
+        assert command in out.stdout
+
+
+def test_plan_once_status_round_trip(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
+    arn: str,
+) -> None:
+    """plan shows pending registrations (1), once applies them (0), then plan is clean (0)."""
+    cfg = str(write_config([{"arn": arn, "port": 22}]))
+    plan = hpodlb("plan", "--config", cfg)
+    assert plan.returncode == 1, plan.stderr
+    assert [ln.split()[0] for ln in plan.stdout.splitlines()[1:]] == ["register"] * 3
+    assert aws.targets(arn) == set()
+
+    plan_json = json.loads(hpodlb("plan", "--json", "--config", cfg).stdout)
+    assert {a["ip"] for a in plan_json["actions"]} == {"10.1.71.12", "10.1.72.45", "10.1.70.201"}
+
+    once = hpodlb("once", "--config", cfg)
+    assert once.returncode == 0, once.stderr
+    assert aws.targets(arn) == {("10.1.71.12", 22), ("10.1.72.45", 22), ("10.1.70.201", 22)}
+    events = [json.loads(line) for line in once.stderr.splitlines() if line.startswith("{")]
+    registered = [e for e in events if e["event"] == "registered"]
+    assert {e["ip"] for e in registered} == {"10.1.71.12", "10.1.72.45", "10.1.70.201"}
+    assert all(e["instance_id"].startswith("i-") and e["target_group"] for e in registered)
+
+    again = hpodlb("plan", "--config", cfg)
+    assert again.returncode == 0
+    assert "Nothing to do" in again.stdout
+
+    status = hpodlb("status", "--config", cfg)
+    assert status.returncode == 0
+    assert "converged" in status.stdout
+    assert "login-group-1" in status.stdout
+    doc = json.loads(hpodlb("status", "--json", "--config", cfg).stdout)
+    assert {n["ip"]: n["targets"][arn] for n in doc["nodes"]} == {
+        "10.1.71.12": "initial", "10.1.72.45": "initial", "10.1.70.201": "initial",
+    }
+
+
+def test_held_back_deregistration_exits_1_and_shows_in_status(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
+    arn: str,
+) -> None:
+    """A stray target waits for the absence counter: once exits 1 and status names the guard."""
+    cfg = str(write_config([{"arn": arn, "port": 22}]))
+    aws.client("elbv2").register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.9.9", "Port": 22}])
+    first = hpodlb("once", "--config", cfg)
+    assert first.returncode == 1
+    status = hpodlb("status", "--config", cfg).stdout
+    assert "held back: deregister 10.1.9.9" in status
+    assert "absent_passes_before_deregister" in status
+    second = hpodlb("once", "--config", cfg)
+    assert second.returncode == 0, second.stderr
+    assert ("10.1.9.9", 22) not in aws.targets(arn)
+
+
+def test_missing_resource_config_changes_nothing(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    cluster_dir: Path,
+    aws: FakeAws,
+    arn: str,
+) -> None:
+    """No resource config: plan and once exit 2 naming the file, and no target is touched."""
+    cfg = str(write_config([{"arn": arn, "port": 22}]))
+    assert hpodlb("once", "--config", cfg).returncode == 0
+    before = aws.targets(arn)
+    (cluster_dir / "resource_config.json").unlink()
+    for command in ("plan", "once"):
+        out = hpodlb(command, "--config", cfg)
+        assert out.returncode == 2
+        assert "resource_config.json: file not found" in out.stderr
+    assert aws.targets(arn) == before
+    assert "file not found" in hpodlb("status", "--config", cfg).stdout
+
+
+def test_bad_config_exits_2_with_one_line(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """Every command refuses a bad config with exit 2 and a line naming file, key and problem."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[reconcile]\nmax_deregister_fraction = 2\n[[target_groups]]\narn = \"x\"\n")
+    for command in ("once", "plan", "status", "check-config"):
+        out = hpodlb(command, "--config", str(bad))
+        assert out.returncode == 2
+        lines = [ln for ln in out.stderr.splitlines() if ln.startswith("hpodlb: ")]
+        assert any(f"{bad}: reconcile.max_deregister_fraction" in ln for ln in lines)
+        assert any(f"{bad}: target_groups[0].arn" in ln for ln in lines)
+    missing = hpodlb("plan", "--config", str(tmp_path / "none.toml"))
+    assert missing.returncode == 2
+    assert "none.toml: file not found" in missing.stderr
+    via_env = hpodlb("plan", env={"HPODLB_CONFIG": str(tmp_path / "env.toml")})
+    assert "env.toml: file not found" in via_env.stderr
+
+
+def test_usage_error_exits_2(hpodlb: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    """An unknown command is a usage error: exit 2."""
+    assert hpodlb("frobnicate").returncode == 2
+
+
+def test_check_config(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+) -> None:
+    """check-config passes on a good setup and lists a missing target group as a problem."""
+    good = hpodlb("check-config", "--config", str(write_config([{"arn": arn, "port": 22}])))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "3 login node(s)" in good.stdout
+    wrong = arn[:-16] + "0" * 16
+    bad = hpodlb("check-config", "--config", str(write_config([{"arn": wrong, "port": 22}])))
+    assert bad.returncode == 1
+    assert f"FAIL  {wrong.split(':')[-1]}: DescribeTargetGroups failed: TargetGroupNotFound" in bad.stdout
+
+
+def test_unreachable_aws_makes_plan_exit_2(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+) -> None:
+    """With AWS out of reach, plan cannot plan (2) and once changes nothing and exits 1."""
+    cfg = str(write_config([{"arn": arn, "port": 22}]))
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}
+    plan = hpodlb("plan", "--config", cfg, env=env)
+    assert plan.returncode == 2
+    assert "DescribeTargetHealth failed" in plan.stderr
+    once = hpodlb("once", "--config", cfg, env=env)
+    assert once.returncode == 1

@@ -1,0 +1,171 @@
+"""The target-group adapter and whole passes against moto in-process (mock_aws)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from hpodlb.config import load_config
+from hpodlb.planner import Kind
+from hpodlb.reconcile import Reconciler
+from hpodlb.state import State, load_state, save_state
+from hpodlb.targets import BATCH_SIZE, TargetGroup, TargetsError, boto_config
+
+
+@pytest.fixture
+def elb(fresh_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        yield boto3.client("elbv2", region_name="us-west-2", config=boto_config())
+
+
+def make_group(elb: Any, name: str = "smhp-login-node-tg") -> str:
+    ec2 = boto3.client("ec2", region_name="us-west-2")
+    vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
+    return str(elb.create_target_group(
+        Name=name, Protocol="TCP", Port=22, VpcId=vpc, TargetType="ip"
+    )["TargetGroups"][0]["TargetGroupArn"])
+
+
+def ips_in(elb: Any, arn: str) -> set[str]:
+    reply = elb.describe_target_health(TargetGroupArn=arn)
+    return {d["Target"]["Id"] for d in reply["TargetHealthDescriptions"]}
+
+
+def test_register_and_deregister_in_batches(elb: Any) -> None:
+    """More than 200 targets go in several calls, each at the exact port."""
+    arn = make_group(elb)
+    calls: list[int] = []
+    elb.meta.events.register(
+        "provide-client-params.elastic-load-balancing-v2.RegisterTargets",
+        lambda params, **_: calls.append(len(params["Targets"])),
+    )
+    group = TargetGroup(elb, arn, 22)
+    ips = [f"10.1.{i // 200}.{i % 200 + 1}" for i in range(450)]
+    group.register(ips)
+    assert calls == [BATCH_SIZE, BATCH_SIZE, 50]
+    view = group.observe()
+    assert {t.ip for t in view.targets} == set(ips)
+    assert {t.port for t in view.targets} == {22}
+    group.deregister(ips[:300])
+    assert ips_in(elb, arn) == set(ips[300:])
+
+
+def test_missing_target_group_is_named_with_its_error_code(elb: Any) -> None:
+    """An ARN that does not exist gives TargetGroupNotFound and the group's name."""
+    arn = make_group(elb).replace("smhp-login-node-tg/", "smhp-login-node-tg/f")[:-1]
+    with pytest.raises(TargetsError) as err:
+        TargetGroup(elb, arn, 22).observe()
+    assert err.value.code == "TargetGroupNotFound"
+    assert "targetgroup/smhp-login-node-tg/" in str(err.value)
+    assert "DescribeTargetHealth" in str(err.value)
+
+
+@pytest.fixture
+def reconciler_for(elb: Any, write_config: Callable[..., Path]) -> Callable[..., tuple[Reconciler, str]]:
+    def build(**sections: dict[str, Any]) -> tuple[Reconciler, str]:
+        arn = make_group(elb)
+        cfg = load_config(write_config([{"arn": arn, "port": 22}], **sections), {})
+        return Reconciler(cfg, [TargetGroup(elb, arn, 22)], gate=None), arn
+
+    return build
+
+
+def test_pass_converges_and_second_pass_is_idle(elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]]) -> None:
+    """The first pass registers the fixture's login nodes; the next pass changes nothing."""
+    rec, arn = reconciler_for()
+    state = State()
+    first = rec.run_pass(state, apply=True)
+    assert first.converged
+    assert ips_in(elb, arn) == {"10.1.71.12", "10.1.72.45", "10.1.70.201"}
+    assert state.registered_by_us[arn] == ["10.1.70.201", "10.1.71.12", "10.1.72.45"]
+    second = rec.run_pass(state, apply=True)
+    assert second.converged
+    assert second.applied == []
+
+
+def test_dry_run_changes_nothing(elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]]) -> None:
+    """A pass with apply=False (what `plan` runs) writes nothing to AWS or the state."""
+    rec, arn = reconciler_for()
+    state = State()
+    outcome = rec.run_pass(state, apply=False)
+    assert outcome.plan is not None
+    assert len(outcome.plan.runnable(Kind.REGISTER)) == 3
+    assert ips_in(elb, arn) == set()
+    assert state == State()
+
+
+def test_bad_inventory_changes_nothing(elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]], cluster_dir: Path) -> None:
+    """A half-written resource config leaves every target in place for as many passes as it lasts."""
+    rec, arn = reconciler_for(reconcile={"absent_passes_before_deregister": 1, "max_deregister_fraction": 1.0, "min_in_service": 0})
+    state = State()
+    rec.run_pass(state, apply=True)
+    before = ips_in(elb, arn)
+    rc = cluster_dir / "resource_config.json"
+    rc.write_text(rc.read_text()[:100])
+    for _ in range(3):
+        outcome = rec.run_pass(state, apply=True)
+        assert outcome.inventory_error and "not valid JSON" in outcome.inventory_error
+        assert not outcome.converged
+    assert ips_in(elb, arn) == before
+    assert state.last_pass is not None and "not valid JSON" in state.last_pass.errors[0]
+
+
+def test_node_leaving_is_deregistered_after_two_passes(elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]], cluster_dir: Path) -> None:
+    """Remove one login node from the resource config: held once, deregistered on the next pass."""
+    rec, arn = reconciler_for()
+    state = State()
+    rec.run_pass(state, apply=True)
+    rc = cluster_dir / "resource_config.json"
+    data = json.loads(rc.read_text())
+    data["InstanceGroups"][1]["Instances"].pop()  # login-group-3, 10.1.70.201
+    rc.write_text(json.dumps(data))
+    held = rec.run_pass(state, apply=True)
+    assert not held.converged
+    assert "10.1.70.201" in ips_in(elb, arn)
+    gone = rec.run_pass(state, apply=True)
+    assert [(a.kind, a.ip) for a in gone.applied] == [(Kind.DEREGISTER, "10.1.70.201")]
+    assert ips_in(elb, arn) == {"10.1.71.12", "10.1.72.45"}
+
+
+def test_hand_added_target_is_pruned(elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]]) -> None:
+    """A target added by hand is removed after the absence passes; with prune off it stays."""
+    rec, arn = reconciler_for()
+    state = State()
+    rec.run_pass(state, apply=True)
+    elb.register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.99.99", "Port": 22}])
+    rec.run_pass(state, apply=True)
+    rec.run_pass(state, apply=True)
+    assert "10.1.99.99" not in ips_in(elb, arn)
+
+
+def test_prune_off_keeps_hand_added_target(elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]]) -> None:
+    """With prune = false a foreign target survives any number of passes."""
+    rec, arn = reconciler_for(reconcile={"prune": False})
+    elb.register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.99.99", "Port": 22}])
+    state = State()
+    for _ in range(3):
+        outcome = rec.run_pass(state, apply=True)
+        assert outcome.converged
+    assert "10.1.99.99" in ips_in(elb, arn)
+
+
+def test_state_survives_a_round_trip_and_corruption(tmp_path: Path) -> None:
+    """The state file round-trips; a corrupt one is replaced by an empty state with a warning."""
+    state = State(absent_passes={"tg": {"10.1.0.1": 1}})
+    save_state(tmp_path, state)
+    assert load_state(tmp_path) == (state, None)
+    (tmp_path / "state.json").write_text('{"absent_passes": ')
+    fresh, warning = load_state(tmp_path)
+    assert fresh == State()
+    assert warning is not None and "unusable" in warning
+    (tmp_path / "state.json").write_text('{"absent_passes": {"tg": {"x": "many"}}}')
+    assert load_state(tmp_path)[0] == State()
