@@ -37,7 +37,12 @@ def build_reconciler(config: Config) -> Reconciler:
         if region not in clients:
             clients[region] = elbv2_client(region)
         groups.append(TargetGroup(clients[region], tg.arn, tg.port))
-    return Reconciler(config, groups, gate=None)
+    gate = None
+    if config.host_keys.enabled:
+        from hpodlb.hostkeys import HostKeyGate
+
+        gate = HostKeyGate(config)
+    return Reconciler(config, groups, gate=gate)
 
 
 def cmd_plan(config: Config, args: argparse.Namespace) -> int:
@@ -112,6 +117,32 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     return EXIT_PENDING if problems else EXIT_OK
 
 
+def cmd_keys(config: Config, args: argparse.Namespace) -> int:
+    from hpodlb.hostkeys import HostKeyGate, known_hosts_lines
+    from hpodlb.keystore import KeyStore, KeyStoreError, generate
+    from hpodlb.sshnode import SshError
+
+    store = KeyStore(config.host_keys.store, config.host_keys.types)
+    try:
+        if args.keys_command == "generate":
+            store.save({t: generate(t) for t in store.types}, overwrite=args.force)
+            _log().warning("host_keys_generated", store=str(store.path))
+        elif args.keys_command == "adopt":
+            keys = HostKeyGate(config).adopt_from(args.from_ip)
+            store.save(keys, overwrite=args.force)
+            _log().warning("host_keys_adopted", ip=args.from_ip, store=str(store.path))
+        keys = store.load()
+    except (KeyStoreError, SshError) as exc:
+        _fail(str(exc))
+        return EXIT_PENDING
+    if args.keys_command == "known-hosts":
+        print("\n".join(known_hosts_lines(keys, args.host, args.port)))
+    else:
+        for key_type, key in keys.items():
+            print(f"{key_type:8} {key.fingerprint}  {store.path / f'ssh_host_{key_type}_key'}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpodlb",
@@ -147,6 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         cmd_check_config,
         "validate the config, resource config, AWS access and key store; exit 0 ok, 1 problems",
+    )
+    keys = add("keys", cmd_keys, "the canonical SSH host keys every login node must present")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    keys_sub.add_parser("show", help="type and SHA256 fingerprint of each canonical key")
+    gen = keys_sub.add_parser(
+        "generate", help="create a new set (refuses to replace one without --force)"
+    )
+    gen.add_argument("--force", action="store_true", help="replace the existing keys")
+    adopt = keys_sub.add_parser("adopt", help="copy a login node's host keys into the store")
+    adopt.add_argument("--from", dest="from_ip", required=True, metavar="IP")
+    adopt.add_argument("--force", action="store_true", help="replace the existing keys")
+    kh = keys_sub.add_parser("known-hosts", help="known_hosts lines to hand users for the NLB name")
+    kh.add_argument(
+        "--host", required=True, metavar="NAME", help="the NLB DNS name users connect to"
+    )
+    kh.add_argument(
+        "--port", type=int, default=22, metavar="N", help="the NLB port users connect to"
     )
     return parser
 

@@ -28,7 +28,7 @@ class KeyGate(Protocol):
     """What a pass needs from the host-key side (hpodlb.hostkeys implements it)."""
 
     def assess(
-        self, nodes: Sequence[LoginNode], state: State, now: float
+        self, nodes: Sequence[LoginNode], state: State, now: float, *, dry_run: bool = False
     ) -> dict[str, KeyVerdict]: ...
 
     def backing_off(
@@ -128,7 +128,7 @@ class Reconciler:
             verdicts = {n.ip: KeyVerdict.IN_SYNC for n in nodes}
             backing_off: dict[str, str] = {}
         else:
-            verdicts = self.gate.assess(nodes, scratch, now)
+            verdicts = self.gate.assess(nodes, scratch, now, dry_run=not apply)
             backing_off = self.gate.backing_off(nodes, scratch, now)
         cfg = self.config.reconcile
         plan = plan_pass(

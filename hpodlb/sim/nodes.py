@@ -1,0 +1,226 @@
+"""Simulated login nodes: real OpenSSH `sshd` processes, one per loopback address.
+
+Each node runs in its own mount namespace (`unshare -m`) with a private dir bind-mounted on
+`/etc/ssh`, so `sshd -t`, host-key files and the reload command behave per node exactly as on a
+login node. Each namespace also sees its own `/etc/passwd`, `/etc/shadow`, `/etc/group` and
+`/etc/sudoers` (the host's plus one login user with key auth and passwordless sudo), so nothing on the
+host changes. The login user's home (and `authorized_keys`) is shared by every node, as HyperPod's FSx
+home is. Needs root.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SIM_USER = "hpodlbsim"
+SIM_UID = 64321
+SSH_PORT = 2222
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+KEY_TYPES = ("rsa", "ecdsa", "ed25519")
+RELOAD_COMMAND = (
+    "test ! -e /etc/ssh/fail-reload && kill -HUP $(cat /etc/ssh/sshd.pid)"
+)
+
+
+class SimNode:
+    """One login node: an sshd in its own mount namespace on `ip:SSH_PORT`."""
+
+    def __init__(self, cluster: SimCluster, ip: str, instance_id: str) -> None:
+        self.cluster = cluster
+        self.ip = ip
+        self.instance_id = instance_id
+        self.dir = cluster.base / "nodes" / ip
+        self.etc_ssh = self.dir / "etc-ssh"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def create(self, *, sudo_nopasswd: bool = True) -> None:
+        self.etc_ssh.mkdir(parents=True, mode=0o755)
+        self.write_sshd_config()
+        self.new_host_keys()
+        sudoers = self.dir / "sudoers"
+        rule = "NOPASSWD: ALL" if sudo_nopasswd else "ALL"
+        sudoers.write_text(f"Defaults secure_path=/usr/sbin:/usr/bin:/sbin:/bin\nroot ALL=(ALL) ALL\n{SIM_USER} ALL=(ALL) {rule}\n")
+        sudoers.chmod(0o440)
+
+    def write_sshd_config(self, extra: str = "") -> None:
+        (self.etc_ssh / "sshd_config").write_text(
+            f"ListenAddress {self.ip}\nPort {SSH_PORT}\n"
+            + "".join(f"HostKey /etc/ssh/ssh_host_{t}_key\n" for t in KEY_TYPES)
+            + "PidFile /etc/ssh/sshd.pid\nUsePAM no\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+            "AuthorizedKeysFile .ssh/authorized_keys\nPermitRootLogin no\nStrictModes no\n"
+            "MaxStartups 200:30:400\nLogLevel INFO\n" + extra
+        )
+
+    def new_host_keys(self) -> None:
+        """What a re-imaged root volume brings: a fresh set of host keys."""
+        for t in KEY_TYPES:
+            for suffix in ("", ".pub"):
+                (self.etc_ssh / f"ssh_host_{t}_key{suffix}").unlink(missing_ok=True)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", t, "-N", "", "-C", f"{self.ip}", "-f",
+                 str(self.etc_ssh / f"ssh_host_{t}_key")],
+                check=True,
+            )
+
+    def start(self) -> None:
+        c = self.cluster
+        script = " && ".join(
+            [
+                f"mount --bind {self.etc_ssh} /etc/ssh",
+                f"mount --bind {c.etc / 'passwd'} /etc/passwd",
+                f"mount --bind {c.etc / 'group'} /etc/group",
+                f"mount --bind {c.etc / 'shadow'} /etc/shadow",
+                f"mount --bind {self.dir / 'sudoers'} /etc/sudoers",
+                f"exec {SSHD} -D -e -f /etc/ssh/sshd_config",
+            ]
+        )
+        log = (self.dir / "sshd.log").open("ab")
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        _wait_for_port(self.ip, SSH_PORT, self.proc)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def replace(self, instance_id: str) -> None:
+        """HyperPod replaces the node: same IP, new instance id, new root volume (new host keys)."""
+        self.stop()
+        self.instance_id = instance_id
+        self.new_host_keys()
+        self.start()
+
+    def reload(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGHUP)
+        time.sleep(0.3)
+        _wait_for_port(self.ip, SSH_PORT, self.proc)
+
+    # -- what the node holds ----------------------------------------------------------------------
+
+    def public_key(self, key_type: str) -> str:
+        return " ".join((self.etc_ssh / f"ssh_host_{key_type}_key.pub").read_text().split()[:2])
+
+    def private_key(self, key_type: str) -> bytes:
+        return (self.etc_ssh / f"ssh_host_{key_type}_key").read_bytes()
+
+    def keyscan(self) -> set[str]:
+        """The host keys as OpenSSH's own `ssh-keyscan` sees them (`type base64`)."""
+        out = subprocess.run(
+            ["ssh-keyscan", "-p", str(SSH_PORT), "-T", "5", "-t", ",".join(KEY_TYPES), self.ip],
+            capture_output=True, text=True, check=False,
+        ).stdout
+        return {" ".join(line.split()[1:3]) for line in out.splitlines() if line and not line.startswith("#")}
+
+
+class SimCluster:
+    """A set of login nodes sharing one login user and home, under `base` (a temp dir)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.etc = base / "etc"
+        self.home = base / "home" / SIM_USER
+        self.client_key = base / "client" / "id_ed25519"
+        self.nodes: dict[str, SimNode] = {}
+        self._silent: list[socket.socket] = []
+
+    def setup(self) -> None:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.base.chmod(0o755)  # the login user must reach its home below it
+        self.etc.mkdir(parents=True)
+        passwd = Path("/etc/passwd").read_text()
+        (self.etc / "passwd").write_text(passwd + f"{SIM_USER}:x:{SIM_UID}:{SIM_UID}::{self.home}:/bin/sh\n")
+        group = Path("/etc/group").read_text()
+        (self.etc / "group").write_text(group + f"{SIM_USER}:x:{SIM_UID}:\n")
+        shadow = Path("/etc/shadow").read_text() if Path("/etc/shadow").exists() else ""
+        (self.etc / "shadow").write_text(shadow + f"{SIM_USER}:*:19000:0:99999:7:::\n")
+        (self.etc / "shadow").chmod(0o640)
+        self.client_key.parent.mkdir(parents=True, mode=0o700)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "hpodlb-head-node",
+                        "-f", str(self.client_key)], check=True)
+        ssh_dir = self.home / ".ssh"
+        ssh_dir.mkdir(parents=True, mode=0o700)
+        shutil.copy(self.client_key.with_suffix(".pub"), ssh_dir / "authorized_keys")
+        for path in (self.home, ssh_dir, ssh_dir / "authorized_keys"):
+            os.chown(path, SIM_UID, SIM_UID)
+
+    def add_node(self, ip: str, instance_id: str, *, start: bool = True, sudo_nopasswd: bool = True) -> SimNode:
+        node = SimNode(self, ip, instance_id)
+        node.create(sudo_nopasswd=sudo_nopasswd)
+        if start:
+            node.start()
+        self.nodes[ip] = node
+        return node
+
+    def silent_listener(self, ip: str) -> None:
+        """A peer that accepts TCP on the SSH port and never says a word (a hung sshd)."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, SSH_PORT))
+        sock.listen(64)
+        self._silent.append(sock)
+        held: list[socket.socket] = []
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    return
+                held.append(conn)
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def teardown(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+        for sock in self._silent:
+            sock.close()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextmanager
+def sim_cluster(base: Path) -> Iterator[SimCluster]:
+    cluster = SimCluster(base)
+    cluster.setup()
+    try:
+        yield cluster
+    finally:
+        cluster.teardown()
+
+
+def _wait_for_port(ip: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd on {ip} exited with {proc.returncode}")
+        try:
+            with socket.create_connection((ip, port), timeout=0.5) as s:
+                if s.recv(4).startswith(b"SSH-"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"sshd on {ip}:{port} did not answer within {timeout}s")

@@ -1,0 +1,71 @@
+"""A whole simulated head node for tests: moto server, sshd login nodes, config, resource config."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hpodlb.cli import build_reconciler
+from hpodlb.config import Config, load_config
+from hpodlb.reconcile import PassOutcome
+from hpodlb.sim.aws import FakeAws
+from hpodlb.sim.demo import resource_config
+from hpodlb.sim.nodes import RELOAD_COMMAND, SIM_USER, SSH_PORT, SimCluster
+from hpodlb.state import State, load_state, save_state
+from tests.conftest import render_config
+
+
+class SimEnv:
+    def __init__(self, aws: FakeAws, cluster: SimCluster, workdir: Path) -> None:
+        self.aws = aws
+        self.cluster = cluster
+        self.workdir = workdir
+        self.arn = aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}")
+        self.rc = workdir / "resource_config.json"
+        self.store = workdir / "host_keys"
+        self.state_dir = workdir / "state"
+        self.config_path = workdir / "config.toml"
+        self.listed: list[str] = []
+        self.write_config()
+
+    def write_config(self, **overrides: dict[str, Any]) -> Path:
+        sections: dict[str, dict[str, Any]] = {
+            "cluster": {"resource_config": str(self.rc), "login_groups": ["login-group"],
+                        "provisioning_parameters": str(self.workdir / "pp.json"),
+                        "allowed_cidrs": ["127.0.0.0/8"]},
+            "ssh": {"user": SIM_USER, "port": SSH_PORT, "key_file": str(self.cluster.client_key),
+                    "connect_timeout_seconds": 2},
+            "host_keys": {"store": str(self.store), "reload_command": RELOAD_COMMAND},
+            "state": {"dir": str(self.state_dir)},
+        }
+        for name, keys in overrides.items():
+            sections.setdefault(name, {}).update(keys)
+        self.config_path.write_text(render_config(sections, [{"arn": self.arn, "port": 22}]))
+        return self.config_path
+
+    @property
+    def config(self) -> Config:
+        return load_config(self.config_path, {})
+
+    def list_nodes(self, ips: Sequence[str]) -> None:
+        """Write the resource config listing these sim nodes as the login group, in this order."""
+        self.listed = list(ips)
+        nodes = {ip: self.cluster.nodes[ip].instance_id for ip in ips}
+        self.rc.write_text(json.dumps(resource_config(nodes)))
+
+    def run_pass(self, *, apply: bool = True) -> PassOutcome:
+        """What `hpodlb once` does, in-process (so tests can look at the outcome)."""
+        state, _ = load_state(self.state_dir)
+        outcome = build_reconciler(self.config).run_pass(state, apply=apply)
+        if apply:
+            save_state(self.state_dir, state)
+        return outcome
+
+    def state(self) -> State:
+        return load_state(self.state_dir)[0]
+
+    def registered(self) -> set[str]:
+        return {ip for ip, _ in self.aws.targets(self.arn)}
