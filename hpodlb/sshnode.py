@@ -160,10 +160,13 @@ class NodeSession:
 class _TrustOnFirstUse:
     """paramiko policy for a node listed in the root-owned resource config but never verified."""
 
+    def __init__(self, ip: str) -> None:
+        self.ip = ip
+
     def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
         log.warning(
             "ssh_trust_on_first_use",
-            ip=hostname,
+            ip=self.ip,
             fingerprint=fingerprint(f"{key.get_name()} {key.get_base64()}"),
             why="node listed in the resource config, host keys not verified yet",
         )
