@@ -153,10 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
+        default=argparse.SUPPRESS,
         metavar="PATH",
         help="config file (default: $HPODLB_CONFIG or /etc/hpodlb/config.toml)",
     )
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
@@ -181,15 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys = add("keys", cmd_keys, "the canonical SSH host keys every login node must present")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    keys_sub.add_parser("show", help="type and SHA256 fingerprint of each canonical key")
+    keys_sub.add_parser(
+        "show", parents=[common], help="type and SHA256 fingerprint of each canonical key"
+    )
     gen = keys_sub.add_parser(
-        "generate", help="create a new set (refuses to replace one without --force)"
+        "generate",
+        parents=[common],
+        help="create a new set (refuses to replace one without --force)",
     )
     gen.add_argument("--force", action="store_true", help="replace the existing keys")
-    adopt = keys_sub.add_parser("adopt", help="copy a login node's host keys into the store")
+    adopt = keys_sub.add_parser(
+        "adopt", parents=[common], help="copy a login node's host keys into the store"
+    )
     adopt.add_argument("--from", dest="from_ip", required=True, metavar="IP")
     adopt.add_argument("--force", action="store_true", help="replace the existing keys")
-    kh = keys_sub.add_parser("known-hosts", help="known_hosts lines to hand users for the NLB name")
+    kh = keys_sub.add_parser(
+        "known-hosts", parents=[common], help="known_hosts lines to hand users for the NLB name"
+    )
     kh.add_argument(
         "--host", required=True, metavar="NAME", help="the NLB DNS name users connect to"
     )
@@ -204,8 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from hpodlb.logs import setup_logging
 
-    setup_logging(verbose=args.verbose, stream=sys.stderr)
-    path = config_path(args.config)
+    setup_logging(verbose=getattr(args, "verbose", False), stream=sys.stderr)
+    path = config_path(getattr(args, "config", None))
     try:
         config = load_config(path, os.environ)
     except ConfigError as exc:

@@ -81,9 +81,7 @@ def public_from_private(private: bytes, key_type: str) -> str:
         ) from None
     public = (
         key.public_key()
-        .public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         .decode()
     )
     if public.split()[0] not in BLOB_TYPES[key_type]:

@@ -46,6 +46,9 @@ def setup_logging(
 ) -> None:
     """Configure structlog and the stdlib root logger once per process."""
     out = stream or sys.stdout
+    handler: logging.Handler = (
+        _CurrentStderrHandler() if stream is sys.stderr else logging.StreamHandler(out)
+    )
     if journal is None:
         journal = stream_is_journal(out)
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
@@ -69,7 +72,6 @@ def setup_logging(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
     )
-    handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -85,6 +87,21 @@ def setup_logging(
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at emit time (pytest's capture swaps it per test)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: TextIO) -> None:
+        pass
 
 
 def get_logger(name: str = "hpodlb") -> Any:

@@ -255,6 +255,8 @@ def _plan_group(
             actions.append(act(Kind.DEREGISTER, ip, reason, Guard.MIN_IN_SERVICE))
             continue
         actions.append(act(Kind.DEREGISTER, ip, reason))
+        if verdict[ip] is KeyVerdict.NEEDS_KEYS and ip not in backing_off:
+            actions.append(act(Kind.REGISTER, ip, "back in after its pushed host keys verify"))
         remaining -= 1
         leaving += 1
     need = guards.absent_passes_before_deregister

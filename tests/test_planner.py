@@ -214,7 +214,9 @@ def test_registered_node_with_wrong_keys_leaves_at_once() -> None:
         {a.ip: KeyVerdict.NEEDS_KEYS, b.ip: KeyVerdict.IN_SYNC},
         Guards(max_deregister_fraction=0.0),
     )
-    assert summary(plan) == {("push-keys", a.ip, None), ("deregister", a.ip, None)}
+    assert summary(plan) == {("push-keys", a.ip, None), ("deregister", a.ip, None), ("register", a.ip, None)}
+    (back,) = plan.runnable(Kind.REGISTER)
+    assert back.after_push
 
 
 def test_wrong_keys_still_respect_min_in_service() -> None:

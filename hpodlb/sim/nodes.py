@@ -26,9 +26,7 @@ SIM_UID = 64321
 SSH_PORT = 2222
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 KEY_TYPES = ("rsa", "ecdsa", "ed25519")
-RELOAD_COMMAND = (
-    "test ! -e /etc/ssh/fail-reload && kill -HUP $(cat /etc/ssh/sshd.pid)"
-)
+RELOAD_COMMAND = "test ! -e /etc/ssh/fail-reload && kill -HUP $(cat /etc/ssh/sshd.pid)"
 
 
 class SimNode:
@@ -50,7 +48,9 @@ class SimNode:
         self.new_host_keys()
         sudoers = self.dir / "sudoers"
         rule = "NOPASSWD: ALL" if sudo_nopasswd else "ALL"
-        sudoers.write_text(f"Defaults secure_path=/usr/sbin:/usr/bin:/sbin:/bin\nroot ALL=(ALL) ALL\n{SIM_USER} ALL=(ALL) {rule}\n")
+        sudoers.write_text(
+            f"Defaults secure_path=/usr/sbin:/usr/bin:/sbin:/bin\nroot ALL=(ALL) ALL\n{SIM_USER} ALL=(ALL) {rule}\n"
+        )
         sudoers.chmod(0o440)
 
     def write_sshd_config(self, extra: str = "") -> None:
@@ -69,8 +69,18 @@ class SimNode:
             for suffix in ("", ".pub"):
                 (self.etc_ssh / f"ssh_host_{t}_key{suffix}").unlink(missing_ok=True)
             subprocess.run(
-                ["ssh-keygen", "-q", "-t", t, "-N", "", "-C", f"{self.ip}", "-f",
-                 str(self.etc_ssh / f"ssh_host_{t}_key")],
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    t,
+                    "-N",
+                    "",
+                    "-C",
+                    f"{self.ip}",
+                    "-f",
+                    str(self.etc_ssh / f"ssh_host_{t}_key"),
+                ],
                 check=True,
             )
 
@@ -89,7 +99,9 @@ class SimNode:
         log = (self.dir / "sshd.log").open("ab")
         self.proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
         )
         log.close()
         _wait_for_port(self.ip, SSH_PORT, self.proc)
@@ -129,9 +141,15 @@ class SimNode:
         """The host keys as OpenSSH's own `ssh-keyscan` sees them (`type base64`)."""
         out = subprocess.run(
             ["ssh-keyscan", "-p", str(SSH_PORT), "-T", "5", "-t", ",".join(KEY_TYPES), self.ip],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout
-        return {" ".join(line.split()[1:3]) for line in out.splitlines() if line and not line.startswith("#")}
+        return {
+            " ".join(line.split()[1:3])
+            for line in out.splitlines()
+            if line and not line.startswith("#")
+        }
 
 
 class SimCluster:
@@ -151,22 +169,39 @@ class SimCluster:
         self.base.chmod(0o755)  # the login user must reach its home below it
         self.etc.mkdir(parents=True)
         passwd = Path("/etc/passwd").read_text()
-        (self.etc / "passwd").write_text(passwd + f"{SIM_USER}:x:{SIM_UID}:{SIM_UID}::{self.home}:/bin/sh\n")
+        (self.etc / "passwd").write_text(
+            passwd + f"{SIM_USER}:x:{SIM_UID}:{SIM_UID}::{self.home}:/bin/sh\n"
+        )
         group = Path("/etc/group").read_text()
         (self.etc / "group").write_text(group + f"{SIM_USER}:x:{SIM_UID}:\n")
         shadow = Path("/etc/shadow").read_text() if Path("/etc/shadow").exists() else ""
         (self.etc / "shadow").write_text(shadow + f"{SIM_USER}:*:19000:0:99999:7:::\n")
         (self.etc / "shadow").chmod(0o640)
         self.client_key.parent.mkdir(parents=True, mode=0o700)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "hpodlb-head-node",
-                        "-f", str(self.client_key)], check=True)
+        subprocess.run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "hpodlb-head-node",
+                "-f",
+                str(self.client_key),
+            ],
+            check=True,
+        )
         ssh_dir = self.home / ".ssh"
         ssh_dir.mkdir(parents=True, mode=0o700)
         shutil.copy(self.client_key.with_suffix(".pub"), ssh_dir / "authorized_keys")
         for path in (self.home, ssh_dir, ssh_dir / "authorized_keys"):
             os.chown(path, SIM_UID, SIM_UID)
 
-    def add_node(self, ip: str, instance_id: str, *, start: bool = True, sudo_nopasswd: bool = True) -> SimNode:
+    def add_node(
+        self, ip: str, instance_id: str, *, start: bool = True, sudo_nopasswd: bool = True
+    ) -> SimNode:
         node = SimNode(self, ip, instance_id)
         node.create(sudo_nopasswd=sudo_nopasswd)
         if start:
