@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 from hpodlb.config import Config
 from hpodlb.inventory import InventoryError, login_group_names
+from hpodlb.keystore import KeyStore, KeyStoreError
 from hpodlb.reconcile import Reconciler
 from hpodlb.targets import TargetsError
 
@@ -20,6 +21,8 @@ def run_checks(config: Config, reconciler: Reconciler) -> Iterator[Check]:
     yield from _check_inventory(config, reconciler)
     yield from _check_target_groups(reconciler)
     yield _check_state_dir(config)
+    if config.host_keys.enabled:
+        yield from _check_host_keys(config)
 
 
 def _check_inventory(config: Config, reconciler: Reconciler) -> Iterator[Check]:
@@ -70,3 +73,26 @@ def _check_state_dir(config: Config) -> Check:
     if os.access(probe, os.W_OK | os.X_OK):
         return True, f"state dir {path} is writable"
     return False, f"state dir {path}: not writable by this user"
+
+
+def _check_host_keys(config: Config) -> Iterator[Check]:
+    hk = config.host_keys
+    store = KeyStore(hk.store, hk.types)
+    if store.is_empty() and hk.adopt_from_first_node:
+        yield (
+            True,
+            f"key store {hk.store} is empty: the first pass adopts the first login node's keys",
+        )
+    else:
+        try:
+            keys = store.load()
+        except KeyStoreError as exc:
+            yield False, f"key store: {exc}"
+        else:
+            prints = ", ".join(f"{t} {k.fingerprint}" for t, k in keys.items())
+            yield True, f"key store {hk.store}: {prints}"
+    key_file = config.ssh.key_file
+    if os.access(key_file, os.R_OK):
+        yield True, f"ssh key {key_file} is readable (login as {config.ssh.user})"
+    else:
+        yield False, f"ssh.key_file {key_file}: missing or not readable"

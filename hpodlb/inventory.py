@@ -46,7 +46,7 @@ def login_group_names(
     try:
         raw = provisioning_parameters.read_bytes()
     except FileNotFoundError:
-        return (DEFAULT_LOGIN_GROUP,), "default (no provisioning parameters file)"
+        return (DEFAULT_LOGIN_GROUP,), "the default; no provisioning parameters file"
     except OSError as exc:
         raise InventoryError(f"{provisioning_parameters}: cannot read: {exc.strerror}") from None
     data = _parse_json(raw, provisioning_parameters)
@@ -54,7 +54,7 @@ def login_group_names(
         raise InventoryError(f"{provisioning_parameters}: expected a JSON object")
     group = data.get("login_group")
     if group is None:
-        return (DEFAULT_LOGIN_GROUP,), f"default ({provisioning_parameters} has no login_group)"
+        return (DEFAULT_LOGIN_GROUP,), f"the default; {provisioning_parameters} has no login_group"
     if not isinstance(group, str) or not group:
         raise InventoryError(f"{provisioning_parameters}: login_group: expected a group name")
     return (group,), f"{provisioning_parameters}: login_group"

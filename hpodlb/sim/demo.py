@@ -1,9 +1,10 @@
 """`./dev demo`: hpodlb's main job, end to end, against the embedded local setup.
 
-An AWS emulator (moto server on loopback) holds an internal NLB and its target group; a generated
-resource config lists the login nodes. The demo runs the real `hpodlb` command against them as an
-admin would (`AWS_ENDPOINT_URL` points boto3 at the emulator) and narrates what happens: nodes join,
-a hand-added target is pruned, a node leaves (cautiously), and a half-written file changes nothing.
+An AWS emulator (moto server on loopback) holds an internal NLB and its target group; login nodes
+are real sshd processes on 127.0.0.x, each with its own /etc/ssh; a generated resource config lists
+them. The demo runs the real `hpodlb` command as an admin would (`AWS_ENDPOINT_URL` points boto3 at
+the emulator) and narrates: nodes get one identity and join, a replaced node is repaired, a
+hand-added target is pruned, a half-written file changes nothing, a node leaves (cautiously).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hpodlb.sim.aws import FakeAws, moto_server
+from hpodlb.sim.nodes import RELOAD_COMMAND, SIM_USER, SSH_PORT, SimCluster, sim_cluster
 
 CLUSTER_NAME = "ml-cluster"
 
@@ -62,8 +64,9 @@ def resource_config(login_nodes: dict[str, str]) -> dict[str, Any]:
 
 
 class Demo:
-    def __init__(self, aws: FakeAws, workdir: Path) -> None:
+    def __init__(self, aws: FakeAws, cluster: SimCluster, workdir: Path) -> None:
         self.aws = aws
+        self.cluster = cluster
         self.workdir = workdir
         self.rc_path = workdir / "opt-ml-config" / "resource_config.json"
         self.rc_path.parent.mkdir()
@@ -74,20 +77,30 @@ class Demo:
 resource_config = "{self.rc_path}"
 provisioning_parameters = "{self.rc_path.parent / "provisioning_parameters.json"}"
 login_groups = ["login-group"]
+allowed_cidrs = ["127.0.0.0/8"]   # the simulated login nodes live on loopback
 
 [[target_groups]]
 arn = "{self.arn}"
 port = 22
 
+[ssh]
+user = "{SIM_USER}"
+port = {SSH_PORT}
+key_file = "{cluster.client_key}"
+connect_timeout_seconds = 3
+
 [host_keys]
-enabled = false
+store = "{workdir / "host_keys"}"
+reload_command = "{RELOAD_COMMAND}"
 
 [state]
 dir = "{workdir / "state"}"
 """
         )
 
-    def write_nodes(self, nodes: dict[str, str]) -> None:
+    def list_nodes(self) -> None:
+        """Write the resource config as HyperPod would (to a temp file, then rename)."""
+        nodes = {ip: n.instance_id for ip, n in self.cluster.nodes.items()}
         tmp = self.rc_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(resource_config(nodes), indent=2))
         tmp.replace(self.rc_path)
@@ -99,8 +112,12 @@ dir = "{workdir / "state"}"
         print(f"(exit status {done.returncode})", flush=True)
         return done.returncode
 
-    def targets(self) -> str:
-        return ", ".join(sorted(ip for ip, _ in self.aws.targets(self.arn))) or "(none)"
+    def targets(self) -> list[str]:
+        return sorted(ip for ip, _ in self.aws.targets(self.arn))
+
+    def identities(self) -> int:
+        """How many distinct host-key sets the login nodes present to OpenSSH's ssh-keyscan."""
+        return len({frozenset(n.keyscan()) for n in self.cluster.nodes.values()})
 
 
 def step(title: str) -> None:
@@ -116,25 +133,39 @@ def run_demo(workdir: Path) -> int:
         if not ok:
             failures.append(what)
 
-    with moto_server() as aws:
-        demo = Demo(aws, workdir)
-        nodes = {
-            "10.1.71.12": "i-0a1b2c3d4e5f60011",
-            "10.1.72.45": "i-0a1b2c3d4e5f60012",
-            "10.1.70.201": "i-0a1b2c3d4e5f60013",
-        }
-        demo.write_nodes(nodes)
+    with moto_server() as aws, sim_cluster(workdir / "sim") as cluster:
+        for n in (2, 3, 4):
+            cluster.add_node(f"127.0.0.{n}", f"i-0a1b2c3d4e5f6001{n}")
+        demo = Demo(aws, cluster, workdir)
+        demo.list_nodes()
         step(
-            f"An empty target group and a cluster with 3 login nodes (emulator at {aws.endpoint_url})"
+            f"3 login nodes (real sshd on 127.0.0.2-4:{SSH_PORT}, each with its own host keys), "
+            f"an empty target group (AWS emulator at {aws.endpoint_url})"
         )
-        expect("plan reports pending changes (exit 1)", demo.hpodlb("plan") == 1)
-        expect("one pass converges (exit 0)", demo.hpodlb("once") == 0)
-        expect(f"target group = login nodes: {demo.targets()}", len(aws.targets(demo.arn)) == 3)
+        expect(f"{demo.identities()} different host identities before", demo.identities() == 3)
+        expect(
+            "one pass adopts the first node's keys, pushes them, registers all",
+            demo.hpodlb("once") == 0,
+        )
+        expect(
+            f"one identity for all nodes (ssh-keyscan): {demo.identities()}", demo.identities() == 1
+        )
+        expect(f"target group = login nodes: {demo.targets()}", len(demo.targets()) == 3)
 
         step("HyperPod adds a 4th login node")
-        nodes["10.1.73.9"] = "i-0a1b2c3d4e5f60014"
-        demo.write_nodes(nodes)
-        expect("registered in the very next pass", demo.hpodlb("once") == 0)
+        cluster.add_node("127.0.0.5", "i-0a1b2c3d4e5f60015")
+        demo.list_nodes()
+        expect("keys pushed and verified, then registered, in one pass", demo.hpodlb("once") == 0)
+
+        step("HyperPod replaces 127.0.0.3: same IP, new instance, new root volume, new host keys")
+        cluster.nodes["127.0.0.3"].replace("i-0ffee0000000000b3")
+        demo.list_nodes()
+        expect(
+            f"{demo.identities()} identities: users would see HOST KEY CHANGED",
+            demo.identities() == 2,
+        )
+        expect("out of rotation, repaired, back in", demo.hpodlb("once") == 0)
+        expect(f"one identity again: {demo.identities()}", demo.identities() == 1)
 
         step("Someone registers a stray target by hand (drift)")
         aws.client("elbv2").register_targets(
@@ -149,17 +180,18 @@ def run_demo(workdir: Path) -> int:
         before = demo.targets()
         expect("the pass refuses it (exit 2) ...", demo.hpodlb("once") == 2)
         expect(f"... and no target moved: {demo.targets()}", demo.targets() == before)
-        demo.rc_path.write_text(whole)
 
         step("A login node is removed from the cluster")
-        del nodes["10.1.72.45"]
-        demo.write_nodes(nodes)
+        cluster.nodes.pop("127.0.0.4").stop()
+        demo.list_nodes()
         expect("held for one pass (deregister cautiously)", demo.hpodlb("once") == 1)
         expect("deregistered on the second", demo.hpodlb("once") == 0)
-        expect(f"target group = login nodes: {demo.targets()}", len(aws.targets(demo.arn)) == 3)
+        expect(f"target group = login nodes: {demo.targets()}", len(demo.targets()) == 3)
 
-        step("What an admin sees")
+        step("What an admin sees, and the lines to hand users")
         demo.hpodlb("status")
+        demo.hpodlb("keys", "show")
+        demo.hpodlb("keys", "known-hosts", "--host", "smhp-login-node-lb.internal")
     print(
         f"\nDemo {'finished: every step behaved' if not failures else 'FAILED: ' + '; '.join(failures)}"
     )
@@ -170,7 +202,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--keep", action="store_true", help="keep the work dir for a look after")
     args = parser.parse_args()
+    if os.geteuid() != 0:
+        print(
+            "the demo runs real sshd login nodes in mount namespaces: run it as root",
+            file=sys.stderr,
+        )
+        return 2
     workdir = Path(tempfile.mkdtemp(prefix="hpodlb-demo-"))
+    workdir.chmod(0o755)  # the simulated login user must reach its home below it
     try:
         return run_demo(workdir)
     finally:
