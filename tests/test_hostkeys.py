@@ -7,6 +7,7 @@ client, not only with paramiko.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import re
@@ -171,9 +172,13 @@ def _faulty_pass(env: SimEnv, fault: Callable[[SimCluster, str], None], sudo: bo
     return bad, env.run_pass(), old
 
 
+def _deny_login(cluster: SimCluster, ip: str) -> None:
+    cluster.nodes[ip].write_sshd_config(f"DenyUsers {SIM_USER}\n")
+    cluster.nodes[ip].reload()
+
+
 FAULTS: dict[str, tuple[Callable[[SimCluster, str], None], str, bool]] = {
-    "auth refused": (lambda c, ip: (c.nodes[ip].write_sshd_config(f"DenyUsers {SIM_USER}\n"), c.nodes[ip].reload()) and None,
-                     "auth: login as hpodlbsim refused", True),
+    "auth refused": (_deny_login, "auth: login as hpodlbsim refused", True),
     "sudo refused": (lambda c, ip: None, "sudo: sudo: a password is required", False),
     "sshd -t fails": (lambda c, ip: c.nodes[ip].write_sshd_config("BogusOption yes\n"), "sshd-t: ", True),
     "reload fails": (lambda c, ip: (c.nodes[ip].etc_ssh / "fail-reload").touch(),
@@ -257,10 +262,8 @@ def test_no_key_material_in_logs_command_lines_status_or_tmp(
         while not stop.is_set():
             for pid in os.listdir("/proc"):
                 if pid.isdigit():
-                    try:
+                    with contextlib.suppress(OSError):
                         seen_cmdlines.add(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
-                    except OSError:
-                        pass
 
     sampler = threading.Thread(target=sample)
     sampler.start()
