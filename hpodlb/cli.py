@@ -67,13 +67,20 @@ def cmd_plan(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_once(config: Config, args: argparse.Namespace) -> int:
+    from hpodlb.lock import InstanceLock, LockedError
     from hpodlb.state import load_state, save_state
 
-    state, warning = load_state(config.state.dir)
-    if warning:
-        _log().warning("state_rebuilt", warning=warning)
-    outcome = build_reconciler(config).run_pass(state, apply=True)
-    save_state(config.state.dir, state)
+    try:
+        lock = InstanceLock(config.state.dir).acquire()
+    except LockedError as exc:
+        _fail(str(exc))
+        return EXIT_PENDING
+    with lock:
+        state, warning = load_state(config.state.dir)
+        if warning:
+            _log().warning("state_rebuilt", warning=warning)
+        outcome = build_reconciler(config).run_pass(state, apply=True)
+        save_state(config.state.dir, state)
     _log().info(
         "pass_finished",
         converged=outcome.converged,
@@ -85,6 +92,23 @@ def cmd_once(config: Config, args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     print(outcome.summary())
     return EXIT_OK if outcome.converged else EXIT_PENDING
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from hpodlb.lock import InstanceLock, LockedError
+    from hpodlb.logs import setup_logging
+    from hpodlb.service import Daemon
+
+    setup_logging(verbose=getattr(args, "verbose", False), stream=sys.stdout)
+    try:
+        lock = InstanceLock(config.state.dir).acquire()
+    except LockedError as exc:
+        _fail(str(exc))
+        _log().error("daemon_refused", error=str(exc))
+        return EXIT_PENDING
+    with lock:
+        path = config_path(getattr(args, "config", None))
+        return Daemon(path, config, build_reconciler).serve()
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
@@ -167,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    add(
+        "run",
+        cmd_run,
+        "the daemon: a pass at start, every interval_seconds and soon after the resource config "
+        "changes; SIGHUP re-reads the config; exit 0 on SIGTERM",
+    )
     add("once", cmd_once, "run one pass; exit 0 converged, 1 failed or held back, 2 unusable input")
     p = add(
         "plan",
