@@ -144,13 +144,18 @@ class KeyStore:
         """Write a full set atomically, private keys 0600 from creation, `.pub` 0644."""
         if not overwrite and not self.is_empty():
             raise KeyStoreError(f"{self.path}: already holds keys; use --force to replace them")
-        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._check_dir()
-        for key_type in self.types:
-            key = keys[key_type]
-            priv_name, pub_name = file_names(key_type)
-            write_atomically(self.path / priv_name, key.private, mode=0o600)
-            write_atomically(self.path / pub_name, f"{key.public} hpodlb\n".encode(), mode=0o644)
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._check_dir()
+            for key_type in self.types:
+                key = keys[key_type]
+                priv_name, pub_name = file_names(key_type)
+                write_atomically(self.path / priv_name, key.private, mode=0o600)
+                write_atomically(
+                    self.path / pub_name, f"{key.public} hpodlb\n".encode(), mode=0o644
+                )
+        except OSError as exc:
+            raise KeyStoreError(f"{self.path}: cannot write keys ({exc.strerror})") from None
 
     def _check_dir(self) -> None:
         try:
