@@ -15,14 +15,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hpodlb import __version__
-from hpodlb.config import Config, ConfigError, config_path, load_config
 
 if TYPE_CHECKING:
+    from hpodlb.config import Config
     from hpodlb.reconcile import Reconciler
 
 EXIT_OK, EXIT_PENDING, EXIT_UNUSABLE = 0, 1, 2
 
-Command = Callable[[Config, argparse.Namespace], int]
+Command = Callable[["Config", argparse.Namespace], int]
 
 
 def build_reconciler(config: Config) -> Reconciler:
@@ -107,6 +107,8 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
         _log().error("daemon_refused", error=str(exc))
         return EXIT_PENDING
     with lock:
+        from hpodlb.config import config_path
+
         path = config_path(getattr(args, "config", None))
         return Daemon(path, config, build_reconciler).serve()
 
@@ -243,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from hpodlb.config import ConfigError, config_path, load_config
     from hpodlb.logs import setup_logging
 
     setup_logging(verbose=getattr(args, "verbose", False), stream=sys.stderr)
