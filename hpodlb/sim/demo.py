@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,24 @@ dir = "{workdir / "state"}"
         print(f"(exit status {done.returncode})", flush=True)
         return done.returncode
 
+    def run_daemon_until_new_node(self, ip: str, instance_id: str) -> int:
+        """Start `hpodlb run`, add a login node once it is up, stop it once the node is in."""
+        print("\n$ hpodlb run   (stopped with SIGTERM once the new node is registered)", flush=True)
+        env = {**os.environ, **self.aws.env(), "HPODLB_CONFIG": str(self.config)}
+        daemon = subprocess.Popen([sys.executable, "-m", "hpodlb", "run"], env=env)
+        try:
+            time.sleep(3)  # its first pass
+            self.cluster.add_node(ip, instance_id)
+            self.list_nodes()
+            deadline = time.monotonic() + 30
+            while ip not in self.targets() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            code = daemon.wait(20)
+        print(f"(exit status {code})", flush=True)
+        return code if ip in self.targets() else 1
+
     def targets(self) -> list[str]:
         return sorted(ip for ip, _ in self.aws.targets(self.arn))
 
@@ -187,6 +207,14 @@ def run_demo(workdir: Path) -> int:
         expect("held for one pass (deregister cautiously)", demo.hpodlb("once") == 1)
         expect("deregistered on the second", demo.hpodlb("once") == 0)
         expect(f"target group = login nodes: {demo.targets()}", len(demo.targets()) == 3)
+
+        step(
+            "The service: `hpodlb run` reacts to a new login node without waiting for its interval"
+        )
+        expect(
+            "the daemon registers it within seconds, then stops cleanly on SIGTERM",
+            demo.run_daemon_until_new_node("127.0.0.6", "i-0a1b2c3d4e5f60016") == 0,
+        )
 
         step("What an admin sees, and the lines to hand users")
         demo.hpodlb("status")
