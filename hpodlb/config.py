@@ -18,6 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from hpodlb.trust import UntrustedPathError, require_trusted
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Ubuntu 22.04's Python 3.10
@@ -181,6 +183,10 @@ def config_path(explicit: str | None, environ: Mapping[str, str] = os.environ) -
 
 def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
     """Read, override and validate; raise ConfigError with one line per problem."""
+    try:
+        require_trusted(path)
+    except UntrustedPathError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -313,6 +313,7 @@ def push_script(keys: Mapping[str, HostKey], remote_dir: str, reload_command: st
         'fail() { echo "hpodlb-failed $1: $2"; exit 1; }',
         'cleanup() { rm -f "$dir"/.hpodlb-new.*; }',
         '[ -d "$dir" ] || fail write "$dir is not a directory"',
+        "cleanup  # leftovers of a push that was cut off (hpodlb killed, connection lost)",
     ]
     for n, (name, mode, content) in enumerate(files):
         b64 = base64.b64encode(content).decode()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpodlb.trust import UntrustedPathError, require_trusted
+
 DEFAULT_LOGIN_GROUP = "login-group"
 _READ_ATTEMPTS = 3
 _SETTLE_SECONDS = 0.2
@@ -43,6 +45,7 @@ def login_group_names(
     """Which instance groups hold login nodes, and where that answer came from."""
     if configured:
         return tuple(configured), "cluster.login_groups"
+    _require_trusted(provisioning_parameters)
     try:
         raw = provisioning_parameters.read_bytes()
     except FileNotFoundError:
@@ -66,6 +69,7 @@ def read_login_nodes(
     allowed: Sequence[ipaddress.IPv4Network],
 ) -> tuple[LoginNode, ...]:
     """Every instance of the login groups, validated; InventoryError if anything is off."""
+    _require_trusted(path)
     return parse_login_nodes(_read_settled(path), path, login_groups, allowed)
 
 
@@ -143,6 +147,13 @@ def _login_node(
     return LoginNode(
         ip=str(ip), instance_id=str(instance_id or name), name=str(name or instance_id), group=group
     )
+
+
+def _require_trusted(path: Path) -> None:
+    try:
+        require_trusted(path)
+    except UntrustedPathError as exc:
+        raise InventoryError(str(exc)) from None
 
 
 def _parse_json(raw: bytes, path: Path) -> Any:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpodlb.state import write_atomically
+from hpodlb.trust import UntrustedPathError, require_trusted
 
 # The SSH algorithm names each configured key type may present in a handshake.
 ALGORITHMS = {
@@ -158,6 +159,10 @@ class KeyStore:
             raise KeyStoreError(f"{self.path}: cannot write keys ({exc.strerror})") from None
 
     def _check_dir(self) -> None:
+        try:
+            require_trusted(self.path)
+        except UntrustedPathError as exc:
+            raise KeyStoreError(str(exc)) from None
         try:
             st = self.path.stat()
         except FileNotFoundError:
