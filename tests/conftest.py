@@ -75,3 +75,14 @@ def fresh_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for var in [v for v in os.environ if v.startswith("HPODLB_")]:
         monkeypatch.delenv(var)
     yield
+
+
+# Figures the reliability suite measured, printed at the end of the run (the README quotes them).
+FIGURES: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for name, value in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {value}")
