@@ -81,7 +81,9 @@ class HostKeyGate:
             )
             for record in records.values():
                 record.key_state, record.key_detail = "unknown", f"no canonical keys: {exc}"
-            return {n.ip: KeyVerdict.UNREACHABLE for n in nodes}
+            # Without canonical keys nothing can be verified; a node replaced since it was
+            # verified is still known to be unverified, so it leaves rotation all the same.
+            return {n.ip: _unverified(n, records[n.ip]) for n in nodes}
 
         def probe_one(node: LoginNode) -> tuple[LoginNode, dict[str, str] | SshError | None]:
             record = records[node.ip]
@@ -136,15 +138,13 @@ class HostKeyGate:
         seen: dict[str, str] | SshError | None,
         now: float,
     ) -> KeyVerdict:
-        replaced = (
-            bool(record.verified_instance_id) and record.verified_instance_id != node.instance_id
-        )
+        replaced = _replaced(node, record)
         if seen is None or isinstance(seen, SshError):
             if isinstance(seen, SshError):
                 self._failed(node, record, seen.step, str(seen), now)
             record.key_state = "unreachable"
             record.key_detail = record.last_error
-            return KeyVerdict.REPLACED_UNREACHABLE if replaced else KeyVerdict.UNREACHABLE
+            return _unverified(node, record)
         wrong = [t for t in self.types if seen[t].split()[1:2] != self.keys[t].public.split()[1:2]]
         if not wrong:
             if record.verified_instance_id != node.instance_id:
@@ -296,6 +296,16 @@ class HostKeyGate:
         write_atomically(
             self.state_dir / "known_hosts", "".join(f"{x}\n" for x in lines).encode(), 0o644
         )
+
+
+def _replaced(node: LoginNode, record: NodeRecord) -> bool:
+    """A new instance at an IP whose keys were verified for another one."""
+    return bool(record.verified_instance_id) and record.verified_instance_id != node.instance_id
+
+
+def _unverified(node: LoginNode, record: NodeRecord) -> KeyVerdict:
+    """The verdict for a node whose keys cannot be looked at this pass."""
+    return KeyVerdict.REPLACED_UNREACHABLE if _replaced(node, record) else KeyVerdict.UNREACHABLE
 
 
 def push_script(keys: Mapping[str, HostKey], remote_dir: str, reload_command: str) -> bytes:

@@ -77,7 +77,7 @@ def test_aws_faults_cause_no_wrong_action_and_converge(
             before = {ip for ip, _ in aws.targets(arn)}
             try:
                 outcome = rec.run_pass(state, apply=True)
-            except Exception as exc:  # noqa: BLE001 - counting, then failing below
+            except Exception as exc:
                 crashes += 1
                 wrong.append(f"pass {n}: crashed: {exc!r}")
                 continue

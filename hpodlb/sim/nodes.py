@@ -65,24 +65,19 @@ class SimNode:
 
     def new_host_keys(self) -> None:
         """What a re-imaged root volume brings: a fresh set of host keys."""
+        fresh = self.dir / "fresh-keys"
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir(mode=0o700)
         for t in KEY_TYPES:
-            for suffix in ("", ".pub"):
-                (self.etc_ssh / f"ssh_host_{t}_key{suffix}").unlink(missing_ok=True)
+            name = f"ssh_host_{t}_key"
             subprocess.run(
-                [
-                    "ssh-keygen",
-                    "-q",
-                    "-t",
-                    t,
-                    "-N",
-                    "",
-                    "-C",
-                    f"{self.ip}",
-                    "-f",
-                    str(self.etc_ssh / f"ssh_host_{t}_key"),
-                ],
+                ["ssh-keygen", "-q", "-t", t, "-N", "", "-C", self.ip, "-f", str(fresh / name)],
                 check=True,
             )
+            # Renamed into place: a push still running on the node cannot make ssh-keygen prompt.
+            for suffix in (".pub", ""):
+                (fresh / f"{name}{suffix}").replace(self.etc_ssh / f"{name}{suffix}")
+        fresh.rmdir()
 
     def start(self) -> None:
         c = self.cluster
