@@ -1,0 +1,238 @@
+"""Hostile and broken input: generated resource configs and config files, guards under any plan,
+files that a non-root user could have changed, and key files that are never readable by others.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import re
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hpodlb.config import ConfigError, load_config
+from hpodlb.inventory import InventoryError, LoginNode, parse_login_nodes, read_login_nodes
+from hpodlb.keystore import KeyStore, KeyStoreError, generate
+from hpodlb.planner import GroupView, Guards, KeyVerdict, Kind, Target, plan_pass
+from tests.conftest import FIGURES, FIXTURES, TG_ARN
+from tests.test_inventory import PATH, PRIVATE, config_like
+
+pytestmark = pytest.mark.reliability
+
+EXAMPLES = 10_000
+COUNTS: dict[str, int] = {"resource configs": 0, "config files": 0, "plans": 0}
+
+
+def _record() -> None:
+    FIGURES["generated inputs tried"] = ", ".join(f"{v} {k}" for k, v in COUNTS.items())
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(config_like)
+def test_generated_resource_configs(data: Any) -> None:
+    """10,000 generated resource configs: nodes that are valid private IPv4, or an InventoryError."""
+    COUNTS["resource configs"] += 1
+    _record()
+    try:
+        nodes = parse_login_nodes(json.dumps(data).encode(), PATH, ["login-group"], PRIVATE)
+    except InventoryError as exc:
+        assert str(exc).startswith(str(PATH))
+        return
+    assert len({n.ip for n in nodes}) == len(nodes)
+    assert all(any(ipaddress.IPv4Address(n.ip) in net for net in PRIVATE) for n in nodes)
+
+
+toml_scalar = st.one_of(
+    st.integers(-5, 10**6).map(str), st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.booleans().map(lambda b: "true" if b else "false"), st.text(max_size=30).map(json.dumps),
+    st.lists(st.text(max_size=10).map(json.dumps), max_size=3).map(lambda xs: "[" + ", ".join(xs) + "]"),
+    st.sampled_from(["nan", "inf", "[", '"', "{}", "1979-05-27", "[[x]]"]),
+)
+sections = {
+    "cluster": ["resource_config", "login_groups", "allowed_cidrs", "provisioning_parameters", "bogus"],
+    "reconcile": ["interval_seconds", "prune", "max_deregister_fraction", "absent_passes_before_deregister",
+                  "min_in_service", "typo"],
+    "ssh": ["user", "port", "key_file", "sudo", "connect_timeout_seconds"],
+    "host_keys": ["enabled", "store", "types", "remote_dir", "reload_command", "adopt_from_first_node"],
+    "state": ["dir"], "aws": ["region"], "nonsense": ["x"],
+}
+config_text = st.lists(
+    st.sampled_from(sorted(sections)).flatmap(
+        lambda sec: st.lists(st.tuples(st.sampled_from(sections[sec]), toml_scalar), max_size=4).map(
+            lambda kvs, sec=sec: f"[{sec}]\n" + "".join(f"{k} = {v}\n" for k, v in kvs)
+        )
+    ),
+    max_size=4,
+).map("".join).flatmap(
+    lambda body: st.sampled_from(["", f'[[target_groups]]\narn = "{TG_ARN}"\n',
+                                  '[[target_groups]]\narn = "x"\nport = 99999\n']).map(lambda tg: body + tg)
+)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(config_text)
+def test_generated_config_files(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
+    """10,000 generated config files: a Config or a ConfigError naming the file, nothing else."""
+    COUNTS["config files"] += 1
+    _record()
+    path = tmp_path_factory.getbasetemp() / "generated.toml"
+    path.write_text(text)
+    try:
+        load_config(path, {})
+    except ConfigError as exc:
+        assert str(path) in str(exc)
+
+
+ips = st.integers(1, 40).map(lambda i: f"10.9.0.{i}")
+plan_inputs = st.tuples(
+    st.sets(ips, max_size=25),  # desired
+    st.sets(ips, max_size=25),  # registered
+    st.builds(Guards, prune=st.booleans(), max_deregister_fraction=st.floats(0, 1),
+              absent_passes_before_deregister=st.integers(1, 4), min_in_service=st.integers(0, 5)),
+    st.dictionaries(ips, st.integers(0, 5)),  # absence counters
+    st.dictionaries(ips, st.sampled_from(list(KeyVerdict))),
+)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(plan_inputs)
+def test_no_plan_deregisters_beyond_the_guards(args: tuple[Any, ...]) -> None:
+    """Whatever the inventory and memory say, a pass keeps min_in_service and the fraction cap,
+    never removes an in-sync desired node, and never registers an unverified one."""
+    COUNTS["plans"] += 1
+    _record()
+    desired, registered, guards, absent, verdicts = args
+    nodes = [LoginNode(ip, f"i-{ip}", ip, "login-group") for ip in sorted(desired)]
+    view = GroupView(TG_ARN, 22, tuple(Target(ip, 22, "healthy") for ip in sorted(registered)))
+    plan = plan_pass(nodes, [view], {ip: verdicts.get(ip, KeyVerdict.IN_SYNC) for ip in desired},
+                     guards, absent_passes={TG_ARN: absent})
+    leaving = [a.ip for a in plan.runnable(Kind.DEREGISTER)]
+    absentees = [ip for ip in leaving if ip not in desired]
+    identity = [ip for ip in leaving if ip in desired]
+    assert len(registered) - len(leaving) >= min(guards.min_in_service, len(registered))
+    assert len(absentees) + len(identity) <= max(
+        math.floor(guards.max_deregister_fraction * len(registered)), len(identity))
+    for ip in identity:
+        assert verdicts.get(ip, KeyVerdict.IN_SYNC) in (KeyVerdict.NEEDS_KEYS, KeyVerdict.REPLACED_UNREACHABLE)
+    for a in plan.runnable(Kind.REGISTER):
+        v = verdicts.get(a.ip, KeyVerdict.IN_SYNC)
+        assert v is KeyVerdict.IN_SYNC or (v is KeyVerdict.NEEDS_KEYS and a.after_push)
+    for ip in absentees:
+        assert absent.get(ip, 0) + 1 >= guards.absent_passes_before_deregister
+
+
+# -- files someone else could have changed ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: os.chmod(p, 0o666), "is writable by group or others (mode 0666)"),
+        (lambda p: os.chown(p, 65534, 65534), "is owned by uid 65534, not root"),
+        (lambda p: os.chmod(p.parent, 0o777), "writable by group or others (mode 0777)"),
+        (lambda p: os.chown(p.parent, 65534, 0), "is owned by uid 65534, not root"),
+    ],
+)
+def test_resource_config_others_could_change_is_refused(tmp_path: Path, setup: Any, message: str) -> None:
+    """A resource config (or its dir) that a non-root user could replace is refused, by name."""
+    d = tmp_path / "conf"
+    d.mkdir()
+    rc = d / "resource_config.json"
+    rc.write_bytes((FIXTURES / "resource_config.json").read_bytes())
+    assert read_login_nodes(rc, ["login-group"], PRIVATE)
+    setup(rc)
+    with pytest.raises(InventoryError, match=re.escape(message)):
+        read_login_nodes(rc, ["login-group"], PRIVATE)
+
+
+def test_symlinked_resource_config_is_judged_by_its_target(tmp_path: Path) -> None:
+    """A root-owned symlink to a file others can write is refused; to a safe file it is fine."""
+    safe = tmp_path / "safe.json"
+    safe.write_bytes((FIXTURES / "resource_config.json").read_bytes())
+    link = tmp_path / "link.json"
+    link.symlink_to(safe)
+    assert read_login_nodes(link, ["login-group"], PRIVATE)
+    unsafe_dir = tmp_path / "open"
+    unsafe_dir.mkdir(mode=0o777)
+    unsafe_dir.chmod(0o777)
+    target = unsafe_dir / "rc.json"
+    target.write_bytes(safe.read_bytes())
+    link.unlink()
+    link.symlink_to(target)
+    with pytest.raises(InventoryError, match="writable by group or others"):
+        read_login_nodes(link, ["login-group"], PRIVATE)
+
+
+def test_sticky_world_writable_dir_is_allowed(tmp_path: Path) -> None:
+    """A sticky dir such as /tmp may sit above the file: others cannot replace ours there."""
+    d = tmp_path / "sticky"
+    d.mkdir()
+    d.chmod(0o1777)
+    rc = d / "rc.json"
+    rc.write_bytes((FIXTURES / "resource_config.json").read_bytes())
+    assert read_login_nodes(rc, ["login-group"], PRIVATE)
+
+
+def test_config_file_others_could_change_is_refused(write_config: Any) -> None:
+    """The config names the command run as root on every node: a group-writable one is refused."""
+    path = write_config()
+    path.chmod(0o664)
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        load_config(path, {})
+
+
+def test_key_store_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
+    """A key store whose dir or key another user owns is refused, and nothing is changed."""
+    store = KeyStore(tmp_path / "keys", ("ed25519",))
+    store.save({"ed25519": generate("ed25519")}, overwrite=False)
+    key = tmp_path / "keys" / "ssh_host_ed25519_key"
+    os.chown(key, 65534, 0)
+    with pytest.raises(KeyStoreError, match="owned by uid 65534"):
+        store.load()
+    assert key.stat().st_uid == 65534
+
+
+def test_private_keys_are_never_readable_by_others_even_for_a_moment(tmp_path: Path) -> None:
+    """Under umask 000, a watcher polling the store while keys are written never sees a private
+    key file (or its temp file) with a mode wider than 0600."""
+    store_dir = tmp_path / "keys"
+    store = KeyStore(store_dir, ("rsa", "ecdsa", "ed25519"))
+    keys = {t: generate(t) for t in store.types}
+    seen: dict[str, int] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                entries = list(os.scandir(store_dir))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                try:
+                    mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+                except FileNotFoundError:
+                    continue
+                seen[entry.name] = max(seen.get(entry.name, 0), mode)
+
+    old = os.umask(0)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(30):
+            store.save(keys, overwrite=True)
+    finally:
+        stop.set()
+        watcher.join()
+        os.umask(old)
+    private = {n: m for n, m in seen.items() if not n.endswith(".pub") and ".pub." not in n}
+    assert private  # the watcher did see the files
+    assert all(m & 0o077 == 0 for m in private.values()), private
+    assert any(n.startswith(".") for n in seen)  # and the temp files, under their creation mode
