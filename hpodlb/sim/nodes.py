@@ -26,7 +26,13 @@ SIM_UID = 64321
 SSH_PORT = 2222
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 KEY_TYPES = ("rsa", "ecdsa", "ed25519")
-RELOAD_COMMAND = "test ! -e /etc/ssh/fail-reload && kill -HUP $(cat /etc/ssh/sshd.pid)"
+# The simulated nodes' reload: SIGHUP to their sshd. Marker files in a node's /etc/ssh inject
+# faults: `fail-reload` makes the command fail, `die-on-reload` kills sshd instead (a node that
+# dies between push and verify).
+RELOAD_COMMAND = (
+    "if [ -e /etc/ssh/die-on-reload ]; then kill -TERM $(cat /etc/ssh/sshd.pid); "
+    "else test ! -e /etc/ssh/fail-reload && kill -HUP $(cat /etc/ssh/sshd.pid); fi"
+)
 
 
 class SimNode:

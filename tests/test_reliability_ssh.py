@@ -1,0 +1,98 @@
+"""SSH faults beyond the host-key suite's: a full disk on the node, and a node that dies between
+the push and the verification. Each leaves the node with working keys and out of rotation until
+it verifies."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpodlb.keystore import KeyStore
+from hpodlb.sim.aws import moto_server
+from hpodlb.sim.nodes import sim_cluster
+from tests.conftest import FIGURES
+from tests.simenv import SimEnv
+from tests.test_hostkeys import run_pass_later
+
+pytestmark = [pytest.mark.reliability, pytest.mark.sshd]
+TYPES = ("rsa", "ecdsa", "ed25519")
+SURVIVED: list[str] = []
+
+
+@pytest.fixture
+def env(fresh_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[SimEnv]:
+    with moto_server() as aws, sim_cluster(Path(tempfile.mkdtemp(prefix="hpodlb-sim-"))) as cluster:
+        for key, value in aws.env().items():
+            monkeypatch.setenv(key, value)
+        yield SimEnv(aws, cluster, tmp_path)
+
+
+def _survived(fault: str) -> None:
+    SURVIVED.append(fault)
+    FIGURES["SSH faults survived here (test_hostkeys.py covers refused, silent, auth, sudo, "
+            "sshd -t, reload, corrupt key)"] = ", ".join(SURVIVED)
+
+
+def _canonical(env: SimEnv) -> set[str]:
+    return {k.public for k in KeyStore(env.store, TYPES).load().values()}
+
+
+def test_disk_full_on_the_node_rolls_back(env: SimEnv) -> None:
+    """/etc/ssh on a tiny full tmpfs: the write fails, old keys stay, the node stays out; later it joins."""
+    env.cluster.add_node("127.0.0.2", "i-0disk00000000002")
+    node = env.cluster.add_node("127.0.0.3", "i-0disk00000000003", start=False)
+    saved = {p.name: p.read_bytes() for p in node.etc_ssh.iterdir()}
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(node.etc_ssh)], check=True)
+    try:
+        for name, data in saved.items():
+            (node.etc_ssh / name).write_bytes(data)
+            (node.etc_ssh / name).chmod(0o600 if not name.endswith(".pub") and name != "sshd_config" else 0o644)
+        node.start()  # before the disk fills up: sshd writes its pid file there
+        filler = node.etc_ssh / "filler"
+        try:
+            with filler.open("wb") as f:
+                while True:
+                    f.write(b"\0" * 1024)
+                    f.flush()
+        except OSError:
+            pass  # full: exactly what this test wants
+        env.list_nodes(["127.0.0.2", "127.0.0.3"])
+        before = node.private_key("ed25519")
+        outcome = env.run_pass()
+        assert env.registered() == {"127.0.0.2"}
+        error = env.state().nodes["127.0.0.3"].last_error
+        assert error.startswith(("write: cannot write", "backup: cannot back up")), error
+        assert node.private_key("ed25519") == before
+        assert node.keyscan() and node.keyscan() != _canonical(env)
+        assert not list(node.etc_ssh.glob(".hpodlb-new.*"))
+        assert not outcome.converged
+        filler.unlink()
+        later = run_pass_later(env, 700)
+        assert later.converged, later.errors
+        assert node.keyscan() == _canonical(env)
+        _survived("disk full")
+    finally:
+        node.stop()
+        subprocess.run(["umount", str(node.etc_ssh)], check=False)
+
+
+def test_node_dying_between_push_and_verify_stays_out_then_joins(env: SimEnv) -> None:
+    """sshd dies on reload: verification fails, the node stays out; restarted, it verifies and joins."""
+    env.cluster.add_node("127.0.0.2", "i-0die000000000002")
+    node = env.cluster.add_node("127.0.0.3", "i-0die000000000003")
+    (node.etc_ssh / "die-on-reload").touch()
+    env.list_nodes(["127.0.0.2", "127.0.0.3"])
+    outcome = env.run_pass()
+    assert env.registered() == {"127.0.0.2"}
+    assert any(e.startswith("127.0.0.3 (i-0die000000000003): verify: ") for e in outcome.errors), outcome.errors
+    (node.etc_ssh / "die-on-reload").unlink()
+    node.start()  # the node comes back; its keys on disk are the canonical ones now
+    later = run_pass_later(env, 700)
+    assert later.converged, later.errors
+    assert node.keyscan() == _canonical(env)
+    assert env.registered() == {"127.0.0.2", "127.0.0.3"}
+    _survived("dies between push and verify")
