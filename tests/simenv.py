@@ -28,6 +28,7 @@ class SimEnv:
         self.store = workdir / "host_keys"
         self.state_dir = workdir / "state"
         self.config_path = workdir / "config.toml"
+        self.arns = [self.arn]
         self.listed: list[str] = []
         self.write_config()
 
@@ -43,7 +44,8 @@ class SimEnv:
         }
         for name, keys in overrides.items():
             sections.setdefault(name, {}).update(keys)
-        self.config_path.write_text(render_config(sections, [{"arn": self.arn, "port": 22}]))
+        groups = [{"arn": arn, "port": 22} for arn in self.arns]
+        self.config_path.write_text(render_config(sections, groups))
         return self.config_path
 
     @property

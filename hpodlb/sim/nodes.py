@@ -48,10 +48,15 @@ class SimNode:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def create(self, *, sudo_nopasswd: bool = True) -> None:
+    def create(self, *, sudo_nopasswd: bool = True, keys_from: Path | None = None) -> None:
         self.etc_ssh.mkdir(parents=True, mode=0o755)
         self.write_sshd_config()
-        self.new_host_keys()
+        if keys_from is None:
+            self.new_host_keys()
+        else:  # many nodes for a load test: copying is 100x faster than generating
+            for t in KEY_TYPES:
+                for suffix in ("", ".pub"):
+                    shutil.copy2(keys_from / f"ssh_host_{t}_key{suffix}", self.etc_ssh)
         sudoers = self.dir / "sudoers"
         rule = "NOPASSWD: ALL" if sudo_nopasswd else "ALL"
         sudoers.write_text(
@@ -201,10 +206,16 @@ class SimCluster:
             os.chown(path, SIM_UID, SIM_UID)
 
     def add_node(
-        self, ip: str, instance_id: str, *, start: bool = True, sudo_nopasswd: bool = True
+        self,
+        ip: str,
+        instance_id: str,
+        *,
+        start: bool = True,
+        sudo_nopasswd: bool = True,
+        keys_from: Path | None = None,
     ) -> SimNode:
         node = SimNode(self, ip, instance_id)
-        node.create(sudo_nopasswd=sudo_nopasswd)
+        node.create(sudo_nopasswd=sudo_nopasswd, keys_from=keys_from)
         if start:
             node.start()
         self.nodes[ip] = node

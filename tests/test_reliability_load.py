@@ -1,0 +1,122 @@
+"""Load: 200 login nodes (real sshd each) behind 3 target groups, and memory over 1,000 passes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hpodlb.cli import build_reconciler
+from hpodlb.keystore import KeyStore
+from hpodlb.planner import Kind
+from hpodlb.sim.aws import moto_server
+from hpodlb.sim.nodes import SimCluster, sim_cluster
+from hpodlb.state import State
+from tests.conftest import FIGURES
+from tests.simenv import SimEnv
+
+pytestmark = [pytest.mark.reliability, pytest.mark.sshd, pytest.mark.slow]
+NODES = 200
+TYPES = ("rsa", "ecdsa", "ed25519")
+
+
+@pytest.fixture
+def env(fresh_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[SimEnv]:
+    with moto_server() as aws, sim_cluster(Path(tempfile.mkdtemp(prefix="hpodlb-sim-"))) as cluster:
+        for key, value in aws.env().items():
+            monkeypatch.setenv(key, value)
+        yield SimEnv(aws, cluster, tmp_path)
+
+
+def _count_writes(reconciler: Any) -> list[str]:
+    writes: list[str] = []
+    clients = {id(g.client): g.client for g in reconciler.groups}  # groups share a region's client
+    for client in clients.values():
+        client.meta.events.register(
+            "before-call.elastic-load-balancing-v2.*",
+            lambda model, **_: writes.append(model.name) if "Describe" not in model.name else None,
+        )
+    return writes
+
+
+def test_200_nodes_3_target_groups(env: SimEnv) -> None:
+    """One pass converges 200 nodes into 3 groups (199 key pushes); an idle pass writes nothing;
+    the daemon's RSS stays flat over 1,000 passes."""
+    cluster: SimCluster = env.cluster
+    first = cluster.add_node("127.0.1.1", "i-0load0000000001")
+    shared = first.dir.parent / "shared-keys"
+    shared.mkdir()
+    cluster.add_node("127.0.1.2", "i-0load0000000002", start=False)
+    for t in TYPES:  # every other node starts with one other key set (not the canonical one)
+        for suffix in ("", ".pub"):
+            shutil.copy2(cluster.nodes["127.0.1.2"].etc_ssh / f"ssh_host_{t}_key{suffix}", shared)
+    cluster.nodes["127.0.1.2"].start()
+    ips = [f"127.0.{1 + i // 250}.{i % 250 + 1}" for i in range(NODES)]
+    for n, ip in enumerate(ips[2:], start=3):
+        cluster.add_node(ip, f"i-0load{n:010d}", keys_from=shared)
+    env.arns += [env.aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}") for _ in range(2)]
+    env.write_config(reconcile={"interval_seconds": 30})
+    env.list_nodes(ips)
+
+    rec = build_reconciler(env.config)
+    writes = _count_writes(rec)
+    state = State()
+    outcome = rec.run_pass(state, apply=True)
+    assert outcome.converged, outcome.errors[:5]
+    pushed = sum(1 for a in outcome.applied if a.kind is Kind.PUSH_KEYS)
+    assert pushed == NODES - 1
+    for arn in env.arns:
+        assert {ip for ip, _ in env.aws.targets(arn)} == set(ips)
+    assert writes.count("RegisterTargets") == 3  # 200 targets: one batch per group
+    canonical = {k.public for k in KeyStore(env.store, TYPES).load().values()}
+    for ip in ips[:: NODES // 10]:
+        assert cluster.nodes[ip].keyscan() == canonical
+    first_pass = outcome.duration_seconds
+
+    writes.clear()
+    probing = []
+    for _ in range(5):
+        idle = rec.run_pass(state, apply=True)
+        assert idle.converged and idle.applied == []
+        probing.append(idle.duration_seconds)
+    assert writes == []
+
+    # Memory: the daemon itself, 1,000 passes over the same 200 nodes and 3 groups (host-key
+    # probes off, so the passes come fast: 600 handshakes a pass would take an hour).
+    env.write_config(host_keys={"enabled": False}, reconcile={"interval_seconds": 0.02})
+    log = env.workdir / "daemon.log"
+    with log.open("w") as out:
+        daemon = subprocess.Popen([sys.executable, "-m", "hpodlb", "run", "--config", str(env.config_path)],
+                                  stdout=out, stderr=out)
+    try:
+        rss: dict[int, int] = {}
+        for mark in (100, 1000):
+            deadline = time.monotonic() + 600
+            while log.read_text().count('"pass_finished"') < mark:
+                assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+            rss[mark] = _rss_kb(daemon.pid)
+    finally:
+        daemon.terminate()
+        daemon.wait(20)
+    FIGURES["load"] = (
+        f"{NODES} sshd nodes x 3 target groups: first pass {first_pass:.1f} s ({pushed} key pushes, "
+        f"3 RegisterTargets calls); idle pass (600 handshakes) median {sorted(probing)[2]:.1f} s, "
+        f"0 write calls; daemon RSS {rss[100] / 1024:.0f} MB at pass 100, {rss[1000] / 1024:.0f} MB at pass 1000"
+    )
+    assert rss[1000] - rss[100] < 5 * 1024
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
