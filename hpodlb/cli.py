@@ -18,6 +18,7 @@ from hpodlb import __version__
 
 if TYPE_CHECKING:
     from hpodlb.config import Config
+    from hpodlb.provision import Provisioner
     from hpodlb.reconcile import Reconciler
 
 EXIT_OK, EXIT_PENDING, EXIT_UNUSABLE = 0, 1, 2
@@ -169,6 +170,105 @@ def cmd_keys(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _provisioner(config: Config, args: argparse.Namespace) -> tuple[Provisioner, str]:
+    from hpodlb.provision import Provisioner, cluster_name
+    from hpodlb.targets import elbv2_client
+
+    region = args.region or config.aws.region or _default_region()
+    if not region:
+        raise _UsageError("no AWS region: pass --region, set aws.region or AWS_REGION")
+    cluster = args.cluster_name or cluster_name(config.cluster.resource_config)
+    return Provisioner(elbv2_client(region), cluster, dry_run=args.dry_run), cluster
+
+
+def cmd_provision(config: Config, args: argparse.Namespace) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from hpodlb.config import config_path
+    from hpodlb.provision import ProvisionError, Spec, add_target_group_to_config
+
+    try:
+        prov, cluster = _provisioner(config, args)
+        spec = Spec(
+            cluster,
+            args.vpc_id,
+            tuple(args.subnet_id),
+            tuple(args.security_group_id),
+            args.name_prefix,
+            args.port,
+            args.stickiness,
+        )
+        report = prov.provision(spec)
+    except _UsageError as exc:
+        _fail(str(exc))
+        return EXIT_UNUSABLE
+    except (ProvisionError, ClientError, BotoCoreError) as exc:
+        _fail(str(exc))
+        return EXIT_PENDING
+    verb = "would " if args.dry_run else ""
+    for change in report.changes:
+        print(f"{verb}{change}")
+    if not report.changes:
+        print(
+            f"nothing to change: {spec.lb_name} and {spec.tg_name} of cluster {cluster} are in place"
+        )
+    print(f"target group ARN: {report.target_group_arn}")
+    print(f"NLB DNS name:     {report.dns_name}")
+    print(
+        f"users connect:    ssh USER@{report.dns_name}"
+        + (f" -p {spec.port}" if spec.port != 22 else "")
+    )
+    port = f" --port {spec.port}" if spec.port != 22 else ""
+    print(f"their known_hosts: hpodlb keys known-hosts --host {report.dns_name}{port}")
+    if args.write_config and not args.dry_run:
+        path = config_path(getattr(args, "config", None))
+        added = add_target_group_to_config(path, report.target_group_arn, spec.port)
+        print(f"{path}: {'now points at the target group' if added else 'already points at it'}")
+    return EXIT_OK
+
+
+def cmd_teardown(config: Config, args: argparse.Namespace) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from hpodlb.provision import ProvisionError
+
+    def confirm(steps: Sequence[str]) -> bool:
+        print("\n".join(steps))
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            _fail("refusing to delete without --yes (standard input is not a terminal)")
+            return False
+        return input("Delete these? [y/N] ").strip().lower() in ("y", "yes")
+
+    try:
+        prov, cluster = _provisioner(config, args)
+        report = prov.teardown(args.name_prefix, confirm)
+    except _UsageError as exc:
+        _fail(str(exc))
+        return EXIT_UNUSABLE
+    except (ProvisionError, ClientError, BotoCoreError) as exc:
+        _fail(str(exc))
+        return EXIT_PENDING
+    if args.dry_run:
+        print("\n".join(f"would {c}" for c in report.changes) or "nothing to delete")
+    elif report.changes:
+        print(f"deleted {len(report.changes)} resource(s) of cluster {cluster}")
+    else:
+        print("nothing deleted")
+    return EXIT_OK
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _default_region() -> str:
+    import boto3
+
+    return str(boto3.session.Session().region_name or "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpodlb",
@@ -214,6 +314,40 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_check_config,
         "validate the config, resource config, AWS access and key store; exit 0 ok, 1 problems",
     )
+    for name, func, text in (
+        (
+            "provision",
+            cmd_provision,
+            "find or create the login target group, internal NLB and listener",
+        ),
+        ("teardown", cmd_teardown, "delete them (listener, NLB, target group), only if hpodlb's"),
+    ):
+        p = add(name, func, text)
+        p.add_argument("--name-prefix", default="smhp-login-node", help="NAME-tg and NAME-lb")
+        p.add_argument(
+            "--cluster-name", help="default: ClusterConfig.ClusterName of the resource config"
+        )
+        p.add_argument("--region", help="default: aws.region, else boto3's (AWS_REGION, profile)")
+        p.add_argument(
+            "--dry-run", action="store_true", help="say what would change; change nothing"
+        )
+        if name == "provision":
+            p.add_argument("--vpc-id", required=True)
+            p.add_argument(
+                "--subnet-id", required=True, action="append", help="repeat for more subnets"
+            )
+            p.add_argument("--security-group-id", required=True, action="append")
+            p.add_argument(
+                "--port", type=int, default=22, help="listener and target port (default 22)"
+            )
+            p.add_argument("--stickiness", action="store_true", help="source-IP stickiness")
+            p.add_argument(
+                "--write-config",
+                action="store_true",
+                help="point the config file at the target group (comments kept)",
+            )
+        else:
+            p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     keys = add("keys", cmd_keys, "the canonical SSH host keys every login node must present")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     keys_sub.add_parser(
