@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 FAULTS = ("throttle", "throttle-exception", "500", "503", "reset", "slow", "denied", "notfound")
 _ERRORS = {
@@ -36,6 +36,7 @@ class FaultPlan:
         self.rate = 0.0
         self.kinds: tuple[str, ...] = FAULTS
         self.injected: Counter[str] = Counter()
+        self.actions: Counter[str] = Counter()  # AWS API calls seen, by action (for benchmarks)
         self.requests = 0
         self.slow_seconds = 1.2  # past the 1 s read timeout the tests give boto3
         self.lock = threading.Lock()
@@ -61,6 +62,9 @@ def _handler(upstream: str, plan: FaultPlan) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            action = parse_qs(body.decode(errors="replace")).get("Action", ["?"])[0]
+            with plan.lock:
+                plan.actions[action] += 1
             fault = plan.next()
             if fault == "reset":
                 self.close_connection = True

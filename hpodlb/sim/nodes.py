@@ -71,7 +71,7 @@ class SimNode:
             + "PidFile /etc/ssh/sshd.pid\nUsePAM no\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
             "AuthorizedKeysFile .ssh/authorized_keys\nPermitRootLogin no\nStrictModes no\n"
-            "MaxStartups 200:30:400\nLogLevel INFO\n" + extra
+            "MaxStartups 200:30:400\nLogLevel VERBOSE\nSubsystem sftp internal-sftp\n" + extra
         )
 
     def new_host_keys(self) -> None:

@@ -1,0 +1,345 @@
+"""The measurements behind `python -m bench`. Each returns rows: (what, figure, goal, met)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from hpodlb.keystore import KeyStore
+from hpodlb.sim.aws import moto_server
+from hpodlb.sim.nodes import SIM_USER, SSH_PORT, sim_cluster
+from tests.faultproxy import FaultPlan, fault_proxy
+from tests.simenv import SimEnv
+
+Row = tuple[str, str, str, str]
+TYPES = ("rsa", "ecdsa", "ed25519")
+WRITES = ("RegisterTargets", "DeregisterTargets")
+
+
+def render(rows: list[Row]) -> str:
+    header = ("measurement", "figure", "goal", "met")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def ok(met: bool) -> str:
+    return "yes" if met else "NO"
+
+
+@contextmanager
+def world(nodes: int, *, through_proxy: bool = False) -> Iterator[tuple[SimEnv, FaultPlan | None]]:
+    """moto server (optionally behind a counting proxy), `nodes` sshd login nodes, a config.
+
+    The first node has its own keys (it becomes canonical by adoption); the others share one
+    other set, so every one of them needs a push, and creating 50 of them takes seconds.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="hpodlb-bench-"))
+    with moto_server() as aws, sim_cluster(Path(tempfile.mkdtemp(prefix="hpodlb-sim-"))) as cluster:
+        os.environ.update(aws.env())
+        plan = FaultPlan(seed=0) if through_proxy else None
+        with fault_proxy(aws.endpoint_url, plan) if plan else _nothing() as proxy:
+            if proxy:
+                os.environ["AWS_ENDPOINT_URL"] = proxy
+            ips = [f"127.0.{1 + i // 250}.{i % 250 + 1}" for i in range(nodes)]
+            cluster.add_node(ips[0], "i-0bench0000000000")
+            shared: Path | None = None
+            for n, ip in enumerate(ips[1:], start=1):
+                node = cluster.add_node(ip, f"i-0bench{n:010d}", keys_from=shared)
+                if shared is None:
+                    shared = node.dir.parent / "shared-keys"
+                    shared.mkdir()
+                    for t in TYPES:
+                        for suffix in ("", ".pub"):
+                            shutil.copy2(node.etc_ssh / f"ssh_host_{t}_key{suffix}", shared)
+            env = SimEnv(aws, cluster, workdir)
+            env.list_nodes(ips)
+            try:
+                yield env, plan
+            finally:
+                os.environ["AWS_ENDPOINT_URL"] = aws.endpoint_url
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
+
+
+class Daemon:
+    """`hpodlb run` as a process, with its log and its CPU time."""
+
+    def __init__(self, config: Path) -> None:
+        self.log = config.with_name(f"daemon-{uuid.uuid4().hex[:6]}.log")
+        out = self.log.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "hpodlb", "run", "--config", str(config)],
+                                     stdout=out, stderr=out, env=os.environ.copy())
+        out.close()
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                if name is None or event["event"] == name:
+                    out.append(event)
+        return out
+
+    def wait_passes(self, count: int, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.events("pass_finished")) < count:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(self.log.read_text()[-2000:])
+            time.sleep(0.05)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+def _ssh_counts(env: SimEnv) -> tuple[int, int]:
+    """(connections, logins) all sim nodes' sshd have seen so far, from their own logs."""
+    connections = logins = 0
+    for node in env.cluster.nodes.values():
+        text = (node.dir / "sshd.log").read_text(errors="replace")
+        logins += text.count("Accepted publickey")
+        connections += len(re.findall(r"^Connection from ", text, re.MULTILINE))  # LogLevel VERBOSE
+    return connections, logins
+
+
+# -- 1. idle cost -------------------------------------------------------------------------------
+
+
+def idle(quick: bool = False) -> list[Row]:
+    """20 idle passes (10 min at 30 s), 3 login nodes, 1 target group; with and without probes."""
+    passes = 8 if quick else 20
+    rows: list[Row] = []
+    for probes in (False, True):
+        with world(3, through_proxy=True) as (env, plan):
+            assert plan is not None
+            env.write_config(reconcile={"interval_seconds": 0.5}, host_keys={"enabled": probes})
+            daemon = Daemon(env.config_path)
+            try:
+                daemon.wait_passes(1)
+                time.sleep(0.2)
+                calls0, cpu0, ssh0 = dict(plan.actions), daemon.cpu_seconds(), _ssh_counts(env)
+                daemon.wait_passes(1 + passes)
+                calls = {k: v - calls0.get(k, 0) for k, v in plan.actions.items()}
+                cpu, ssh1 = daemon.cpu_seconds() - cpu0, _ssh_counts(env)
+                rss = daemon.rss_mb()
+            finally:
+                daemon.stop()
+        label = "with host-key probes" if probes else "host keys off"
+        describe = calls.get("DescribeTargetHealth", 0) / passes
+        writes = sum(calls.get(w, 0) for w in WRITES)
+        per_hour = cpu / passes * 120
+        rows.append((f"DescribeTargetHealth per pass ({label})", f"{describe:.2f}", "1", ok(describe == 1)))
+        rows.append((f"write calls in {passes} idle passes ({label})", str(writes), "0", ok(writes == 0)))
+        if probes:
+            conns, logins = ssh1[0] - ssh0[0], ssh1[1] - ssh0[1]
+            rows.append(("SSH connections per pass (probes: 3 nodes x 3 types)", f"{conns / passes:.1f}",
+                         "probes only", ok(True)))
+            rows.append((f"SSH logins in {passes} idle passes", str(logins), "0", ok(logins == 0)))
+            rows.append(("CPU s/hour at a 30 s interval, with probes", f"{per_hour:.1f}", "(no goal)", "-"))
+        else:
+            rows.append(("CPU s/hour at a 30 s interval, excluding probes", f"{per_hour:.2f}", "< 1",
+                         ok(per_hour < 1)))
+        rows.append((f"daemon RSS ({label})", f"{rss:.0f} MB", "< 80 MB", ok(rss < 80)))
+    return rows
+
+
+# -- 2. change-to-service latency ----------------------------------------------------------------
+
+
+def _ts(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def latency(quick: bool = False) -> list[Row]:
+    """A new node (own keys) appears in the resource config: how long until it is registered."""
+    trials = 2 if quick else 5
+    totals: list[float] = []
+    steps: dict[str, list[float]] = {"noticed": [], "probed": [], "pushed+verified": [], "registered": []}
+    with world(3) as (env, _):
+        env.write_config(reconcile={"interval_seconds": 30})
+        daemon = Daemon(env.config_path)
+        try:
+            daemon.wait_passes(1)
+            for trial in range(trials):
+                ip = f"127.0.3.{trial + 1}"
+                env.cluster.add_node(ip, f"i-0late{trial:011d}")
+                time.sleep(1.5)  # let the daemon's file poll settle before the change we time
+                t0 = time.time()
+                env.list_nodes([*env.listed, ip])
+                while ip not in env.registered():
+                    time.sleep(0.01)
+                totals.append(time.time() - t0)
+                daemon.wait_passes(2 + trial)
+                marks = {
+                    "noticed": [e for e in daemon.events("resource_config_changed") if _ts(e) >= t0],
+                    "probed": [e for e in daemon.events("host_keys_mismatch") if e["ip"] == ip],
+                    "pushed+verified": [e for e in daemon.events("host_keys_pushed") if e["ip"] == ip],
+                    "registered": [e for e in daemon.events("registered") if e["ip"] == ip],
+                }
+                for name, found in marks.items():
+                    steps[name].append(_ts(found[0]) - t0 if found else float("nan"))
+        finally:
+            daemon.stop()
+    median = statistics.median(totals)
+    rows = [("resource config change -> registered with canonical keys (median)", f"{median:.2f} s",
+             "< 3 s", ok(median < 3))]
+    for name, values in steps.items():
+        rows.append((f"  ... {name} at (median, from the change)", f"{statistics.median(values):.2f} s", "", ""))
+    return rows
+
+
+# -- 3. parallel key push vs the manual procedure --------------------------------------------------
+
+
+MANUAL = r"""
+set -eu
+ssh_() { ssh $OPTS -p $PORT "$@"; }
+src=$1; shift
+ssh_ $USER@$src "sudo mkdir -p /tmp/hostkeys-src && sudo cp /etc/ssh/ssh_host_* /tmp/hostkeys-src/ && sudo chown -R $USER /tmp/hostkeys-src"
+for node in "$@"; do
+  scp $OPTS -P $PORT -3 -q -r $USER@$src:/tmp/hostkeys-src $USER@$node:/tmp/hostkeys-$node
+  ssh_ $USER@$node "sudo chown root:root /tmp/hostkeys-$node/* && sudo mv /tmp/hostkeys-$node/* /etc/ssh/ && rm -rf /tmp/hostkeys-$node"
+done
+ssh_ $USER@$src "sudo rm -rf /tmp/hostkeys-src"
+"""
+
+
+def push(quick: bool = False) -> list[Row]:
+    """N new nodes at once: hpodlb's parallel push + verify + register, against a faithful port of
+    the manual procedure's sequential ssh/scp-through-/tmp loop, on the same nodes, same run."""
+    rows: list[Row] = []
+    for n in (1, 10) if quick else (1, 10, 50):
+        with world(n + 1) as (env, _):
+            src, others = env.listed[0], env.listed[1:]
+            store = KeyStore(env.store, TYPES)
+            shared = {t: (env.cluster.nodes[others[0]].etc_ssh / f"ssh_host_{t}_key").read_bytes() for t in TYPES}
+            subprocess.run([sys.executable, "-m", "hpodlb", "keys", "adopt", "--from", src,
+                            "--config", str(env.config_path)], check=True, capture_output=True)
+            started = time.monotonic()
+            done = subprocess.run([sys.executable, "-m", "hpodlb", "once", "--config", str(env.config_path)],
+                                  capture_output=True, text=True, check=False)
+            ours = time.monotonic() - started
+            converged = done.returncode == 0 and env.registered() == set(env.listed)
+            canonical = {k.public for k in store.load().values()}
+            assert all(env.cluster.nodes[ip].public_key("ed25519") in canonical for ip in others)
+            # Put the other keys back on disk, then the manual procedure on the same nodes.
+            for ip in others:
+                for t in TYPES:
+                    (env.cluster.nodes[ip].etc_ssh / f"ssh_host_{t}_key").write_bytes(shared[t])
+            opts = (f"-i {env.cluster.client_key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+                    "-o BatchMode=yes -o LogLevel=ERROR")
+            started = time.monotonic()
+            subprocess.run(["bash", "-c", MANUAL, "manual", src, *others], check=True,
+                           env={**os.environ, "OPTS": opts, "PORT": str(SSH_PORT), "USER": SIM_USER})
+            manual = time.monotonic() - started
+        rows.append((f"N={n}: hpodlb once (push, sshd -t, reload, verify, register)", f"{ours:.1f} s",
+                     "", ok(converged)))
+        rows.append((f"N={n}: manual loop (copy only: no reload, no check)", f"{manual:.1f} s", "", ""))
+        goal = "hpodlb >= 5x faster" if n == 50 else ""
+        rows.append((f"N={n}: manual / hpodlb", f"{manual / ours:.1f}x", goal,
+                     ok(manual / ours >= 5) if n == 50 else ""))
+    return rows
+
+
+# -- 4. scale of a pass ---------------------------------------------------------------------------
+
+
+def scale(quick: bool = False) -> list[Row]:
+    """1, 100, 1,000 targets (NLB's per-group limit) against the moto server, host keys off."""
+    from hpodlb.inventory import LoginNode
+    from hpodlb.planner import GroupView, Guards, KeyVerdict, Target, plan_pass
+
+    rows: list[Row] = []
+    with world(1, through_proxy=True) as (env, plan):
+        assert plan is not None
+        for n in (1, 100) if quick else (1, 100, 1000):
+            nodes = [LoginNode(f"10.3.{i // 250}.{i % 250 + 1}", f"i-{i}", f"n{i}", "login-group") for i in range(n)]
+            verdicts = {x.ip: KeyVerdict.IN_SYNC for x in nodes}
+            empty = GroupView("arn", 22, ())
+            full = GroupView("arn", 22, tuple(Target(x.ip, 22, "healthy") for x in nodes))
+            planner_ms = _median_ms(partial(plan_pass, nodes, [empty], verdicts, Guards()), 20)
+            idle_ms = _median_ms(partial(plan_pass, nodes, [full], verdicts, Guards()), 20)
+            rows.append((f"N={n}: planner, all new / all in step", f"{planner_ms:.2f} / {idle_ms:.2f} ms",
+                         "< 10 ms at 1,000", ok(max(planner_ms, idle_ms) < 10) if n == 1000 else ""))
+            env.arns = [env.aws.create_login_nlb(name=f"s{uuid.uuid4().hex[:12]}")]
+            env.rc.write_text(json.dumps({"InstanceGroups": [{"Name": "login-group", "Instances": [
+                {"CustomerIpAddress": x.ip, "InstanceId": x.instance_id} for x in nodes]}]}))
+            env.write_config(host_keys={"enabled": False}, cluster={"allowed_cidrs": ["10.0.0.0/8"]})
+            from hpodlb.cli import build_reconciler
+            from hpodlb.state import State
+
+            rec, state = build_reconciler(env.config), State()
+            before = dict(plan.actions)
+            first = rec.run_pass(state, apply=True)
+            writes = sum(plan.actions.get(w, 0) - before.get(w, 0) for w in WRITES)
+            idle_pass = statistics.median(rec.run_pass(state, apply=True).duration_seconds for _ in range(3))
+            want = -(-n // 200)
+            rows.append((f"N={n}: write calls for {n} registrations", str(writes), f"ceil(N/200) = {want}",
+                         ok(writes == want and first.converged)))
+            rows.append((f"N={n}: pass wall time, first / idle", f"{first.duration_seconds:.2f} / {idle_pass:.2f} s",
+                         "", ""))
+    return rows
+
+
+def _median_ms(func: Callable[[], object], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        func()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+# -- 5. startup -----------------------------------------------------------------------------------
+
+
+def startup(quick: bool = False) -> list[Row]:
+    runs = 3 if quick else 7
+
+    def wall(args: list[str], env: dict[str, str] | None = None) -> float:
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "hpodlb", *args], capture_output=True, env=env, check=False)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    help_s = wall(["--help"])
+    with world(3) as (env, _):
+        env.write_config(host_keys={"enabled": False})
+        plan_s = wall(["plan", "--config", str(env.config_path)], os.environ.copy())
+    return [
+        ("hpodlb --help (median)", f"{help_s * 1000:.0f} ms", "< 300 ms", ok(help_s < 0.3)),
+        ("hpodlb plan, 3 nodes, host keys off (median)", f"{plan_s * 1000:.0f} ms", "(no goal)", "-"),
+    ]
