@@ -18,7 +18,7 @@ from hpodlb import __version__
 
 if TYPE_CHECKING:
     from hpodlb.config import Config
-    from hpodlb.provision import Provisioner
+    from hpodlb.provision import Provisioner, Report, Spec
     from hpodlb.reconcile import Reconciler
 
 EXIT_OK, EXIT_PENDING, EXIT_UNUSABLE = 0, 1, 2
@@ -182,13 +182,13 @@ def _provisioner(config: Config, args: argparse.Namespace) -> tuple[Provisioner,
 
 
 def cmd_provision(config: Config, args: argparse.Namespace) -> int:
-    from botocore.exceptions import BotoCoreError, ClientError
-
     from hpodlb.config import config_path
-    from hpodlb.provision import ProvisionError, Spec, add_target_group_to_config
+    from hpodlb.provision import Spec, add_target_group_to_config
 
-    try:
-        prov, cluster = _provisioner(config, args)
+    spec: Spec | None = None
+
+    def provision(prov: Provisioner, cluster: str) -> Report:
+        nonlocal spec
         spec = Spec(
             cluster,
             args.vpc_id,
@@ -198,13 +198,11 @@ def cmd_provision(config: Config, args: argparse.Namespace) -> int:
             args.port,
             args.stickiness,
         )
-        report = prov.provision(spec)
-    except _UsageError as exc:
-        _fail(str(exc))
-        return EXIT_UNUSABLE
-    except (ProvisionError, ClientError, BotoCoreError) as exc:
-        _fail(str(exc))
-        return EXIT_PENDING
+        return prov.provision(spec)
+
+    code, report, cluster = _with_provisioner(config, args, provision)
+    if report is None or spec is None:
+        return code
     verb = "would " if args.dry_run else ""
     for change in report.changes:
         print(f"{verb}{change}")
@@ -228,10 +226,6 @@ def cmd_provision(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_teardown(config: Config, args: argparse.Namespace) -> int:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from hpodlb.provision import ProvisionError
-
     def confirm(steps: Sequence[str]) -> bool:
         print("\n".join(steps))
         if args.yes:
@@ -241,15 +235,11 @@ def cmd_teardown(config: Config, args: argparse.Namespace) -> int:
             return False
         return input("Delete these? [y/N] ").strip().lower() in ("y", "yes")
 
-    try:
-        prov, cluster = _provisioner(config, args)
-        report = prov.teardown(args.name_prefix, confirm)
-    except _UsageError as exc:
-        _fail(str(exc))
-        return EXIT_UNUSABLE
-    except (ProvisionError, ClientError, BotoCoreError) as exc:
-        _fail(str(exc))
-        return EXIT_PENDING
+    code, report, cluster = _with_provisioner(
+        config, args, lambda prov, _: prov.teardown(args.name_prefix, confirm)
+    )
+    if report is None:
+        return code
     if args.dry_run:
         print("\n".join(f"would {c}" for c in report.changes) or "nothing to delete")
     elif report.changes:
@@ -261,6 +251,25 @@ def cmd_teardown(config: Config, args: argparse.Namespace) -> int:
 
 class _UsageError(Exception):
     pass
+
+
+def _with_provisioner(
+    config: Config, args: argparse.Namespace, act: Callable[[Provisioner, str], Report]
+) -> tuple[int, Report | None, str]:
+    """Run `act` with a provisioner; turn the ways it can fail into a message and an exit status."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from hpodlb.provision import ProvisionError
+
+    try:
+        prov, cluster = _provisioner(config, args)
+        return EXIT_OK, act(prov, cluster), cluster
+    except _UsageError as exc:
+        _fail(str(exc))
+        return EXIT_UNUSABLE, None, ""
+    except (ProvisionError, ClientError, BotoCoreError) as exc:
+        _fail(str(exc))
+        return EXIT_PENDING, None, ""
 
 
 def _default_region() -> str:

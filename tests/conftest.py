@@ -77,6 +77,23 @@ def fresh_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+@pytest.fixture
+def sim_env(fresh_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
+    """Its own moto server and sshd login nodes (none yet), with this process's AWS env set."""
+    import tempfile
+
+    from hpodlb.sim.aws import moto_server
+    from hpodlb.sim.nodes import sim_cluster
+    from tests.simenv import SimEnv
+
+    # Not under pytest's tmp dir: that is 0700 root, and the login user must reach its home.
+    base = Path(tempfile.mkdtemp(prefix="hpodlb-sim-"))
+    with moto_server() as aws, sim_cluster(base) as cluster:
+        for key, value in aws.env().items():
+            monkeypatch.setenv(key, value)
+        yield SimEnv(aws, cluster, tmp_path)
+
+
 # Figures the reliability suite measured, printed at the end of the run (the README quotes them).
 FIGURES: dict[str, str] = {}
 

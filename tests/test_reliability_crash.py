@@ -13,18 +13,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from hpodlb.keystore import KeyStore, KeyStoreError
 from hpodlb.planner import Guard
-from hpodlb.sim.aws import moto_server
-from hpodlb.sim.nodes import SimCluster, sim_cluster
+from hpodlb.sim.nodes import SimCluster
 from hpodlb.sshnode import NodeSession
 from hpodlb.state import load_state, save_state
 from tests.conftest import FIGURES
@@ -38,15 +34,9 @@ TYPES = ("rsa", "ecdsa", "ed25519")
 
 
 @pytest.fixture
-def env(fresh_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[SimEnv]:
-    with moto_server() as aws, sim_cluster(Path(tempfile.mkdtemp(prefix="hpodlb-sim-"))) as cluster:
-        for key, value in aws.env().items():
-            monkeypatch.setenv(key, value)
-        e = SimEnv(aws, cluster, tmp_path)
-        e.write_config(
-            reconcile={"absent_passes_before_deregister": 1, "max_deregister_fraction": 1.0}
-        )
-        yield e
+def env(sim_env: SimEnv) -> SimEnv:
+    sim_env.write_config(reconcile={"absent_passes_before_deregister": 1, "max_deregister_fraction": 1.0})
+    return sim_env
 
 
 TRIGGERS = ("host_keys_mismatch", "ssh_trust_on_first_use", "host_keys_pushed", "registered")

@@ -5,10 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +15,7 @@ import pytest
 from hpodlb.cli import build_reconciler
 from hpodlb.keystore import KeyStore
 from hpodlb.planner import Kind
-from hpodlb.sim.aws import moto_server
-from hpodlb.sim.nodes import SimCluster, sim_cluster
+from hpodlb.sim.nodes import SimCluster
 from hpodlb.state import State
 from tests.conftest import FIGURES
 from tests.simenv import SimEnv
@@ -29,11 +26,8 @@ TYPES = ("rsa", "ecdsa", "ed25519")
 
 
 @pytest.fixture
-def env(fresh_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[SimEnv]:
-    with moto_server() as aws, sim_cluster(Path(tempfile.mkdtemp(prefix="hpodlb-sim-"))) as cluster:
-        for key, value in aws.env().items():
-            monkeypatch.setenv(key, value)
-        yield SimEnv(aws, cluster, tmp_path)
+def env(sim_env: SimEnv) -> SimEnv:
+    return sim_env
 
 
 def _count_writes(reconciler: Any) -> list[str]:

@@ -5,15 +5,10 @@ it verifies."""
 from __future__ import annotations
 
 import subprocess
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from hpodlb.keystore import KeyStore
-from hpodlb.sim.aws import moto_server
-from hpodlb.sim.nodes import sim_cluster
 from tests.conftest import FIGURES
 from tests.simenv import SimEnv
 from tests.test_hostkeys import run_pass_later
@@ -24,11 +19,8 @@ SURVIVED: list[str] = []
 
 
 @pytest.fixture
-def env(fresh_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[SimEnv]:
-    with moto_server() as aws, sim_cluster(Path(tempfile.mkdtemp(prefix="hpodlb-sim-"))) as cluster:
-        for key, value in aws.env().items():
-            monkeypatch.setenv(key, value)
-        yield SimEnv(aws, cluster, tmp_path)
+def env(sim_env: SimEnv) -> SimEnv:
+    return sim_env
 
 
 def _survived(fault: str) -> None:
