@@ -88,3 +88,23 @@ def test_node_dying_between_push_and_verify_stays_out_then_joins(env: SimEnv) ->
     assert node.keyscan() == _canonical(env)
     assert env.registered() == {"127.0.0.2", "127.0.0.3"}
     _survived("dies between push and verify")
+
+
+def test_slow_nodes_join_within_timeouts_and_too_slow_ones_stay_out(env: SimEnv) -> None:
+    """A node behind a slow path (0.1 s per packet) still verifies and joins; one slower than the
+    SSH timeout (3 s per packet, timeout 2 s) is bounded, stays out, and the others go in."""
+    env.cluster.add_node("127.0.0.2", "i-0slow00000000002")
+    env.cluster.add_node("127.0.0.12", "i-0slow00000000012")  # reached through 127.0.0.3
+    env.cluster.add_node("127.0.0.14", "i-0slow00000000014")  # reached through 127.0.0.4
+    env.cluster.slow_relay("127.0.0.3", "127.0.0.12", 0.1)
+    env.cluster.slow_relay("127.0.0.4", "127.0.0.14", 3.0)
+    env.cluster.nodes["127.0.0.3"] = env.cluster.nodes["127.0.0.12"]
+    env.cluster.nodes["127.0.0.4"] = env.cluster.nodes["127.0.0.14"]
+    env.list_nodes(["127.0.0.2", "127.0.0.3", "127.0.0.4"])
+    outcome = env.run_pass()
+    assert env.registered() == {"127.0.0.2", "127.0.0.3"}
+    assert env.cluster.nodes["127.0.0.12"].keyscan() == _canonical(env)
+    record = env.state().nodes["127.0.0.4"]
+    assert record.last_error.startswith("handshake: "), record.last_error
+    assert outcome.duration_seconds < 30
+    _survived(f"slow path (joined), too slow (bounded, pass {outcome.duration_seconds:.0f} s)")

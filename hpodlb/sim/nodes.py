@@ -10,6 +10,7 @@ home is. Needs root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -237,6 +238,38 @@ class SimCluster:
                 except OSError:
                     return
                 held.append(conn)
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def slow_relay(self, ip: str, upstream: str, delay: float) -> None:
+        """A slow network path: `ip` relays to node `upstream`, holding each chunk `delay` s."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, SSH_PORT))
+        sock.listen(64)
+        self._silent.append(sock)
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    time.sleep(delay)
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                    far = socket.create_connection((upstream, SSH_PORT))
+                except OSError:
+                    return
+                threading.Thread(target=pump, args=(conn, far), daemon=True).start()
+                threading.Thread(target=pump, args=(far, conn), daemon=True).start()
 
         threading.Thread(target=accept, daemon=True).start()
 
