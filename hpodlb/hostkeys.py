@@ -197,7 +197,7 @@ class HostKeyGate:
         if record.verified_instance_id == node.instance_id:
             pinned = [k.public for k in self.keys.values()]
         try:
-            with NodeSession(node.ip, self.ssh, pinned) as session:
+            with NodeSession(node.ip, self.ssh, pinned, node.instance_id) as session:
                 rc, out, err = session.run_root_script(
                     push_script(self.keys, self.remote_dir, self.reload_command)
                 )
@@ -213,9 +213,9 @@ class HostKeyGate:
             return f"verify: still presents other {', '.join(wrong)} key(s) after reload"
         return None
 
-    def adopt_from(self, ip: str) -> dict[str, HostKey]:
+    def adopt_from(self, ip: str, instance_id: str = "") -> dict[str, HostKey]:
         """Read a node's host keys (bytes in memory only) and check each private/public pair."""
-        with NodeSession(ip, self.ssh, None) as session:
+        with NodeSession(ip, self.ssh, None, instance_id) as session:
             rc, out, err = session.run_root_script(read_script(self.types, self.remote_dir))
         if rc != 0:
             raise SshError("read-keys", _script_failure(out, err, rc))
@@ -243,7 +243,7 @@ class HostKeyGate:
             raise KeyStoreError(
                 f"{self.store.path} is empty; a pass would adopt {first.label()}'s keys"
             )
-        keys = self.adopt_from(first.ip)
+        keys = self.adopt_from(first.ip, first.instance_id)
         self.store.save(keys, overwrite=False)
         log.warning(
             "host_keys_adopted",

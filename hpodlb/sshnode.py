@@ -81,9 +81,12 @@ def probe_host_key(ip: str, port: int, key_type: str, timeout: float) -> str:
 class NodeSession:
     """A logged-in SSH session to one node, trusting only the host keys it is told to."""
 
-    def __init__(self, ip: str, settings: SshSettings, pinned: Sequence[str] | None) -> None:
+    def __init__(
+        self, ip: str, settings: SshSettings, pinned: Sequence[str] | None, instance_id: str = ""
+    ) -> None:
         """`pinned`: public key lines the node must present; None is trust-on-first-use (logged)."""
         self.ip = ip
+        self.instance_id = instance_id
         self.settings = settings
         self.pinned = pinned
         self.client: paramiko.SSHClient | None = None
@@ -94,7 +97,7 @@ class NodeSession:
         client = paramiko.SSHClient()
         name = known_hosts_name(self.ip, self.settings.port)
         if self.pinned is None:
-            client.set_missing_host_key_policy(_TrustOnFirstUse(self.ip))
+            client.set_missing_host_key_policy(_TrustOnFirstUse(self.ip, self.instance_id))
         else:
             for line in self.pinned:
                 kind, blob = line.split()[:2]
@@ -160,13 +163,15 @@ class NodeSession:
 class _TrustOnFirstUse:
     """paramiko policy for a node listed in the root-owned resource config but never verified."""
 
-    def __init__(self, ip: str) -> None:
+    def __init__(self, ip: str, instance_id: str) -> None:
         self.ip = ip
+        self.instance_id = instance_id
 
     def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
         log.warning(
             "ssh_trust_on_first_use",
             ip=self.ip,
+            instance_id=self.instance_id,
             fingerprint=fingerprint(f"{key.get_name()} {key.get_base64()}"),
             why="node listed in the resource config, host keys not verified yet",
         )
