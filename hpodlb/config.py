@@ -136,6 +136,9 @@ class HostKeysConfig(_Section):
     remote_dir: Path = Path("/etc/ssh")
     reload_command: str = "systemctl try-reload-or-restart ssh"
     adopt_from_first_node: bool = True
+    probe_interval_seconds: float = Field(default=0, ge=0)
+    """Re-probe a node verified in sync at most this often; 0: every pass. New nodes, replaced
+    instances, nodes out of sync and a changed canonical set are probed every pass regardless."""
 
     @field_validator("types")
     @classmethod

@@ -58,6 +58,7 @@ class HostKeyGate:
         self.remote_dir = str(hk.remote_dir)
         self.reload_command = hk.reload_command
         self.adopt = hk.adopt_from_first_node
+        self.probe_interval = hk.probe_interval_seconds
         self.state_dir = config.state.dir
         s = config.ssh
         self.ssh = SshSettings(s.user, s.port, str(s.key_file), s.sudo, s.connect_timeout_seconds)
@@ -85,6 +86,17 @@ class HostKeyGate:
             # verified is still known to be unverified, so it leaves rotation all the same.
             return {n.ip: _unverified(n, records[n.ip]) for n in nodes}
 
+        identity = self._identity()
+
+        def recently_verified(node: LoginNode, record: NodeRecord) -> bool:
+            """In sync, same instance, same canonical keys, probed less than the interval ago."""
+            return (
+                record.key_state == "in-sync"
+                and record.verified_instance_id == node.instance_id
+                and record.verified_keys == identity
+                and now - (record.verified_at or 0) < self.probe_interval
+            )
+
         def probe_one(node: LoginNode) -> tuple[LoginNode, dict[str, str] | SshError | None]:
             record = records[node.ip]
             skip = (record.backoff_until or 0) > now and record.last_error.split(":")[
@@ -93,12 +105,22 @@ class HostKeyGate:
             return node, None if skip else self._probe(node.ip)
 
         verdicts: dict[str, KeyVerdict] = {}
-        for node, seen in self._parallel(probe_one, nodes):
+        due = []
+        for node in nodes:
+            if recently_verified(node, records[node.ip]):
+                verdicts[node.ip] = KeyVerdict.IN_SYNC
+            else:
+                due.append(node)
+        for node, seen in self._parallel(probe_one, due):
             record = records[node.ip]
             verdicts[node.ip] = self._verdict(node, record, seen, now)
         if not dry_run:
             self._write_known_hosts(nodes, state)
         return verdicts
+
+    def _identity(self) -> str:
+        """The canonical key set in one string: a verification is only good for the set it saw."""
+        return " ".join(sorted(k.fingerprint for k in self.keys.values()))
 
     def backing_off(self, nodes: Sequence[LoginNode], state: State, now: float) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -151,6 +173,7 @@ class HostKeyGate:
                 log.info("host_keys_verified", ip=node.ip, instance_id=node.instance_id)
             record.key_state, record.key_detail = "in-sync", ""
             record.verified_instance_id, record.verified_at = node.instance_id, now
+            record.verified_keys = self._identity()
             if record.last_error.split(":")[0] in UNREACHABLE_STEPS:
                 self._recovered(record)
             return KeyVerdict.IN_SYNC
@@ -179,6 +202,7 @@ class HostKeyGate:
             if error is None:
                 record.key_state, record.key_detail = "in-sync", ""
                 record.verified_instance_id, record.verified_at = node.instance_id, now
+                record.verified_keys = self._identity()
                 self._recovered(record)
                 log.info(
                     "host_keys_pushed",

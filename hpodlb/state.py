@@ -27,6 +27,7 @@ class NodeRecord(BaseModel):
     key_detail: str = ""
     verified_instance_id: str = ""  # the instance whose keys were last verified canonical
     verified_at: float | None = None
+    verified_keys: str = ""  # fingerprints of the canonical set it was verified against
     last_error: str = ""
     last_error_at: float | None = None
     failures: int = 0

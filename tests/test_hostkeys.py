@@ -349,3 +349,35 @@ def test_adopt_command_copies_a_nodes_keys(env: SimEnv, capsys: pytest.CaptureFi
     assert canonical(env) == env.cluster.nodes[ips[1]].keyscan()
     assert env.run_pass().converged
     assert env.cluster.nodes[ips[0]].keyscan() == env.cluster.nodes[ips[1]].keyscan()
+
+
+def _connections(env: SimEnv) -> int:
+    """TCP connections every sim node's sshd has accepted so far (its log, LogLevel VERBOSE)."""
+    return sum((n.dir / "sshd.log").read_text().count("Connection from ") for n in env.cluster.nodes.values())
+
+
+def test_probe_interval_skips_verified_nodes_but_never_new_or_replaced_ones(env: SimEnv) -> None:
+    """With probe_interval_seconds, a verified node is not probed again until the interval ends;
+    a replaced node is probed (and repaired) at once; a key changed by hand shows after it."""
+    ips = nodes(env, 3)
+    env.write_config(host_keys={"probe_interval_seconds": 600})
+    assert env.run_pass().converged
+    before = _connections(env)
+    idle = env.run_pass()
+    assert idle.converged and idle.applied == []
+    assert _connections(env) == before  # not one handshake
+    # A replaced node (new instance id) is probed and repaired at once, interval or not.
+    env.cluster.nodes[ips[1]].replace("i-0probeint0000001")
+    env.list_nodes(ips)
+    repaired = env.run_pass()
+    assert [a.kind for a in repaired.applied if a.ip == ips[1]] == [Kind.DEREGISTER, Kind.PUSH_KEYS, Kind.REGISTER]
+    # Keys changed by hand on a live node (same instance): seen once the interval has passed; it
+    # leaves rotation and, being a verified node with an unexpected key, is reported, not trusted.
+    node = env.cluster.nodes[ips[2]]
+    node.new_host_keys()
+    node.reload()
+    assert env.run_pass().applied == []
+    later = run_pass_later(env, 700)
+    assert [a.kind for a in later.applied if a.ip == ips[2]] == [Kind.DEREGISTER]
+    assert env.state().nodes[ips[2]].last_error.startswith("host-key: presents SHA256:")
+    assert ips[2] not in env.registered()
