@@ -19,4 +19,4 @@ def test_demo_runs_and_every_step_behaves(fresh_env: None) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Demo finished: every step behaved" in done.stdout
     assert "UNEXPECTED" not in done.stdout
-    assert done.stdout.count("--> ok:") >= 18
+    assert done.stdout.count("--> ok:") >= 16  # one per checked step
