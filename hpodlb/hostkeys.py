@@ -118,6 +118,16 @@ class HostKeyGate:
             self._write_known_hosts(nodes, state)
         return verdicts
 
+    def _wrong_types(self, seen: dict[str, str]) -> list[str]:
+        """Configured types whose presented key (`type base64`) is not the canonical one."""
+        return [t for t in self.types if seen[t].split()[1:2] != self.keys[t].public.split()[1:2]]
+
+    def _mark_verified(self, node: LoginNode, record: NodeRecord, now: float) -> None:
+        """This instance presents exactly the canonical set: remember which set, and when."""
+        record.key_state, record.key_detail = "in-sync", ""
+        record.verified_instance_id, record.verified_at = node.instance_id, now
+        record.verified_keys = self._identity()
+
     def _identity(self) -> str:
         """The canonical key set in one string: a verification is only good for the set it saw."""
         return " ".join(sorted(k.fingerprint for k in self.keys.values()))
@@ -167,13 +177,11 @@ class HostKeyGate:
             record.key_state = "unreachable"
             record.key_detail = record.last_error
             return _unverified(node, record)
-        wrong = [t for t in self.types if seen[t].split()[1:2] != self.keys[t].public.split()[1:2]]
+        wrong = self._wrong_types(seen)
         if not wrong:
             if record.verified_instance_id != node.instance_id:
                 log.info("host_keys_verified", ip=node.ip, instance_id=node.instance_id)
-            record.key_state, record.key_detail = "in-sync", ""
-            record.verified_instance_id, record.verified_at = node.instance_id, now
-            record.verified_keys = self._identity()
+            self._mark_verified(node, record, now)
             if record.last_error.split(":")[0] in UNREACHABLE_STEPS:
                 self._recovered(record)
             return KeyVerdict.IN_SYNC
@@ -200,9 +208,7 @@ class HostKeyGate:
         for node, error in self._parallel(push_one, nodes):
             record = state.nodes[node.ip]
             if error is None:
-                record.key_state, record.key_detail = "in-sync", ""
-                record.verified_instance_id, record.verified_at = node.instance_id, now
-                record.verified_keys = self._identity()
+                self._mark_verified(node, record, now)
                 self._recovered(record)
                 log.info(
                     "host_keys_pushed",
@@ -232,7 +238,7 @@ class HostKeyGate:
         seen = self._probe_after_reload(node.ip)
         if isinstance(seen, SshError):
             return f"verify: {seen}"
-        wrong = [t for t in self.types if seen[t].split()[1:2] != self.keys[t].public.split()[1:2]]
+        wrong = self._wrong_types(seen)
         if wrong:
             return f"verify: still presents other {', '.join(wrong)} key(s) after reload"
         return None
