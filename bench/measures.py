@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from hpodlb.keystore import KeyStore
-from hpodlb.sim.aws import moto_server
-from hpodlb.sim.nodes import SIM_USER, SSH_PORT, sim_cluster
-from tests.faultproxy import FaultPlan, fault_proxy
-from tests.simenv import SimEnv
+from sim.aws import moto_server
+from sim.env import SimEnv
+from sim.faultproxy import FaultPlan, fault_proxy
+from sim.nodes import SIM_USER, sim_cluster
 
 Row = tuple[str, str, str, str]
 TYPES = ("rsa", "ecdsa", "ed25519")
@@ -57,7 +57,7 @@ def world(nodes: int, *, through_proxy: bool = False) -> Iterator[tuple[SimEnv, 
         with fault_proxy(aws.endpoint_url, plan) if plan else _nothing() as proxy:
             if proxy:
                 os.environ["AWS_ENDPOINT_URL"] = proxy
-            ips = [f"127.0.{1 + i // 250}.{i % 250 + 1}" for i in range(nodes)]
+            ips = [cluster.ip(n) for n in range(1, nodes + 1)]
             cluster.add_node(ips[0], "i-0bench0000000000")
             shared: Path | None = None
             for n, ip in enumerate(ips[1:], start=1):
@@ -200,7 +200,7 @@ def latency(quick: bool = False) -> list[Row]:
         try:
             daemon.wait_passes(1)
             for trial in range(trials):
-                ip = f"127.0.3.{trial + 1}"
+                ip = env.cluster.ip(200 + trial)
                 env.cluster.add_node(ip, f"i-0late{trial:011d}")
                 time.sleep(1.5)  # let the daemon's file poll settle before the change we time
                 t0 = time.time()
@@ -269,7 +269,7 @@ def push(quick: bool = False) -> list[Row]:
                     "-o BatchMode=yes -o LogLevel=ERROR")
             started = time.monotonic()
             subprocess.run(["bash", "-c", MANUAL, "manual", src, *others], check=True,
-                           env={**os.environ, "OPTS": opts, "PORT": str(SSH_PORT), "USER": SIM_USER})
+                           env={**os.environ, "OPTS": opts, "PORT": str(env.cluster.port), "USER": SIM_USER})
             manual = time.monotonic() - started
         rows.append((f"N={n}: hpodlb once (push, sshd -t, reload, verify, register)", f"{ours:.1f} s",
                      "", ok(converged)))
@@ -304,8 +304,8 @@ def scale(quick: bool = False) -> list[Row]:
             env.rc.write_text(json.dumps({"InstanceGroups": [{"Name": "login-group", "Instances": [
                 {"CustomerIpAddress": x.ip, "InstanceId": x.instance_id} for x in nodes]}]}))
             env.write_config(host_keys={"enabled": False}, cluster={"allowed_cidrs": ["10.0.0.0/8"]})
-            from hpodlb.cli import build_reconciler
             from hpodlb.state import State
+            from hpodlb.wiring import build_reconciler
 
             rec, state = build_reconciler(env.config), State()
             before = dict(plan.actions)

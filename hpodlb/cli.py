@@ -19,31 +19,10 @@ from hpodlb import __version__
 if TYPE_CHECKING:
     from hpodlb.config import Config
     from hpodlb.provision import Provisioner, Report, Spec
-    from hpodlb.reconcile import Reconciler
 
 EXIT_OK, EXIT_PENDING, EXIT_UNUSABLE = 0, 1, 2
 
 Command = Callable[["Config", argparse.Namespace], int]
-
-
-def build_reconciler(config: Config) -> Reconciler:
-    """Real adapters for a config: one elbv2 client per region, the host-key gate if enabled."""
-    from hpodlb.reconcile import Reconciler
-    from hpodlb.targets import TargetGroup, elbv2_client
-
-    clients: dict[str, object] = {}
-    groups = []
-    for tg in config.target_groups:
-        region = config.aws.region or tg.region
-        if region not in clients:
-            clients[region] = elbv2_client(region)
-        groups.append(TargetGroup(clients[region], tg.arn, tg.port))
-    gate = None
-    if config.host_keys.enabled:
-        from hpodlb.hostkeys import HostKeyGate
-
-        gate = HostKeyGate(config)
-    return Reconciler(config, groups, gate=gate)
 
 
 def cmd_plan(config: Config, args: argparse.Namespace) -> int:
@@ -53,6 +32,8 @@ def cmd_plan(config: Config, args: argparse.Namespace) -> int:
     state, warning = load_state(config.state.dir)
     if warning:
         _log().warning("state_rebuilt", warning=warning)
+    from hpodlb.wiring import build_reconciler
+
     outcome = build_reconciler(config).run_pass(state, apply=False)
     if outcome.inventory_error:
         _fail(f"cannot plan: {outcome.inventory_error}")
@@ -80,6 +61,8 @@ def cmd_once(config: Config, args: argparse.Namespace) -> int:
         state, warning = load_state(config.state.dir)
         if warning:
             _log().warning("state_rebuilt", warning=warning)
+        from hpodlb.wiring import build_reconciler
+
         outcome = build_reconciler(config).run_pass(state, apply=True)
         save_state(config.state.dir, state)
     _log().info(
@@ -99,6 +82,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from hpodlb.lock import InstanceLock, LockedError
     from hpodlb.logs import setup_logging
     from hpodlb.service import Daemon
+    from hpodlb.wiring import build_reconciler
 
     setup_logging(verbose=getattr(args, "verbose", False), stream=sys.stdout)
     try:
@@ -135,6 +119,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     from hpodlb.checks import run_checks
+    from hpodlb.wiring import build_reconciler
 
     problems = 0
     for ok, line in run_checks(config, build_reconciler(config)):

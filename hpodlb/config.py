@@ -36,6 +36,12 @@ TARGET_GROUP_ARN = re.compile(
 KEY_TYPES = ("rsa", "ecdsa", "ed25519")
 
 
+def target_group_name(arn: str) -> str:
+    """`NAME` of `arn:...:targetgroup/NAME/ID`: what an admin called it, in every message."""
+    parts = arn.split("/")
+    return parts[1] if len(parts) == 3 else arn
+
+
 class ConfigError(Exception):
     """The config file (or an override) cannot be used; the message is one line for the admin."""
 
@@ -98,7 +104,7 @@ class TargetGroupConfig(_Section):
 
     @property
     def name(self) -> str:
-        return self.arn.split("/")[1]
+        return target_group_name(self.arn)
 
 
 class AwsConfig(_Section):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hpodlb.config import Config
+from hpodlb.config import Config, target_group_name
 from hpodlb.inventory import InventoryError, LoginNode, login_group_names, read_login_nodes
 from hpodlb.logs import get_logger
 from hpodlb.planner import Action, GroupView, Guards, KeyVerdict, Kind, Plan, plan_pass
@@ -165,7 +165,7 @@ class Reconciler:
                 kind=action.kind.value,
                 ip=action.ip,
                 instance_id=action.instance_id,
-                target_group=_name(action.target_group),
+                target_group=target_group_name(action.target_group),
                 guard=action.held_by.value if action.held_by else "",
                 reason=action.reason,
             )
@@ -274,12 +274,8 @@ class Reconciler:
             summary=outcome.summary(),
             errors=errors,
             held=[
-                f"{a.kind.value} {a.ip} on {_name(a.target_group)}: {a.held_by.value}"
+                f"{a.kind.value} {a.ip} on {target_group_name(a.target_group)}: {a.held_by.value}"
                 for a in plan.held()
                 if a.held_by
             ],
         )
-
-
-def _name(arn: str) -> str:
-    return arn.split(":", 5)[-1] if arn else ""

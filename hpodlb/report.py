@@ -11,15 +11,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from hpodlb.config import target_group_name
 from hpodlb.inventory import LoginNode
 from hpodlb.planner import Plan
 from hpodlb.state import State
-
-
-def short_tg(arn: str) -> str:
-    """`NAME` of `arn:...:targetgroup/NAME/ID`; unique enough in a table, readable at a glance."""
-    parts = arn.split("/")
-    return parts[1] if len(parts) >= 3 else arn
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
@@ -33,13 +28,15 @@ def plan_text(plan: Plan, nodes: Sequence[LoginNode]) -> str:
         return f"Nothing to do: {len(nodes)} login nodes in step with every target group."
     rows: list[list[str]] = [["ACTION", "TARGET GROUP", "IP", "INSTANCE", "WHY"]]
     for a in plan.actions:
-        where = f"{short_tg(a.target_group)}:{a.port}" if a.target_group else "-"
+        where = f"{target_group_name(a.target_group)}:{a.port}" if a.target_group else "-"
         why = f"HELD by {a.held_by.value}: {a.reason}" if a.held_by else a.reason
         rows.append([a.kind.value, where, a.ip, a.instance_id or "-", why])
     for w in plan.waiting:
         rows.append(["waiting", "-", w.node.ip, w.node.instance_id, w.reason])
     for arn, t in plan.unmanaged:
-        rows.append(["leave", f"{short_tg(arn)}:{t.port}", t.ip, "-", "not ours and prune = false"])
+        rows.append(
+            ["leave", f"{target_group_name(arn)}:{t.port}", t.ip, "-", "not ours and prune = false"]
+        )
     return table(rows)
 
 
@@ -123,7 +120,7 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
         verdict = "converged" if last.ok else "NOT converged"
         out.append(f"Last pass {_when(last.finished_at, now)}: {verdict}: {last.summary}")
     header = ["IP", "INSTANCE", "NAME", "GROUP", "KEYS", "VERIFIED", "BACKOFF"]
-    header += [short_tg(a) for a in target_groups] + ["LAST ERROR"]
+    header += [target_group_name(a) for a in target_groups] + ["LAST ERROR"]
     rows = [header]
     for n in doc["nodes"]:
         keys = n["key_state"] + (f": {n['key_detail']}" if n["key_detail"] else "")
@@ -146,7 +143,7 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
     if len(rows) > 1:
         out.append(table(rows))
     for arn, err in doc["target_group_errors"].items():
-        out.append(f"target group {short_tg(arn)}: {err}")
+        out.append(f"target group {target_group_name(arn)}: {err}")
     if last is not None:
         out.extend(f"held back: {h}" for h in last.held)
         out.extend(f"error: {e}" for e in last.errors)

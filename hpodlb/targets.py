@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from hpodlb.config import target_group_name
 from hpodlb.planner import GroupView, Target
 
 if TYPE_CHECKING:
@@ -25,7 +26,9 @@ class TargetsError(Exception):
     """An AWS call for one target group failed; `code` is the AWS error code (or the transport's)."""
 
     def __init__(self, target_group: str, operation: str, code: str, message: str) -> None:
-        super().__init__(f"{_short(target_group)}: {operation} failed: {code}: {message}")
+        super().__init__(
+            f"{target_group_name(target_group)}: {operation} failed: {code}: {message}"
+        )
         self.target_group = target_group
         self.operation = operation
         self.code = code
@@ -68,7 +71,7 @@ class TargetGroup:
 
     @property
     def name(self) -> str:
-        return _short(self.arn)
+        return target_group_name(self.arn)
 
     def observe(self) -> GroupView:
         """All targets with their health state (DescribeTargetHealth: one call, not paginated)."""
@@ -127,8 +130,3 @@ def _batches(ips: Sequence[str]) -> Iterator[Sequence[str]]:
 
 def _snake(operation: str) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in operation).lstrip("_")
-
-
-def _short(arn: str) -> str:
-    """`targetgroup/NAME/ID` from an ARN: unique and readable in a log line."""
-    return arn.split(":", 5)[-1] if arn.count(":") >= 5 else arn

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,29 +9,10 @@ from typing import Any
 
 import pytest
 
+from sim.env import render_config
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TG_ARN = "arn:aws:elasticloadbalancing:us-west-2:123456789012:targetgroup/smhp-login-node-tg/0123456789abcdef"
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
-def render_config(sections: dict[str, dict[str, Any]], target_groups: list[dict[str, Any]]) -> str:
-    lines: list[str] = []
-    for section, keys in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
-    for tg in target_groups:
-        lines.append("[[target_groups]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in tg.items()]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture
@@ -82,9 +62,9 @@ def sim_env(fresh_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     """Its own moto server and sshd login nodes (none yet), with this process's AWS env set."""
     import tempfile
 
-    from hpodlb.sim.aws import moto_server
-    from hpodlb.sim.nodes import sim_cluster
-    from tests.simenv import SimEnv
+    from sim.aws import moto_server
+    from sim.env import SimEnv
+    from sim.nodes import sim_cluster
 
     # Not under pytest's tmp dir: that is 0700 root, and the login user must reach its home.
     base = Path(tempfile.mkdtemp(prefix="hpodlb-sim-"))

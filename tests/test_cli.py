@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hpodlb.sim.aws import FakeAws, moto_server
+from sim.aws import FakeAws, moto_server
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_check_config(
     wrong = arn[:-16] + "0" * 16
     bad = hpodlb("check-config", "--config", str(write_config([{"arn": wrong, "port": 22}])))
     assert bad.returncode == 1
-    assert f"FAIL  {wrong.split(':')[-1]}: DescribeTargetGroups failed: TargetGroupNotFound" in bad.stdout
+    assert f"FAIL  {wrong.split('/')[1]}: DescribeTargetGroups failed: TargetGroupNotFound" in bad.stdout
 
 
 def test_unreachable_aws_makes_plan_exit_2(

@@ -20,17 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from hpodlb.cli import build_reconciler, main
+from hpodlb.cli import main
 from hpodlb.hostkeys import HostKeyGate, push_script
 from hpodlb.keystore import HostKey, KeyStore, KeyStoreError, file_names
 from hpodlb.logs import setup_logging
 from hpodlb.planner import Kind
 from hpodlb.reconcile import PassOutcome
-from hpodlb.sim.aws import FakeAws, moto_server
-from hpodlb.sim.nodes import SIM_USER, SSH_PORT, SimCluster, sim_cluster
 from hpodlb.sshnode import NodeSession
 from hpodlb.state import load_state, save_state
-from tests.simenv import SimEnv
+from hpodlb.wiring import build_reconciler
+from sim.aws import FakeAws, moto_server
+from sim.env import SimEnv
+from sim.nodes import SIM_USER, SimCluster, sim_cluster
 
 pytestmark = pytest.mark.sshd
 
@@ -59,7 +60,7 @@ def env(aws: FakeAws, cluster: SimCluster, tmp_path: Path, fresh_env: None,
 
 
 def nodes(env: SimEnv, count: int, **kw: bool) -> list[str]:
-    ips = [f"127.0.0.{i}" for i in range(2, 2 + count)]
+    ips = [env.cluster.ip(i) for i in range(2, 2 + count)]
     for ip in ips:
         env.cluster.add_node(ip, f"i-{ip.split('.')[-1]:0>17}", **kw)
     env.list_nodes(ips)
@@ -120,7 +121,7 @@ def test_openssh_client_with_known_hosts_output_logs_in_everywhere(
     assert all(line.startswith("login.cluster.internal ") for line in lines.splitlines())
     for ip in ips:
         done = subprocess.run(
-            ["ssh", "-i", str(env.cluster.client_key), "-p", str(SSH_PORT),
+            ["ssh", "-i", str(env.cluster.client_key), "-p", str(env.cluster.port),
              "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}",
              "-o", "GlobalKnownHostsFile=/dev/null", "-o", "HostKeyAlias=login.cluster.internal",
              "-o", "BatchMode=yes", f"{SIM_USER}@{ip}", "echo logged-in"],
@@ -164,7 +165,7 @@ def test_replaced_node_leaves_rotation_is_repaired_and_returns(env: SimEnv) -> N
 def _faulty_pass(env: SimEnv, fault: Callable[[SimCluster, str], None], sudo: bool = True) -> tuple[str, PassOutcome, bytes]:
     """Two healthy nodes and a third with a fault; returns the third's IP, the pass, its old key."""
     ips = nodes(env, 2)
-    bad = "127.0.0.9"
+    bad = env.cluster.ip(9)
     env.cluster.add_node(bad, "i-0faulty000000009", sudo_nopasswd=sudo)
     fault(env.cluster, bad)
     env.list_nodes([*ips, bad])
@@ -193,7 +194,7 @@ def test_a_failing_node_keeps_its_keys_stays_out_and_recovers(env: SimEnv, name:
     bad, outcome, old_key = _faulty_pass(env, fault, sudo)
     node = env.cluster.nodes[bad]
     assert not outcome.converged
-    assert env.registered() == {"127.0.0.2", "127.0.0.3"}
+    assert env.registered() == {env.cluster.ip(2), env.cluster.ip(3)}
     assert any(e.startswith(f"{bad} (i-0faulty000000009): {message}") for e in outcome.errors), outcome.errors
     assert node.private_key("ed25519") == old_key
     assert node.keyscan() and node.keyscan() != canonical(env)
@@ -210,25 +211,25 @@ def test_a_failing_node_keeps_its_keys_stays_out_and_recovers(env: SimEnv, name:
     later = run_pass_later(env, 700)
     assert later.converged, later.errors
     assert node.keyscan() == canonical(env)
-    assert env.registered() == {"127.0.0.2", "127.0.0.3", bad}
+    assert env.registered() == {env.cluster.ip(2), env.cluster.ip(3), bad}
 
 
 def test_unreachable_and_silent_nodes_are_bounded_and_skipped(env: SimEnv) -> None:
     """A stopped node and one that accepts TCP but never speaks cost a timeout, not the pass."""
     ips = nodes(env, 2)
-    env.cluster.add_node("127.0.0.8", "i-0stopped00000008", start=False)
-    env.cluster.silent_listener("127.0.0.9")
-    env.cluster.nodes["127.0.0.9"] = env.cluster.nodes["127.0.0.8"].__class__(env.cluster, "127.0.0.9", "i-0silent000000009")
-    env.list_nodes([*ips, "127.0.0.8", "127.0.0.9"])
+    env.cluster.add_node(env.cluster.ip(8), "i-0stopped00000008", start=False)
+    env.cluster.silent_listener(env.cluster.ip(9))
+    env.cluster.nodes[env.cluster.ip(9)] = env.cluster.nodes[env.cluster.ip(8)].__class__(env.cluster, env.cluster.ip(9), "i-0silent000000009")
+    env.list_nodes([*ips, env.cluster.ip(8), env.cluster.ip(9)])
     started = time.monotonic()
     outcome = env.run_pass()
     assert time.monotonic() - started < 15
     assert env.registered() == set(ips)
-    assert {w.node.ip for w in outcome.plan.waiting} == {"127.0.0.8", "127.0.0.9"}  # type: ignore[union-attr]
+    assert {w.node.ip for w in outcome.plan.waiting} == {env.cluster.ip(8), env.cluster.ip(9)}  # type: ignore[union-attr]
     state = env.state()
-    assert state.nodes["127.0.0.8"].last_error.startswith("connect: ")
-    assert state.nodes["127.0.0.9"].last_error.startswith("handshake: ")
-    assert state.nodes["127.0.0.9"].key_state == "unreachable"
+    assert state.nodes[env.cluster.ip(8)].last_error.startswith("connect: ")
+    assert state.nodes[env.cluster.ip(9)].last_error.startswith("handshake: ")
+    assert state.nodes[env.cluster.ip(9)].key_state == "unreachable"
 
 
 def test_rollback_when_sshd_rejects_a_key_with_exit_status_0(env: SimEnv) -> None:

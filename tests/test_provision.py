@@ -16,7 +16,7 @@ from moto import mock_aws
 
 from hpodlb.config import load_config
 from hpodlb.provision import Provisioner, ProvisionError, Spec, add_target_group_to_config
-from hpodlb.sim.aws import FakeAws, moto_server
+from sim.aws import FakeAws, moto_server
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,11 +21,11 @@ import pytest
 from hpodlb.config import load_config
 from hpodlb.logs import setup_logging
 from hpodlb.reconcile import Reconciler
-from hpodlb.sim.aws import FakeAws, moto_server
 from hpodlb.state import State
 from hpodlb.targets import TargetGroup, boto_config
+from sim.aws import FakeAws, moto_server
+from sim.faultproxy import FaultPlan, fault_proxy
 from tests.conftest import FIGURES
-from tests.faultproxy import FaultPlan, fault_proxy
 
 pytestmark = pytest.mark.reliability
 

@@ -20,11 +20,11 @@ import pytest
 
 from hpodlb.keystore import KeyStore, KeyStoreError
 from hpodlb.planner import Guard
-from hpodlb.sim.nodes import SimCluster
 from hpodlb.sshnode import NodeSession
 from hpodlb.state import load_state, save_state
+from sim.env import SimEnv
+from sim.nodes import SimCluster
 from tests.conftest import FIGURES
-from tests.simenv import SimEnv
 from tests.test_hostkeys import run_pass_later
 
 pytestmark = [pytest.mark.reliability, pytest.mark.sshd]
@@ -88,9 +88,9 @@ def test_sigkill_anywhere_then_one_clean_pass_converges(env: SimEnv) -> None:
     """50 SIGKILLs spread over a pass's stages, then one clean pass: groups = nodes, one identity."""
     cluster: SimCluster = env.cluster
     for n in range(2, 7):
-        cluster.add_node(f"127.0.0.{n}", f"i-0crash{n:012d}")
-    core = [f"127.0.0.{n}" for n in range(2, 6)]
-    env.list_nodes([*core, "127.0.0.6"])
+        cluster.add_node(env.cluster.ip(n), f"i-0crash{n:012d}")
+    core = [env.cluster.ip(n) for n in range(2, 6)]
+    env.list_nodes([*core, env.cluster.ip(6)])
     rng = random.Random(42)
     stages: Counter[str] = Counter()
     proc_env = {**os.environ, "HPODLB_CONFIG": str(env.config_path)}
@@ -104,12 +104,12 @@ def test_sigkill_anywhere_then_one_clean_pass_converges(env: SimEnv) -> None:
         victim = cluster.nodes[rng.choice(core[1:])]
         if rng.random() < 0.5:
             victim.replace(f"i-0crash{kill:04d}{rng.randrange(10**8):08d}")
-        listed = [*core, "127.0.0.6"] if rng.random() < 0.5 else core
+        listed = [*core, env.cluster.ip(6)] if rng.random() < 0.5 else core
         env.list_nodes(listed)
         if kill % 10 == 3:
             shutil.rmtree(env.state_dir, ignore_errors=True)  # the state dir vanishes
         if kill % 10 == 7 and (env.state_dir / "state.json").exists():
-            (env.state_dir / "state.json").write_text('{"nodes": {"127.0.0.2": ')  # truncated
+            (env.state_dir / "state.json").write_text('{"nodes": {env.cluster.ip(2): ')  # truncated
         proc = subprocess.Popen(
             [sys.executable, "-m", "hpodlb", "once"],
             env=proc_env,
@@ -126,7 +126,7 @@ def test_sigkill_anywhere_then_one_clean_pass_converges(env: SimEnv) -> None:
         ] += 1
 
     # One clean pass (as if the backoff of any node that failed meanwhile had run out).
-    final_list = [*core, "127.0.0.6"]
+    final_list = [*core, env.cluster.ip(6)]
     env.list_nodes(final_list)
     outcome = run_pass_later(env, 3600)
     canonical = {k.public for k in KeyStore(env.store, TYPES).load().values()}
@@ -160,12 +160,12 @@ def _ssh(env: SimEnv):  # type: ignore[no-untyped-def]
 
 def test_key_store_with_wrong_permissions_is_refused_not_fixed(env: SimEnv) -> None:
     """A key store dir opened to group/world stops every push and registration; modes stay as found."""
-    env.cluster.add_node("127.0.0.2", "i-0store000000002")
-    env.list_nodes(["127.0.0.2"])
+    env.cluster.add_node(env.cluster.ip(2), "i-0store000000002")
+    env.list_nodes([env.cluster.ip(2)])
     assert env.run_pass().converged
     env.store.chmod(0o755)
-    env.cluster.nodes["127.0.0.2"].replace("i-0store000000003")
-    env.list_nodes(["127.0.0.2"])
+    env.cluster.nodes[env.cluster.ip(2)].replace("i-0store000000003")
+    env.list_nodes([env.cluster.ip(2)])
     outcome = env.run_pass()
     assert not outcome.converged
     # The replaced node is known to be unverified: it would leave, but it is the last one.
@@ -173,7 +173,7 @@ def test_key_store_with_wrong_permissions_is_refused_not_fixed(env: SimEnv) -> N
     assert [(a.kind.value, a.held_by) for a in outcome.plan.actions] == [
         ("deregister", Guard.MIN_IN_SERVICE)
     ]
-    record = env.state().nodes["127.0.0.2"]
+    record = env.state().nodes[env.cluster.ip(2)]
     assert "mode 0755 is wider than 0700; refusing" in record.key_detail
     assert env.store.stat().st_mode & 0o777 == 0o755
     with pytest.raises(KeyStoreError):

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from hpodlb.cli import build_reconciler
 from hpodlb.keystore import KeyStore
 from hpodlb.planner import Kind
-from hpodlb.sim.nodes import SimCluster
 from hpodlb.state import State
+from hpodlb.wiring import build_reconciler
+from sim.env import SimEnv
+from sim.nodes import SimCluster
 from tests.conftest import FIGURES
-from tests.simenv import SimEnv
 
 pytestmark = [pytest.mark.reliability, pytest.mark.sshd, pytest.mark.slow]
 NODES = 200
@@ -45,15 +45,15 @@ def test_200_nodes_3_target_groups(env: SimEnv) -> None:
     """One pass converges 200 nodes into 3 groups (199 key pushes); an idle pass writes nothing;
     the daemon's RSS stays flat over 1,000 passes."""
     cluster: SimCluster = env.cluster
-    first = cluster.add_node("127.0.1.1", "i-0load0000000001")
+    ips = [cluster.ip(n) for n in range(1, NODES + 1)]
+    first = cluster.add_node(ips[0], "i-0load0000000001")
     shared = first.dir.parent / "shared-keys"
     shared.mkdir()
-    cluster.add_node("127.0.1.2", "i-0load0000000002", start=False)
+    cluster.add_node(ips[1], "i-0load0000000002", start=False)
     for t in TYPES:  # every other node starts with one other key set (not the canonical one)
         for suffix in ("", ".pub"):
-            shutil.copy2(cluster.nodes["127.0.1.2"].etc_ssh / f"ssh_host_{t}_key{suffix}", shared)
-    cluster.nodes["127.0.1.2"].start()
-    ips = [f"127.0.{1 + i // 250}.{i % 250 + 1}" for i in range(NODES)]
+            shutil.copy2(cluster.nodes[ips[1]].etc_ssh / f"ssh_host_{t}_key{suffix}", shared)
+    cluster.nodes[ips[1]].start()
     for n, ip in enumerate(ips[2:], start=3):
         cluster.add_node(ip, f"i-0load{n:010d}", keys_from=shared)
     env.arns += [env.aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}") for _ in range(2)]

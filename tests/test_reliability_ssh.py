@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from hpodlb.keystore import KeyStore
+from sim.env import SimEnv
 from tests.conftest import FIGURES
-from tests.simenv import SimEnv
 from tests.test_hostkeys import run_pass_later
 
 pytestmark = [pytest.mark.reliability, pytest.mark.sshd]
@@ -35,8 +35,8 @@ def _canonical(env: SimEnv) -> set[str]:
 
 def test_disk_full_on_the_node_rolls_back(env: SimEnv) -> None:
     """/etc/ssh on a tiny full tmpfs: the write fails, old keys stay, the node stays out; later it joins."""
-    env.cluster.add_node("127.0.0.2", "i-0disk00000000002")
-    node = env.cluster.add_node("127.0.0.3", "i-0disk00000000003", start=False)
+    env.cluster.add_node(env.cluster.ip(2), "i-0disk00000000002")
+    node = env.cluster.add_node(env.cluster.ip(3), "i-0disk00000000003", start=False)
     saved = {p.name: p.read_bytes() for p in node.etc_ssh.iterdir()}
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(node.etc_ssh)], check=True)
     try:
@@ -52,11 +52,11 @@ def test_disk_full_on_the_node_rolls_back(env: SimEnv) -> None:
                     f.flush()
         except OSError:
             pass  # full: exactly what this test wants
-        env.list_nodes(["127.0.0.2", "127.0.0.3"])
+        env.list_nodes([env.cluster.ip(2), env.cluster.ip(3)])
         before = node.private_key("ed25519")
         outcome = env.run_pass()
-        assert env.registered() == {"127.0.0.2"}
-        error = env.state().nodes["127.0.0.3"].last_error
+        assert env.registered() == {env.cluster.ip(2)}
+        error = env.state().nodes[env.cluster.ip(3)].last_error
         assert error.startswith(("write: cannot write", "backup: cannot back up")), error
         assert node.private_key("ed25519") == before
         assert node.keyscan() and node.keyscan() != _canonical(env)
@@ -74,37 +74,37 @@ def test_disk_full_on_the_node_rolls_back(env: SimEnv) -> None:
 
 def test_node_dying_between_push_and_verify_stays_out_then_joins(env: SimEnv) -> None:
     """sshd dies on reload: verification fails, the node stays out; restarted, it verifies and joins."""
-    env.cluster.add_node("127.0.0.2", "i-0die000000000002")
-    node = env.cluster.add_node("127.0.0.3", "i-0die000000000003")
+    env.cluster.add_node(env.cluster.ip(2), "i-0die000000000002")
+    node = env.cluster.add_node(env.cluster.ip(3), "i-0die000000000003")
     (node.etc_ssh / "die-on-reload").touch()
-    env.list_nodes(["127.0.0.2", "127.0.0.3"])
+    env.list_nodes([env.cluster.ip(2), env.cluster.ip(3)])
     outcome = env.run_pass()
-    assert env.registered() == {"127.0.0.2"}
-    assert any(e.startswith("127.0.0.3 (i-0die000000000003): verify: ") for e in outcome.errors), outcome.errors
+    assert env.registered() == {env.cluster.ip(2)}
+    assert any(e.startswith(f"{env.cluster.ip(3)} (i-0die000000000003): verify: ") for e in outcome.errors), outcome.errors
     (node.etc_ssh / "die-on-reload").unlink()
     node.start()  # the node comes back; its keys on disk are the canonical ones now
     later = run_pass_later(env, 700)
     assert later.converged, later.errors
     assert node.keyscan() == _canonical(env)
-    assert env.registered() == {"127.0.0.2", "127.0.0.3"}
+    assert env.registered() == {env.cluster.ip(2), env.cluster.ip(3)}
     _survived("dies between push and verify")
 
 
 def test_slow_nodes_join_within_timeouts_and_too_slow_ones_stay_out(env: SimEnv) -> None:
     """A node behind a slow path (0.1 s per packet) still verifies and joins; one slower than the
     SSH timeout (3 s per packet, timeout 2 s) is bounded, stays out, and the others go in."""
-    env.cluster.add_node("127.0.0.2", "i-0slow00000000002")
-    env.cluster.add_node("127.0.0.12", "i-0slow00000000012")  # reached through 127.0.0.3
-    env.cluster.add_node("127.0.0.14", "i-0slow00000000014")  # reached through 127.0.0.4
-    env.cluster.slow_relay("127.0.0.3", "127.0.0.12", 0.1)
-    env.cluster.slow_relay("127.0.0.4", "127.0.0.14", 3.0)
-    env.cluster.nodes["127.0.0.3"] = env.cluster.nodes["127.0.0.12"]
-    env.cluster.nodes["127.0.0.4"] = env.cluster.nodes["127.0.0.14"]
-    env.list_nodes(["127.0.0.2", "127.0.0.3", "127.0.0.4"])
+    env.cluster.add_node(env.cluster.ip(2), "i-0slow00000000002")
+    env.cluster.add_node(env.cluster.ip(12), "i-0slow00000000012")  # reached through .3
+    env.cluster.add_node(env.cluster.ip(14), "i-0slow00000000014")  # reached through .4
+    env.cluster.slow_relay(env.cluster.ip(3), env.cluster.ip(12), 0.1)
+    env.cluster.slow_relay(env.cluster.ip(4), env.cluster.ip(14), 3.0)
+    env.cluster.nodes[env.cluster.ip(3)] = env.cluster.nodes[env.cluster.ip(12)]
+    env.cluster.nodes[env.cluster.ip(4)] = env.cluster.nodes[env.cluster.ip(14)]
+    env.list_nodes([env.cluster.ip(2), env.cluster.ip(3), env.cluster.ip(4)])
     outcome = env.run_pass()
-    assert env.registered() == {"127.0.0.2", "127.0.0.3"}
-    assert env.cluster.nodes["127.0.0.12"].keyscan() == _canonical(env)
-    record = env.state().nodes["127.0.0.4"]
+    assert env.registered() == {env.cluster.ip(2), env.cluster.ip(3)}
+    assert env.cluster.nodes[env.cluster.ip(12)].keyscan() == _canonical(env)
+    record = env.state().nodes[env.cluster.ip(4)]
     assert record.last_error.startswith("handshake: "), record.last_error
     assert outcome.duration_seconds < 30
     _survived(f"slow path (joined), too slow (bounded, pass {outcome.duration_seconds:.0f} s)")

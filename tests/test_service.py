@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from hpodlb.keystore import KeyStore, generate
-from hpodlb.sim.aws import FakeAws, moto_server
+from sim.aws import FakeAws, moto_server
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,34 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hpodlb.cli import build_reconciler
 from hpodlb.config import Config, load_config
 from hpodlb.reconcile import PassOutcome
-from hpodlb.sim.aws import FakeAws
-from hpodlb.sim.demo import resource_config
-from hpodlb.sim.nodes import RELOAD_COMMAND, SIM_USER, SSH_PORT, SimCluster
 from hpodlb.state import State, load_state, save_state
-from tests.conftest import render_config
+from hpodlb.wiring import build_reconciler
+from sim.aws import FakeAws
+from sim.demo import resource_config
+from sim.nodes import RELOAD_COMMAND, SIM_USER, SimCluster
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def render_config(sections: dict[str, dict[str, Any]], target_groups: list[dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for section, keys in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
+    for tg in target_groups:
+        lines.append("[[target_groups]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in tg.items()]
+    return "\n".join(lines) + "\n"
 
 
 class SimEnv:
@@ -34,11 +54,18 @@ class SimEnv:
 
     def write_config(self, **overrides: dict[str, Any]) -> Path:
         sections: dict[str, dict[str, Any]] = {
-            "cluster": {"resource_config": str(self.rc), "login_groups": ["login-group"],
-                        "provisioning_parameters": str(self.workdir / "pp.json"),
-                        "allowed_cidrs": ["127.0.0.0/8"]},
-            "ssh": {"user": SIM_USER, "port": SSH_PORT, "key_file": str(self.cluster.client_key),
-                    "connect_timeout_seconds": 2},
+            "cluster": {
+                "resource_config": str(self.rc),
+                "login_groups": ["login-group"],
+                "provisioning_parameters": str(self.workdir / "pp.json"),
+                "allowed_cidrs": ["127.0.0.0/8"],
+            },
+            "ssh": {
+                "user": SIM_USER,
+                "port": self.cluster.port,
+                "key_file": str(self.cluster.client_key),
+                "connect_timeout_seconds": 2,
+            },
             "host_keys": {"store": str(self.store), "reload_command": RELOAD_COMMAND},
             "state": {"dir": str(self.state_dir)},
         }

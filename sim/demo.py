@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpodlb.sim.aws import FakeAws, moto_server
-from hpodlb.sim.nodes import RELOAD_COMMAND, SIM_USER, SSH_PORT, SimCluster, sim_cluster
+from sim.aws import FakeAws, moto_server
+from sim.nodes import RELOAD_COMMAND, SIM_USER, SimCluster, sim_cluster
 
 CLUSTER_NAME = "ml-cluster"
 
@@ -87,7 +87,7 @@ port = 22
 
 [ssh]
 user = "{SIM_USER}"
-port = {SSH_PORT}
+port = {cluster.port}
 key_file = "{cluster.client_key}"
 connect_timeout_seconds = 3
 
@@ -154,12 +154,13 @@ def run_demo(workdir: Path) -> int:
             failures.append(what)
 
     with moto_server() as aws, sim_cluster(workdir / "sim") as cluster:
+        ip = cluster.ip
         for n in (2, 3, 4):
-            cluster.add_node(f"127.0.0.{n}", f"i-0a1b2c3d4e5f6001{n}")
+            cluster.add_node(ip(n), f"i-0a1b2c3d4e5f6001{n}")
         demo = Demo(aws, cluster, workdir)
         demo.list_nodes()
         step(
-            f"3 login nodes (real sshd on 127.0.0.2-4:{SSH_PORT}, each with its own host keys), "
+            f"3 login nodes (real sshd on {ip(2)}-4:{cluster.port}, each with its own host keys), "
             f"an empty target group (AWS emulator at {aws.endpoint_url})"
         )
         expect(f"{demo.identities()} different host identities before", demo.identities() == 3)
@@ -173,12 +174,12 @@ def run_demo(workdir: Path) -> int:
         expect(f"target group = login nodes: {demo.targets()}", len(demo.targets()) == 3)
 
         step("HyperPod adds a 4th login node")
-        cluster.add_node("127.0.0.5", "i-0a1b2c3d4e5f60015")
+        cluster.add_node(ip(5), "i-0a1b2c3d4e5f60015")
         demo.list_nodes()
         expect("keys pushed and verified, then registered, in one pass", demo.hpodlb("once") == 0)
 
-        step("HyperPod replaces 127.0.0.3: same IP, new instance, new root volume, new host keys")
-        cluster.nodes["127.0.0.3"].replace("i-0ffee0000000000b3")
+        step(f"HyperPod replaces {ip(3)}: same IP, new instance, new root volume, new host keys")
+        cluster.nodes[ip(3)].replace("i-0ffee0000000000b3")
         demo.list_nodes()
         expect(
             f"{demo.identities()} identities: users would see HOST KEY CHANGED",
@@ -202,7 +203,7 @@ def run_demo(workdir: Path) -> int:
         expect(f"... and no target moved: {demo.targets()}", demo.targets() == before)
 
         step("A login node is removed from the cluster")
-        cluster.nodes.pop("127.0.0.4").stop()
+        cluster.nodes.pop(ip(4)).stop()
         demo.list_nodes()
         expect("held for one pass (deregister cautiously)", demo.hpodlb("once") == 1)
         expect("deregistered on the second", demo.hpodlb("once") == 0)
@@ -213,7 +214,7 @@ def run_demo(workdir: Path) -> int:
         )
         expect(
             "the daemon registers it within seconds, then stops cleanly on SIGTERM",
-            demo.run_daemon_until_new_node("127.0.0.6", "i-0a1b2c3d4e5f60016") == 0,
+            demo.run_daemon_until_new_node(ip(6), "i-0a1b2c3d4e5f60016") == 0,
         )
 
         step("What an admin sees, and the lines to hand users")

@@ -1,5 +1,9 @@
 """Simulated login nodes: real OpenSSH `sshd` processes, one per loopback address.
 
+Each simulated cluster holds a /24 of 127.0.0.0/8 and a port of its own (an flock per block under
+/run/lock, so two test runs on one machine never share an address), and a node counts as started
+only when the sshd answering at its address presents one of that node's own host keys.
+
 Each node runs in its own mount namespace (`unshare -m`) with a private dir bind-mounted on
 `/etc/ssh`, so `sshd -t`, host-key files and the reload command behave per node exactly as on a
 login node. Each namespace also sees its own `/etc/passwd`, `/etc/shadow`, `/etc/group` and
@@ -11,7 +15,9 @@ home is. Needs root.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,7 +30,7 @@ from pathlib import Path
 
 SIM_USER = "hpodlbsim"
 SIM_UID = 64321
-SSH_PORT = 2222
+LOCK_DIR = Path("/run/lock")
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 KEY_TYPES = ("rsa", "ecdsa", "ed25519")
 # The simulated nodes' reload: SIGHUP to their sshd. Marker files in a node's /etc/ssh inject
@@ -36,8 +42,41 @@ RELOAD_COMMAND = (
 )
 
 
+class AddressBlock:
+    """127.A.B.0/24 and a port, held by this process alone until `release` (or its death)."""
+
+    def __init__(self) -> None:
+        rng = random.SystemRandom()
+        LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        for _ in range(1000):
+            a, b = rng.randrange(1, 255), rng.randrange(0, 256)
+            fd = os.open(LOCK_DIR / f"hpodlb-sim-127.{a}.{b}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.fd: int | None = fd
+            self.prefix = f"127.{a}.{b}"
+            # Below the kernel's ephemeral range, so no outgoing connection ever holds it.
+            self.port = rng.randrange(10000, 30000)
+            return
+        raise RuntimeError(f"no free simulated address block under {LOCK_DIR}")
+
+    def ip(self, n: int) -> str:
+        """The n-th address of the block (1..254)."""
+        if not 1 <= n <= 254:
+            raise ValueError(f"address {n} is outside the block")
+        return f"{self.prefix}.{n}"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class SimNode:
-    """One login node: an sshd in its own mount namespace on `ip:SSH_PORT`."""
+    """One login node: an sshd in its own mount namespace on `ip:cluster.port`."""
 
     def __init__(self, cluster: SimCluster, ip: str, instance_id: str) -> None:
         self.cluster = cluster
@@ -67,7 +106,7 @@ class SimNode:
 
     def write_sshd_config(self, extra: str = "") -> None:
         (self.etc_ssh / "sshd_config").write_text(
-            f"ListenAddress {self.ip}\nPort {SSH_PORT}\n"
+            f"ListenAddress {self.ip}\nPort {self.cluster.port}\n"
             + "".join(f"HostKey /etc/ssh/ssh_host_{t}_key\n" for t in KEY_TYPES)
             + "PidFile /etc/ssh/sshd.pid\nUsePAM no\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
@@ -111,7 +150,7 @@ class SimNode:
             stdin=subprocess.DEVNULL,
         )
         log.close()
-        _wait_for_port(self.ip, SSH_PORT, self.proc)
+        self.wait_ready()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -134,7 +173,29 @@ class SimNode:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGHUP)
         time.sleep(0.3)
-        _wait_for_port(self.ip, SSH_PORT, self.proc)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 10) -> None:
+        """Until this node's own sshd answers: one of its host keys, not just any SSH banner."""
+        assert self.proc is not None
+        own = {k.split()[1] for k in self.presentable_keys()}
+        deadline = time.monotonic() + timeout
+        seen = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sshd on {self.ip} exited with {self.proc.returncode}")
+            seen = _presented_key(self.ip, self.cluster.port)
+            if seen and seen in own:
+                return
+            time.sleep(0.05)
+        what = "another sshd (not this node's host key)" if seen else "nothing"
+        raise RuntimeError(f"{self.ip}:{self.cluster.port}: {what} answered within {timeout}s")
+
+    def presentable_keys(self) -> set[str]:
+        """`type base64` of every public key in this node's /etc/ssh."""
+        return {
+            " ".join(p.read_text().split()[:2]) for p in self.etc_ssh.glob("ssh_host_*_key.pub")
+        }
 
     # -- what the node holds ----------------------------------------------------------------------
 
@@ -147,7 +208,16 @@ class SimNode:
     def keyscan(self) -> set[str]:
         """The host keys as OpenSSH's own `ssh-keyscan` sees them (`type base64`)."""
         out = subprocess.run(
-            ["ssh-keyscan", "-p", str(SSH_PORT), "-T", "5", "-t", ",".join(KEY_TYPES), self.ip],
+            [
+                "ssh-keyscan",
+                "-p",
+                str(self.cluster.port),
+                "-T",
+                "5",
+                "-t",
+                ",".join(KEY_TYPES),
+                self.ip,
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -164,11 +234,17 @@ class SimCluster:
 
     def __init__(self, base: Path) -> None:
         self.base = base
+        self.block = AddressBlock()
+        self.port = self.block.port
         self.etc = base / "etc"
         self.home = base / "home" / SIM_USER
         self.client_key = base / "client" / "id_ed25519"
         self.nodes: dict[str, SimNode] = {}
         self._silent: list[socket.socket] = []
+
+    def ip(self, n: int) -> str:
+        """The n-th loopback address of this cluster's own block (1..254)."""
+        return self.block.ip(n)
 
     def setup(self) -> None:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
@@ -226,7 +302,7 @@ class SimCluster:
         """A peer that accepts TCP on the SSH port and never says a word (a hung sshd)."""
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((ip, SSH_PORT))
+        sock.bind((ip, self.port))
         sock.listen(64)
         self._silent.append(sock)
         held: list[socket.socket] = []
@@ -245,7 +321,7 @@ class SimCluster:
         """A slow network path: `ip` relays to node `upstream`, holding each chunk `delay` s."""
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((ip, SSH_PORT))
+        sock.bind((ip, self.port))
         sock.listen(64)
         self._silent.append(sock)
 
@@ -265,7 +341,7 @@ class SimCluster:
             while True:
                 try:
                     conn, _ = sock.accept()
-                    far = socket.create_connection((upstream, SSH_PORT))
+                    far = socket.create_connection((upstream, self.port))
                 except OSError:
                     return
                 threading.Thread(target=pump, args=(conn, far), daemon=True).start()
@@ -279,6 +355,7 @@ class SimCluster:
         for sock in self._silent:
             sock.close()
         shutil.rmtree(self.base, ignore_errors=True)
+        self.block.release()
 
 
 @contextmanager
@@ -291,16 +368,20 @@ def sim_cluster(base: Path) -> Iterator[SimCluster]:
         cluster.teardown()
 
 
-def _wait_for_port(ip: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sshd on {ip} exited with {proc.returncode}")
-        try:
-            with socket.create_connection((ip, port), timeout=0.5) as s:
-                if s.recv(4).startswith(b"SSH-"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"sshd on {ip}:{port} did not answer within {timeout}s")
+def _presented_key(ip: str, port: int) -> str:
+    """The base64 host key an SSH server at ip:port presents (handshake only), or ''."""
+    import paramiko
+
+    try:
+        sock = socket.create_connection((ip, port), timeout=1)
+    except OSError:
+        return ""
+    transport = paramiko.Transport(sock)
+    try:
+        transport.start_client(timeout=2)
+        return str(transport.get_remote_server_key().get_base64())
+    except (paramiko.SSHException, OSError, EOFError):
+        return ""
+    finally:
+        transport.close()
+        sock.close()

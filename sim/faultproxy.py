@@ -72,8 +72,10 @@ def _handler(upstream: str, plan: FaultPlan) -> type[BaseHTTPRequestHandler]:
                 return
             if fault in _ERRORS:
                 status, code, message = _ERRORS[fault]
-                xml = (f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}"
-                       f"</Message></Error><RequestId>fault</RequestId></ErrorResponse>").encode()
+                xml = (
+                    f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}"
+                    f"</Message></Error><RequestId>fault</RequestId></ErrorResponse>"
+                ).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "text/xml")
                 self.send_header("Content-Length", str(len(xml)))
@@ -82,8 +84,12 @@ def _handler(upstream: str, plan: FaultPlan) -> type[BaseHTTPRequestHandler]:
                 return
             if fault == "slow":
                 time.sleep(plan.slow_seconds)
-            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+            conn = http.client.HTTPConnection(
+                target.hostname or "127.0.0.1", target.port, timeout=30
+            )
+            headers = {
+                k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")
+            }
             conn.request("POST", self.path, body=body, headers=headers)
             reply = conn.getresponse()
             data = reply.read()
