@@ -45,7 +45,7 @@ def cmd_plan(config: Config, args: argparse.Namespace) -> int:
     assert outcome.plan is not None
     render = report.plan_json if args.json else report.plan_text
     print(render(outcome.plan, outcome.nodes))
-    return EXIT_OK if outcome.plan.converged else EXIT_PENDING
+    return EXIT_OK if outcome.plan.settled else EXIT_PENDING
 
 
 def cmd_once(config: Config, args: argparse.Namespace) -> int:
@@ -130,28 +130,36 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_keys(config: Config, args: argparse.Namespace) -> int:
-    from hpodlb.hostkeys import HostKeyGate, known_hosts_lines
-    from hpodlb.keystore import KeyStore, KeyStoreError, generate
-    from hpodlb.sshnode import SshError
+    from hpodlb import keyadmin
 
-    store = KeyStore(config.host_keys.store, config.host_keys.types)
+    action = args.keys_command
     try:
-        if args.keys_command == "generate":
-            store.save({t: generate(t) for t in store.types}, overwrite=args.force)
-            _log().warning("host_keys_generated", store=str(store.path))
-        elif args.keys_command == "adopt":
-            keys = HostKeyGate(config).adopt_from(args.from_ip)
-            store.save(keys, overwrite=args.force)
-            _log().warning("host_keys_adopted", ip=args.from_ip, store=str(store.path))
-        keys = store.load()
-    except (KeyStoreError, SshError) as exc:
+        if action == "generate":
+            keyadmin.generate_keys(config, force=args.force)
+        elif action == "adopt":
+            keyadmin.adopt_keys(config, args.from_ip, force=args.force)
+        elif action == "rotate":
+            keyadmin.rotate_keys(config, args.from_ip)
+        elif action == "trust":
+            request = keyadmin.trust_node(config, args.ip)
+            print(f"{args.ip} ({request.instance_id}): its current keys are accepted once; the")
+            print("next pass pushes the canonical keys to it and puts it back in rotation.")
+            return EXIT_OK
+        elif action == "known-hosts":
+            print("\n".join(keyadmin.known_hosts(config, args.host, args.port)))
+            return EXIT_OK
+        listing = keyadmin.show(config)
+    except keyadmin.KeyCommandError as exc:
         _fail(str(exc))
         return EXIT_PENDING
-    if args.keys_command == "known-hosts":
-        print("\n".join(known_hosts_lines(keys, args.host, args.port)))
-    else:
+    store = keyadmin.store_of(config)
+    for label, keys in (("", listing.current), ("previous ", listing.previous)):
+        where = store.set_dir("previous" if label else "current")
         for key_type, key in keys.items():
-            print(f"{key_type:8} {key.fingerprint}  {store.path / f'ssh_host_{key_type}_key'}")
+            print(f"{label}{key_type:8} {key.fingerprint}  {where}/ssh_host_{key_type}_key")
+    if action == "rotate":
+        print("Rotation started: the previous keys stay valid until every login node presents the")
+        print("new ones. Hand users the new lines now: hpodlb keys known-hosts --host NLB-NAME")
     return EXIT_OK
 
 

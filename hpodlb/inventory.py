@@ -86,10 +86,18 @@ def parse_login_nodes(
     if not isinstance(groups, list):
         raise InventoryError(f"{path}: InstanceGroups: expected a list")
     found: dict[str, list[Any]] = {}
+    named: dict[str, str] = {}
     for index, group in enumerate(groups):
         where = f"InstanceGroups[{index}]"
         if not isinstance(group, dict) or not isinstance(group.get("Name"), str):
             raise InventoryError(f"{path}: {where}.Name: expected an object with a string Name")
+        if group["Name"] in named:
+            # Which of the two is the truth cannot be told: an empty twin must not read as "gone".
+            raise InventoryError(
+                f"{path}: {where}.Name: group {group['Name']!r} is listed twice "
+                f"(also {named[group['Name']]})"
+            )
+        named[group["Name"]] = where
         if group["Name"] in login_groups:
             instances = group.get("Instances")
             if not isinstance(instances, list):
@@ -111,7 +119,8 @@ def parse_login_nodes(
                 )
             seen[node.ip] = where
             nodes.append(node)
-    return tuple(sorted(nodes))
+    # The resource config's own order: "the first login node" (the adoption source) is its first.
+    return tuple(nodes)
 
 
 def _login_node(
@@ -156,11 +165,27 @@ def _require_trusted(path: Path) -> None:
         raise InventoryError(str(exc)) from None
 
 
+class _RepeatedKeyError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's default keeps the last of repeated keys; two `InstanceGroups` are no inventory."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKeyError(key)
+        out[key] = value
+    return out
+
+
 def _parse_json(raw: bytes, path: Path) -> Any:
     if not raw.strip():
         raise InventoryError(f"{path}: file is empty")
     try:
-        return json.loads(raw)
+        return json.loads(raw, object_pairs_hook=_unique_keys)
+    except _RepeatedKeyError as exc:
+        raise InventoryError(f"{path}: key {exc.args[0]!r} appears twice in one object") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InventoryError(f"{path}: not valid JSON: {exc}") from None
 

@@ -1,47 +1,48 @@
-"""The pure core: (desired nodes, observed targets, key verdicts, memory, guards) -> a plan.
+"""The pure core: (desired nodes, observed targets, host-key facts, memory, guards) -> a plan.
 
-No I/O, no clock, no boto3, no paramiko: every decision hpodlb makes about a target group is taken
-here, with its reason, so that it can be printed by `plan`, applied by `once` and tested with plain
-data. Guards never drop an action silently: a held-back action stays in the plan with the guard that
+No I/O, no clock, no boto3, no paramiko: every decision hpodlb makes is taken here, with its
+reason, so that it can be printed by `plan`, applied by `once` and tested with plain data. The
+executor (`reconcile.py`) calls it again whenever a node's probe or push comes back, with what it
+has applied so far, and applies what became runnable: the plan is always f(the world as now known).
+Guards never drop an action silently: a held-back action stays in the plan with the guard that
 held it, and `status` shows it.
 
 Rules, in the order an admin asks about them:
 - register eagerly: a desired node whose host keys are verified is registered the pass it appears;
-- host-key gate: a node that presents other keys is pushed the canonical ones and registered only
-  after they verify; a registered node found with other keys leaves at once (not held by absence);
-- deregister cautiously: a target no node accounts for goes only after it was absent for
-  `absent_passes_before_deregister` consecutive passes, never more than `max_deregister_fraction` of
-  a group in one pass, and never below `min_in_service` registered targets;
+- host keys (`identity.py`): a node presenting other keys is pushed the canonical ones (pinned to
+  keys we can vouch for) and registered only after they verify; a known instance presenting
+  unknown keys is held for an admin; an empty store adopts the first login node's keys;
+- every deregistration, whatever its reason, counts against `max_deregister_fraction` of the
+  group's registered targets (as the pass began) and never leaves fewer than `min_in_service`;
+  wrong identities go first, then instances that moved to another IP, then absent targets;
+- an absent target goes only after `absent_passes_before_deregister` consecutive passes that span
+  at least as many `interval_seconds` (a burst of file changes does not shorten it);
 - with `prune = false`, only targets hpodlb itself registered are ever removed;
-- targets at another port than the configured one are never touched.
+- only targets whose Id is an IP address at the configured port are ever touched;
+- a target group that failed its check (type, protocol, port) gets no action at all.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from hpodlb.identity import Judgement, KeyState, judge
 from hpodlb.inventory import LoginNode
 
 # NLB states in which a target is on its way out or gone: it does not count as registered.
 NOT_REGISTERED_STATES = frozenset({"draining"})
 
 
-class KeyVerdict(enum.Enum):
-    """What we know about the host keys a node presents, from this pass's probe."""
-
-    IN_SYNC = "in-sync"
-    NEEDS_KEYS = "needs-keys"  # reachable, presents other keys: push, verify, then register
-    UNREACHABLE = "unreachable"  # cannot tell: register nothing, leave registrations alone
-    REPLACED_UNREACHABLE = "replaced-unreachable"  # new instance, keys unknown: out of rotation
-
-
 class Kind(str, enum.Enum):
+    ADOPT = "adopt-keys"
     PUSH_KEYS = "push-keys"
     REGISTER = "register"
     DEREGISTER = "deregister"
+    RETIRE_PREVIOUS = "retire-previous-keys"
 
 
 class Guard(str, enum.Enum):
@@ -53,7 +54,7 @@ class Guard(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Target:
-    ip: str
+    ip: str  # the target's Id: an IP address for the groups hpodlb manages
     port: int
     state: str
 
@@ -64,11 +65,12 @@ class Target:
 
 @dataclass(frozen=True)
 class GroupView:
-    """One target group as observed this pass."""
+    """One target group as observed this pass; `problem` set: it failed its check, hands off."""
 
     arn: str
     port: int
     targets: tuple[Target, ...]
+    problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,51 @@ class Guards:
     max_deregister_fraction: float = 0.5
     absent_passes_before_deregister: int = 2
     min_in_service: int = 1
+    min_absent_seconds: float = 0.0  # absent_passes_before_deregister x interval_seconds
+
+
+@dataclass(frozen=True)
+class Absence:
+    """A target no login node accounts for: since when (monotonic seconds) and for how many passes."""
+
+    passes: int
+    since: float
+    instance_id: str = ""  # the instance last seen at that IP, if known
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What this pass saw of one node's host keys."""
+
+    offered: Mapping[str, str] | None = None  # type -> `algo base64`; None: no answer (yet)
+    error: str = ""  # `step: reason` when the probe failed
+    skipped: bool = False  # verified recently (probe_interval_seconds): not probed
+
+
+@dataclass(frozen=True)
+class KeyFacts:
+    """Everything about host keys the planner needs; `enabled=False` gates nothing."""
+
+    enabled: bool = False
+    current: Mapping[str, str] = field(default_factory=dict)  # canonical, type -> `algo base64`
+    previous: Mapping[str, str] = field(default_factory=dict)  # during a rotation
+    unavailable: str = ""  # why no canonical keys can be used this pass (store refused, ...)
+    adopt: bool = True  # an empty store adopts the first login node's keys
+    probes: Mapping[str, Probe] = field(default_factory=dict)  # by IP
+    verified: Mapping[str, str] = field(default_factory=dict)  # IP -> instance verified canonical
+    trusted: Mapping[str, tuple[str, frozenset[str]]] = field(default_factory=dict)  # admin
+    backing_off: Mapping[str, str] = field(default_factory=dict)  # IP -> why pushes wait
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What earlier passes, and the earlier steps of this pass, leave for the planner."""
+
+    absent: Mapping[str, Mapping[str, Absence]] = field(default_factory=dict)  # arn -> ip ->
+    registered_by_us: Mapping[str, Iterable[str]] = field(default_factory=dict)
+    last_instance: Mapping[str, str] = field(default_factory=dict)  # ip -> instance last seen
+    start_registered: Mapping[str, int] = field(default_factory=dict)  # fraction base, by arn
+    spent: Mapping[str, int] = field(default_factory=dict)  # deregistrations applied this pass
 
 
 @dataclass(frozen=True)
@@ -89,6 +136,7 @@ class Action:
     instance_id: str = ""
     held_by: Guard | None = None
     after_push: bool = False  # a register that happens only if this pass's key push verifies
+    pin: frozenset[str] = frozenset()  # push/adopt: the keys the node's session must present
 
     @property
     def held(self) -> bool:
@@ -97,7 +145,7 @@ class Action:
 
 @dataclass(frozen=True)
 class Waiting:
-    """A desired node that cannot be put in service this pass, and why."""
+    """A desired node that cannot be put (or kept) in service as it should, and why."""
 
     node: LoginNode
     reason: str
@@ -108,7 +156,9 @@ class Plan:
     actions: tuple[Action, ...] = ()
     waiting: tuple[Waiting, ...] = ()
     unmanaged: tuple[tuple[str, Target], ...] = ()  # (target group, target) left alone: prune=off
-    absent_passes: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    absent: Mapping[str, Mapping[str, Absence]] = field(default_factory=dict)
+    judgements: Mapping[str, Judgement] = field(default_factory=dict)  # by IP
+    problems: tuple[str, ...] = ()  # target groups that get no action, and why
 
     def runnable(self, kind: Kind | None = None) -> tuple[Action, ...]:
         return tuple(a for a in self.actions if not a.held and kind in (None, a.kind))
@@ -117,106 +167,249 @@ class Plan:
         return tuple(a for a in self.actions if a.held)
 
     @property
-    def converged(self) -> bool:
-        """Nothing to do, nothing held back, nobody waiting: `plan` exits 0, `once` exits 0."""
-        return not self.actions and not self.waiting
+    def settled(self) -> bool:
+        """Nothing to do, nothing held back, nobody waiting, no group refused: `plan` exits 0."""
+        return not self.actions and not self.waiting and not self.problems
 
 
-_NOT_IN_SYNC = {
-    KeyVerdict.NEEDS_KEYS: "presents host keys other than the canonical ones",
-    KeyVerdict.REPLACED_UNREACHABLE: "was replaced (new instance) and its host keys are unverified",
-}
+class Role(enum.Enum):
+    """What a node's key judgement means for its targets."""
+
+    SERVE = "serve"  # verified: register it
+    IN_PLACE = "in-place"  # previous canonical keys: keep it in, push, register after the push
+    REPAIR = "repair"  # other keys, trusted for a push: out, push, back in after it verifies
+    HOLD = "hold"  # not trusted: out, nothing pushed
+    KEEP = "keep"  # unknown this pass: keep a registration, register nothing
+    LEAVE = "leave"  # unknown, and its instance changed since it was verified: out
 
 
 def plan_pass(
     nodes: Sequence[LoginNode],
     groups: Sequence[GroupView],
-    verdicts: Mapping[str, KeyVerdict],
+    keys: KeyFacts,
     guards: Guards,
-    absent_passes: Mapping[str, Mapping[str, int]] | None = None,
-    registered_by_us: Mapping[str, Iterable[str]] | None = None,
-    backing_off: Mapping[str, str] | None = None,
+    memory: Memory | None = None,
+    now: float = 0.0,
 ) -> Plan:
-    """Decide one pass. `verdicts` must name every node; a missing one counts as unreachable.
-
-    `backing_off` maps a node IP to a reason: such a node gets no key push this pass (its retry
-    timer has not run out), but the rest of its plan stands.
-    """
-    absent_passes = absent_passes or {}
-    registered_by_us = registered_by_us or {}
-    backing_off = backing_off or {}
+    """Decide one pass. `nodes` in resource-config order (the first one is the adoption source);
+    `now` is monotonic seconds, compared only with `memory.absent` times."""
+    memory = memory or Memory()
+    judgements, key_actions, key_waiting = _plan_keys(nodes, keys)
     by_ip = {n.ip: n for n in nodes}
-    verdict = {n.ip: verdicts.get(n.ip, KeyVerdict.UNREACHABLE) for n in nodes}
+    roles = {n.ip: _role(judgements[n.ip], _replaced(n, keys)) for n in nodes}
+    pushing = {a.ip for a in key_actions if a.kind is Kind.PUSH_KEYS and not a.held}
 
-    actions: list[Action] = []
-    waiting: list[Waiting] = []
+    actions = list(key_actions)
     unmanaged: list[tuple[str, Target]] = []
-    next_absent: dict[str, dict[str, int]] = {}
-
-    push_ips = [ip for ip in by_ip if verdict[ip] is KeyVerdict.NEEDS_KEYS]
-    for ip in push_ips:
-        node = by_ip[ip]
-        held = Guard.BACKOFF if ip in backing_off else None
-        reason = _NOT_IN_SYNC[KeyVerdict.NEEDS_KEYS]
-        if held:
-            reason = f"{reason}; retry held back: {backing_off[ip]}"
-        actions.append(
-            Action(Kind.PUSH_KEYS, ip, reason, instance_id=node.instance_id, held_by=held)
-        )
-
+    absent: dict[str, dict[str, Absence]] = {}
+    problems: list[str] = []
     for group in groups:
-        group_actions, group_absent, group_unmanaged = _plan_group(
-            group,
-            by_ip,
-            verdict,
-            guards,
-            absent_passes.get(group.arn, {}),
-            frozenset(registered_by_us.get(group.arn, ())),
-            frozenset(backing_off),
-        )
-        actions.extend(group_actions)
-        unmanaged.extend((group.arn, t) for t in group_unmanaged)
-        next_absent[group.arn] = group_absent
+        if group.problem:
+            problems.append(group.problem)
+            continue
+        planned = _plan_group(group, by_ip, roles, judgements, pushing, guards, memory, now)
+        actions.extend(planned.actions)
+        unmanaged.extend((group.arn, t) for t in planned.unmanaged)
+        absent[group.arn] = planned.absent
 
-    for ip, node in by_ip.items():
-        v = verdict[ip]
-        if v is KeyVerdict.UNREACHABLE:
-            waiting.append(Waiting(node, "host keys unverified: node unreachable"))
-        elif v is KeyVerdict.REPLACED_UNREACHABLE:
-            waiting.append(Waiting(node, _NOT_IN_SYNC[v]))
-        elif v is KeyVerdict.NEEDS_KEYS and ip in backing_off:
-            waiting.append(Waiting(node, f"key push backing off: {backing_off[ip]}"))
-    # Unreachable nodes that are registered everywhere already are not waiting for anything.
-    registered_somewhere = {
-        (g.arn, t.ip) for g in groups for t in g.targets if t.port == g.port and t.registered
-    }
-    waiting = [
-        w
-        for w in waiting
-        if not (
-            verdict[w.node.ip] is KeyVerdict.UNREACHABLE
-            and all((g.arn, w.node.ip) in registered_somewhere for g in groups)
-        )
-    ]
+    live = [g for g in groups if not g.problem]
+    waiting = [*key_waiting, *_unverified_waiting(nodes, roles, judgements, live)]
     return Plan(
         actions=tuple(actions),
         waiting=tuple(waiting),
         unmanaged=tuple(unmanaged),
-        absent_passes=next_absent,
+        absent=absent,
+        judgements=judgements,
+        problems=tuple(problems),
     )
+
+
+# -- host keys ----------------------------------------------------------------------------------
+
+
+def _plan_keys(
+    nodes: Sequence[LoginNode], keys: KeyFacts
+) -> tuple[dict[str, Judgement], list[Action], list[Waiting]]:
+    """Judgements per node, the key actions (adopt, push, retire) and who waits on keys, and why."""
+    if not keys.enabled:
+        return {n.ip: Judgement(KeyState.NOT_CHECKED) for n in nodes}, [], []
+    actions: list[Action] = []
+    current: Mapping[str, str] = keys.current
+    blocked = ""
+    if keys.unavailable:
+        blocked = keys.unavailable
+    elif not current and not nodes:
+        pass
+    elif not current and not keys.adopt:
+        blocked = (
+            "the key store is empty and adopt_from_first_node is off: run `hpodlb keys generate` "
+            "or `hpodlb keys adopt --from IP`"
+        )
+    elif not current:
+        source = nodes[0]
+        probe = keys.probes.get(source.ip, Probe())
+        if probe.offered:
+            current = probe.offered  # what the store will hold once the adoption is done
+            actions.append(
+                Action(
+                    Kind.ADOPT,
+                    source.ip,
+                    f"the key store is empty: adopt the keys of {source.label()} ({source.name}), "
+                    "the first login node in the resource config",
+                    instance_id=source.instance_id,
+                    pin=frozenset(probe.offered.values()),
+                )
+            )
+        else:
+            why = probe.error or ("offers no configured key type" if probe.offered == {} else "")
+            blocked = (
+                f"the key store is empty; adopting the keys of {source.label()}, the first login "
+                f"node in the resource config, waits for it{': ' + why if why else ''}"
+            )
+    if blocked:
+        judged = {n.ip: Judgement(KeyState.NO_CANONICAL, detail=blocked) for n in nodes}
+        return judged, [], []
+
+    judgements = {n.ip: _judge_node(n, keys, current) for n in nodes}
+    waiting: list[Waiting] = []
+    for node in nodes:
+        j = judgements[node.ip]
+        if not j.pushable:
+            continue
+        held = keys.backing_off.get(node.ip)
+        reason = f"{node.label()} {j.detail}"
+        if held:
+            waiting.append(Waiting(node, f"key push backing off: {held}"))
+            reason = f"{reason}; retry held back: {held}"
+        actions.append(
+            Action(
+                Kind.PUSH_KEYS,
+                node.ip,
+                reason,
+                instance_id=node.instance_id,
+                held_by=Guard.BACKOFF if held else None,
+                pin=j.pin,
+            )
+        )
+    if keys.previous and nodes and all(j.state is KeyState.IN_SYNC for j in judgements.values()):
+        actions.append(
+            Action(
+                Kind.RETIRE_PREVIOUS,
+                "",
+                "every login node presents the current canonical keys: the rotation is done",
+            )
+        )
+    return judgements, actions, waiting
+
+
+def _judge_node(node: LoginNode, keys: KeyFacts, current: Mapping[str, str]) -> Judgement:
+    probe = keys.probes.get(node.ip)
+    if probe is None:
+        return Judgement(KeyState.PENDING, detail="probe not finished")
+    if probe.skipped:
+        return Judgement(KeyState.IN_SYNC, detail="verified recently; not probed this pass")
+    if probe.offered is None:
+        return Judgement(KeyState.UNREACHABLE, detail=probe.error or "no answer")
+    trusted = keys.trusted.get(node.ip)
+    return judge(
+        probe.offered,
+        current,
+        keys.previous,
+        known_instance=keys.verified.get(node.ip) == node.instance_id,
+        admin_trusted=trusted[1] if trusted and trusted[0] == node.instance_id else None,
+        ip=node.ip,
+    )
+
+
+def _replaced(node: LoginNode, keys: KeyFacts) -> bool:
+    """A new instance at an IP whose keys were verified for another one (a HyperPod replacement)."""
+    verified = keys.verified.get(node.ip, "")
+    return bool(verified) and verified != node.instance_id
+
+
+def _role(j: Judgement, replaced: bool) -> Role:
+    state = j.state
+    if state in (KeyState.IN_SYNC, KeyState.NOT_CHECKED):
+        return Role.SERVE
+    if state is KeyState.ROTATING:
+        return Role.IN_PLACE
+    if state in (KeyState.NEW_INSTANCE, KeyState.ADMIN_TRUSTED):
+        return Role.REPAIR
+    if state in (KeyState.UNKNOWN_KEYS, KeyState.NO_KEY_TYPE):
+        return Role.HOLD
+    if state is KeyState.PENDING:
+        return Role.KEEP
+    return Role.LEAVE if replaced else Role.KEEP  # unreachable, no canonical keys
+
+
+def _unverified_waiting(
+    nodes: Sequence[LoginNode],
+    roles: Mapping[str, Role],
+    judgements: Mapping[str, Judgement],
+    groups: Sequence[GroupView],
+) -> list[Waiting]:
+    """Nodes not (or not verifiably) serving as they should, with what is true of them. Nodes
+    with a push to come are not listed: their action says it, and a held push says why."""
+    out: list[Waiting] = []
+    for node in nodes:
+        role, j = roles[node.ip], judgements[node.ip]
+        if role in (Role.SERVE, Role.IN_PLACE, Role.REPAIR):
+            continue
+        if j.state is KeyState.UNREACHABLE:
+            registered = bool(groups) and all(_is_registered(g, node.ip) for g in groups)
+            where = (
+                "registered, but its host keys cannot be verified"
+                if registered
+                else "not registered until its host keys verify"
+            )
+            out.append(Waiting(node, f"{where}: {j.detail}"))
+        elif role is Role.LEAVE:
+            out.append(Waiting(node, _leave_reason(j, role)))
+        else:
+            out.append(Waiting(node, j.detail))
+    return out
+
+
+# -- target groups -----------------------------------------------------------------------------
+
+
+@dataclass
+class _GroupPlan:
+    actions: list[Action]
+    absent: dict[str, Absence]
+    unmanaged: list[Target]
+
+
+class _Ledger:
+    """The deregistration budget of one group in this pass: fraction and min_in_service."""
+
+    def __init__(self, budget: int, registered: int, floor: int) -> None:
+        self.budget = budget
+        self.remaining = registered
+        self.floor = floor
+
+    def take(self) -> Guard | None:
+        if self.budget <= 0:
+            return Guard.FRACTION
+        if self.remaining - 1 < self.floor:
+            return Guard.MIN_IN_SERVICE
+        self.budget -= 1
+        self.remaining -= 1
+        return None
 
 
 def _plan_group(
     group: GroupView,
     by_ip: Mapping[str, LoginNode],
-    verdict: Mapping[str, KeyVerdict],
+    roles: Mapping[str, Role],
+    judgements: Mapping[str, Judgement],
+    pushing: set[str],
     guards: Guards,
-    absent: Mapping[str, int],
-    ours: frozenset[str],
-    backing_off: frozenset[str],
-) -> tuple[list[Action], dict[str, int], list[Target]]:
-    at_port = {t.ip: t for t in group.targets if t.port == group.port}
-    registered = {ip for ip, t in at_port.items() if t.registered}
+    memory: Memory,
+    now: float,
+) -> _GroupPlan:
+    live = {t.ip: t for t in group.targets if t.port == group.port and _is_ip(t.ip)}
+    registered = {ip for ip, t in live.items() if t.registered}
 
     def act(kind: Kind, ip: str, reason: str, held_by: Guard | None = None) -> Action:
         node = by_ip.get(ip)
@@ -226,56 +419,95 @@ def _plan_group(
             reason,
             target_group=group.arn,
             port=group.port,
-            instance_id=node.instance_id if node else "",
+            instance_id=node.instance_id if node else memory.last_instance.get(ip, ""),
             held_by=held_by,
-            after_push=kind is Kind.REGISTER and verdict.get(ip) is KeyVerdict.NEEDS_KEYS,
+            after_push=kind is Kind.REGISTER and roles.get(ip) in (Role.IN_PLACE, Role.REPAIR),
         )
 
-    # Register eagerly, but only what is (or is about to be) verified.
     actions: list[Action] = []
+    # Register eagerly, but only what is (or is about to be) verified.
     for ip in sorted(set(by_ip) - registered):
-        why = "draining target re-registered" if ip in at_port else "login node not registered"
-        if verdict[ip] is KeyVerdict.IN_SYNC:
+        why = "draining target re-registered" if ip in live else "login node not registered"
+        if roles[ip] is Role.SERVE:
             actions.append(act(Kind.REGISTER, ip, why))
-        elif verdict[ip] is KeyVerdict.NEEDS_KEYS and ip not in backing_off:
+        elif roles[ip] in (Role.IN_PLACE, Role.REPAIR) and ip in pushing:
             actions.append(act(Kind.REGISTER, ip, f"{why}; after its pushed host keys verify"))
 
-    # Candidates to leave. Wrong identity first: it is serving users the wrong host key right now.
-    identity = [ip for ip in sorted(registered & set(by_ip)) if verdict[ip] in _NOT_IN_SYNC]
-    strays = sorted(registered - set(by_ip))
-    unmanaged = [at_port[ip] for ip in strays if not guards.prune and ip not in ours]
-    next_absent = {ip: absent.get(ip, 0) + 1 for ip in strays if guards.prune or ip in ours}
-
-    budget = math.floor(guards.max_deregister_fraction * len(registered))
-    remaining = len(registered)
-    leaving = 0
-    for ip in identity:
-        reason = f"{by_ip[ip].label()} {_NOT_IN_SYNC[verdict[ip]]}"
-        if remaining - 1 < guards.min_in_service:
-            actions.append(act(Kind.DEREGISTER, ip, reason, Guard.MIN_IN_SERVICE))
+    ledger = _Ledger(
+        math.floor(
+            guards.max_deregister_fraction * memory.start_registered.get(group.arn, len(registered))
+        )
+        - memory.spent.get(group.arn, 0),
+        len(registered),
+        guards.min_in_service,
+    )
+    # Wrong identity first: it is serving users a host key they were not told about, right now.
+    for ip in sorted(registered & set(by_ip)):
+        if roles[ip] not in (Role.REPAIR, Role.HOLD, Role.LEAVE):
             continue
-        actions.append(act(Kind.DEREGISTER, ip, reason))
-        if verdict[ip] is KeyVerdict.NEEDS_KEYS and ip not in backing_off:
-            actions.append(act(Kind.REGISTER, ip, "back in after its pushed host keys verify"))
-        remaining -= 1
-        leaving += 1
-    need = guards.absent_passes_before_deregister
-    for ip, passes in next_absent.items():
-        held = _absence_guard(passes, need, leaving < budget, remaining > guards.min_in_service)
-        reason = f"not in the resource config for {passes}/{need} passes"
+        held = ledger.take()
+        node = by_ip[ip]
+        reason = f"{node.label()}: {_leave_reason(judgements[ip], roles[ip])}"
         actions.append(act(Kind.DEREGISTER, ip, reason, held))
-        if held is None:
-            remaining -= 1
-            leaving += 1
-    return actions, next_absent, unmanaged
+        if held is None and ip in pushing:
+            actions.append(act(Kind.REGISTER, ip, "back in after its pushed host keys verify"))
+
+    ours = frozenset(memory.registered_by_us.get(group.arn, ()))
+    strays = sorted(registered - set(by_ip))
+    unmanaged = [live[ip] for ip in strays if not guards.prune and ip not in ours]
+    managed = [ip for ip in strays if guards.prune or ip in ours]
+    absent = _absences(managed, memory.absent.get(group.arn, {}), memory.last_instance, now)
+    listed_at = {n.instance_id: n.ip for n in by_ip.values()}
+    # An instance now listed at another IP: its old IP is stale for certain, no need to wait.
+    moved = {ip for ip, a in absent.items() if listed_at.get(a.instance_id, ip) != ip}
+    for ip in sorted(moved):
+        reason = f"instance {absent[ip].instance_id} moved to {listed_at[absent[ip].instance_id]}"
+        actions.append(act(Kind.DEREGISTER, ip, reason, ledger.take()))
+    need = guards.absent_passes_before_deregister
+    for ip, record in absent.items():
+        if ip in moved:
+            continue
+        waited = now - record.since
+        reason = f"not in the resource config for {record.passes}/{need} passes"
+        if guards.min_absent_seconds:
+            reason += f" and {waited:.0f}/{guards.min_absent_seconds:.0f} s"
+        early = record.passes < need or waited < guards.min_absent_seconds
+        actions.append(act(Kind.DEREGISTER, ip, reason, Guard.ABSENCE if early else ledger.take()))
+    return _GroupPlan(actions, absent, unmanaged)
 
 
-def _absence_guard(passes: int, need: int, within_budget: bool, above_floor: bool) -> Guard | None:
-    """The first guard that holds back an absent node's deregistration, or None to let it go."""
-    if passes < need:
-        return Guard.ABSENCE
-    if not within_budget:
-        return Guard.FRACTION
-    if not above_floor:
-        return Guard.MIN_IN_SERVICE
-    return None
+def _absences(
+    strays: Sequence[str],
+    before: Mapping[str, Absence],
+    last_instance: Mapping[str, str],
+    now: float,
+) -> dict[str, Absence]:
+    """Each stray's absence, one pass longer; a new one starts now."""
+    out: dict[str, Absence] = {}
+    for ip in strays:
+        old = before.get(ip)
+        out[ip] = Absence(
+            passes=(old.passes if old else 0) + 1,
+            since=old.since if old else now,
+            instance_id=(old.instance_id if old else "") or last_instance.get(ip, ""),
+        )
+    return out
+
+
+def _leave_reason(j: Judgement, role: Role) -> str:
+    if role is Role.LEAVE:
+        return f"replaced (new instance) and its host keys are unverified ({j.detail})"
+    return j.detail or "presents host keys other than the canonical ones"
+
+
+def _is_registered(group: GroupView, ip: str) -> bool:
+    return any(t.ip == ip and t.port == group.port and t.registered for t in group.targets)
+
+
+def _is_ip(target_id: str) -> bool:
+    """Instance ids, Lambda and ALB ARNs are other services' targets: never ours to touch."""
+    try:
+        ipaddress.ip_address(target_id)
+    except ValueError:
+        return False
+    return True

@@ -1,74 +1,121 @@
-"""One pass: read the desired set, observe the world, plan, and (unless dry) apply.
+"""One pass: read the desired set, observe the world, and plan and apply as it becomes known.
 
 This is the only module that puts inventory, target groups, host keys, planner and state together.
-It never decides anything itself (the planner does) and never lets one failure spread: a bad resource
-config stops the pass before any AWS write; a target group that cannot be read gets no actions; a node
-whose key push fails is simply not registered. Order of writes within a pass: nodes serving the wrong
-identity leave first, keys are pushed, verified nodes join, and only then do absent nodes leave.
+It decides nothing itself: it asks the pure planner again each time a node's probe or key push
+comes back, and applies what became runnable. Each login node runs as its own pipeline (probe,
+push, verify, register) on a thread pool: a healthy node is registered as soon as its own probe
+verifies, whatever another node's SSH is doing; registrations that become ready together share one
+AWS call. AWS writes happen on this thread only, in this order of urgency: nodes serving the wrong
+identity leave as soon as that is known, verified nodes join as soon as they verify, and targets no
+login node accounts for leave last, once no probe or push can still claim the deregistration budget.
+
+Faults stay where they happen: a bad resource config stops the pass before any AWS write; a target
+group that cannot be read, or is not what the config says, gets no action; a node's fault (any
+exception, not only the expected ones) is that node's failure; a bug in the pass itself is recorded
+as a crashed pass, never a crashed daemon. The outcome says all of it: `converged` only when nothing
+failed and nothing is left to do, hold or wait for.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 from hpodlb.config import Config, target_group_name
+from hpodlb.hostkeys import HostKeys
+from hpodlb.identity import KeyState
+from hpodlb.intents import Intents, IntentsError, load_intents, update_intents
 from hpodlb.inventory import InventoryError, LoginNode, login_group_names, read_login_nodes
+from hpodlb.keystore import KeySet, KeyStore, KeyStoreError, fingerprint, identity
 from hpodlb.logs import get_logger
-from hpodlb.planner import Action, GroupView, Guards, KeyVerdict, Kind, Plan, plan_pass
-from hpodlb.state import NodeRecord, PassRecord, State, TargetRecord
+from hpodlb.planner import (
+    Absence,
+    Action,
+    GroupView,
+    Guards,
+    KeyFacts,
+    Kind,
+    Memory,
+    Plan,
+    Probe,
+    Target,
+    plan_pass,
+)
+from hpodlb.sshnode import SshError, known_hosts_name
+from hpodlb.state import (
+    AbsenceRecord,
+    NodeRecord,
+    PassRecord,
+    State,
+    TargetRecord,
+    write_atomically,
+)
 from hpodlb.targets import TargetGroup, TargetsError
 
 log = get_logger("hpodlb.pass")
 
+BACKOFF_FIRST_SECONDS = 10.0
+BACKOFF_MAX_SECONDS = 600.0
+WORKERS = 16
+PROBE = "probe"
 
-class KeyGate(Protocol):
-    """What a pass needs from the host-key side (hpodlb.hostkeys implements it)."""
 
-    def assess(
-        self, nodes: Sequence[LoginNode], state: State, now: float, *, dry_run: bool = False
-    ) -> dict[str, KeyVerdict]: ...
+def backoff_seconds(failures: int) -> float:
+    return min(BACKOFF_FIRST_SECONDS * 2.0 ** max(failures - 1, 0), BACKOFF_MAX_SECONDS)
 
-    def backing_off(
-        self, nodes: Sequence[LoginNode], state: State, now: float
-    ) -> dict[str, str]: ...
 
-    def push(self, nodes: Sequence[LoginNode], state: State, now: float) -> dict[str, str | None]:
-        """Push, reload, re-probe; per IP None when the node now verifies, else the error."""
-        ...
+def read_boot_id() -> str:
+    """Monotonic times are comparable only within one boot; this names the boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class KeySide:
+    """The host-key side of a pass: the canonical store and the nodes' keys (None: disabled)."""
+
+    store: KeyStore
+    nodes: HostKeys
+    adopt: bool
+    probe_interval_seconds: float
+    ssh_port: int
+    timeout_seconds: float
 
 
 @dataclass
 class PassOutcome:
     nodes: tuple[LoginNode, ...] = ()
-    plan: Plan | None = None
+    plan: Plan | None = None  # after applying: what is still to do, held back or waiting
     inventory_error: str | None = None
     errors: list[str] = field(default_factory=list)
-    applied: list[Action] = field(default_factory=list)
+    applied: list[Action] = field(default_factory=list)  # in the order it happened
     duration_seconds: float = 0.0
 
     @property
     def converged(self) -> bool:
-        """Nothing failed, nothing was held back, nothing is left to do after this pass."""
+        """Nothing failed, and nothing is left to do, held back or waiting after this pass."""
         if self.inventory_error or self.errors or self.plan is None:
             return False
-        return (
-            not self.plan.held()
-            and not self.plan.waiting
-            and all(a in self.applied for a in self.plan.runnable())
-        )
+        return self.plan.settled
 
     def summary(self) -> str:
         if self.inventory_error:
             return f"no change: {self.inventory_error}"
         plan = self.plan or Plan()
-        done = {k: sum(1 for a in self.applied if a.kind is k) for k in Kind}
+        done = Counter(a.kind for a in self.applied)
         return (
             f"{len(self.nodes)} login nodes; registered {done[Kind.REGISTER]}, "
             f"deregistered {done[Kind.DEREGISTER]}, keys pushed {done[Kind.PUSH_KEYS]}; "
-            f"{len(plan.held())} held back, {len(plan.waiting)} waiting, {len(self.errors)} errors"
+            f"{len(plan.held())} held back, {len(plan.waiting)} waiting, "
+            f"{len(self.errors)} errors"
         )
 
 
@@ -79,87 +126,103 @@ class Reconciler:
         self,
         config: Config,
         groups: Sequence[TargetGroup],
-        gate: KeyGate | None,
-        clock: Callable[[], float] = time.time,
+        keys: KeySide | None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        boot_id: str | None = None,
+        workers: int = WORKERS,
     ) -> None:
         self.config = config
         self.groups = list(groups)
-        self.gate = gate
+        self.keys = keys
         self.clock = clock
+        self.wall = wall
+        self.boot_id = read_boot_id() if boot_id is None else boot_id
+        self.workers = workers
 
     def desired(self) -> tuple[LoginNode, ...]:
         cluster = self.config.cluster
         names, _ = login_group_names(cluster.login_groups, cluster.provisioning_parameters)
         return read_login_nodes(cluster.resource_config, names, cluster.networks())
 
+    def guards(self) -> Guards:
+        cfg = self.config.reconcile
+        return Guards(
+            prune=cfg.prune,
+            max_deregister_fraction=cfg.max_deregister_fraction,
+            absent_passes_before_deregister=cfg.absent_passes_before_deregister,
+            min_in_service=cfg.min_in_service,
+            min_absent_seconds=cfg.absent_passes_before_deregister * cfg.interval_seconds,
+        )
+
     def run_pass(self, state: State, *, apply: bool) -> PassOutcome:
         """One level-triggered pass; mutates `state` only when `apply` is true."""
-        started = self.clock()
+        started, started_wall = self.clock(), self.wall()
         outcome = PassOutcome()
+        work = state if apply else state.model_copy(deep=True)
         try:
             outcome.nodes = self.desired()
         except InventoryError as exc:
             outcome.inventory_error = str(exc)
             log.error("inventory_invalid", error=str(exc), action="no change this pass")
-            if apply:
-                self._record_pass(state, outcome, started)
-            return outcome
-
-        views: list[GroupView] = []
-        target_errors: dict[str, str] = {}
-        for group in self.groups:
+        if outcome.inventory_error is None:
             try:
-                views.append(group.observe())
-            except TargetsError as exc:
-                target_errors[group.arn] = str(exc)
-                outcome.errors.append(str(exc))
-                log.error(
-                    "target_group_unreadable",
-                    target_group=group.name,
-                    code=exc.code,
-                    error=str(exc),
-                    action="no change to this target group this pass",
-                )
-
-        nodes = outcome.nodes
-        scratch = state if apply else state.model_copy(deep=True)
-        now = self.clock()
-        if self.gate is None:
-            verdicts = {n.ip: KeyVerdict.IN_SYNC for n in nodes}
-            backing_off: dict[str, str] = {}
-        else:
-            verdicts = self.gate.assess(nodes, scratch, now, dry_run=not apply)
-            backing_off = self.gate.backing_off(nodes, scratch, now)
-        cfg = self.config.reconcile
-        plan = plan_pass(
-            nodes,
-            views,
-            verdicts,
-            Guards(
-                prune=cfg.prune,
-                max_deregister_fraction=cfg.max_deregister_fraction,
-                absent_passes_before_deregister=cfg.absent_passes_before_deregister,
-                min_in_service=cfg.min_in_service,
-            ),
-            absent_passes=state.absent_passes,
-            registered_by_us=state.registered_by_us,
-            backing_off=backing_off,
-        )
-        outcome.plan = plan
-        if apply:
-            self._apply(plan, nodes, state, outcome)
-            self._remember(state, nodes, views, target_errors, plan, outcome)
-            self._record_pass(state, outcome, started)
+                _Pass(self, work, outcome, apply=apply).run()
+            except Exception as exc:  # a bug must cost one pass, and the pass must say so
+                log.exception("pass_crashed")
+                outcome.errors.append(f"pass crashed: {type(exc).__name__}: {exc}")
         outcome.duration_seconds = self.clock() - started
+        if apply:
+            _record_pass(work, outcome, started_wall, self.wall())
         return outcome
 
-    # -- applying -------------------------------------------------------------------------------
 
-    def _apply(
-        self, plan: Plan, nodes: Sequence[LoginNode], state: State, outcome: PassOutcome
-    ) -> None:
-        desired = {n.ip for n in nodes}
-        for action in plan.held():
+class _Pass:
+    """One pass in progress: what is known so far, what was done, what is still running."""
+
+    def __init__(self, rec: Reconciler, state: State, outcome: PassOutcome, *, apply: bool):
+        self.rec = rec
+        self.state = state
+        self.outcome = outcome
+        self.apply = apply
+        self.nodes = outcome.nodes
+        self.by_ip = {n.ip: n for n in self.nodes}
+        self.now = rec.clock()
+        self.views: dict[str, GroupView] = {}
+        self.start_registered: dict[str, int] = {}
+        self.spent: Counter[str] = Counter()
+        self.attempted: set[tuple[Kind, str, str]] = set()
+        self.probes: dict[str, Probe] = {}
+        self.jobs: dict[Future[Any], _Job] = {}
+        self.keyset: KeySet = {}
+        self.facts = KeyFacts()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        _rebase(self.state, self.rec.boot_id, self.now)
+        for node in self.nodes:
+            self.state.nodes.setdefault(node.ip, NodeRecord())
+        self._observe_groups()
+        self.facts = self._key_facts()
+        pool = ThreadPoolExecutor(
+            max_workers=max(1, min(self.rec.workers, len(self.nodes))),
+            thread_name_prefix="hpodlb-node",
+        )
+        try:
+            self._start_probes(pool)
+            while True:
+                plan = self._plan()
+                if self.apply and self._act(plan, pool):
+                    continue
+                if not self.jobs:
+                    break
+                self._collect()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        final = self._plan()
+        self.outcome.plan = final
+        for action in final.held():
             log.warning(
                 "held_back",
                 kind=action.kind.value,
@@ -169,113 +232,529 @@ class Reconciler:
                 guard=action.held_by.value if action.held_by else "",
                 reason=action.reason,
             )
-        deregs = plan.runnable(Kind.DEREGISTER)
-        self._change(Kind.DEREGISTER, [a for a in deregs if a.ip in desired], outcome)
+        if self.apply:
+            self._remember(final)
 
-        pushes = plan.runnable(Kind.PUSH_KEYS)
-        verified: set[str] = set()
-        if pushes and self.gate is not None:
-            by_ip = {n.ip: n for n in nodes}
-            results = self.gate.push([by_ip[a.ip] for a in pushes], state, self.clock())
-            for action in pushes:
-                error = results.get(action.ip, "no result")
-                if error is None:
-                    verified.add(action.ip)
-                    outcome.applied.append(action)
-                else:
-                    outcome.errors.append(f"{action.ip} ({action.instance_id}): {error}")
-        registers = [
-            a for a in plan.runnable(Kind.REGISTER) if not a.after_push or a.ip in verified
-        ]
-        self._change(Kind.REGISTER, registers, outcome)
-        self._change(Kind.DEREGISTER, [a for a in deregs if a.ip not in desired], outcome)
+    def _plan(self) -> Plan:
+        s = self.state
+        memory = Memory(
+            absent={
+                arn: {ip: Absence(r.passes, r.since, r.instance_id) for ip, r in table.items()}
+                for arn, table in s.absent.items()
+            },
+            registered_by_us=s.registered_by_us,
+            last_instance={ip: r.instance_id for ip, r in s.nodes.items() if r.instance_id},
+            start_registered=self.start_registered,
+            spent=self.spent,
+        )
+        return plan_pass(
+            self.nodes, list(self.views.values()), self.facts, self.rec.guards(), memory, self.now
+        )
 
-    def _change(self, kind: Kind, actions: Sequence[Action], outcome: PassOutcome) -> None:
+    def _act(self, plan: Plan, pool: ThreadPoolExecutor) -> bool:
+        """Start or apply what became runnable and was not tried yet; True if anything was."""
+
+        def fresh(kind: Kind) -> list[Action]:
+            return [
+                a
+                for a in plan.runnable(kind)
+                if (a.kind, a.target_group, a.ip) not in self.attempted
+            ]
+
+        def start(action: Action) -> None:
+            self.attempted.add((action.kind, action.target_group, action.ip))
+
+        adopt = plan.runnable(Kind.ADOPT)
+        if adopt:  # nothing else until the canonical keys exist
+            if not fresh(Kind.ADOPT):
+                return False
+            start(adopt[0])
+            self._submit(pool, adopt[0], self._adopt_job(adopt[0]))
+            return True
+        # Wrong identities leave before anything else happens to them; pushes start; the
+        # verified join. Deregistrations first, so each re-plan counts them against the budget.
+        leaving = [a for a in fresh(Kind.DEREGISTER) if a.ip in self.by_ip]
+        for action in leaving:
+            start(action)
+        did = self._write(Kind.DEREGISTER, leaving)
+        for action in fresh(Kind.PUSH_KEYS):
+            start(action)
+            self._submit(pool, action, self._push_job(action, plan))
+            did = True
+        joining = [a for a in fresh(Kind.REGISTER) if not a.after_push]
+        for action in joining:
+            start(action)
+        did = self._write(Kind.REGISTER, joining) or did
+        if not self.jobs:  # last, with what is left of the budget
+            strays = [a for a in fresh(Kind.DEREGISTER) if a.ip not in self.by_ip]
+            for action in strays:
+                start(action)
+            did = self._write(Kind.DEREGISTER, strays) or did
+            for action in fresh(Kind.RETIRE_PREVIOUS):
+                start(action)
+                self._retire_previous(action)
+                did = True
+        return did
+
+    # -- target groups ----------------------------------------------------------------------------
+
+    def _observe_groups(self) -> None:
+        for group in self.rec.groups:
+            try:
+                view = group.observe()
+                problem = group.problem(self.now)
+            except TargetsError as exc:
+                self.outcome.errors.append(str(exc))
+                self.state.target_errors[group.arn] = str(exc)
+                log.error(
+                    "target_group_unreadable",
+                    target_group=group.name,
+                    code=exc.code,
+                    error=str(exc),
+                    action="no change to this target group this pass",
+                )
+                continue
+            if problem:
+                self.outcome.errors.append(problem)
+                log.error("target_group_refused", target_group=group.name, error=problem)
+                view = replace(view, problem=problem)
+            self.state.target_errors.pop(group.arn, None)
+            self.views[group.arn] = view
+            self.start_registered[group.arn] = sum(
+                1 for t in view.targets if t.port == view.port and t.registered
+            )
+
+    def _write(self, kind: Kind, actions: Sequence[Action]) -> bool:
+        """Apply registrations or deregistrations, one call per group (batched by the adapter)."""
         by_group: dict[str, list[Action]] = {}
         for action in actions:
             by_group.setdefault(action.target_group, []).append(action)
-        groups = {g.arn: g for g in self.groups}
+        groups = {g.arn: g for g in self.rec.groups}
         for arn, group_actions in by_group.items():
             group = groups[arn]
-            ips = [a.ip for a in group_actions]
-            try:
-                (group.register if kind is Kind.REGISTER else group.deregister)(ips)
-            except TargetsError as exc:
-                outcome.errors.append(str(exc))
+            write = group.register if kind is Kind.REGISTER else group.deregister
+            result = write([a.ip for a in group_actions])
+            done = set(result.done)
+            for action in group_actions:
+                if action.ip in done:
+                    self._applied_to_group(kind, action)
+            for ip, reason in result.refused.items():
+                self._error(f"{group.name}: AWS refused {kind.value} of {ip}: {reason}")
+                log.error(f"{kind.value}_refused", target_group=group.name, ip=ip, reason=reason)
+            if result.error is not None:
+                self._error(str(result.error))
                 log.error(
                     f"{kind.value}_failed",
                     target_group=group.name,
-                    code=exc.code,
-                    ips=ips,
-                    error=str(exc),
+                    code=result.error.code,
+                    ips=sorted(result.failed),
+                    error=str(result.error),
                 )
-                continue
-            for action in group_actions:
-                outcome.applied.append(action)
-                log.info(
-                    f"{kind.value}ed",
-                    ip=action.ip,
-                    instance_id=action.instance_id,
-                    target_group=group.name,
-                    port=action.port,
-                    reason=action.reason,
-                )
+            if result.refused:
+                self._recheck(group)
+        return bool(actions)
 
-    # -- remembering ----------------------------------------------------------------------------
+    def _applied_to_group(self, kind: Kind, action: Action) -> None:
+        view = self.views[action.target_group]
+        state = "initial" if kind is Kind.REGISTER else "draining"
+        others = tuple(t for t in view.targets if (t.ip, t.port) != (action.ip, view.port))
+        updated = replace(view, targets=(*others, Target(action.ip, view.port, state)))
+        self.views[view.arn] = updated
+        if kind is Kind.DEREGISTER:
+            self.spent[view.arn] += 1
+        self.outcome.applied.append(action)
+        log.info(
+            f"{kind.value}ed",
+            ip=action.ip,
+            instance_id=action.instance_id,
+            target_group=target_group_name(action.target_group),
+            port=action.port,
+            reason=action.reason,
+        )
 
-    def _remember(
-        self,
-        state: State,
-        nodes: Sequence[LoginNode],
-        views: Sequence[GroupView],
-        target_errors: Mapping[str, str],
-        plan: Plan,
-        outcome: PassOutcome,
+    def _recheck(self, group: TargetGroup) -> None:
+        """AWS refused a target as invalid: make sure the group itself is still what we think."""
+        try:
+            problem = group.problem(self.rec.clock())
+        except TargetsError as exc:
+            problem = str(exc)
+        if problem:
+            self.views[group.arn] = replace(self.views[group.arn], problem=problem)
+            self._error(problem)
+
+    # -- host keys --------------------------------------------------------------------------------
+
+    def _key_facts(self) -> KeyFacts:
+        side = self.rec.keys
+        if side is None:
+            return KeyFacts(enabled=False)
+        unavailable, current, previous = "", {}, {}
+        try:
+            if not side.store.is_empty():
+                self.keyset = side.store.load()
+                current = {t: k.public for t, k in self.keyset.items()}
+                previous = {t: k.public for t, k in side.store.load_previous().items()}
+        except (KeyStoreError, OSError) as exc:
+            unavailable = f"key store refused: {exc}"
+            log.error("host_keys_unavailable", store=str(side.store.path), error=str(exc))
+        trusted: dict[str, tuple[str, frozenset[str]]] = {}
+        try:
+            for ip, req in load_intents(self.rec.config.state.dir).trust.items():
+                trusted[ip] = (req.instance_id, frozenset(req.keys))
+        except IntentsError as exc:
+            self._error(str(exc))
+        records = self.state.nodes
+        return KeyFacts(
+            enabled=True,
+            current=current,
+            previous=previous,
+            unavailable=unavailable,
+            adopt=side.adopt,
+            verified={ip: r.verified_instance_id for ip, r in records.items()},
+            trusted=trusted,
+            backing_off=self._backing_off(),
+        )
+
+    def _backing_off(self) -> dict[str, str]:
+        return {
+            ip: f"retry in {r.retry_mono - self.now:.0f}s after: {r.last_error}"
+            for ip, r in self.state.nodes.items()
+            if ip in self.by_ip and r.retry_mono is not None and r.retry_mono > self.now
+        }
+
+    def _start_probes(self, pool: ThreadPoolExecutor) -> None:
+        side = self.rec.keys
+        if side is None:
+            return
+        verified_set = identity(self.keyset) if self.keyset else ""
+        for node in self.nodes:
+            r = self.state.nodes[node.ip]
+            recent = (
+                side.probe_interval_seconds > 0
+                and r.key_state == KeyState.IN_SYNC.value
+                and r.verified_instance_id == node.instance_id
+                and bool(verified_set)
+                and r.verified_keys == verified_set
+                and r.verified_mono is not None
+                and 0 <= self.now - r.verified_mono < side.probe_interval_seconds
+            )
+            if recent:
+                self.probes[node.ip] = Probe(skipped=True)
+            else:
+                self._submit(pool, node.ip, partial(side.nodes.probe, node.ip))
+        self.facts = replace(self.facts, probes=dict(self.probes))
+
+    def _push_job(self, action: Action, plan: Plan) -> Callable[[], Any]:
+        assert self.rec.keys is not None
+        nodes, keys = self.rec.keys.nodes, dict(self.keyset)
+        if plan.judgements[action.ip].state is KeyState.NEW_INSTANCE:
+            log.warning(
+                "ssh_trust_on_first_use",
+                ip=action.ip,
+                instance_id=action.instance_id,
+                fingerprints=sorted(_fingerprints(action.pin)),
+                why="a new instance: the push session must present exactly what its probe showed",
+            )
+        return partial(nodes.push, action.ip, keys, action.pin)
+
+    def _adopt_job(self, action: Action) -> Callable[[], Any]:
+        assert self.rec.keys is not None
+        nodes = self.rec.keys.nodes
+        return partial(nodes.read_keys, action.ip, action.pin)
+
+    def _submit(
+        self, pool: ThreadPoolExecutor, subject: Action | str, job: Callable[[], Any]
     ) -> None:
-        applied = {(a.kind, a.target_group, a.ip) for a in outcome.applied}
-        for view in views:
-            ours = set(state.registered_by_us.get(view.arn, []))
-            targets = {(t.ip, t.port): t.state for t in view.targets}
-            for kind, arn, ip in applied:
-                if arn != view.arn:
-                    continue
-                if kind is Kind.REGISTER:
-                    ours.add(ip)
-                    targets[(ip, view.port)] = "initial"
-                elif kind is Kind.DEREGISTER:
-                    ours.discard(ip)
-                    targets[(ip, view.port)] = "draining"
-            state.registered_by_us[view.arn] = sorted(ours)
-            state.absent_passes[view.arn] = dict(plan.absent_passes.get(view.arn, {}))
-            state.targets[view.arn] = [
-                TargetRecord(ip=ip, port=port, state=s) for (ip, port), s in sorted(targets.items())
+        """Run a node's job on the pool; `subject` is the action, or the IP for a probe."""
+        assert self.rec.keys is not None
+        t = self.rec.keys.timeout_seconds
+        if isinstance(subject, str):
+            what, ip, action, budget = PROBE, subject, None, 4 * t + 5
+        else:
+            what, ip, action = subject.kind.value, subject.ip, subject
+            budget = 12 * t + 40 if subject.kind is Kind.ADOPT else 16 * t + 90
+        deadline = self.rec.clock() + budget
+        self.jobs[pool.submit(_boundary, job)] = _Job(what, ip, deadline, action)
+
+    def _collect(self) -> None:
+        """Wait for at least one node job, then take in everything that is done."""
+        nearest = min(job.deadline for job in self.jobs.values())
+        done, _ = wait(
+            list(self.jobs),
+            timeout=max(0.0, nearest - self.rec.clock()),
+            return_when=FIRST_COMPLETED,
+        )
+        now = self.rec.clock()
+        for future, job in list(self.jobs.items()):
+            if future in done:
+                result = future.result()
+            elif now >= job.deadline:  # a hang no step's own deadline caught: the node's, not ours
+                result = SshError(job.what, "did not finish within its deadline")
+            else:
+                continue
+            del self.jobs[future]
+            if job.action is None:
+                self._probed(job.ip, result)
+            elif job.action.kind is Kind.PUSH_KEYS:
+                self._pushed(job.action, result)
+            else:
+                self._adopted(job.action, result)
+
+    def _probed(self, ip: str, probe: Probe | Exception) -> None:
+        if isinstance(probe, Exception):
+            probe = Probe(error=_error_text(probe, "probe"))
+        record = self.state.nodes[ip]
+        if probe.offered is None:
+            record.unreachable = True
+            self._node_failed(ip, probe.error, backoff=False)
+        elif record.unreachable:  # it answers again: whatever it failed before, retry now
+            record.unreachable = False
+            record.failures, record.retry_mono, record.retry_at = 0, None, None
+            log.info("node_answers_again", ip=ip, instance_id=self.by_ip[ip].instance_id)
+        self.probes[ip] = probe
+        self.facts = replace(self.facts, probes=dict(self.probes), backing_off=self._backing_off())
+
+    def _pushed(self, action: Action, result: dict[str, str] | Exception) -> None:
+        ip = action.ip
+        node, record = self.by_ip[ip], self.state.nodes[ip]
+        if isinstance(result, Exception):
+            self._node_failed(ip, _error_text(result, "push"), backoff=True)
+        else:
+            self.probes[ip] = Probe(offered=result)
+            record.failures, record.retry_mono, record.retry_at, record.last_error = (
+                0,
+                None,
+                None,
+                "",
+            )
+            self.outcome.applied.append(action)
+            log.info(
+                "host_keys_pushed",
+                ip=ip,
+                instance_id=node.instance_id,
+                fingerprints={t: k.fingerprint for t, k in self.keyset.items()},
+            )
+        self.facts = replace(self.facts, probes=dict(self.probes), backing_off=self._backing_off())
+
+    def _adopted(self, action: Action, result: KeySet | Exception) -> None:
+        assert self.rec.keys is not None
+        ip = action.ip
+        node, store = self.by_ip[ip], self.rec.keys.store
+        try:
+            if isinstance(result, Exception):
+                raise result
+            store.install(result, keep_previous=False)
+            self.keyset = store.load()
+        except (SshError, KeyStoreError) as exc:
+            why = f"adopting the keys of {node.label()} failed: {exc}"
+            self._error(why)
+            log.error(
+                "host_keys_adoption_failed", ip=ip, instance_id=node.instance_id, error=str(exc)
+            )
+            self.facts = replace(self.facts, unavailable=why)
+            return
+        self.outcome.applied.append(action)
+        log.warning(
+            "host_keys_adopted",
+            ip=ip,
+            instance_id=node.instance_id,
+            store=str(store.path),
+            fingerprints={t: k.fingerprint for t, k in self.keyset.items()},
+        )
+        self.facts = replace(self.facts, current={t: k.public for t, k in self.keyset.items()})
+
+    def _retire_previous(self, action: Action) -> None:
+        assert self.rec.keys is not None
+        try:
+            self.rec.keys.store.retire_previous()
+        except KeyStoreError as exc:
+            self._error(str(exc))
+            return
+        self.outcome.applied.append(action)
+        self.facts = replace(self.facts, previous={})
+        log.warning("host_keys_rotation_done", reason=action.reason)
+
+    def _node_failed(self, ip: str, error: str, *, backoff: bool) -> None:
+        node, record = self.by_ip[ip], self.state.nodes[ip]
+        step = error.split(":", 1)[0]
+        record.last_error, record.last_error_at = error, self.rec.wall()
+        fields: dict[str, Any] = {}
+        if backoff:
+            record.failures += 1
+            wait_s = backoff_seconds(record.failures)
+            record.retry_mono = self.now + wait_s
+            record.retry_at = self.rec.wall() + wait_s
+            fields = {"failures": record.failures, "retry_in_seconds": wait_s}
+            self._error(f"{node.label()}: {error}")
+        log.error(
+            "node_failed", ip=ip, instance_id=node.instance_id, step=step, error=error, **fields
+        )
+
+    def _error(self, line: str) -> None:
+        self.outcome.errors.append(line)
+
+    # -- remembering ------------------------------------------------------------------------------
+
+    def _remember(self, final: Plan) -> None:
+        s = self.state
+        for arn, view in self.views.items():
+            s.targets[arn] = [
+                TargetRecord(ip=t.ip, port=t.port, state=t.state)
+                for t in sorted(view.targets, key=lambda t: (t.ip, t.port))
             ]
-        state.target_errors = dict(target_errors)
-        configured = {g.arn for g in self.groups}
-        for table in (state.registered_by_us, state.absent_passes, state.targets):
+        for arn in self.views:
+            ours = set(s.registered_by_us.get(arn, []))
+            for action in self.outcome.applied:  # in the order it happened
+                if action.target_group != arn:
+                    continue
+                if action.kind is Kind.REGISTER:
+                    ours.add(action.ip)
+                elif action.kind is Kind.DEREGISTER:
+                    ours.discard(action.ip)
+            s.registered_by_us[arn] = sorted(ours)
+            s.absent[arn] = {
+                ip: AbsenceRecord(passes=a.passes, since=a.since, instance_id=a.instance_id)
+                for ip, a in final.absent.get(arn, {}).items()
+            }
+        configured = {g.arn for g in self.rec.groups}
+        for table in (s.registered_by_us, s.absent, s.targets, s.target_errors):
             for arn in [a for a in table if a not in configured]:
                 del table[arn]
-        keep: dict[str, NodeRecord] = {}
-        for node in nodes:
-            record = state.nodes.get(node.ip) or NodeRecord()
-            record.instance_id, record.name, record.group = node.instance_id, node.name, node.group
-            if self.gate is None:
-                record.key_state = "not checked"
-            keep[node.ip] = record
-        state.nodes = keep
+        self._remember_nodes(final)
+        s.boot_id = self.rec.boot_id
+        if self.rec.keys is not None and self.keyset:
+            self._write_known_hosts()
 
-    def _record_pass(self, state: State, outcome: PassOutcome, started: float) -> None:
-        plan = outcome.plan or Plan()
-        errors = [outcome.inventory_error] if outcome.inventory_error else list(outcome.errors)
-        state.last_pass = PassRecord(
-            started_at=started,
-            finished_at=self.clock(),
-            ok=outcome.converged,
-            summary=outcome.summary(),
-            errors=errors,
-            held=[
-                f"{a.kind.value} {a.ip} on {target_group_name(a.target_group)}: {a.held_by.value}"
-                for a in plan.held()
-                if a.held_by
-            ],
-        )
+    def _remember_nodes(self, final: Plan) -> None:
+        keep: dict[str, NodeRecord] = {}
+        verified_set = identity(self.keyset) if self.keyset else ""
+        consumed: list[str] = []
+        for node in self.nodes:
+            record = self.state.nodes[node.ip]
+            record.instance_id, record.name, record.group = node.instance_id, node.name, node.group
+            j = final.judgements.get(node.ip)
+            probe = self.probes.get(node.ip)
+            if j is not None:
+                if j.state is KeyState.UNKNOWN_KEYS and record.key_state != j.state.value:
+                    log.warning(
+                        "host_keys_held", ip=node.ip, instance_id=node.instance_id, why=j.detail
+                    )
+                record.key_state, record.key_detail = j.state.value, j.detail
+            if j is not None and j.state is KeyState.IN_SYNC and probe and not probe.skipped:
+                if record.verified_instance_id != node.instance_id:
+                    log.info("host_keys_verified", ip=node.ip, instance_id=node.instance_id)
+                record.verified_instance_id, record.verified_keys = node.instance_id, verified_set
+                record.verified_at, record.verified_mono = self.rec.wall(), self.now
+                if not record.unreachable and record.retry_mono is None:
+                    record.last_error = ""
+                if node.ip in self.facts.trusted:
+                    consumed.append(node.ip)
+            keep[node.ip] = record
+        self.state.nodes = keep
+        if consumed:
+
+            def forget(intents: Intents) -> None:
+                for ip in consumed:
+                    intents.trust.pop(ip, None)
+
+            try:
+                update_intents(self.rec.config.state.dir, forget)
+            except (IntentsError, OSError) as exc:
+                self._error(f"cannot update {self.rec.config.state.dir}/intents.json: {exc}")
+
+    def _write_known_hosts(self) -> None:
+        """The head node's own pins: verified nodes and the canonical keys, for an admin's ssh."""
+        side = self.rec.keys
+        assert side is not None
+        lines = [
+            f"{known_hosts_name(n.ip, side.ssh_port)} {k.public}"
+            for n in self.nodes
+            if self.state.nodes[n.ip].verified_instance_id == n.instance_id
+            for k in self.keyset.values()
+        ]
+        path = self.rec.config.state.dir / "known_hosts"
+        data = "".join(f"{x}\n" for x in lines).encode()
+        try:
+            if path.exists() and path.read_bytes() == data:
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, data, 0o644)
+        except OSError as exc:
+            self._error(f"{path}: cannot write ({exc.strerror})")
+            log.error("known_hosts_unwritable", path=str(path), error=str(exc))
+
+
+@dataclass(frozen=True)
+class _Job:
+    what: str  # PROBE, or the Kind of the action
+    ip: str
+    deadline: float  # monotonic: past it, the node's job counts as failed
+    action: Action | None = None
+
+
+def _boundary(job: Callable[[], Any]) -> Any:
+    """A node's fault is that node's failure: any exception becomes its result, never ours."""
+    try:
+        return job()
+    except Exception as exc:
+        return exc
+
+
+def _error_text(exc: Exception, step: str) -> str:
+    if isinstance(exc, SshError):
+        return str(exc)
+    return f"{step}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def _fingerprints(pin: frozenset[str]) -> list[str]:
+    return [fingerprint(line) for line in pin]
+
+
+def _rebase(state: State, boot_id: str, now: float) -> None:
+    """Monotonic times from another boot mean nothing here: restart windows, retry now; times
+    from this boot are capped, so no stored value can hold a node back longer than the backoff."""
+    if state.boot_id != boot_id:
+        for table in state.absent.values():
+            for record in table.values():
+                record.since = now
+        for node in state.nodes.values():
+            node.verified_mono = None
+            node.retry_mono, node.retry_at = None, None
+        state.boot_id = boot_id
+    for node in state.nodes.values():
+        if node.retry_mono is not None and node.retry_mono > now + BACKOFF_MAX_SECONDS:
+            node.retry_mono = now + BACKOFF_MAX_SECONDS
+        if node.verified_mono is not None and node.verified_mono > now:
+            node.verified_mono = None
+
+
+def _record_pass(state: State, outcome: PassOutcome, started: float, finished: float) -> None:
+    plan = outcome.plan or Plan()
+    errors = [outcome.inventory_error] if outcome.inventory_error else list(outcome.errors)
+    state.last_pass = PassRecord(
+        started_at=started,
+        finished_at=finished,
+        ok=outcome.converged,
+        summary=outcome.summary(),
+        errors=errors,
+        held=[
+            f"{a.kind.value} {a.ip}"
+            + (f" on {target_group_name(a.target_group)}" if a.target_group else "")
+            + f": held by {a.held_by.value}: {a.reason}"
+            for a in plan.held()
+            if a.held_by
+        ],
+        waiting=[f"{w.node.label()}: {w.reason}" for w in plan.waiting],
+    )
+
+
+def key_side(config: Config, host_keys: HostKeys) -> KeySide:
+    hk = config.host_keys
+    return KeySide(
+        store=KeyStore(hk.store, hk.types),
+        nodes=host_keys,
+        adopt=hk.adopt_from_first_node,
+        probe_interval_seconds=hk.probe_interval_seconds,
+        ssh_port=config.ssh.port,
+        timeout_seconds=config.ssh.connect_timeout_seconds,
+    )

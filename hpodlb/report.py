@@ -13,6 +13,7 @@ from typing import Any
 
 from hpodlb.config import target_group_name
 from hpodlb.inventory import LoginNode
+from hpodlb.keystore import fingerprint
 from hpodlb.planner import Plan
 from hpodlb.state import State
 
@@ -24,7 +25,7 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def plan_text(plan: Plan, nodes: Sequence[LoginNode]) -> str:
-    if plan.converged and not plan.unmanaged:
+    if plan.settled and not plan.unmanaged:
         return f"Nothing to do: {len(nodes)} login nodes in step with every target group."
     rows: list[list[str]] = [["ACTION", "TARGET GROUP", "IP", "INSTANCE", "WHY"]]
     for a in plan.actions:
@@ -42,7 +43,8 @@ def plan_text(plan: Plan, nodes: Sequence[LoginNode]) -> str:
 
 def plan_json(plan: Plan, nodes: Sequence[LoginNode]) -> str:
     doc = {
-        "converged": plan.converged,
+        "nothing_to_do": plan.settled,
+        "problems": list(plan.problems),
         "login_nodes": [n.__dict__ for n in nodes],
         "actions": [
             {
@@ -54,6 +56,7 @@ def plan_json(plan: Plan, nodes: Sequence[LoginNode]) -> str:
                 "reason": a.reason,
                 "held_by": a.held_by.value if a.held_by else None,
                 "after_push": a.after_push,
+                "pin_fingerprints": sorted(fingerprint(k) for k in a.pin),
             }
             for a in plan.actions
         ],
@@ -61,6 +64,9 @@ def plan_json(plan: Plan, nodes: Sequence[LoginNode]) -> str:
             {"ip": w.node.ip, "instance_id": w.node.instance_id, "reason": w.reason}
             for w in plan.waiting
         ],
+        "host_keys": {
+            ip: {"state": j.state.value, "detail": j.detail} for ip, j in plan.judgements.items()
+        },
         "unmanaged": [
             {"target_group": arn, "ip": t.ip, "port": t.port} for arn, t in plan.unmanaged
         ],
@@ -91,7 +97,7 @@ def status_doc(state: State, target_groups: Sequence[str], now: float) -> dict[s
                 "key_state": rec.key_state,
                 "key_detail": rec.key_detail,
                 "verified_at": rec.verified_at,
-                "backoff_until": rec.backoff_until if (rec.backoff_until or 0) > now else None,
+                "retry_at": rec.retry_at if (rec.retry_at or 0) > now else None,
                 "last_error": rec.last_error,
                 "targets": {arn: tg_state[arn].get(ip, "not registered") for arn in target_groups},
             }
@@ -119,7 +125,7 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
     else:
         verdict = "converged" if last.ok else "NOT converged"
         out.append(f"Last pass {_when(last.finished_at, now)}: {verdict}: {last.summary}")
-    header = ["IP", "INSTANCE", "NAME", "GROUP", "KEYS", "VERIFIED", "BACKOFF"]
+    header = ["IP", "INSTANCE", "NAME", "GROUP", "KEYS", "VERIFIED", "PUSH RETRY"]
     header += [target_group_name(a) for a in target_groups] + ["LAST ERROR"]
     rows = [header]
     for n in doc["nodes"]:
@@ -132,7 +138,7 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
                 n["group"],
                 keys,
                 _when(n["verified_at"], now),
-                _when(n["backoff_until"], now),
+                _when(n["retry_at"], now),
                 *[n["targets"][a] for a in target_groups],
                 n["last_error"] or "-",
             ]
@@ -146,5 +152,6 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
         out.append(f"target group {target_group_name(arn)}: {err}")
     if last is not None:
         out.extend(f"held back: {h}" for h in last.held)
+        out.extend(f"waiting: {w}" for w in last.waiting)
         out.extend(f"error: {e}" for e in last.errors)
     return "\n".join(out)

@@ -1,25 +1,35 @@
-"""The SSH adapter (paramiko): probe the host key a node presents, and run a root script on it.
+"""The SSH adapter (paramiko): what host key a node presents, and a root script run on it.
 
-Every network step is bounded by `ssh.connect_timeout_seconds` (connect, banner, handshake, auth)
-and every remote command by a few times that, so a node that accepts TCP and never speaks costs one
-timeout, never a hung pass. Key bytes only ever travel inside the SSH channel, on the remote
-script's stdin; nothing here logs a script or its output, only the step that failed.
+`SshConnector` is the seam the host-key side is written against; `ParamikoConnector` is the real
+one, tests may pass another. Two promises hold for every call:
+- **Bounded.** Each step has a *total* deadline (a timer that closes the socket), not only a
+  per-read timeout, so a node that trickles one byte every few seconds costs one deadline; remote
+  output is capped, so a node that floods costs a few hundred KiB, never the daemon's memory.
+- **Pinned.** A logged-in session trusts exactly the public keys it is given (`pin`) and nothing
+  else: the caller decides what it can vouch for (see `identity.py`), this module only enforces it.
+  A session to an endpoint presenting another key fails before anything is sent.
+Key bytes only ever travel inside the SSH channel, on the remote script's stdin; nothing here logs a
+script or its output, only the step that failed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import select
 import socket
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from hpodlb.keystore import ALGORITHMS, fingerprint
-from hpodlb.logs import get_logger
+from hpodlb.keystore import ALGORITHMS, BLOB_TYPES, fingerprint
 
 if TYPE_CHECKING:
     import paramiko
 
-log = get_logger("hpodlb.ssh")
+OUTPUT_CAP_BYTES = 256 * 1024
 
 
 class SshError(Exception):
@@ -28,10 +38,6 @@ class SshError(Exception):
     def __init__(self, step: str, message: str) -> None:
         super().__init__(f"{step}: {message}")
         self.step = step
-
-
-class KeyTypeMissingError(Exception):
-    """The node answered but offers no host key of this type (it needs the canonical one)."""
 
 
 @dataclass(frozen=True)
@@ -43,152 +49,240 @@ class SshSettings:
     timeout: float
 
     @property
-    def command_timeout(self) -> float:
+    def login_deadline(self) -> float:
+        """Connect, banner, key exchange and authentication together."""
+        return 2 * self.timeout
+
+    @property
+    def command_deadline(self) -> float:
+        """A remote script from start to exit status (sshd -t and a reload take a few seconds)."""
         return max(30.0, 3 * self.timeout)
 
 
-def known_hosts_name(ip: str, port: int) -> str:
-    return ip if port == 22 else f"[{ip}]:{port}"
+class Session(Protocol):
+    def run_root(self, script: bytes) -> tuple[int, str, str]:
+        """Run `script` as root; (exit status, stdout, stderr), bounded and capped."""
+        ...
 
 
-def probe_host_key(ip: str, port: int, key_type: str, timeout: float) -> str:
-    """One handshake restricted to `key_type`, no login: the public key line the node presents."""
-    import paramiko
+class SshConnector(Protocol):
+    def probe(self, ip: str, key_type: str) -> str | None:
+        """The `algo base64` key the node presents for `key_type`, None when it offers none."""
+        ...
 
-    others = [a for t, algs in ALGORITHMS.items() if t != key_type for a in algs]
-    try:
-        sock = socket.create_connection((ip, port), timeout=timeout)
-    except OSError as exc:
-        raise SshError("connect", _why(exc)) from None
-    transport = paramiko.Transport(sock, disabled_algorithms={"keys": others})
-    transport.banner_timeout = timeout
-    transport.handshake_timeout = timeout
-    try:
-        transport.start_client(timeout=timeout)
-        key = transport.get_remote_server_key()
-    except paramiko.SSHException as exc:
-        if "no acceptable host key" in str(exc) or "Incompatible" in str(exc):
-            raise KeyTypeMissingError(key_type) from None
-        raise SshError("handshake", _why(exc)) from None
-    except (OSError, EOFError) as exc:
-        raise SshError("handshake", _why(exc)) from None
-    finally:
-        transport.close()
-        sock.close()
+    def session(self, ip: str, pin: frozenset[str]) -> Any:
+        """A context manager yielding a logged-in `Session` that trusts only `pin`."""
+        ...
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    """`host`, or `[host]:port` off port 22, as OpenSSH writes known_hosts."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def key_line(key: Any) -> str:
+    """`algo base64` of a paramiko key (no comment)."""
     return f"{key.get_name()} {key.get_base64()}"
 
 
-class NodeSession:
-    """A logged-in SSH session to one node, trusting only the host keys it is told to."""
+class ParamikoConnector:
+    """The real connector: paramiko over TCP, with deadlines and pins."""
 
-    def __init__(
-        self, ip: str, settings: SshSettings, pinned: Sequence[str] | None, instance_id: str = ""
-    ) -> None:
-        """`pinned`: public key lines the node must present; None is trust-on-first-use (logged)."""
-        self.ip = ip
-        self.instance_id = instance_id
+    def __init__(self, settings: SshSettings, output_cap: int = OUTPUT_CAP_BYTES) -> None:
         self.settings = settings
-        self.pinned = pinned
-        self.client: paramiko.SSHClient | None = None
+        self.output_cap = output_cap
 
-    def __enter__(self) -> NodeSession:
+    def probe(self, ip: str, key_type: str) -> str | None:
         import paramiko
 
-        client = paramiko.SSHClient()
-        name = known_hosts_name(self.ip, self.settings.port)
-        if self.pinned is None:
-            client.set_missing_host_key_policy(_TrustOnFirstUse(self.ip, self.instance_id))
-        else:
-            for line in self.pinned:
-                kind, blob = line.split()[:2]
-                client.get_host_keys().add(
-                    name, kind, paramiko.PKey.from_type_string(kind, _b64(blob))
+        others = [a for t, algs in ALGORITHMS.items() if t != key_type for a in algs]
+        timeout = self.settings.timeout
+        sock = _connect(ip, self.settings.port, timeout)
+        transport = paramiko.Transport(sock, disabled_algorithms={"keys": others})
+        transport.banner_timeout = timeout
+        transport.handshake_timeout = timeout
+        try:
+            with _deadline(sock, timeout) as expired:
+                try:
+                    transport.start_client(timeout=timeout)
+                    return key_line(transport.get_remote_server_key())
+                except paramiko.SSHException as exc:
+                    if "no acceptable host key" in str(exc) or "Incompatible" in str(exc):
+                        return None
+                    raise SshError("handshake", _why(exc, expired, timeout)) from None
+                except (OSError, EOFError) as exc:
+                    raise SshError("handshake", _why(exc, expired, timeout)) from None
+        finally:
+            transport.close()
+            sock.close()
+
+    @contextmanager
+    def session(self, ip: str, pin: frozenset[str]) -> Iterator[Session]:
+        client = _login(ip, self.settings, pin)
+        try:
+            yield _ParamikoSession(client, self.settings, self.output_cap)
+        finally:
+            client.close()
+
+
+class _NotPinnedError(Exception):
+    def __init__(self, key: Any) -> None:
+        super().__init__()
+        self.line = key_line(key)
+
+
+class _Pinned:
+    """paramiko policy: accept exactly the pinned keys (the client holds no known_hosts)."""
+
+    def __init__(self, pin: frozenset[str]) -> None:
+        self.pin = pin
+
+    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+        if key_line(key) not in self.pin:
+            raise _NotPinnedError(key)
+
+
+def _login(ip: str, s: SshSettings, pin: frozenset[str]) -> paramiko.SSHClient:
+    import paramiko
+
+    if not pin:
+        raise SshError("host-key", "no verified host key to pin this session to; nothing sent")
+    pinned_types = {line.split()[0] for line in pin}
+    # Offer only algorithms of pinned key types, so the server cannot pick one we cannot check.
+    disabled = [
+        a for t, algs in ALGORITHMS.items() if not pinned_types & set(BLOB_TYPES[t]) for a in algs
+    ]
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(_Pinned(pin))
+    sock = _connect(ip, s.port, s.timeout)
+    try:
+        with _deadline(sock, s.login_deadline) as expired:
+            try:
+                client.connect(
+                    ip,
+                    port=s.port,
+                    username=s.user,
+                    key_filename=s.key_file,
+                    sock=sock,
+                    timeout=s.timeout,
+                    banner_timeout=s.timeout,
+                    auth_timeout=s.timeout,
+                    channel_timeout=s.timeout,
+                    look_for_keys=False,
+                    allow_agent=False,
+                    disabled_algorithms={"keys": disabled},
                 )
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        s = self.settings
-        try:
-            client.connect(
-                self.ip,
-                port=s.port,
-                username=s.user,
-                key_filename=s.key_file,
-                timeout=s.timeout,
-                banner_timeout=s.timeout,
-                auth_timeout=s.timeout,
-                channel_timeout=s.timeout,
-                look_for_keys=False,
-                allow_agent=False,
-            )
-        except paramiko.BadHostKeyException as exc:
-            client.close()
-            raise SshError(
-                "host-key",
-                f"presents {fingerprint(_line(exc.key))}, not the verified key; not trusted",
-            ) from None
-        except paramiko.AuthenticationException as exc:
-            client.close()
-            raise SshError("auth", f"login as {s.user} refused ({exc})") from None
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            client.close()
-            raise SshError("connect", _why(exc)) from None
+            except _NotPinnedError as exc:
+                expected = ", ".join(sorted(fingerprint(p) for p in pin))
+                raise SshError(
+                    "host-key",
+                    f"presents {fingerprint(exc.line)}, expected {expected}; not trusted, "
+                    "nothing sent",
+                ) from None
+            except paramiko.AuthenticationException as exc:
+                raise SshError("auth", f"login as {s.user} refused ({exc})") from None
+            except paramiko.PasswordRequiredException:
+                raise SshError(
+                    "auth", f"{s.key_file} is passphrase-protected; hpodlb needs a key without one"
+                ) from None
+            except (paramiko.SSHException, OSError, EOFError, ValueError) as exc:
+                raise SshError("connect", _why(exc, expired, s.login_deadline)) from None
+    except BaseException:
+        client.close()
+        sock.close()
+        raise
+    return client
+
+
+class _ParamikoSession:
+    def __init__(self, client: paramiko.SSHClient, settings: SshSettings, cap: int) -> None:
         self.client = client
-        return self
+        self.settings = settings
+        self.cap = cap
 
-    def __exit__(self, *exc: object) -> None:
-        if self.client is not None:
-            self.client.close()
-
-    def run_root_script(self, script: bytes) -> tuple[int, str, str]:
-        """Run `sh -s` as root (through `sudo -n` when configured), the script on stdin only."""
-        assert self.client is not None
+    def run_root(self, script: bytes) -> tuple[int, str, str]:
+        """`sh -s` as root (through `sudo -n` when configured), the script on stdin only."""
         command = "sudo -n sh -s" if self.settings.sudo else "sh -s"
-        timeout = self.settings.command_timeout
+        limit = self.settings.command_deadline
+        transport = self.client.get_transport()
+        if transport is None:
+            raise SshError("command", "connection closed")
         try:
-            stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
-            stdin.write(script)
-            stdin.flush()
-            stdin.channel.shutdown_write()
-            out = stdout.read().decode(errors="replace")
-            err = stderr.read().decode(errors="replace")
-            if not stdout.channel.status_event.wait(timeout):
-                raise SshError("command", f"no exit status within {timeout:.0f}s")
-            rc = stdout.channel.recv_exit_status()
-        except (OSError, EOFError) as exc:
-            raise SshError("command", _why(exc)) from None
+            channel = transport.open_session(timeout=self.settings.timeout)
+            try:
+                channel.fileno()  # arms the pipe that select() waits on, before any data
+                channel.exec_command(command)
+                channel.sendall(script)
+                channel.shutdown_write()
+                rc, out, err = _collect(channel, time.monotonic() + limit, limit, self.cap)
+            finally:
+                channel.close()
+        except SshError:
+            raise
+        except Exception as exc:  # paramiko raises ChannelException, SSHException, OSError, ...
+            raise SshError("command", _why(exc, False, limit)) from None
         if self.settings.sudo and rc == 1 and err.startswith("sudo:"):
-            raise SshError("sudo", err.strip().splitlines()[0])
+            reason = err.strip().splitlines()[0].removeprefix("sudo:").strip()
+            raise SshError(
+                "sudo", f"{reason} (ssh.user {self.settings.user} needs passwordless sudo)"
+            )
         return rc, out, err
 
 
-class _TrustOnFirstUse:
-    """paramiko policy for a node listed in the root-owned resource config but never verified."""
-
-    def __init__(self, ip: str, instance_id: str) -> None:
-        self.ip = ip
-        self.instance_id = instance_id
-
-    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
-        log.warning(
-            "ssh_trust_on_first_use",
-            ip=self.ip,
-            instance_id=self.instance_id,
-            fingerprint=fingerprint(f"{key.get_name()} {key.get_base64()}"),
-            why="node listed in the resource config, host keys not verified yet",
-        )
-
-
-def _line(key: Any) -> str:
-    return f"{key.get_name()} {key.get_base64()}"
-
-
-def _b64(text: str) -> bytes:
-    import base64
-
-    return base64.b64decode(text)
+def _collect(channel: Any, deadline: float, limit: float, cap: int) -> tuple[int, str, str]:
+    """Read stdout and stderr until exit, within the deadline and the output cap."""
+    out, err = bytearray(), bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SshError("command", f"no exit status within {limit:.0f}s (node too slow)")
+        select.select([channel], [], [], min(left, 0.5))
+        while channel.recv_ready():
+            out += channel.recv(65536)
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(65536)
+        if len(out) + len(err) > cap:
+            raise SshError("command", f"output exceeded {cap // 1024} KiB; stopped reading")
+        drained = not channel.recv_ready() and not channel.recv_stderr_ready()
+        if channel.exit_status_ready() and drained:
+            break
+    return (
+        channel.recv_exit_status(),
+        out.decode(errors="replace"),
+        err.decode(errors="replace"),
+    )
 
 
-def _why(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+def _connect(ip: str, port: int, timeout: float) -> socket.socket:
+    try:
+        return socket.create_connection((ip, port), timeout=timeout)
+    except OSError as exc:
+        raise SshError("connect", _why(exc, False, timeout)) from None
+
+
+@contextmanager
+def _deadline(sock: socket.socket, seconds: float) -> Iterator[threading.Event]:
+    """Close `sock` for reading and writing once `seconds` have passed; the event says it did."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
+
+
+def _why(exc: BaseException, expired: bool | threading.Event, seconds: float) -> str:
+    if expired is True or (isinstance(expired, threading.Event) and expired.is_set()):
+        return f"timed out after {seconds:.0f}s in total"
     if isinstance(exc, socket.timeout | TimeoutError):
         return "timed out"
+    text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]

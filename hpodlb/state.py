@@ -1,8 +1,13 @@
 """The state file: what earlier passes learned, kept so later passes can be cautious and `status` fast.
 
-It is a cache, never the source of truth: AWS and the nodes are. Losing it must only ever make hpodlb
-*more* careful (absence counters restart at zero, so nothing is deregistered early; nodes are probed
-again). It is written atomically (temp file, fsync, rename, fsync of the dir), so a SIGKILL or a
+It is a cache, never the source of truth: AWS and the nodes are. Losing it makes hpodlb more careful
+about targets (absence counters restart, so nothing is deregistered early) but forgets which
+instances were verified: every node is then met as a new instance again, trusted on first use
+(pinned to what its probe shows, and logged), which is why `status` says where the state came from.
+Times that decide anything are monotonic seconds, valid only within the boot recorded beside them
+(`boot_id`); wall-clock times are kept for people only.
+
+It is written atomically (temp file, fsync, rename, fsync of the dir), so a SIGKILL or a
 power cut leaves either the old file or the new one, never half of one.
 """
 
@@ -23,15 +28,24 @@ class NodeRecord(BaseModel):
     instance_id: str = ""
     name: str = ""
     group: str = ""
-    key_state: str = "unknown"  # a KeyVerdict value, or "unknown" before the first probe
+    key_state: str = "unknown"  # an identity.KeyState value, or "unknown" before the first probe
     key_detail: str = ""
     verified_instance_id: str = ""  # the instance whose keys were last verified canonical
-    verified_at: float | None = None
     verified_keys: str = ""  # fingerprints of the canonical set it was verified against
+    verified_at: float | None = None  # wall clock, for people
+    verified_mono: float | None = None  # monotonic: the probe interval counts from here
     last_error: str = ""
-    last_error_at: float | None = None
-    failures: int = 0
-    backoff_until: float | None = None
+    last_error_at: float | None = None  # wall clock, for people
+    failures: int = 0  # consecutive failed key pushes
+    retry_mono: float | None = None  # monotonic: no key push before this
+    retry_at: float | None = None  # wall clock of the same, for people
+    unreachable: bool = False  # the last probe failed: a node that answers again is retried now
+
+
+class AbsenceRecord(BaseModel):
+    passes: int
+    since: float  # monotonic, when it was first seen absent
+    instance_id: str = ""
 
 
 class TargetRecord(BaseModel):
@@ -47,11 +61,13 @@ class PassRecord(BaseModel):
     summary: str = ""
     errors: list[str] = []
     held: list[str] = []
+    waiting: list[str] = []
 
 
 class State(BaseModel):
-    version: int = 1
-    absent_passes: dict[str, dict[str, int]] = {}
+    version: int = 2
+    boot_id: str = ""  # the boot the monotonic times belong to
+    absent: dict[str, dict[str, AbsenceRecord]] = {}
     registered_by_us: dict[str, list[str]] = {}
     nodes: dict[str, NodeRecord] = {}
     targets: dict[str, list[TargetRecord]] = {}

@@ -1,14 +1,21 @@
-"""The NLB adapter: read and change one target group's targets, and nothing else.
+"""The NLB adapter: read, check and change one target group's targets, and nothing else.
 
 It takes a ready boto3 `elbv2` client (tests hand it a moto-backed one; the daemon one with botocore's
 `standard` retry mode, which already backs off on throttling). Every failure becomes a `TargetsError`
 naming the target group and the AWS error code, because "AccessDenied on smhp-login-node-tg" is what
 an admin can act on, and a raw botocore traceback is not.
+
+Before anything writes to a group, `problem` checks that it is what the config says: type `ip`,
+protocol `TCP`, the configured port. A group of another kind (someone else's `instance` group, say)
+gets no write at all. The answer is cached for `CHECK_SECONDS` and checked again after any write
+that AWS refused as invalid, so an idle pass stays at one DescribeTargetHealth per group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hpodlb.config import target_group_name
@@ -20,6 +27,10 @@ if TYPE_CHECKING:
 # RegisterTargets and DeregisterTargets take at most this many targets per call (elbv2 API limit
 # for IP targets is far higher per group, so batching keeps one call from being rejected).
 BATCH_SIZE = 200
+CHECK_SECONDS = 600.0  # a group's type, protocol and port are checked at least this often
+DEFAULT_ATTEMPTS = 5
+# AWS refused a call because of what it asked for (a target), not because of the group or AWS.
+INVALID_REQUEST_CODES = frozenset({"ValidationError", "InvalidTarget"})
 
 
 class TargetsError(Exception):
@@ -29,23 +40,35 @@ class TargetsError(Exception):
         super().__init__(
             f"{target_group_name(target_group)}: {operation} failed: {code}: {message}"
         )
-        self.target_group = target_group
-        self.operation = operation
         self.code = code
+
+
+@dataclass
+class WriteResult:
+    """What a register or deregister did, target by target: a batch that partly succeeded is
+    recorded as such. `refused`: AWS found the target itself invalid (its reason); `failed`: the
+    call failed for another reason (`error` is the first such failure)."""
+
+    done: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    error: TargetsError | None = None
 
 
 def boto_config(connect_timeout_seconds: float = 5, read_timeout_seconds: float = 15) -> BotoConfig:
     """Retries with backoff for throttling and 5xx, bounded so a pass cannot hang on AWS.
 
-    `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` still win, as they do for any boto3 program.
+    `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` still win, as they do for any boto3 program; the latter
+    counts every attempt, the first one included (botocore's `total_max_attempts`).
     """
-    import os
-
     from botocore.config import Config as BotoConfig
 
+    raw = os.environ.get("AWS_MAX_ATTEMPTS", str(DEFAULT_ATTEMPTS))
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"AWS_MAX_ATTEMPTS={raw!r}: expected a whole number of attempts >= 1")
     retries = {
         "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-        "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
+        "total_max_attempts": int(raw),
     }
     return BotoConfig(
         retries=retries,
@@ -61,6 +84,22 @@ def elbv2_client(region: str) -> Any:
     return boto3.session.Session().client("elbv2", region_name=region, config=boto_config())
 
 
+def check_group(info: dict[str, Any], port: int) -> str | None:
+    """Why a described target group is not one hpodlb may write to, or None. One piece of code for
+    the pass and `check-config`."""
+    wrong = []
+    if info.get("TargetType") != "ip":
+        wrong.append(f"target type {info.get('TargetType')!r} (expected 'ip')")
+    if info.get("Protocol") != "TCP":
+        wrong.append(f"protocol {info.get('Protocol')!r} (expected 'TCP')")
+    if info.get("Port") != port:
+        wrong.append(f"port {info.get('Port')!r} (expected {port}, the configured port)")
+    if not wrong:
+        return None
+    name = target_group_name(str(info.get("TargetGroupArn", "")))
+    return f"{name}: not a login target group: {', '.join(wrong)}; hpodlb will not touch it"
+
+
 class TargetGroup:
     """One configured target group, through one elbv2 client."""
 
@@ -68,6 +107,7 @@ class TargetGroup:
         self.client = client
         self.arn = arn
         self.port = port
+        self._checked: tuple[float, str | None] | None = None  # (monotonic time, problem)
 
     @property
     def name(self) -> str:
@@ -87,7 +127,7 @@ class TargetGroup:
         return GroupView(arn=self.arn, port=self.port, targets=targets)
 
     def describe(self) -> dict[str, Any]:
-        """The target group itself (for check-config: type, protocol, port, attached LBs)."""
+        """The target group itself (type, protocol, port, attached load balancers)."""
         reply = self._call("DescribeTargetGroups", TargetGroupArns=[self.arn])
         groups: list[dict[str, Any]] = reply.get("TargetGroups", [])
         if not groups:
@@ -96,13 +136,44 @@ class TargetGroup:
             )
         return groups[0]
 
-    def register(self, ips: Sequence[str]) -> None:
-        for batch in _batches(ips):
-            self._call("RegisterTargets", TargetGroupArn=self.arn, Targets=self._targets(batch))
+    def problem(self, now: float) -> str | None:
+        """Why this group must not be written to (None: it may), checked at most every
+        CHECK_SECONDS unless a refused write asked for it again. TargetsError if AWS cannot say."""
+        if self._checked is None or now - self._checked[0] >= CHECK_SECONDS:
+            self._checked = (now, check_group(self.describe(), self.port))
+        return self._checked[1]
 
-    def deregister(self, ips: Sequence[str]) -> None:
-        for batch in _batches(ips):
-            self._call("DeregisterTargets", TargetGroupArn=self.arn, Targets=self._targets(batch))
+    def register(self, ips: Sequence[str]) -> WriteResult:
+        return self._write("RegisterTargets", ips)
+
+    def deregister(self, ips: Sequence[str]) -> WriteResult:
+        return self._write("DeregisterTargets", ips)
+
+    def _write(self, operation: str, ips: Sequence[str]) -> WriteResult:
+        """Batches of BATCH_SIZE; a batch refused as invalid is split until the offender is alone,
+        so one bad target cannot keep the good ones out."""
+        result = WriteResult()
+
+        def attempt(batch: Sequence[str]) -> None:
+            try:
+                self._call(operation, TargetGroupArn=self.arn, Targets=self._targets(batch))
+            except TargetsError as exc:
+                if exc.code not in INVALID_REQUEST_CODES:
+                    result.error = result.error or exc
+                    result.failed.update(dict.fromkeys(batch, str(exc)))
+                    return
+                self._checked = None  # what AWS found invalid may be the group itself
+                if len(batch) == 1:
+                    result.refused[batch[0]] = str(exc).split(": ", 1)[-1]
+                    return
+                half = len(batch) // 2
+                attempt(batch[:half])
+                attempt(batch[half:])
+                return
+            result.done.extend(batch)
+
+        _each_batch(ips, attempt)
+        return result
 
     def _targets(self, ips: Sequence[str]) -> list[dict[str, Any]]:
         return [{"Id": ip, "Port": self.port} for ip in ips]
@@ -123,9 +194,9 @@ class TargetGroup:
         return reply
 
 
-def _batches(ips: Sequence[str]) -> Iterator[Sequence[str]]:
+def _each_batch(ips: Sequence[str], act: Callable[[Sequence[str]], None]) -> None:
     for start in range(0, len(ips), BATCH_SIZE):
-        yield ips[start : start + BATCH_SIZE]
+        act(ips[start : start + BATCH_SIZE])
 
 
 def _snake(operation: str) -> str:

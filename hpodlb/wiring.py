@@ -7,11 +7,25 @@ simulated head node and the benchmarks all build their reconciler here, so they 
 from __future__ import annotations
 
 from hpodlb.config import Config
-from hpodlb.reconcile import Reconciler
+from hpodlb.hostkeys import HostKeys
+from hpodlb.reconcile import Reconciler, key_side
+from hpodlb.sshnode import ParamikoConnector, SshSettings
+
+
+def ssh_settings(config: Config) -> SshSettings:
+    s = config.ssh
+    return SshSettings(s.user, s.port, str(s.key_file), s.sudo, s.connect_timeout_seconds)
+
+
+def host_keys(config: Config) -> HostKeys:
+    """The nodes' side of the host keys, over paramiko."""
+    hk = config.host_keys
+    connector = ParamikoConnector(ssh_settings(config))
+    return HostKeys(connector, hk.types, str(hk.remote_dir), hk.reload_command)
 
 
 def build_reconciler(config: Config) -> Reconciler:
-    """Real adapters for a config: one elbv2 client per region, the host-key gate if enabled."""
+    """Real adapters for a config: one elbv2 client per region, the host-key side if enabled."""
     from hpodlb.targets import TargetGroup, elbv2_client
 
     clients: dict[str, object] = {}
@@ -21,9 +35,5 @@ def build_reconciler(config: Config) -> Reconciler:
         if region not in clients:
             clients[region] = elbv2_client(region)
         groups.append(TargetGroup(clients[region], tg.arn, tg.port))
-    gate = None
-    if config.host_keys.enabled:
-        from hpodlb.hostkeys import HostKeyGate
-
-        gate = HostKeyGate(config)
-    return Reconciler(config, groups, gate=gate)
+    keys = key_side(config, host_keys(config)) if config.host_keys.enabled else None
+    return Reconciler(config, groups, keys)

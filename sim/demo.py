@@ -81,6 +81,9 @@ provisioning_parameters = "{self.rc_path.parent / "provisioning_parameters.json"
 login_groups = ["login-group"]
 allowed_cidrs = ["127.0.0.0/8"]   # the simulated login nodes live on loopback
 
+[reconcile]
+interval_seconds = 2   # short, so that the demo's absent targets wait 2 passes over 4 s, not 60 s
+
 [[target_groups]]
 arn = "{self.arn}"
 port = 22
@@ -192,8 +195,9 @@ def run_demo(workdir: Path) -> int:
         aws.client("elbv2").register_targets(
             TargetGroupArn=demo.arn, Targets=[{"Id": "10.1.99.99", "Port": 22}]
         )
-        expect("first pass holds it back (absence 1/2, exit 1)", demo.hpodlb("once") == 1)
-        expect("second pass removes it", demo.hpodlb("once") == 0)
+        expect("first pass holds it back (absence 1/2 passes, exit 1)", demo.hpodlb("once") == 1)
+        time.sleep(4)  # the absence guard wants 2 passes over 2 intervals
+        expect("a pass 2 intervals later removes it", demo.hpodlb("once") == 0)
 
         step("HyperPod writes a half-finished resource config")
         whole = demo.rc_path.read_text()
@@ -206,7 +210,8 @@ def run_demo(workdir: Path) -> int:
         cluster.nodes.pop(ip(4)).stop()
         demo.list_nodes()
         expect("held for one pass (deregister cautiously)", demo.hpodlb("once") == 1)
-        expect("deregistered on the second", demo.hpodlb("once") == 0)
+        time.sleep(4)
+        expect("deregistered on the second, 2 intervals later", demo.hpodlb("once") == 0)
         expect(f"target group = login nodes: {demo.targets()}", len(demo.targets()) == 3)
 
         step(

@@ -39,6 +39,8 @@ class FaultPlan:
         self.actions: Counter[str] = Counter()  # AWS API calls seen, by action (for benchmarks)
         self.requests = 0
         self.slow_seconds = 1.2  # past the 1 s read timeout the tests give boto3
+        # Targets real AWS refuses and moto accepts (an IP outside the VPC, say): IP -> message.
+        self.invalid_targets: dict[str, str] = {}
         self.lock = threading.Lock()
 
     def next(self) -> str | None:
@@ -66,21 +68,23 @@ def _handler(upstream: str, plan: FaultPlan) -> type[BaseHTTPRequestHandler]:
             with plan.lock:
                 plan.actions[action] += 1
             fault = plan.next()
+            fields = parse_qs(body.decode(errors="replace"))
+            refused = [
+                ip
+                for key, (ip, *_) in fields.items()
+                if action == "RegisterTargets"
+                and key.endswith(".Id")
+                and ip in plan.invalid_targets
+            ]
+            if refused:  # as real AWS answers: the whole call fails, naming one offender
+                self._error(400, "ValidationError", plan.invalid_targets[refused[0]])
+                return
             if fault == "reset":
                 self.close_connection = True
                 self.connection.close()
                 return
             if fault in _ERRORS:
-                status, code, message = _ERRORS[fault]
-                xml = (
-                    f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}"
-                    f"</Message></Error><RequestId>fault</RequestId></ErrorResponse>"
-                ).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/xml")
-                self.send_header("Content-Length", str(len(xml)))
-                self.end_headers()
-                self.wfile.write(xml)
+                self._error(*_ERRORS[fault])
                 return
             if fault == "slow":
                 time.sleep(plan.slow_seconds)
@@ -104,6 +108,17 @@ def _handler(upstream: str, plan: FaultPlan) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(data)
             except OSError:
                 pass  # the client gave up (read timeout): exactly the fault being tested
+
+        def _error(self, status: int, code: str, message: str) -> None:
+            xml = (
+                f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}"
+                f"</Message></Error><RequestId>fault</RequestId></ErrorResponse>"
+            ).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/xml")
+            self.send_header("Content-Length", str(len(xml)))
+            self.end_headers()
+            self.wfile.write(xml)
 
     return Handler
 

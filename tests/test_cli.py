@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -93,14 +94,15 @@ def test_held_back_deregistration_exits_1_and_shows_in_status(
     aws: FakeAws,
     arn: str,
 ) -> None:
-    """A stray target waits for the absence counter: once exits 1 and status names the guard."""
-    cfg = str(write_config([{"arn": arn, "port": 22}]))
+    """A stray target waits for the absence guard: once exits 1 and status names the guard."""
+    cfg = str(write_config([{"arn": arn, "port": 22}], reconcile={"interval_seconds": 0.5}))
     aws.client("elbv2").register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.9.9", "Port": 22}])
     first = hpodlb("once", "--config", cfg)
     assert first.returncode == 1
     status = hpodlb("status", "--config", cfg).stdout
     assert "held back: deregister 10.1.9.9" in status
     assert "absent_passes_before_deregister" in status
+    time.sleep(1.1)  # 2 passes spanning 2 x interval_seconds
     second = hpodlb("once", "--config", cfg)
     assert second.returncode == 0, second.stderr
     assert ("10.1.9.9", 22) not in aws.targets(arn)

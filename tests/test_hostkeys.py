@@ -21,14 +21,14 @@ from pathlib import Path
 import pytest
 
 from hpodlb.cli import main
-from hpodlb.hostkeys import HostKeyGate, push_script
+from hpodlb.hostkeys import push_script
 from hpodlb.keystore import HostKey, KeyStore, KeyStoreError, file_names
 from hpodlb.logs import setup_logging
 from hpodlb.planner import Kind
 from hpodlb.reconcile import PassOutcome
-from hpodlb.sshnode import NodeSession
+from hpodlb.sshnode import ParamikoConnector
 from hpodlb.state import load_state, save_state
-from hpodlb.wiring import build_reconciler
+from hpodlb.wiring import build_reconciler, ssh_settings
 from sim.aws import FakeAws, moto_server
 from sim.env import SimEnv
 from sim.nodes import SIM_USER, SimCluster, sim_cluster
@@ -71,7 +71,7 @@ def run_pass_later(env: SimEnv, seconds: float) -> PassOutcome:
     """A pass as if `seconds` had gone by (past every backoff), without sleeping."""
     state, _ = load_state(env.state_dir)
     rec = build_reconciler(env.config)
-    rec.clock = lambda: time.time() + seconds
+    rec.clock = lambda: time.monotonic() + seconds
     outcome = rec.run_pass(state, apply=True)
     save_state(env.state_dir, state)
     return outcome
@@ -180,8 +180,9 @@ def _deny_login(cluster: SimCluster, ip: str) -> None:
 
 FAULTS: dict[str, tuple[Callable[[SimCluster, str], None], str, bool]] = {
     "auth refused": (_deny_login, "auth: login as hpodlbsim refused", True),
-    "sudo refused": (lambda c, ip: None, "sudo: sudo: a password is required", False),
-    "sshd -t fails": (lambda c, ip: c.nodes[ip].write_sshd_config("BogusOption yes\n"), "sshd-t: ", True),
+    "sudo refused": (lambda c, ip: None, "sudo: a password is required (ssh.user hpodlbsim needs passwordless sudo)", False),
+    "sshd config broken": (lambda c, ip: c.nodes[ip].write_sshd_config("BogusOption yes\n"),
+                           "sshd-config: sshd -T failed: /etc/ssh/sshd_config: line", True),
     "reload fails": (lambda c, ip: (c.nodes[ip].etc_ssh / "fail-reload").touch(),
                      "reload: reload command failed; previous keys restored", True),
 }
@@ -201,7 +202,7 @@ def test_a_failing_node_keeps_its_keys_stays_out_and_recovers(env: SimEnv, name:
     assert not list(node.etc_ssh.glob(".hpodlb-new.*"))
     record = env.state().nodes[bad]
     assert record.last_error.startswith(message)
-    assert record.backoff_until and record.backoff_until > time.time() + 5
+    assert record.retry_at and record.retry_at > time.time() + 5
     # Inside the backoff nothing is retried; once the fault is gone and the backoff over, it joins.
     assert env.run_pass().applied == []
     node.write_sshd_config()
@@ -239,9 +240,9 @@ def test_rollback_when_sshd_rejects_a_key_with_exit_status_0(env: SimEnv) -> Non
     before = node.keyscan()
     good = {t: HostKey(t, node.private_key(t), node.public_key(t)) for t in TYPES}
     broken = dict(good, ed25519=HostKey("ed25519", b"-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n-----END OPENSSH PRIVATE KEY-----\n", good["ed25519"].public))
-    gate = HostKeyGate(env.config)
-    with NodeSession(node.ip, gate.ssh, None) as session:
-        rc, out, _ = session.run_root_script(push_script(broken, "/etc/ssh", "kill -HUP $(cat /etc/ssh/sshd.pid)"))
+    connector = ParamikoConnector(ssh_settings(env.config))
+    with connector.session(node.ip, frozenset(before)) as session:
+        rc, out, _ = session.run_root(push_script(broken, "/etc/ssh", "kill -HUP $(cat /etc/ssh/sshd.pid)"))
     assert rc == 1
     assert out.startswith("hpodlb-failed sshd-t: ")
     assert "Unable to load host key" in out
@@ -312,34 +313,40 @@ def _files_changed_since(root: Path, since: float, skip: tuple[Path, ...]) -> It
 
 
 def test_key_store_modes_and_refusals(env: SimEnv, capsys: pytest.CaptureFixture[str]) -> None:
-    """Generated keys: dir 0700, private 0600, .pub 0644; a widened key is refused, never fixed."""
+    """Generated keys: dirs 0700, private 0600, .pub 0644; a store in use is not overwritten; a
+    widened key is refused, never fixed, and a pass with it registers nothing and says why."""
     assert main(["keys", "generate", "--config", str(env.config_path)]) == 0
-    assert os.stat(env.store).st_mode & 0o777 == 0o700
+    current = KeyStore(env.store, TYPES).set_dir()
+    assert current is not None
+    for d in (env.store, env.store / "sets", current):
+        assert os.stat(d).st_mode & 0o777 == 0o700
     for t in TYPES:
         priv, pub = file_names(t)
-        assert os.stat(env.store / priv).st_mode & 0o777 == 0o600
-        assert os.stat(env.store / pub).st_mode & 0o777 == 0o644
+        assert os.stat(current / priv).st_mode & 0o777 == 0o600
+        assert os.stat(current / pub).st_mode & 0o777 == 0o644
     capsys.readouterr()
     assert main(["keys", "show", "--config", str(env.config_path)]) == 0
-    shown = capsys.readouterr().out
+    shown = capsys.readouterr().out.splitlines()
     for t in TYPES:
-        real = subprocess.run(["ssh-keygen", "-lf", str(env.store / file_names(t)[1])],
+        real = subprocess.run(["ssh-keygen", "-lf", str(current / file_names(t)[1])],
                               capture_output=True, text=True, check=True).stdout.split()[1]
-        assert real in shown
-    assert main(["keys", "generate", "--config", str(env.config_path)]) == 1
-    assert "already holds keys; use --force" in capsys.readouterr().err
-    before = (env.store / "ssh_host_rsa_key").read_bytes()
-    assert main(["keys", "generate", "--force", "--config", str(env.config_path)]) == 0
-    assert (env.store / "ssh_host_rsa_key").read_bytes() != before
-    os.chmod(env.store / "ssh_host_ed25519_key", 0o644)
+        assert f"{t:8} {real}  {current / file_names(t)[0]}" in shown
+    before = (current / "ssh_host_rsa_key").read_bytes()
+    for force in ([], ["--force"]):
+        assert main(["keys", "generate", *force, "--config", str(env.config_path)]) == 1
+        assert "run `hpodlb keys rotate`" in capsys.readouterr().err
+        assert (current / "ssh_host_rsa_key").read_bytes() == before
+    os.chmod(current / "ssh_host_ed25519_key", 0o644)
     with pytest.raises(KeyStoreError, match=re.escape("mode 0644 is wider than 0600; refusing")):
         KeyStore(env.store, TYPES).load()
-    assert os.stat(env.store / "ssh_host_ed25519_key").st_mode & 0o777 == 0o644
-    # A pass with an unusable store registers nothing and says why.
+    assert os.stat(current / "ssh_host_ed25519_key").st_mode & 0o777 == 0o644
+    # A pass with an unusable store registers nothing and says why, for every node.
     ips = nodes(env, 1)
     outcome = env.run_pass()
     assert env.registered() == set()
-    assert "refusing" in env.state().nodes[ips[0]].key_detail
+    record = env.state().nodes[ips[0]]
+    assert record.key_state == "no-canonical-keys"
+    assert record.key_detail.startswith("key store refused: ") and "refusing" in record.key_detail
     assert not outcome.converged
 
 
@@ -380,5 +387,7 @@ def test_probe_interval_skips_verified_nodes_but_never_new_or_replaced_ones(env:
     assert env.run_pass().applied == []
     later = run_pass_later(env, 700)
     assert [a.kind for a in later.applied if a.ip == ips[2]] == [Kind.DEREGISTER]
-    assert env.state().nodes[ips[2]].last_error.startswith("host-key: presents SHA256:")
+    record = env.state().nodes[ips[2]]
+    assert record.key_state == "unknown-keys"
+    assert f"run `hpodlb keys trust {ips[2]}`" in record.key_detail
     assert ips[2] not in env.registered()

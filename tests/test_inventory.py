@@ -36,12 +36,13 @@ def inst(ip: Any = "10.1.0.1", iid: Any = "i-1", name: Any = "login-1") -> dict[
 
 
 def test_fixture_login_nodes() -> None:
-    """The realistic fixture yields its three login nodes and nothing from other groups."""
+    """The realistic fixture yields its three login nodes, in the file's order, and nothing from
+    other groups (the first one listed is the one an empty key store adopts)."""
     nodes = read_login_nodes(FIXTURES / "resource_config.json", ["login-group"], PRIVATE)
     assert nodes == (
-        LoginNode("10.1.70.201", "i-0a1b2c3d4e5f60013", "login-group-3", "login-group"),
         LoginNode("10.1.71.12", "i-0a1b2c3d4e5f60011", "login-group-1", "login-group"),
         LoginNode("10.1.72.45", "i-0a1b2c3d4e5f60012", "login-group-2", "login-group"),
+        LoginNode("10.1.70.201", "i-0a1b2c3d4e5f60013", "login-group-3", "login-group"),
     )
 
 
@@ -98,6 +99,15 @@ def test_empty_login_group_is_valid() -> None:
         (doc(inst(iid=None, name=None)), "needs an InstanceId or an InstanceName"),
         (doc(inst(iid="")), "InstanceId: expected a non-empty string"),
         (doc(inst(), inst(iid="i-2")), r"10.1.0.1 is listed twice \(also InstanceGroups\[0\].Instances\[0\]\)"),
+        # A second, empty entry of the login group must not read as "every login node left".
+        (json.dumps({"InstanceGroups": [{"Name": "login-group", "Instances": [inst()]},
+                                        {"Name": "login-group", "Instances": []}]}).encode(),
+         r"InstanceGroups\[1\].Name: group 'login-group' is listed twice \(also InstanceGroups\[0\]\)"),
+        # Nor may a repeated key, of which json would silently keep the last one.
+        (b'{"InstanceGroups": [{"Name": "login-group", "Instances": []}], "InstanceGroups": []}',
+         "key 'InstanceGroups' appears twice in one object"),
+        (b'{"InstanceGroups": [{"Name": "login-group", "Instances": [], "Instances": []}]}',
+         "key 'Instances' appears twice"),
     ],
 )
 def test_malformed_resource_configs_are_refused(raw: bytes, message: str) -> None:

@@ -67,7 +67,7 @@ def test_aws_faults_cause_no_wrong_action_and_converge(
             "elbv2", region_name=aws.region, endpoint_url=proxy,
             config=boto_config(connect_timeout_seconds=1, read_timeout_seconds=1),
         )
-        rec = Reconciler(config, [TargetGroup(client, arn, 22)], gate=None)
+        rec = Reconciler(config, [TargetGroup(client, arn, 22)], keys=None)
         state = State()
         passes = 120
         plan.rate = 0.3
@@ -121,7 +121,7 @@ def test_a_failed_read_never_deregisters(aws: FakeAws, write_config: Callable[..
     with fault_proxy(aws.endpoint_url, plan) as proxy:
         client: Any = boto3.session.Session().client("elbv2", region_name=aws.region, endpoint_url=proxy, config=boto_config(1, 1))
         client.meta.events.register("before-call.elastic-load-balancing-v2.*", lambda model, **_: writes.append(model.name) if "Register" in model.name else None)
-        rec = Reconciler(config, [TargetGroup(client, arn, 22)], gate=None)
+        rec = Reconciler(config, [TargetGroup(client, arn, 22)], keys=None)
         state = State()
         for _ in range(5):
             outcome = rec.run_pass(state, apply=True)

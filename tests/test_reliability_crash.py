@@ -20,8 +20,9 @@ import pytest
 
 from hpodlb.keystore import KeyStore, KeyStoreError
 from hpodlb.planner import Guard
-from hpodlb.sshnode import NodeSession
+from hpodlb.sshnode import ParamikoConnector
 from hpodlb.state import load_state, save_state
+from hpodlb.wiring import ssh_settings
 from sim.env import SimEnv
 from sim.nodes import SimCluster
 from tests.conftest import FIGURES
@@ -137,8 +138,8 @@ def test_sigkill_anywhere_then_one_clean_pass_converges(env: SimEnv) -> None:
     for ip in final_list:
         node = cluster.nodes[ip]
         assert node.keyscan() == canonical, ip
-        with NodeSession(ip, _ssh(env), None) as session:  # nobody is locked out
-            assert session.run_root_script(b"echo alive\n")[1] == "alive\n"
+        with ParamikoConnector(ssh_settings(env.config)).session(ip, frozenset(canonical)) as session:  # nobody is locked out
+            assert session.run_root(b"echo alive\n")[1] == "alive\n"
     state, warning = load_state(env.state_dir)
     assert warning is None
     save_state(env.state_dir, state)
@@ -150,12 +151,6 @@ def test_sigkill_anywhere_then_one_clean_pass_converges(env: SimEnv) -> None:
         "registering",
         "registering or writing state",
     } <= set(stages), stages
-
-
-def _ssh(env: SimEnv):  # type: ignore[no-untyped-def]
-    from hpodlb.hostkeys import HostKeyGate
-
-    return HostKeyGate(env.config).ssh
 
 
 def test_key_store_with_wrong_permissions_is_refused_not_fixed(env: SimEnv) -> None:

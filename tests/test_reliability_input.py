@@ -19,11 +19,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hpodlb.config import ConfigError, load_config
+from hpodlb.identity import KeyState
 from hpodlb.inventory import InventoryError, LoginNode, parse_login_nodes, read_login_nodes
 from hpodlb.keystore import KeyStore, KeyStoreError, generate
-from hpodlb.planner import GroupView, Guards, KeyVerdict, Kind, Target, plan_pass
+from hpodlb.planner import (
+    Absence,
+    GroupView,
+    Guards,
+    KeyFacts,
+    Kind,
+    Memory,
+    Probe,
+    Target,
+    plan_pass,
+)
 from tests.conftest import FIGURES, FIXTURES, TG_ARN
 from tests.test_inventory import PATH, PRIVATE, config_like
+from tests.test_planner import keyset
 
 pytestmark = pytest.mark.reliability
 
@@ -92,41 +104,86 @@ def test_generated_config_files(tmp_path_factory: pytest.TempPathFactory, text: 
 
 
 ips = st.integers(1, 40).map(lambda i: f"10.9.0.{i}")
-plan_inputs = st.tuples(
-    st.sets(ips, max_size=25),  # desired
-    st.sets(ips, max_size=25),  # registered
-    st.builds(Guards, prune=st.booleans(), max_deregister_fraction=st.floats(0, 1),
-              absent_passes_before_deregister=st.integers(1, 4), min_in_service=st.integers(0, 5)),
-    st.dictionaries(ips, st.integers(0, 5)),  # absence counters
-    st.dictionaries(ips, st.sampled_from(list(KeyVerdict))),
+CANON = keyset("canonical")
+OLD = keyset("previous")
+probes = st.one_of(
+    st.just(Probe(offered=CANON)),
+    st.just(Probe(offered=OLD)),
+    st.just(Probe(offered={"ed25519": CANON["ed25519"]})),
+    st.just(Probe(offered={"rsa": CANON["rsa"], "ed25519": OLD["ed25519"]})),
+    st.text("abcdef", min_size=1, max_size=3).map(lambda tag: Probe(offered=keyset(tag))),
+    st.just(Probe(offered={})),
+    st.just(Probe(error="connect: refused")),
+    st.just(Probe(skipped=True)),
 )
+plan_inputs = st.fixed_dictionaries({
+    "desired": st.lists(ips, max_size=25, unique=True),
+    "registered": st.sets(st.one_of(ips, st.sampled_from(["i-0abc", "i-0def"])), max_size=25),
+    "guards": st.builds(Guards, prune=st.booleans(), max_deregister_fraction=st.floats(0, 1),
+                        absent_passes_before_deregister=st.integers(1, 4),
+                        min_in_service=st.integers(0, 5), min_absent_seconds=st.sampled_from([0, 60])),
+    "absent": st.dictionaries(ips, st.tuples(st.integers(0, 5), st.floats(0, 200))),
+    "probes": st.dictionaries(ips, probes),
+    "verified": st.dictionaries(ips, st.sampled_from(["same", "other"])),
+    "trusted": st.dictionaries(ips, st.text("abcdef", min_size=1, max_size=3)),
+    "last_instance": st.dictionaries(ips, ips.map(lambda ip: f"i-{ip}")),
+    "previous": st.booleans(),
+    "store": st.sampled_from(["full", "empty", "refused"]),
+    "now": st.floats(0, 300),
+})
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(plan_inputs)
-def test_no_plan_deregisters_beyond_the_guards(args: tuple[Any, ...]) -> None:
-    """Whatever the inventory and memory say, a pass keeps min_in_service and the fraction cap,
-    never removes an in-sync desired node, and never registers an unverified one."""
+def test_no_plan_breaks_a_guard_or_a_trust_rule(x: dict[str, Any]) -> None:
+    """Whatever the inventory, targets, probes and memory, a plan keeps min_in_service and the
+    fraction cap for every deregistration whatever its reason, touches only IP targets, waits out
+    the absence guard, registers only verified nodes, and sends keys only to a vouched endpoint."""
     COUNTS["plans"] += 1
     _record()
-    desired, registered, guards, absent, verdicts = args
-    nodes = [LoginNode(ip, f"i-{ip}", ip, "login-group") for ip in sorted(desired)]
-    view = GroupView(TG_ARN, 22, tuple(Target(ip, 22, "healthy") for ip in sorted(registered)))
-    plan = plan_pass(nodes, [view], {ip: verdicts.get(ip, KeyVerdict.IN_SYNC) for ip in desired},
-                     guards, absent_passes={TG_ARN: absent})
+    desired, guards, now = x["desired"], x["guards"], x["now"]
+    nodes = [LoginNode(ip, f"i-{ip}", ip, "login-group") for ip in desired]
+    view = GroupView(TG_ARN, 22, tuple(Target(t, 22, "healthy") for t in sorted(x["registered"])))
+    verified = {ip: f"i-{ip}" if v == "same" else "i-older" for ip, v in x["verified"].items()}
+    trusted = {ip: (f"i-{ip}", frozenset(keyset(tag).values())) for ip, tag in x["trusted"].items()}
+    keys = KeyFacts(
+        enabled=True,
+        current={} if x["store"] != "full" else CANON,
+        previous=OLD if x["previous"] else {},
+        unavailable="key store refused: test" if x["store"] == "refused" else "",
+        probes=x["probes"], verified=verified, trusted=trusted,
+    )
+    memory = Memory(absent={TG_ARN: {ip: Absence(p, since) for ip, (p, since) in x["absent"].items()}},
+                    last_instance=x["last_instance"])
+    plan = plan_pass(nodes, [view], keys, guards, memory, now)
+
+    ip_targets = [t for t in x["registered"] if not t.startswith("i-")]
     leaving = [a.ip for a in plan.runnable(Kind.DEREGISTER)]
-    absentees = [ip for ip in leaving if ip not in desired]
-    identity = [ip for ip in leaving if ip in desired]
-    assert len(registered) - len(leaving) >= min(guards.min_in_service, len(registered))
-    assert len(absentees) + len(identity) <= max(
-        math.floor(guards.max_deregister_fraction * len(registered)), len(identity))
-    for ip in identity:
-        assert verdicts.get(ip, KeyVerdict.IN_SYNC) in (KeyVerdict.NEEDS_KEYS, KeyVerdict.REPLACED_UNREACHABLE)
+    assert set(leaving) <= set(ip_targets)
+    assert len(ip_targets) - len(leaving) >= min(guards.min_in_service, len(ip_targets))
+    assert len(leaving) <= math.floor(guards.max_deregister_fraction * len(ip_targets))
+    moved_from = {ip for ip, iid in x["last_instance"].items() if iid in {n.instance_id for n in nodes}}
+    for ip in leaving:
+        if ip in desired:
+            assert plan.judgements[ip].state is not KeyState.IN_SYNC
+        elif ip not in moved_from:
+            passes, since = x["absent"].get(ip, (0, now))
+            assert passes + 1 >= guards.absent_passes_before_deregister
+            assert now - since >= guards.min_absent_seconds
+    pushes = {a.ip for a in plan.runnable(Kind.PUSH_KEYS)}
     for a in plan.runnable(Kind.REGISTER):
-        v = verdicts.get(a.ip, KeyVerdict.IN_SYNC)
-        assert v is KeyVerdict.IN_SYNC or (v is KeyVerdict.NEEDS_KEYS and a.after_push)
-    for ip in absentees:
-        assert absent.get(ip, 0) + 1 >= guards.absent_passes_before_deregister
+        state = plan.judgements[a.ip].state
+        assert state is KeyState.IN_SYNC or (a.after_push and a.ip in pushes)
+    for a in plan.actions:
+        if a.kind not in (Kind.PUSH_KEYS, Kind.ADOPT):
+            continue
+        offered = x["probes"][a.ip].offered
+        assert offered and a.pin == frozenset(offered.values())  # exactly what the probe saw
+        known = verified.get(a.ip) == f"i-{a.ip}"
+        if known and a.kind is Kind.PUSH_KEYS:
+            vouched = {*CANON.values(), *(OLD.values() if x["previous"] else ())}
+            accepted = trusted.get(a.ip, ("", frozenset()))[1]
+            assert a.pin <= vouched or a.pin == accepted
 
 
 # -- files someone else could have changed ---------------------------------------------------------

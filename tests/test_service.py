@@ -224,7 +224,7 @@ def test_a_silent_node_stops_the_watchdog_but_not_the_daemon(
     listener.listen(16)
     port = listener.getsockname()[1]
     store = tmp_path / "keys"
-    KeyStore(store, ("ed25519",)).save({"ed25519": generate("ed25519")}, overwrite=False)
+    KeyStore(store, ("ed25519",)).install({"ed25519": generate("ed25519")}, keep_previous=False)
     rc = cluster_dir / "resource_config.json"
     data = json.loads(rc.read_text())
     data["InstanceGroups"][1]["Instances"] = [

@@ -1,0 +1,83 @@
+"""What an admin asked for that must outlive any pass: kept apart from the state cache.
+
+Today: `hpodlb keys trust IP` requests (accept, once, the keys a re-imaged instance presents now).
+The state file is a cache that may be deleted at will; an admin's decision is not, so it lives in
+its own small file, changed only under its own lock (the daemon and a `keys trust` command may both
+touch it), and a request is bound to the instance and the exact keys it was made for: it can never
+approve anything else, and it is removed once that node verified with the canonical keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from hpodlb.state import write_atomically
+
+INTENTS_FILE = "intents.json"
+LOCK_FILE = "intents.lock"
+MAX_BYTES = 1024 * 1024
+
+
+class IntentsError(Exception):
+    """The intents file exists but cannot be used; the message names it."""
+
+
+class TrustRequest(BaseModel):
+    instance_id: str
+    keys: list[str]  # the `algo base64` lines the node presented when the admin accepted them
+    requested_at: float
+
+
+class Intents(BaseModel):
+    trust: dict[str, TrustRequest] = {}
+
+
+def load_intents(state_dir: Path) -> Intents:
+    path = state_dir / INTENTS_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return Intents()
+    except OSError as exc:
+        raise IntentsError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        raw = os.read(fd, MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_BYTES:
+        raise IntentsError(f"{path}: larger than {MAX_BYTES} bytes")
+    try:
+        return Intents.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as exc:
+        raise IntentsError(f"{path}: unusable ({str(exc).splitlines()[0]})") from None
+
+
+def update_intents(state_dir: Path, change: Callable[[Intents], None]) -> Intents:
+    """Read, change and write the intents under their lock; returns what was written."""
+    with _locked(state_dir):
+        intents = load_intents(state_dir)
+        change(intents)
+        write_atomically(
+            state_dir / INTENTS_FILE, intents.model_dump_json(indent=1).encode(), mode=0o600
+        )
+        return intents
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(
+        state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

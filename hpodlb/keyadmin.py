@@ -1,0 +1,183 @@
+"""The key commands an admin runs: show, generate, adopt, rotate, trust, known-hosts.
+
+They change the canonical identity users trust, so each one refuses what would silently break
+logins: replacing a store in use is a rotation (the old set stays valid until every node presents
+the new one), never an overwrite; a node is read only through a session pinned to the keys a
+probe just saw; `trust` accepts exactly what a node presents now, for its current instance only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from hpodlb.config import Config
+from hpodlb.hostkeys import known_hosts_lines
+from hpodlb.intents import Intents, TrustRequest, update_intents
+from hpodlb.inventory import InventoryError
+from hpodlb.keystore import KeySet, KeyStore, KeyStoreError, fingerprint, generate
+from hpodlb.logs import get_logger
+from hpodlb.sshnode import SshError
+from hpodlb.wiring import build_reconciler, host_keys
+
+log = get_logger("hpodlb.keys")
+
+
+class KeyCommandError(Exception):
+    """The command could not do what was asked; the message says why and what to do instead."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    current: KeySet
+    previous: KeySet
+
+
+def store_of(config: Config) -> KeyStore:
+    return KeyStore(config.host_keys.store, config.host_keys.types)
+
+
+def show(config: Config) -> Listing:
+    store = store_of(config)
+    try:
+        return Listing(store.load(), store.load_previous())
+    except KeyStoreError as exc:
+        raise KeyCommandError(str(exc)) from None
+
+
+def known_hosts(config: Config, host: str, port: int) -> list[str]:
+    """Lines for users' known_hosts; during a rotation the previous set too, marked as such."""
+    listing = show(config)
+    lines = known_hosts_lines(listing.current, host, port)
+    if listing.previous:
+        lines.append("# previous keys: still presented by some nodes until `keys rotate` is done")
+        lines += known_hosts_lines(listing.previous, host, port)
+    return lines
+
+
+def generate_keys(config: Config, *, force: bool) -> KeySet:
+    """A new set for an empty store (or, with --force, one that is unusable)."""
+    store = store_of(config)
+    _refuse_replacing(store, force, "hpodlb keys rotate")
+    keys = {t: generate(t) for t in store.types}
+    _install(store, keys, keep_previous=False)
+    log.warning("host_keys_generated", store=str(store.path), fingerprints=_prints(keys))
+    return keys
+
+
+def adopt_keys(config: Config, ip: str, *, force: bool) -> KeySet:
+    """The keys of the node at `ip` become the canonical set (empty or unusable store only)."""
+    store = store_of(config)
+    _refuse_replacing(store, force, f"hpodlb keys rotate --from {ip}")
+    keys = read_node_keys(config, ip)
+    _install(store, keys, keep_previous=False)
+    log.warning(
+        "host_keys_adopted",
+        ip=ip,
+        store=str(store.path),
+        fingerprints=_prints(keys),
+        why="an admin ran `hpodlb keys adopt`",
+    )
+    return keys
+
+
+def rotate_keys(config: Config, from_ip: str | None = None) -> KeySet:
+    """A new canonical set; the one it replaces stays valid as the previous set."""
+    store = store_of(config)
+    try:
+        store.load()
+    except KeyStoreError as exc:
+        raise KeyCommandError(f"nothing to rotate: {exc}") from None
+    if store.is_rotating():
+        raise KeyCommandError(
+            f"{store.path}: a rotation is still in progress (some node may still present the "
+            "previous keys); `hpodlb status` shows which; rotate again once it is done"
+        )
+    keys = read_node_keys(config, from_ip) if from_ip else {t: generate(t) for t in store.types}
+    _install(store, keys, keep_previous=True)
+    log.warning(
+        "host_keys_rotated",
+        store=str(store.path),
+        fingerprints=_prints(keys),
+        source=from_ip or "generated",
+    )
+    return keys
+
+
+def trust_node(config: Config, ip: str) -> TrustRequest:
+    """Accept, once, the keys the node at `ip` presents now, for its current instance."""
+    try:
+        nodes = build_reconciler(config).desired()
+    except InventoryError as exc:
+        raise KeyCommandError(str(exc)) from None
+    node = next((n for n in nodes if n.ip == ip), None)
+    if node is None:
+        raise KeyCommandError(f"{ip} is not a login node in {config.cluster.resource_config}")
+    probe = host_keys(config).probe(ip)
+    if probe.offered is None:
+        raise KeyCommandError(f"{node.label()}: cannot see its host keys: {probe.error}")
+    if not probe.offered:
+        raise KeyCommandError(f"{node.label()}: offers none of the configured key types")
+    request = TrustRequest(
+        instance_id=node.instance_id, keys=sorted(probe.offered.values()), requested_at=time.time()
+    )
+
+    def add(intents: Intents) -> None:
+        intents.trust[ip] = request
+
+    update_intents(config.state.dir, add)
+    log.warning(
+        "host_keys_trusted_by_admin",
+        ip=ip,
+        instance_id=node.instance_id,
+        fingerprints=sorted(fingerprint(k) for k in request.keys),
+        why="an admin ran `hpodlb keys trust`; the next pass pushes the canonical keys to it",
+    )
+    return request
+
+
+def read_node_keys(config: Config, ip: str) -> KeySet:
+    """A node's keys, read in a session pinned to what a probe of it shows right now."""
+    nodes = host_keys(config)
+    probe = nodes.probe(ip)
+    if probe.offered is None:
+        raise KeyCommandError(f"{ip}: {probe.error}")
+    if not probe.offered:
+        raise KeyCommandError(f"{ip}: offers none of the configured key types")
+    log.warning(
+        "ssh_trust_on_first_use",
+        ip=ip,
+        fingerprints=sorted(fingerprint(k) for k in probe.offered.values()),
+        why="an admin named this node; the session must present what this probe showed",
+    )
+    try:
+        return nodes.read_keys(ip, frozenset(probe.offered.values()))
+    except SshError as exc:
+        raise KeyCommandError(f"{ip}: {exc}") from None
+
+
+def _refuse_replacing(store: KeyStore, force: bool, instead: str) -> None:
+    """A complete store is in use: replacing it would break every user's known_hosts at once."""
+    if store.is_empty():
+        return
+    try:
+        store.load()
+    except KeyStoreError as exc:
+        if not force:
+            raise KeyCommandError(f"{exc}\n(add --force to replace the unusable set)") from None
+        return
+    raise KeyCommandError(
+        f"{store.path}: holds the canonical keys users trust; to replace them without breaking "
+        f"logins run `{instead}` (the old keys stay valid until every node presents the new ones)"
+    )
+
+
+def _install(store: KeyStore, keys: KeySet, *, keep_previous: bool) -> None:
+    try:
+        store.install(keys, keep_previous=keep_previous)
+    except KeyStoreError as exc:
+        raise KeyCommandError(str(exc)) from None
+
+
+def _prints(keys: KeySet) -> dict[str, str]:
+    return {t: k.fingerprint for t, k in keys.items()}
