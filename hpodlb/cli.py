@@ -64,7 +64,12 @@ def cmd_once(config: Config, args: argparse.Namespace) -> int:
         from hpodlb.wiring import build_reconciler
 
         outcome = build_reconciler(config).run_pass(state, apply=True)
-        save_state(config.state.dir, state)
+        try:
+            save_state(config.state.dir, state)
+        except OSError as exc:
+            why = f"cannot save the state in {config.state.dir}: {exc.strerror or exc}"
+            _fail(why)
+            outcome.errors.append(why)
     _log().info(
         "pass_finished",
         converged=outcome.converged,

@@ -73,6 +73,7 @@ def setup_logging(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
     )
     handler.setFormatter(formatter)
+    handler.addFilter(_AsDebug(shown=verbose))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     level = logging.DEBUG if verbose else logging.INFO
@@ -81,12 +82,29 @@ def setup_logging(
         logging.getLogger(name).setLevel(
             logging.DEBUG if verbose and name != "paramiko" else noisy_level
         )
+
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+class _AsDebug(logging.Filter):
+    """paramiko reports one refused connection as a score of error lines (a traceback split up);
+    hpodlb already logs one event per node failure with its step, so paramiko's lines are debug
+    chatter: shown only with -v, and then at debug level."""
+
+    def __init__(self, *, shown: bool) -> None:
+        super().__init__()
+        self.shown = shown
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "paramiko" and not record.name.startswith("paramiko."):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self.shown
 
 
 class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,9 +35,11 @@ SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 KEY_TYPES = ("rsa", "ecdsa", "ed25519")
 # The simulated nodes' reload: SIGHUP to their sshd. Marker files in a node's /etc/ssh inject
 # faults: `fail-reload` makes the command fail, `die-on-reload` kills sshd instead (a node that
-# dies between push and verify).
+# dies between push and verify), `ignore-reload` succeeds without reloading (an sshd that keeps
+# serving its old keys).
 RELOAD_COMMAND = (
     "if [ -e /etc/ssh/die-on-reload ]; then kill -TERM $(cat /etc/ssh/sshd.pid); "
+    "elif [ -e /etc/ssh/ignore-reload ]; then true; "
     "else test ! -e /etc/ssh/fail-reload && kill -HUP $(cat /etc/ssh/sshd.pid); fi"
 )
 
@@ -319,6 +321,16 @@ class SimCluster:
 
     def slow_relay(self, ip: str, upstream: str, delay: float) -> None:
         """A slow network path: `ip` relays to node `upstream`, holding each chunk `delay` s."""
+        self.relay(ip, lambda _: upstream, delay)
+
+    def switching_relay(self, ip: str, first: str, then: str, after: int) -> None:
+        """A forwarding proxy that switches backends: its first `after` connections go to node
+        `first`, every later one to node `then` (another host answering at the same address)."""
+        count = iter(range(1 << 30))
+        self.relay(ip, lambda _: first if next(count) < after else then, 0.0)
+
+    def relay(self, ip: str, upstream_for: Callable[[socket.socket], str], delay: float) -> None:
+        """TCP from `ip` to the node `upstream_for(connection)` picks, each chunk held `delay` s."""
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((ip, self.port))
@@ -341,7 +353,7 @@ class SimCluster:
             while True:
                 try:
                     conn, _ = sock.accept()
-                    far = socket.create_connection((upstream, self.port))
+                    far = socket.create_connection((upstream_for(conn), self.port))
                 except OSError:
                     return
                 threading.Thread(target=pump, args=(conn, far), daemon=True).start()
