@@ -1,0 +1,183 @@
+"""The trust rules, fast: the real executor, planner, key store and moto, with a fake connector.
+
+Beside, never instead of, the real-sshd tests in `test_trust.py`: these pin what hpodlb decides
+to do with a node (open a session or not, pinned to what, send anything or not) across many
+situations in seconds, with a connector that enforces pins as the real one does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from hpodlb.config import Config, load_config
+from hpodlb.hostkeys import HostKeys
+from hpodlb.intents import TrustRequest, load_intents, update_intents
+from hpodlb.keystore import KeyStore, generate
+from hpodlb.planner import Kind
+from hpodlb.reconcile import PassOutcome, Reconciler, key_side
+from hpodlb.state import State
+from hpodlb.targets import TargetGroup, boto_config
+from tests.fakenodes import TYPES, FakeConnector, FakeNode
+from tests.test_targets import Clock, make_group
+
+IPS = ("10.1.71.12", "10.1.72.45", "10.1.70.201")  # the fixture's login nodes, in file order
+
+
+class World:
+    """Moto, three fake login nodes, a key store, and passes run by the real reconciler."""
+
+    def __init__(self, config: Config, elb: Any, arn: str) -> None:
+        self.config, self.elb, self.arn = config, elb, arn
+        self.nodes = {ip: FakeNode.fresh() for ip in IPS}
+        self.connector = FakeConnector(self.nodes)
+        self.clock = Clock()
+        self.state = State()
+        self.writes: list[str] = []
+        elb.meta.events.register(
+            "before-call.elastic-load-balancing-v2.*",
+            lambda model, **_: self.writes.append(model.name) if "Describe" not in model.name else None,
+        )
+
+    def run_pass(self) -> PassOutcome:
+        nodes = HostKeys(self.connector, TYPES, "/etc/ssh", "true", settle_seconds=0)
+        rec = Reconciler(self.config, [TargetGroup(self.elb, self.arn, 22)],
+                         key_side(self.config, nodes), clock=self.clock, boot_id="b1")
+        outcome = rec.run_pass(self.state, apply=True)
+        self.clock.advance(30)
+        return outcome
+
+    def registered(self) -> set[str]:
+        reply = self.elb.describe_target_health(TargetGroupArn=self.arn)
+        return {d["Target"]["Id"] for d in reply["TargetHealthDescriptions"]}
+
+    def canonical(self) -> set[str]:
+        return {k.public for k in self.store().load().values()}
+
+    def store(self) -> KeyStore:
+        return KeyStore(self.config.host_keys.store, TYPES)
+
+
+@pytest.fixture
+def world(fresh_env: None, monkeypatch: pytest.MonkeyPatch, write_config: Callable[..., Path],
+          tmp_path: Path) -> Iterator[World]:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        elb = boto3.client("elbv2", region_name="us-west-2", config=boto_config())
+        arn = make_group(elb)
+        path = write_config([{"arn": arn, "port": 22}],
+                            host_keys={"enabled": True, "store": str(tmp_path / "keys")})
+        yield World(load_config(path, {}), elb, arn)
+
+
+def test_first_pass_adopts_the_first_node_and_pushes_to_the_others(world: World) -> None:
+    """The first node in the resource config gives the keys; the others get them, then join."""
+    first = world.nodes[IPS[0]]
+    outcome = world.run_pass()
+    assert outcome.converged, outcome.errors
+    assert world.canonical() == {k.public for k in first.keys.values()}
+    assert [(a.kind, a.ip) for a in outcome.applied][:1] == [(Kind.ADOPT, IPS[0])]
+    assert {a.ip for a in outcome.applied if a.kind is Kind.PUSH_KEYS} == set(IPS[1:])
+    assert all({k.public for k in n.keys.values()} == world.canonical() for n in world.nodes.values())
+    assert world.registered() == set(IPS)
+
+
+def test_nothing_is_sent_to_an_endpoint_other_than_the_one_probed(world: World) -> None:
+    """A proxy that answers the push session with another host: no script reaches it, the node
+    is held (with a backoff) and the error names both fingerprints."""
+    impostor = FakeNode.fresh()
+    victim = world.nodes[IPS[2]]
+    victim.answered_by = impostor
+    outcome = world.run_pass()
+    assert impostor.scripts == [] and impostor.sessions == 0
+    assert IPS[2] not in world.registered()
+    (error,) = [e for e in outcome.errors if e.startswith(IPS[2])]
+    assert impostor.keys["rsa"].fingerprint in error or impostor.keys["ed25519"].fingerprint in error
+    assert victim.keys["ed25519"].fingerprint in error
+    assert world.state.nodes[IPS[2]].retry_mono is not None
+
+
+def test_a_known_instance_with_unknown_keys_gets_no_session_until_trusted(world: World) -> None:
+    """Re-imaged in place: out of rotation, not one session in any later pass; `keys trust`
+    accepts exactly its current keys once, and the next pass repairs it."""
+    assert world.run_pass().converged
+    node = world.nodes[IPS[1]]
+    node.keys = {t: generate(t) for t in TYPES}  # same instance id, new keys
+    before = node.sessions
+    for _ in range(3):
+        outcome = world.run_pass()
+        assert not outcome.converged
+        assert IPS[1] not in world.registered()
+    assert node.sessions == before
+    assert world.state.nodes[IPS[1]].failures == 0  # held, not failing: no pointless retries
+    request = TrustRequest(instance_id=world.state.nodes[IPS[1]].instance_id,
+                           keys=[k.public for k in node.keys.values()], requested_at=0)
+    update_intents(world.config.state.dir, lambda i: i.trust.__setitem__(IPS[1], request))
+    outcome = world.run_pass()
+    assert outcome.converged, outcome.errors
+    assert node.sessions == before + 1
+    assert IPS[1] in world.registered()
+    assert load_intents(world.config.state.dir).trust == {}  # consumed
+
+
+def test_a_trust_request_covers_nothing_but_the_keys_it_names(world: World) -> None:
+    """An admin's request for one set of keys does not let a node with other keys through."""
+    assert world.run_pass().converged
+    node = world.nodes[IPS[1]]
+    node.keys = {t: generate(t) for t in TYPES}
+    stale = TrustRequest(instance_id=world.state.nodes[IPS[1]].instance_id,
+                         keys=[generate("ed25519").public], requested_at=0)
+    update_intents(world.config.state.dir, lambda i: i.trust.__setitem__(IPS[1], stale))
+    sessions = node.sessions
+    world.run_pass()
+    assert node.sessions == sessions
+    assert IPS[1] not in world.registered()
+
+
+def test_a_rotation_updates_every_node_in_place(world: World) -> None:
+    """After `keys rotate`, nodes presenting the previous set are pushed the new one without
+    leaving rotation, and the previous set is retired once all present the new one."""
+    assert world.run_pass().converged
+    world.writes.clear()
+    store = world.store()
+    store.install({t: generate(t) for t in TYPES}, keep_previous=True)
+    assert store.is_rotating()
+    outcome = world.run_pass()
+    assert outcome.converged, outcome.errors
+    assert "DeregisterTargets" not in world.writes
+    assert world.registered() == set(IPS)
+    assert all({k.public for k in n.keys.values()} == world.canonical() for n in world.nodes.values())
+    assert not store.is_rotating()
+    assert [a.kind for a in outcome.applied].count(Kind.RETIRE_PREVIOUS) == 1
+
+
+def test_a_rotation_waits_for_a_node_that_cannot_be_reached(world: World) -> None:
+    """The previous set stays valid while some node may still present it."""
+    assert world.run_pass().converged
+    store = world.store()
+    store.install({t: generate(t) for t in TYPES}, keep_previous=True)
+    world.nodes[IPS[2]].probe_error = OSError("no route to host")
+    world.run_pass()
+    assert store.is_rotating()
+    world.nodes[IPS[2]].probe_error = None
+    assert world.run_pass().converged
+    assert not store.is_rotating()
+
+
+def test_any_exception_in_a_node_job_is_that_nodes_failure(world: World) -> None:
+    """A probe or a session raising something unexpected fails that node; the others join."""
+    world.nodes[IPS[1]].probe_error = RuntimeError("boom")
+    world.nodes[IPS[2]].session_error = ValueError("odd channel")
+    outcome = world.run_pass()
+    assert world.registered() == {IPS[0]}
+    assert world.state.nodes[IPS[1]].last_error == "probe: RuntimeError: boom"
+    assert world.state.nodes[IPS[2]].last_error == "push: ValueError: odd channel"
+    assert not outcome.converged
+    assert world.state.last_pass is not None and len(world.state.last_pass.errors) == 1
