@@ -270,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
         "in step with its resource config.",
     )
     parser.add_argument("--version", action="version", version=f"hpodlb {__version__}")
+    common = _common_options()
+    add = _subcommands(parser, common, dest="command", metavar="COMMAND")
+    _add_pass_commands(add)
+    _add_aws_commands(add)
+    text = "the canonical SSH host keys every login node must present"
+    keys = add("keys", cmd_keys, text, text)
+    _add_keys_commands(_subcommands(keys, common, dest="keys_command", metavar="ACTION"))
+    return parser
+
+
+# add(name, func, summary for the command list, description for its own --help) -> its parser
+Adder = Callable[[str, Command, str, "str | None"], argparse.ArgumentParser]
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """--config and -v, for every command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
@@ -280,94 +296,88 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return common
 
-    def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+
+def _subcommands(
+    parser: argparse.ArgumentParser, common: argparse.ArgumentParser, *, dest: str, metavar: str
+) -> Adder:
+    sub = parser.add_subparsers(dest=dest, required=True, metavar=metavar)
+
+    def add(
+        name: str, func: Command, summary: str, description: str | None
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=summary, description=description)
         p.set_defaults(func=func)
         return p
 
-    add(
-        "run",
-        cmd_run,
+    return add
+
+
+def _add_pass_commands(add: Adder) -> None:
+    text = (
         "the daemon: a pass at start, every interval_seconds and soon after the resource config "
-        "changes; SIGHUP re-reads the config; exit 0 on SIGTERM",
+        "changes; SIGHUP re-reads the config; exit 0 on SIGTERM"
     )
-    add("once", cmd_once, "run one pass; exit 0 converged, 1 failed or held back, 2 unusable input")
-    p = add(
-        "plan",
-        cmd_plan,
+    add("run", cmd_run, text, text)
+    text = "run one pass; exit 0 converged, 1 failed or held back, 2 unusable input"
+    add("once", cmd_once, text, text)
+    text = (
         "show what a pass would do and change nothing; exit 0 nothing to do, "
-        "1 changes pending, 2 could not plan",
+        "1 changes pending, 2 could not plan"
     )
+    p = add("plan", cmd_plan, text, text)
     p.add_argument("--json", action="store_true", help="machine-readable plan")
-    p = add("status", cmd_status, "login nodes and targets as of the last pass (no AWS calls)")
+    text = "login nodes and targets as of the last pass (no AWS calls)"
+    p = add("status", cmd_status, text, text)
     p.add_argument("--json", action="store_true", help="machine-readable status")
-    add(
-        "check-config",
-        cmd_check_config,
-        "validate the config, resource config, AWS access and key store; exit 0 ok, 1 problems",
+    text = "validate the config, resource config, AWS access and key store; exit 0 ok, 1 problems"
+    add("check-config", cmd_check_config, text, text)
+
+
+def _add_aws_commands(add: Adder) -> None:
+    text = "find or create the login target group, internal NLB and listener"
+    p = add("provision", cmd_provision, text, text)
+    _aws_options(p)
+    p.add_argument("--vpc-id", required=True)
+    p.add_argument("--subnet-id", required=True, action="append", help="repeat for more subnets")
+    p.add_argument("--security-group-id", required=True, action="append")
+    p.add_argument("--port", type=int, default=22, help="listener and target port (default 22)")
+    p.add_argument("--stickiness", action="store_true", help="source-IP stickiness")
+    p.add_argument(
+        "--write-config",
+        action="store_true",
+        help="point the config file at the target group (comments kept)",
     )
-    for name, func, text in (
-        (
-            "provision",
-            cmd_provision,
-            "find or create the login target group, internal NLB and listener",
-        ),
-        ("teardown", cmd_teardown, "delete them (listener, NLB, target group), only if hpodlb's"),
-    ):
-        p = add(name, func, text)
-        p.add_argument("--name-prefix", default="smhp-login-node", help="NAME-tg and NAME-lb")
-        p.add_argument(
-            "--cluster-name", help="default: ClusterConfig.ClusterName of the resource config"
-        )
-        p.add_argument("--region", help="default: aws.region, else boto3's (AWS_REGION, profile)")
-        p.add_argument(
-            "--dry-run", action="store_true", help="say what would change; change nothing"
-        )
-        if name == "provision":
-            p.add_argument("--vpc-id", required=True)
-            p.add_argument(
-                "--subnet-id", required=True, action="append", help="repeat for more subnets"
-            )
-            p.add_argument("--security-group-id", required=True, action="append")
-            p.add_argument(
-                "--port", type=int, default=22, help="listener and target port (default 22)"
-            )
-            p.add_argument("--stickiness", action="store_true", help="source-IP stickiness")
-            p.add_argument(
-                "--write-config",
-                action="store_true",
-                help="point the config file at the target group (comments kept)",
-            )
-        else:
-            p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    keys = add("keys", cmd_keys, "the canonical SSH host keys every login node must present")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    keys_sub.add_parser(
-        "show", parents=[common], help="type and SHA256 fingerprint of each canonical key"
+    text = "delete them (listener, NLB, target group), only if hpodlb's"
+    p = add("teardown", cmd_teardown, text, text)
+    _aws_options(p)
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _aws_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name-prefix", default="smhp-login-node", help="NAME-tg and NAME-lb")
+    p.add_argument(
+        "--cluster-name", help="default: ClusterConfig.ClusterName of the resource config"
     )
-    gen = keys_sub.add_parser(
-        "generate",
-        parents=[common],
-        help="create a new set (refuses to replace one without --force)",
-    )
-    gen.add_argument("--force", action="store_true", help="replace the existing keys")
-    adopt = keys_sub.add_parser(
-        "adopt", parents=[common], help="copy a login node's host keys into the store"
-    )
-    adopt.add_argument("--from", dest="from_ip", required=True, metavar="IP")
-    adopt.add_argument("--force", action="store_true", help="replace the existing keys")
-    kh = keys_sub.add_parser(
-        "known-hosts", parents=[common], help="known_hosts lines to hand users for the NLB name"
-    )
-    kh.add_argument(
+    p.add_argument("--region", help="default: aws.region, else boto3's (AWS_REGION, profile)")
+    p.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
+
+
+def _add_keys_commands(add: Adder) -> None:
+    add("show", cmd_keys, "type and SHA256 fingerprint of each canonical key", None)
+    p = add("generate", cmd_keys, "create a new set (refuses to replace one without --force)", None)
+    p.add_argument("--force", action="store_true", help="replace the existing keys")
+    p = add("adopt", cmd_keys, "copy a login node's host keys into the store", None)
+    p.add_argument("--from", dest="from_ip", required=True, metavar="IP")
+    p.add_argument("--force", action="store_true", help="replace the existing keys")
+    p = add("known-hosts", cmd_keys, "known_hosts lines to hand users for the NLB name", None)
+    p.add_argument(
         "--host", required=True, metavar="NAME", help="the NLB DNS name users connect to"
     )
-    kh.add_argument(
+    p.add_argument(
         "--port", type=int, default=22, metavar="N", help="the NLB port users connect to"
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
