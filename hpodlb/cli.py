@@ -264,28 +264,39 @@ def _default_region() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
     parser = argparse.ArgumentParser(
         prog="hpodlb",
+        parents=[common],
         description="Keep a HyperPod Slurm cluster's login-node NLB target groups and SSH host keys "
         "in step with its resource config.",
+        epilog="--config and -v go before or after COMMAND. Every command exits 2 when the config "
+        "file is invalid or on a usage error.",
     )
     parser.add_argument("--version", action="version", version=f"hpodlb {__version__}")
-    common = _common_options()
     add = _subcommands(parser, common, dest="command", metavar="COMMAND")
     _add_pass_commands(add)
     _add_aws_commands(add)
-    text = "the canonical SSH host keys every login node must present"
-    keys = add("keys", cmd_keys, text, text)
+    keys = add(
+        "keys",
+        cmd_keys,
+        "the canonical SSH host keys every login node must present",
+        "The canonical SSH host keys every login node must present, kept in host_keys.store.",
+    )
     _add_keys_commands(_subcommands(keys, common, dest="keys_command", metavar="ACTION"))
     return parser
 
 
 # add(name, func, summary for the command list, description for its own --help) -> its parser
-Adder = Callable[[str, Command, str, "str | None"], argparse.ArgumentParser]
+Adder = Callable[[str, Command, str, str], argparse.ArgumentParser]
 
 
 def _common_options() -> argparse.ArgumentParser:
-    """--config and -v, for every command."""
+    """--config and -v, accepted before and after any command.
+
+    SUPPRESS as the default, at every level: a level that was not given the option leaves the
+    namespace alone, so `hpodlb --config X status` is not undone by `status`'s own default.
+    """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
@@ -304,9 +315,7 @@ def _subcommands(
 ) -> Adder:
     sub = parser.add_subparsers(dest=dest, required=True, metavar=metavar)
 
-    def add(
-        name: str, func: Command, summary: str, description: str | None
-    ) -> argparse.ArgumentParser:
+    def add(name: str, func: Command, summary: str, description: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=summary, description=description)
         p.set_defaults(func=func)
         return p
@@ -315,42 +324,83 @@ def _subcommands(
 
 
 def _add_pass_commands(add: Adder) -> None:
-    text = (
-        "the daemon: a pass at start, every interval_seconds and soon after the resource config "
-        "changes; SIGHUP re-reads the config; exit 0 on SIGTERM"
+    add(
+        "run",
+        cmd_run,
+        "the daemon (what the systemd unit starts)",
+        "The daemon: a pass at start, then every interval_seconds and soon after the resource "
+        "config changes; SIGHUP re-reads the config. "
+        "Exit status: 0 stopped by SIGTERM, 1 another instance holds the lock, 2 config or usage "
+        "error.",
     )
-    add("run", cmd_run, text, text)
-    text = "run one pass; exit 0 converged, 1 failed or held back, 2 unusable input"
-    add("once", cmd_once, text, text)
-    text = (
-        "show what a pass would do and change nothing; exit 0 nothing to do, "
-        "1 changes pending, 2 could not plan"
+    add(
+        "once",
+        cmd_once,
+        "one pass",
+        "Run one pass: read the login nodes, observe the target groups and host keys, apply the "
+        "plan, save the state. Exit status: 0 converged, 1 something failed, is held back or "
+        "waits, 2 config, usage or resource-config error.",
     )
-    p = add("plan", cmd_plan, text, text)
+    p = add(
+        "plan",
+        cmd_plan,
+        "what a pass would do; changes nothing",
+        "Show what a pass would do and change nothing (it reads AWS and probes host keys). "
+        "Exit status: 0 nothing to do, 1 changes pending, 2 could not plan (config, inventory or "
+        "AWS error).",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable plan")
-    text = "login nodes and targets as of the last pass (no AWS calls)"
-    p = add("status", cmd_status, text, text)
+    p = add(
+        "status",
+        cmd_status,
+        "login nodes and targets as of the last pass",
+        "Login nodes and targets as of the last pass, read from the state file (no AWS call). "
+        "Exit status: 0 shown, 2 config or usage error.",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable status")
-    text = "validate the config, resource config, AWS access and key store; exit 0 ok, 1 problems"
-    add("check-config", cmd_check_config, text, text)
+    add(
+        "check-config",
+        cmd_check_config,
+        "check every input and permission a pass needs",
+        "Check the config file, resource config, login groups, AWS access to each target group, "
+        "state dir, key store and SSH key; change nothing. "
+        "Exit status: 0 usable, 1 problems listed, 2 the config file itself is invalid.",
+    )
 
 
 def _add_aws_commands(add: Adder) -> None:
-    text = "find or create the login target group, internal NLB and listener"
-    p = add("provision", cmd_provision, text, text)
+    p = add(
+        "provision",
+        cmd_provision,
+        "find or create the login target group, internal NLB and listener",
+        "Find or create the target group PREFIX-tg (IP targets, TCP), the internal NLB PREFIX-lb "
+        "and its listener, tagged hpodlb:managed=true and hpodlb:cluster=<ClusterName>; a second "
+        "run changes nothing and a same-named resource without those tags is refused. "
+        "Exit status: 0 done or nothing to change, 1 refused or AWS error, 2 config or usage "
+        "error.",
+    )
     _aws_options(p)
     p.add_argument("--vpc-id", required=True)
     p.add_argument("--subnet-id", required=True, action="append", help="repeat for more subnets")
     p.add_argument("--security-group-id", required=True, action="append")
-    p.add_argument("--port", type=int, default=22, help="listener and target port (default 22)")
+    p.add_argument(
+        "--port", type=_port, default=22, metavar="N", help="listener and target port (default 22)"
+    )
     p.add_argument("--stickiness", action="store_true", help="source-IP stickiness")
     p.add_argument(
         "--write-config",
         action="store_true",
         help="point the config file at the target group (comments kept)",
     )
-    text = "delete them (listener, NLB, target group), only if hpodlb's"
-    p = add("teardown", cmd_teardown, text, text)
+    p = add(
+        "teardown",
+        cmd_teardown,
+        "delete what provision made (only if it carries hpodlb's tags)",
+        "Delete the listener, the NLB and the target group, in that order, and only those that "
+        "carry hpodlb's tags for this cluster. Lists what it would delete and asks first; without "
+        "a terminal it deletes only with --yes. Exit status: 0 deleted or nothing to delete, "
+        "1 refused, declined or AWS error, 2 config or usage error.",
+    )
     _aws_options(p)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
@@ -365,19 +415,56 @@ def _aws_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_keys_commands(add: Adder) -> None:
-    add("show", cmd_keys, "type and SHA256 fingerprint of each canonical key", None)
-    p = add("generate", cmd_keys, "create a new set (refuses to replace one without --force)", None)
+    add(
+        "show",
+        cmd_keys,
+        "type and SHA256 fingerprint of each canonical key",
+        "Type, SHA256 fingerprint (as ssh-keygen -lf prints it) and file of each canonical key. "
+        "Exit status: 0 shown, 1 store missing or unsafe, 2 config or usage error.",
+    )
+    p = add(
+        "generate",
+        cmd_keys,
+        "create a new canonical set",
+        "Create a new canonical set in memory and write it to the store, private keys 0600 from "
+        "the first byte; refuses to replace existing keys without --force. "
+        "Exit status: 0 written, 1 store not empty or unsafe, 2 config or usage error.",
+    )
     p.add_argument("--force", action="store_true", help="replace the existing keys")
-    p = add("adopt", cmd_keys, "copy a login node's host keys into the store", None)
+    p = add(
+        "adopt",
+        cmd_keys,
+        "copy a login node's host keys into the store",
+        "Copy the host keys of the login node at IP into the store, through the SSH channel "
+        "only; refuses to replace existing keys without --force. "
+        "Exit status: 0 copied, 1 node or store problem, 2 config or usage error.",
+    )
     p.add_argument("--from", dest="from_ip", required=True, metavar="IP")
     p.add_argument("--force", action="store_true", help="replace the existing keys")
-    p = add("known-hosts", cmd_keys, "known_hosts lines to hand users for the NLB name", None)
+    p = add(
+        "known-hosts",
+        cmd_keys,
+        "known_hosts lines to hand users for the NLB name",
+        "Lines for users' ~/.ssh/known_hosts: the canonical keys under the NLB's DNS name "
+        "([NAME]:N when N is not 22). "
+        "Exit status: 0 printed, 1 store missing or unsafe, 2 config or usage error.",
+    )
     p.add_argument(
         "--host", required=True, metavar="NAME", help="the NLB DNS name users connect to"
     )
     p.add_argument(
-        "--port", type=int, default=22, metavar="N", help="the NLB port users connect to"
+        "--port", type=_port, default=22, metavar="N", help="the NLB port users connect to"
     )
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1..65535)")
+    return port
 
 
 def main(argv: Sequence[str] | None = None) -> int:

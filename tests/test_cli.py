@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -41,12 +42,82 @@ def hpodlb(aws: FakeAws, fresh_env: None) -> Callable[..., subprocess.CompletedP
     return run
 
 
+def description(help_text: str) -> str:
+    """The paragraph `--help` prints between the usage block and the first section, on one line."""
+    paragraph = help_text.split("\n\n")[1]
+    sections = ("options:", "positional arguments:")
+    return "" if paragraph.split("\n")[0] in sections else " ".join(paragraph.split())
+
+
+# Each command's exit statuses (DESIGN.md's contract; every command can also exit 2 on bad usage).
+EXIT_STATUSES = {
+    "run": {0, 1, 2}, "once": {0, 1, 2}, "plan": {0, 1, 2}, "status": {0, 2},
+    "check-config": {0, 1, 2}, "provision": {0, 1, 2}, "teardown": {0, 1, 2},
+    "keys show": {0, 1, 2}, "keys generate": {0, 1, 2}, "keys adopt": {0, 1, 2},
+    "keys known-hosts": {0, 1, 2},
+}
+
+
 def test_help_lists_the_commands(hpodlb: Callable[..., subprocess.CompletedProcess[str]]) -> None:
     """`hpodlb --help` names every command of the contract that exists."""
     out = hpodlb("--help")
     assert out.returncode == 0
     for command in ("once", "plan", "status", "check-config"):
         assert command in out.stdout
+
+
+@pytest.mark.parametrize("command", sorted(EXIT_STATUSES))
+def test_each_command_describes_itself_and_its_exit_statuses(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]], command: str
+) -> None:
+    """Each command's --help has a whole-sentence description ending in its exit statuses."""
+    out = hpodlb(*command.split(), "--help")
+    assert out.returncode == 0
+    match = re.fullmatch(r"[A-Z][^\n]*\. Exit status: (.*)\.", description(out.stdout))
+    assert match, description(out.stdout)
+    assert {int(n) for n in re.findall(r"(?:^|, )(\d) ", match.group(1))} == EXIT_STATUSES[command]
+
+
+def test_config_and_verbose_go_before_or_after_the_command(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+    tmp_path: Path,
+) -> None:
+    """`hpodlb --config X -v plan` and `hpodlb plan --config X -v` read X and log at debug level."""
+    store = tmp_path / "no-store"
+    cfg = str(write_config([{"arn": arn, "port": 22}], host_keys={"store": str(store)}))
+    runs = {
+        "before": hpodlb("--config", cfg, "-v", "plan", "--json"),
+        "after": hpodlb("plan", "--json", "--config", cfg, "-v"),
+        "nested": hpodlb("--config", cfg, "-v", "keys", "show"),
+    }
+    for run in (runs["before"], runs["after"]):
+        assert run.returncode == 1, run.stderr
+        assert len(json.loads(run.stdout)["actions"]) == 3
+        levels = {json.loads(ln)["level"] for ln in run.stderr.splitlines() if ln.startswith("{")}
+        assert "debug" in levels
+    nested = runs["nested"]
+    assert nested.returncode == 1  # X was read: it names a key store that does not exist
+    assert nested.stderr.splitlines()[-1] == f"hpodlb: {store}: key store does not exist"
+
+
+@pytest.mark.parametrize("args", [
+    ("keys", "known-hosts", "--host", "nlb.example", "--port", "0"),
+    ("keys", "known-hosts", "--host", "nlb.example", "--port", "65536"),
+    ("provision", "--vpc-id", "vpc-1", "--subnet-id", "s-1", "--security-group-id", "sg-1", "--port", "70000"),
+])
+def test_ports_out_of_range_are_usage_errors(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    args: tuple[str, ...],
+) -> None:
+    """A --port outside 1..65535 is a usage error (exit 2) naming the option; nothing runs."""
+    out = hpodlb(*args, "--config", str(write_config()))
+    assert out.returncode == 2
+    prog = "hpodlb " + " ".join(a for a in args[:2] if not a.startswith("-"))
+    assert out.stderr.splitlines()[-1] == (
+        f"{prog}: error: argument --port: '{args[-1]}' is not a port (1..65535)")
 
 
 def test_plan_once_status_round_trip(
