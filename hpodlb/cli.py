@@ -211,26 +211,41 @@ def cmd_provision(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_teardown(config: Config, args: argparse.Namespace) -> int:
+    declined = False
+
     def confirm(steps: Sequence[str]) -> bool:
-        print("\n".join(steps))
+        nonlocal declined
         if args.yes:
+            print("\n".join(steps))
             return True
+        print("\n".join(f"would {step}" for step in steps))
         if not sys.stdin.isatty():
-            _fail("refusing to delete without --yes (standard input is not a terminal)")
-            return False
-        return input("Delete these? [y/N] ").strip().lower() in ("y", "yes")
+            _fail(
+                "refusing to delete without --yes (standard input is not a terminal); nothing deleted"
+            )
+        elif input(f"Delete these {len(steps)} resource(s)? [y/N] ").strip().lower() in (
+            "y",
+            "yes",
+        ):
+            return True
+        else:
+            print("nothing deleted")
+        declined = True
+        return False
 
     code, report, cluster = _with_provisioner(
         config, args, lambda prov, _: prov.teardown(args.name_prefix, confirm)
     )
     if report is None:
         return code
+    if declined:  # what was asked for did not happen: 1, as for any refusal
+        return EXIT_PENDING
     if args.dry_run:
         print("\n".join(f"would {c}" for c in report.changes) or "nothing to delete")
     elif report.changes:
         print(f"deleted {len(report.changes)} resource(s) of cluster {cluster}")
     else:
-        print("nothing deleted")
+        print("nothing to delete")
     return EXIT_OK
 
 
