@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -286,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep a HyperPod Slurm cluster's login-node NLB target groups and SSH host keys "
         "in step with its resource config.",
         epilog="--config and -v go before or after COMMAND. Every command exits 2 when the config "
-        "file is invalid or on a usage error.",
+        "file is invalid, on a usage error, or on an unexpected error (one line; -v adds the "
+        "traceback).",
     )
     parser.add_argument("--version", action="version", version=f"hpodlb {__version__}")
     add = _subcommands(parser, common, dest="command", metavar="COMMAND")
@@ -483,26 +485,53 @@ def _port(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from hpodlb.config import ConfigError, config_path, load_config
+    """Parse, load the config, run the command: the one boundary every command's failure crosses.
+
+    An exception no command handles is a bug or an environment hpodlb cannot use (e.g.
+    AWS_MAX_ATTEMPTS=five): it exits 2, "could not even evaluate", never 1, which `plan` and `once`
+    use for "changes pending". One line names it; -v adds the traceback.
+    """
+    args = build_parser().parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
     from hpodlb.logs import setup_logging
 
-    setup_logging(verbose=getattr(args, "verbose", False), stream=sys.stderr)
+    setup_logging(verbose=verbose, stream=sys.stderr)
+    try:
+        return _load_config_and_run(args)
+    except Exception as exc:  # the boundary: anything left becomes one line and exit 2
+        return _unexpected(exc, verbose=verbose)
+
+
+def _load_config_and_run(args: argparse.Namespace) -> int:
+    from hpodlb.config import ConfigError, config_path, load_config
+
     path = config_path(getattr(args, "config", None))
     try:
         config = load_config(path, os.environ)
     except ConfigError as exc:
+        # One line per problem and nothing else: a log event beside it said the same thing twice.
         for line in str(exc).splitlines():
             _fail(f"config error: {line}")
-        _log().error("config_invalid", path=str(path), error=str(exc))
         return EXIT_UNUSABLE
     func: Command = args.func
     return func(config, args)
 
 
+def _unexpected(exc: BaseException, *, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    first = next(iter(str(exc).splitlines()), "")
+    hint = "" if verbose else " (run with -v for the traceback)"
+    _fail(f"unexpected error: {type(exc).__name__}: {first}{hint}")
+    return EXIT_UNUSABLE
+
+
 def _fail(line: str) -> None:
-    print(f"hpodlb: {line}", file=sys.stderr)
+    """One line on stderr; `<3>` (err) first when stderr is the journal, for `journalctl -p err`."""
+    from hpodlb.logs import stream_is_journal
+
+    priority = "<3>" if stream_is_journal(sys.stderr) else ""
+    print(f"{priority}hpodlb: {line}", file=sys.stderr)
 
 
 def _log() -> Any:

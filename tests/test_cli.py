@@ -200,20 +200,64 @@ def test_missing_resource_config_changes_nothing(
 def test_bad_config_exits_2_with_one_line(
     hpodlb: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
-    """Every command refuses a bad config with exit 2 and a line naming file, key and problem."""
+    """Every command refuses a bad config with exit 2 and one line per problem naming file, key and
+    problem, and nothing else on stderr."""
     bad = tmp_path / "bad.toml"
     bad.write_text("[reconcile]\nmax_deregister_fraction = 2\n[[target_groups]]\narn = \"x\"\n")
     for command in ("once", "plan", "status", "check-config"):
         out = hpodlb(command, "--config", str(bad))
         assert out.returncode == 2
-        lines = [ln for ln in out.stderr.splitlines() if ln.startswith("hpodlb: ")]
-        assert any(f"{bad}: reconcile.max_deregister_fraction" in ln for ln in lines)
-        assert any(f"{bad}: target_groups[0].arn" in ln for ln in lines)
+        assert sorted(out.stderr.splitlines()) == [
+            f"hpodlb: config error: {bad}: reconcile.max_deregister_fraction: Input should be less than or equal to 1",
+            f"hpodlb: config error: {bad}: target_groups[0].arn: 'x' is not a target group ARN "
+            "(arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID)",
+        ]
     missing = hpodlb("plan", "--config", str(tmp_path / "none.toml"))
     assert missing.returncode == 2
-    assert "none.toml: file not found" in missing.stderr
+    assert missing.stderr.splitlines() == [f"hpodlb: config error: {tmp_path / 'none.toml'}: file not found"]
     via_env = hpodlb("plan", env={"HPODLB_CONFIG": str(tmp_path / "env.toml")})
-    assert "env.toml: file not found" in via_env.stderr
+    assert via_env.stderr.splitlines() == [f"hpodlb: config error: {tmp_path / 'env.toml'}: file not found"]
+
+
+def test_errors_carry_err_priority_in_the_journal(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """When stderr is the journal (JOURNAL_STREAM names it), an error line starts with <3>, so
+    `journalctl -p err` shows why the service would not start."""
+    journal = tmp_path / "journal"
+    missing = tmp_path / "none.toml"
+    with journal.open("w") as stream:
+        st = os.fstat(stream.fileno())
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "AWS_"))}
+        done = subprocess.run(
+            [sys.executable, "-m", "hpodlb", "status", "--config", str(missing)],
+            env={**full_env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+            stdout=subprocess.DEVNULL, stderr=stream, timeout=60, check=False,
+        )
+    assert done.returncode == 2
+    assert journal.read_text().splitlines() == [f"<3>hpodlb: config error: {missing}: file not found"]
+
+
+@pytest.mark.parametrize("command", ["plan", "once", "check-config"])
+def test_an_unexpected_error_is_one_line_and_exit_2(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+    command: str,
+) -> None:
+    """An exception no command handles (AWS_MAX_ATTEMPTS=five) exits 2, never plan's "changes
+    pending" 1, with one line naming it; -v adds the traceback."""
+    cfg = str(write_config([{"arn": arn, "port": 22}]))
+    error = "ValueError: invalid literal for int() with base 10: 'five'"
+    quiet = hpodlb(command, "--config", cfg, env={"AWS_MAX_ATTEMPTS": "five"})
+    assert quiet.returncode == 2
+    assert quiet.stderr.splitlines() == [
+        f"hpodlb: unexpected error: {error} (run with -v for the traceback)"]
+    verbose = hpodlb(command, "--config", cfg, "-v", env={"AWS_MAX_ATTEMPTS": "five"})
+    assert verbose.returncode == 2
+    lines = verbose.stderr.splitlines()
+    assert lines[-2:] == [error, f"hpodlb: unexpected error: {error}"]
+    assert "Traceback (most recent call last):" in lines
 
 
 def test_usage_error_exits_2(hpodlb: Callable[..., subprocess.CompletedProcess[str]]) -> None:
