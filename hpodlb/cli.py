@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from hpodlb import __version__
 
@@ -484,20 +485,34 @@ def _port(text: str) -> int:
     return port
 
 
+# Killed by SIGPIPE, as a shell reports it: what `yes | head -1` leaves in PIPESTATUS.
+EXIT_READER_GONE = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, load the config, run the command: the one boundary every command's failure crosses.
 
     An exception no command handles is a bug or an environment hpodlb cannot use (e.g.
     AWS_MAX_ATTEMPTS=five): it exits 2, "could not even evaluate", never 1, which `plan` and `once`
-    use for "changes pending". One line names it; -v adds the traceback.
+    use for "changes pending". One line names it; -v adds the traceback. Output into a pipe whose
+    reader has gone (`hpodlb plan --json | head -1`) ends quietly, as a SIGPIPE would end it.
     """
-    args = build_parser().parse_args(argv)
-    verbose = bool(getattr(args, "verbose", False))
-    from hpodlb.logs import setup_logging
-
-    setup_logging(verbose=verbose, stream=sys.stderr)
+    verbose = False
     try:
-        return _load_config_and_run(args)
+        try:
+            args = build_parser().parse_args(argv)  # --help and usage errors exit here
+            verbose = bool(getattr(args, "verbose", False))
+            from hpodlb.logs import setup_logging
+
+            setup_logging(verbose=verbose, stream=sys.stderr)
+            return _load_config_and_run(args)
+        finally:
+            # Output still buffered for a reader that went away fails here, not at interpreter exit.
+            sys.stdout.flush()
+    except BrokenPipeError as exc:
+        if not _reader_gone(sys.stdout) and not _reader_gone(sys.stderr):
+            return _unexpected(exc, verbose=verbose)  # a socket's EPIPE is no closed pipe of ours
+        return _quiet_after_reader_gone()
     except Exception as exc:  # the boundary: anything left becomes one line and exit 2
         return _unexpected(exc, verbose=verbose)
 
@@ -515,6 +530,36 @@ def _load_config_and_run(args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     func: Command = args.func
     return func(config, args)
+
+
+def _reader_gone(stream: TextIO) -> bool:
+    """True when `stream` is a pipe whose reading end is closed (`hpodlb plan | head -1`)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no file descriptor (pytest's capture), or already closed
+        return False
+
+
+def _quiet_after_reader_gone() -> int:
+    """Stop writing, say nothing, exit as a process killed by SIGPIPE would.
+
+    Whoever closed the pipe has all it wanted (`head -1`); a traceback would only be noise. Output
+    still buffered would fail again when the interpreter flushes it at exit (and turn the status
+    into 120), so stdout now points at /dev/null. 141 rather than 0 or 1 because the command did
+    not finish saying what it had to say: `plan`'s 0 or 1 would claim a verdict nobody read. 141
+    is what a shell reports for any Unix tool whose reader went away (`yes | head -1`), so
+    `set -o pipefail` scripts already know it.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        if _reader_gone(stream):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return EXIT_READER_GONE
 
 
 def _unexpected(exc: BaseException, *, verbose: bool) -> int:

@@ -30,13 +30,15 @@ def arn(aws: FakeAws) -> str:
 
 @pytest.fixture
 def hpodlb(aws: FakeAws, fresh_env: None) -> Callable[..., subprocess.CompletedProcess[str]]:
-    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, env: dict[str, str] | None = None, stdout: int = subprocess.PIPE
+    ) -> subprocess.CompletedProcess[str]:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "AWS_"))}
         full_env.update(aws.env())
         full_env.update(env or {})
         return subprocess.run(
-            [sys.executable, "-m", "hpodlb", *args], env=full_env, capture_output=True, text=True,
-            timeout=120, check=False,
+            [sys.executable, "-m", "hpodlb", *args], env=full_env, stdout=stdout,
+            stderr=subprocess.PIPE, text=True, timeout=120, check=False,
         )
 
     return run
@@ -258,6 +260,26 @@ def test_an_unexpected_error_is_one_line_and_exit_2(
     lines = verbose.stderr.splitlines()
     assert lines[-2:] == [error, f"hpodlb: unexpected error: {error}"]
     assert "Traceback (most recent call last):" in lines
+
+
+@pytest.mark.parametrize("command", ["plan", "status"])
+def test_output_into_a_closed_pipe_ends_quietly(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+    command: str,
+) -> None:
+    """`hpodlb plan --json | head -1` (the reader gone before the output): no traceback, exit 141
+    as a SIGPIPE would end it."""
+    cfg = str(write_config([{"arn": arn, "port": 22}]))
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        out = hpodlb(command, "--json", "--config", cfg, stdout=writer)
+    finally:
+        os.close(writer)
+    assert out.returncode == 141
+    assert [ln for ln in out.stderr.splitlines() if not ln.startswith("{")] == []
 
 
 def test_usage_error_exits_2(hpodlb: Callable[..., subprocess.CompletedProcess[str]]) -> None:
