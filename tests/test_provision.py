@@ -3,6 +3,7 @@ resources, dry runs, and the config file edited without losing a comment."""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import subprocess
@@ -228,3 +229,25 @@ def test_cli_teardown_asks_on_a_terminal(admin: Admin) -> None:
     assert accepted.stdout.splitlines() == [
         *WOULD_DELETE, "Delete these 3 resource(s)? [y/N] deleted 3 resource(s) of cluster ml-cluster"]
     assert "smhp-login-node-lb" not in admin.load_balancers()
+
+
+def test_cli_dry_run_events_say_would(admin: Admin) -> None:
+    """Dry runs log each change as `would ...` with dry_run true; real runs as done, dry_run false."""
+
+    def changes(run: subprocess.CompletedProcess[str]) -> list[tuple[str, bool]]:
+        assert run.returncode == 0, run.stderr
+        events = [json.loads(ln) for ln in run.stderr.splitlines()]
+        return [(e["change"], e["dry_run"]) for e in events if e["event"] == "provision_change"]
+
+    create = [
+        "create target group smhp-login-node-tg (IP targets, TCP:22, TCP health checks)",
+        "set target group attributes deregistration_delay.timeout_seconds=30, "
+        "deregistration_delay.connection_termination.enabled=false",
+        f"create internal network load balancer smhp-login-node-lb in {admin.flags[3]}",
+        "create listener TCP:22 on smhp-login-node-lb forwarding to smhp-login-node-tg",
+    ]
+    delete = [line.removeprefix("would ") for line in WOULD_DELETE]
+    assert changes(admin("provision", *admin.flags, "--dry-run")) == [(f"would {c}", True) for c in create]
+    assert changes(admin("provision", *admin.flags)) == [(c, False) for c in create]
+    assert changes(admin("teardown", "--dry-run")) == [(f"would {c}", True) for c in delete]
+    assert changes(admin("teardown", "--yes")) == [(c, False) for c in delete]
