@@ -302,6 +302,31 @@ def test_check_config(
     assert f"FAIL  {wrong.split('/')[1]}: DescribeTargetGroups failed: TargetGroupNotFound" in bad.stdout
 
 
+def test_check_config_says_what_is_true_of_the_key_store(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+    tmp_path: Path,
+) -> None:
+    """check-config says a missing key store does not exist yet (the first pass creates it), and
+    an existing empty one is empty."""
+    store = tmp_path / "host_keys"
+    key_file = tmp_path / "id_ed25519"
+    key_file.write_text("not read by check-config\n")
+    cfg = str(write_config([{"arn": arn, "port": 22}], host_keys={"enabled": True, "store": str(store)},
+                           ssh={"key_file": str(key_file)}))
+
+    def store_line() -> str:
+        out = hpodlb("check-config", "--config", cfg)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return next(ln for ln in out.stdout.splitlines() if ln.startswith(("ok    key store", "FAIL  key store")))
+
+    assert store_line() == (f"ok    key store {store} does not exist yet: the first pass creates it "
+                            "(mode 0700) and adopts the first login node's keys")
+    store.mkdir(mode=0o700)
+    assert store_line() == f"ok    key store {store} is empty: the first pass adopts the first login node's keys"
+
+
 def test_unreachable_aws_makes_plan_exit_2(
     hpodlb: Callable[..., subprocess.CompletedProcess[str]],
     write_config: Callable[..., Path],
