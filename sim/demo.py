@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,11 @@ class Demo:
         self.rc_path = workdir / "opt-ml-config" / "resource_config.json"
         self.rc_path.parent.mkdir()
         self.arn = aws.create_login_nlb()
+        # The client key, copied: the simulated cluster's dir goes when the demo ends, and a kept
+        # work dir's config must still name files that exist (`./dev demo --keep`).
+        self.key_file = workdir / "ssh" / "id_ed25519"
+        self.key_file.parent.mkdir(mode=0o700)
+        shutil.copy2(cluster.client_key, self.key_file)
         self.config = workdir / "config.toml"
         self.config.write_text(
             f"""[cluster]
@@ -90,7 +96,7 @@ port = 22
 [ssh]
 user = "{SIM_USER}"
 port = {cluster.port}
-key_file = "{cluster.client_key}"
+key_file = "{self.key_file}"
 connect_timeout_seconds = 3
 
 [host_keys]
@@ -273,11 +279,30 @@ def main() -> int:
         return run_demo(workdir)
     finally:
         if args.keep:
-            print(f"work dir kept: {workdir}")
+            keep(workdir)
         else:
-            import shutil
-
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def keep(workdir: Path) -> None:
+    """Leave the work dir usable by `hpodlb status`, and say, last, exactly how to run it.
+
+    status reads the config and the state file only; load_config needs the config file itself
+    (root-owned, not writable by others) and every file it names is still here: resource config,
+    key store, state dir and a copy of the SSH key. The AWS emulator and the login nodes are gone.
+    """
+    config = workdir / "config.toml"
+    if not config.exists():  # the demo failed before writing it
+        print(f"work dir kept: {workdir}")
+        return
+    with config.open("a") as out:
+        out.write(
+            "\n# Kept by `./dev demo --keep`. The AWS emulator and the login nodes are gone:\n"
+            "# `status` and `keys show` work here; plan, once and check-config have nothing to reach.\n"
+        )
+    script = Path(sys.executable).with_name("hpodlb")
+    hpodlb = str(script) if script.exists() else f"{sys.executable} -m hpodlb"
+    print(f"\nWork dir kept; what the last pass saw: {hpodlb} status --config {config}")
 
 
 if __name__ == "__main__":

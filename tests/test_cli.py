@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import uuid
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from hpodlb.config import load_config
 from sim.aws import FakeAws, moto_server
 
 
@@ -340,3 +343,32 @@ def test_unreachable_aws_makes_plan_exit_2(
     assert "DescribeTargetHealth failed" in plan.stderr
     once = hpodlb("once", "--config", cfg, env=env)
     assert once.returncode == 1
+
+
+@pytest.mark.sshd
+@pytest.mark.slow
+def test_the_demos_kept_work_dir_serves_status(fresh_env: None) -> None:
+    """`./dev demo --keep` ends with the exact `hpodlb status --config ...` command, and that
+    command shows the demo's last pass once the emulator and the login nodes are gone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    demo = subprocess.run([sys.executable, "-m", "sim.demo", "--keep"], capture_output=True,
+                          text=True, timeout=600, env=env, check=False)
+    last = demo.stdout.splitlines()[-1]
+    match = re.fullmatch(r"Work dir kept; what the last pass saw: (.+ status --config (\S+))", last)
+    assert match, demo.stdout[-3000:] + demo.stderr[-3000:]
+    config = Path(match.group(2))
+    try:
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        status = subprocess.run(shlex.split(match.group(1)), capture_output=True, text=True,
+                                env=env, timeout=60, check=False)
+        assert status.returncode == 0, status.stderr
+        assert re.fullmatch(r"Last pass .+: converged: 4 login nodes; .+", status.stdout.splitlines()[0])
+        as_json = subprocess.run([*shlex.split(match.group(1)), "--json"], capture_output=True,
+                                 text=True, env=env, timeout=60, check=False)
+        assert [n["key_state"] for n in json.loads(as_json.stdout)["nodes"]] == ["in-sync"] * 4
+        kept = load_config(config, {})
+        assert kept.ssh.key_file.is_file()
+        assert kept.cluster.resource_config.is_file()
+        assert kept.host_keys.store.is_dir()
+    finally:
+        shutil.rmtree(config.parent, ignore_errors=True)
