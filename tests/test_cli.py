@@ -47,6 +47,25 @@ def hpodlb(aws: FakeAws, fresh_env: None) -> Callable[..., subprocess.CompletedP
     return run
 
 
+# The fixture's login nodes: IP, instance, name.
+LOGIN_NODES = [
+    ("10.1.70.201", "i-0a1b2c3d4e5f60013", "login-group-3"),
+    ("10.1.71.12", "i-0a1b2c3d4e5f60011", "login-group-1"),
+    ("10.1.72.45", "i-0a1b2c3d4e5f60012", "login-group-2"),
+]
+
+
+def rows(table: str) -> list[list[str]]:
+    """A table as `plan`/`status` print it (columns two or more spaces apart), cell by cell."""
+    return [re.split(r" {2,}", line) for line in table.splitlines()]
+
+
+def listed_commands(help_text: str) -> list[str]:
+    """The command names `--help` lists under "positional arguments:" (4-space indented rows)."""
+    section = help_text.split("positional arguments:\n", 1)[1].split("\n\n", 1)[0]
+    return [m.group(1) for m in re.finditer(r"^    (\S+)", section, re.MULTILINE)]
+
+
 def description(help_text: str) -> str:
     """The paragraph `--help` prints between the usage block and the first section, on one line."""
     paragraph = help_text.split("\n\n")[1]
@@ -64,11 +83,13 @@ EXIT_STATUSES = {
 
 
 def test_help_lists_the_commands(hpodlb: Callable[..., subprocess.CompletedProcess[str]]) -> None:
-    """`hpodlb --help` names every command of the contract that exists."""
-    out = hpodlb("--help")
-    assert out.returncode == 0
-    for command in ("once", "plan", "status", "check-config"):
-        assert command in out.stdout
+    """`hpodlb --help` and `hpodlb keys --help` list exactly the commands that exist, in order."""
+    top = hpodlb("--help")
+    assert top.returncode == 0
+    assert listed_commands(top.stdout) == [
+        "run", "once", "plan", "status", "check-config", "provision", "teardown", "keys"]
+    assert listed_commands(hpodlb("keys", "--help").stdout) == [
+        "show", "generate", "adopt", "known-hosts"]
 
 
 @pytest.mark.parametrize("command", sorted(EXIT_STATUSES))
@@ -131,32 +152,40 @@ def test_plan_once_status_round_trip(
     aws: FakeAws,
     arn: str,
 ) -> None:
-    """plan shows pending registrations (1), once applies them (0), then plan is clean (0)."""
+    """plan shows pending registrations (1), once applies them (0), then plan is clean (0) and
+    status shows the pass converged and each node registered."""
     cfg = str(write_config([{"arn": arn, "port": 22}]))
+    tg = arn.split("/")[1]
     plan = hpodlb("plan", "--config", cfg)
     assert plan.returncode == 1, plan.stderr
-    assert [ln.split()[0] for ln in plan.stdout.splitlines()[1:]] == ["register"] * 3
+    assert rows(plan.stdout) == [["ACTION", "TARGET GROUP", "IP", "INSTANCE", "WHY"]] + [
+        ["register", f"{tg}:22", ip, iid, "login node not registered"] for ip, iid, _ in LOGIN_NODES]
     assert aws.targets(arn) == set()
 
     plan_json = json.loads(hpodlb("plan", "--json", "--config", cfg).stdout)
-    assert {a["ip"] for a in plan_json["actions"]} == {"10.1.71.12", "10.1.72.45", "10.1.70.201"}
+    assert sorted((a["kind"], a["ip"], a["instance_id"], a["held_by"]) for a in plan_json["actions"]) == [
+        ("register", ip, iid, None) for ip, iid, _ in LOGIN_NODES]
 
     once = hpodlb("once", "--config", cfg)
     assert once.returncode == 0, once.stderr
-    assert aws.targets(arn) == {("10.1.71.12", 22), ("10.1.72.45", 22), ("10.1.70.201", 22)}
-    events = [json.loads(line) for line in once.stderr.splitlines() if line.startswith("{")]
+    assert aws.targets(arn) == {(ip, 22) for ip, _, _ in LOGIN_NODES}
+    events = [json.loads(line) for line in once.stderr.splitlines()]
     registered = [e for e in events if e["event"] == "registered"]
-    assert {e["ip"] for e in registered} == {"10.1.71.12", "10.1.72.45", "10.1.70.201"}
-    assert all(e["instance_id"].startswith("i-") and e["target_group"] for e in registered)
+    assert sorted((e["ip"], e["instance_id"], e["target_group"]) for e in registered) == [
+        (ip, iid, tg) for ip, iid, _ in LOGIN_NODES]
 
     again = hpodlb("plan", "--config", cfg)
     assert again.returncode == 0
-    assert "Nothing to do" in again.stdout
+    assert again.stdout == "Nothing to do: 3 login nodes in step with every target group.\n"
 
     status = hpodlb("status", "--config", cfg)
     assert status.returncode == 0
-    assert "converged" in status.stdout
-    assert "login-group-1" in status.stdout
+    first, *table = status.stdout.splitlines()
+    assert re.fullmatch(r"Last pass \d+s ago: converged: 3 login nodes; registered 3, deregistered 0, "
+                        r"keys pushed 0; 0 held back, 0 waiting, 0 errors", first), first
+    assert rows("\n".join(table)) == [
+        ["IP", "INSTANCE", "NAME", "GROUP", "KEYS", "VERIFIED", "BACKOFF", tg, "LAST ERROR"]] + [
+        [ip, iid, name, "login-group", "not checked", "-", "-", "initial", "-"] for ip, iid, name in LOGIN_NODES]
     doc = json.loads(hpodlb("status", "--json", "--config", cfg).stdout)
     assert {n["ip"]: n["targets"][arn] for n in doc["nodes"]} == {
         "10.1.71.12": "initial", "10.1.72.45": "initial", "10.1.70.201": "initial",
@@ -174,9 +203,11 @@ def test_held_back_deregistration_exits_1_and_shows_in_status(
     aws.client("elbv2").register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.9.9", "Port": 22}])
     first = hpodlb("once", "--config", cfg)
     assert first.returncode == 1
-    status = hpodlb("status", "--config", cfg).stdout
-    assert "held back: deregister 10.1.9.9" in status
-    assert "absent_passes_before_deregister" in status
+    status = hpodlb("status", "--config", cfg).stdout.splitlines()
+    assert status[0].split(": ", 1)[1] == (
+        "NOT converged: 3 login nodes; registered 3, deregistered 0, keys pushed 0; 1 held back, 0 waiting, 0 errors")
+    assert rows(status[5])[0][:2] == ["10.1.9.9", "(not a login node)"]
+    assert status[6:] == [f"held back: deregister 10.1.9.9 on {arn.split('/')[1]}: absent_passes_before_deregister"]
     second = hpodlb("once", "--config", cfg)
     assert second.returncode == 0, second.stderr
     assert ("10.1.9.9", 22) not in aws.targets(arn)
@@ -194,12 +225,16 @@ def test_missing_resource_config_changes_nothing(
     assert hpodlb("once", "--config", cfg).returncode == 0
     before = aws.targets(arn)
     (cluster_dir / "resource_config.json").unlink()
-    for command in ("plan", "once"):
-        out = hpodlb(command, "--config", cfg)
-        assert out.returncode == 2
-        assert "resource_config.json: file not found" in out.stderr
+    rc = cluster_dir / "resource_config.json"
+    plan = hpodlb("plan", "--config", cfg)
+    assert plan.returncode == 2
+    assert [ln for ln in plan.stderr.splitlines() if not ln.startswith("{")] == [f"hpodlb: cannot plan: {rc}: file not found"]
+    once = hpodlb("once", "--config", cfg)
+    assert once.returncode == 2
+    assert [ln for ln in once.stderr.splitlines() if not ln.startswith("{")] == [f"hpodlb: {rc}: file not found"]
     assert aws.targets(arn) == before
-    assert "file not found" in hpodlb("status", "--config", cfg).stdout
+    status = hpodlb("status", "--config", cfg).stdout.splitlines()
+    assert status[0].split(": ", 1)[1] == f"NOT converged: no change: {rc}: file not found"
 
 
 def test_bad_config_exits_2_with_one_line(
@@ -286,23 +321,34 @@ def test_output_into_a_closed_pipe_ends_quietly(
 
 
 def test_usage_error_exits_2(hpodlb: Callable[..., subprocess.CompletedProcess[str]]) -> None:
-    """An unknown command is a usage error: exit 2."""
-    assert hpodlb("frobnicate").returncode == 2
+    """An unknown command is a usage error: exit 2, and the last line names it."""
+    out = hpodlb("frobnicate")
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[-1].startswith("hpodlb: error: argument COMMAND: invalid choice: 'frobnicate' ")
 
 
 def test_check_config(
     hpodlb: Callable[..., subprocess.CompletedProcess[str]],
     write_config: Callable[..., Path],
+    cluster_dir: Path,
     arn: str,
 ) -> None:
     """check-config passes on a good setup and lists a missing target group as a problem."""
     good = hpodlb("check-config", "--config", str(write_config([{"arn": arn, "port": 22}])))
     assert good.returncode == 0, good.stdout + good.stderr
-    assert "3 login node(s)" in good.stdout
+    tg = arn.split("/")[1]
+    lines = good.stdout.splitlines()
+    assert lines[1:3] == [
+        f"ok    resource config {cluster_dir / 'resource_config.json'}: 3 login node(s)",
+        f"ok    {tg}: 0 target(s), port 22, 1 load balancer(s) attached",
+    ]
+    assert lines[-1] == "configuration is usable"
     wrong = arn[:-16] + "0" * 16
     bad = hpodlb("check-config", "--config", str(write_config([{"arn": wrong, "port": 22}])))
     assert bad.returncode == 1
-    assert f"FAIL  {wrong.split('/')[1]}: DescribeTargetGroups failed: TargetGroupNotFound" in bad.stdout
+    assert bad.stdout.splitlines()[2] == (
+        f"FAIL  {tg}: DescribeTargetGroups failed: TargetGroupNotFound: One or more target groups not found")
+    assert bad.stdout.splitlines()[-1] == "1 problem(s) found"
 
 
 def test_check_config_says_what_is_true_of_the_key_store(
@@ -340,7 +386,9 @@ def test_unreachable_aws_makes_plan_exit_2(
     env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}
     plan = hpodlb("plan", "--config", cfg, env=env)
     assert plan.returncode == 2
-    assert "DescribeTargetHealth failed" in plan.stderr
+    assert [ln for ln in plan.stderr.splitlines() if not ln.startswith("{")] == [
+        f"hpodlb: cannot plan: {arn.split('/')[1]}: DescribeTargetHealth failed: EndpointConnectionError: "
+        'Could not connect to the endpoint URL: "http://127.0.0.1:9/"']
     once = hpodlb("once", "--config", cfg, env=env)
     assert once.returncode == 1
 
