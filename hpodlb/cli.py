@@ -1,7 +1,8 @@
 """The `hpodlb` command: argument parsing, exit statuses, and wiring adapters to the core.
 
 Exit statuses are a contract (DESIGN.md): 2 means "could not even evaluate" (bad config, bad usage,
-bad inventory for `plan`), 1 means "evaluated, and something is wrong or pending", 0 means all is well.
+bad inventory for `plan`, an unexpected error), 1 means "evaluated, and something is wrong or
+pending", 0 means all is well; 141 (as after SIGPIPE) means whoever read the output stopped reading.
 boto3 and paramiko are imported only by the commands that need them, so `--help` stays fast.
 """
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from hpodlb.provision import Provisioner, Report, Spec
 
 EXIT_OK, EXIT_PENDING, EXIT_UNUSABLE = 0, 1, 2
+# Killed by SIGPIPE, as a shell reports it: what `yes | head -1` leaves in PIPESTATUS.
+EXIT_READER_GONE = 128 + signal.SIGPIPE
 
 Command = Callable[["Config", argparse.Namespace], int]
 
@@ -485,10 +488,6 @@ def _port(text: str) -> int:
     return port
 
 
-# Killed by SIGPIPE, as a shell reports it: what `yes | head -1` leaves in PIPESTATUS.
-EXIT_READER_GONE = 128 + signal.SIGPIPE
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, load the config, run the command: the one boundary every command's failure crosses.
 
@@ -549,7 +548,7 @@ def _quiet_after_reader_gone() -> int:
 
     Whoever closed the pipe has all it wanted (`head -1`); a traceback would only be noise. Output
     still buffered would fail again when the interpreter flushes it at exit (and turn the status
-    into 120), so stdout now points at /dev/null. 141 rather than 0 or 1 because the command did
+    into 120), so the stream that broke now points at /dev/null. 141 rather than 0 or 1 because the command did
     not finish saying what it had to say: `plan`'s 0 or 1 would claim a verdict nobody read. 141
     is what a shell reports for any Unix tool whose reader went away (`yes | head -1`), so
     `set -o pipefail` scripts already know it.
