@@ -78,7 +78,14 @@ def _check_state_dir(config: Config) -> Check:
 def _check_host_keys(config: Config) -> Iterator[Check]:
     hk = config.host_keys
     store = KeyStore(hk.store, hk.types)
-    if store.is_empty() and hk.adopt_from_first_node:
+    absent = not hk.store.exists() and not hk.store.is_symlink()
+    if absent and hk.adopt_from_first_node:
+        yield (
+            True,
+            f"key store {hk.store} does not exist yet: the first pass creates it (mode 0700) "
+            "and adopts the first login node's keys",
+        )
+    elif hk.store.is_dir() and store.is_empty() and hk.adopt_from_first_node:
         yield (
             True,
             f"key store {hk.store} is empty: the first pass adopts the first login node's keys",

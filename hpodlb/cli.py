@@ -1,7 +1,8 @@
 """The `hpodlb` command: argument parsing, exit statuses, and wiring adapters to the core.
 
 Exit statuses are a contract (DESIGN.md): 2 means "could not even evaluate" (bad config, bad usage,
-bad inventory for `plan`), 1 means "evaluated, and something is wrong or pending", 0 means all is well.
+bad inventory for `plan`, an unexpected error), 1 means "evaluated, and something is wrong or
+pending", 0 means all is well; 141 (as after SIGPIPE) means whoever read the output stopped reading.
 boto3 and paramiko are imported only by the commands that need them, so `--help` stays fast.
 """
 
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from hpodlb import __version__
 
@@ -21,6 +24,8 @@ if TYPE_CHECKING:
     from hpodlb.provision import Provisioner, Report, Spec
 
 EXIT_OK, EXIT_PENDING, EXIT_UNUSABLE = 0, 1, 2
+# Killed by SIGPIPE, as a shell reports it: what `yes | head -1` leaves in PIPESTATUS.
+EXIT_READER_GONE = 128 + signal.SIGPIPE
 
 Command = Callable[["Config", argparse.Namespace], int]
 
@@ -224,26 +229,41 @@ def cmd_provision(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_teardown(config: Config, args: argparse.Namespace) -> int:
+    declined = False
+
     def confirm(steps: Sequence[str]) -> bool:
-        print("\n".join(steps))
+        nonlocal declined
         if args.yes:
+            print("\n".join(steps))
             return True
+        print("\n".join(f"would {step}" for step in steps))
         if not sys.stdin.isatty():
-            _fail("refusing to delete without --yes (standard input is not a terminal)")
-            return False
-        return input("Delete these? [y/N] ").strip().lower() in ("y", "yes")
+            _fail(
+                "refusing to delete without --yes (standard input is not a terminal); nothing deleted"
+            )
+        elif input(f"Delete these {len(steps)} resource(s)? [y/N] ").strip().lower() in (
+            "y",
+            "yes",
+        ):
+            return True
+        else:
+            print("nothing deleted")
+        declined = True
+        return False
 
     code, report, cluster = _with_provisioner(
         config, args, lambda prov, _: prov.teardown(args.name_prefix, confirm)
     )
     if report is None:
         return code
+    if declined:  # what was asked for did not happen: 1, as for any refusal
+        return EXIT_PENDING
     if args.dry_run:
         print("\n".join(f"would {c}" for c in report.changes) or "nothing to delete")
     elif report.changes:
         print(f"deleted {len(report.changes)} resource(s) of cluster {cluster}")
     else:
-        print("nothing deleted")
+        print("nothing to delete")
     return EXIT_OK
 
 
@@ -277,12 +297,40 @@ def _default_region() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
     parser = argparse.ArgumentParser(
         prog="hpodlb",
+        parents=[common],
         description="Keep a HyperPod Slurm cluster's login-node NLB target groups and SSH host keys "
         "in step with its resource config.",
+        epilog="--config and -v go before or after COMMAND. Every command exits 2 when the config "
+        "file is invalid, on a usage error, or on an unexpected error (one line; -v adds the "
+        "traceback).",
     )
     parser.add_argument("--version", action="version", version=f"hpodlb {__version__}")
+    add = _subcommands(parser, common, dest="command", metavar="COMMAND")
+    _add_pass_commands(add)
+    _add_aws_commands(add)
+    keys = add(
+        "keys",
+        cmd_keys,
+        "the canonical SSH host keys every login node must present",
+        "The canonical SSH host keys every login node must present, kept in host_keys.store.",
+    )
+    _add_keys_commands(_subcommands(keys, common, dest="keys_command", metavar="ACTION"))
+    return parser
+
+
+# add(name, func, summary for the command list, description for its own --help) -> its parser
+Adder = Callable[[str, Command, str, str], argparse.ArgumentParser]
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """--config and -v, accepted before and after any command.
+
+    SUPPRESS as the default, at every level: a level that was not given the option leaves the
+    namespace alone, so `hpodlb --config X status` is not undone by `status`'s own default.
+    """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
@@ -293,117 +341,279 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return common
 
-    def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+
+def _subcommands(
+    parser: argparse.ArgumentParser, common: argparse.ArgumentParser, *, dest: str, metavar: str
+) -> Adder:
+    sub = parser.add_subparsers(dest=dest, required=True, metavar=metavar)
+
+    def add(name: str, func: Command, summary: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=summary, description=description)
         p.set_defaults(func=func)
         return p
 
+    return add
+
+
+def _add_pass_commands(add: Adder) -> None:
     add(
         "run",
         cmd_run,
-        "the daemon: a pass at start, every interval_seconds and soon after the resource config "
-        "changes; SIGHUP re-reads the config; exit 0 on SIGTERM",
+        "the daemon (what the systemd unit starts)",
+        "The daemon: a pass at start, then every interval_seconds and soon after the resource "
+        "config changes; SIGHUP re-reads the config. "
+        "Exit status: 0 stopped by SIGTERM, 1 another instance holds the lock, 2 config or usage "
+        "error.",
     )
-    add("once", cmd_once, "run one pass; exit 0 converged, 1 failed or held back, 2 unusable input")
+    add(
+        "once",
+        cmd_once,
+        "one pass",
+        "Run one pass: read the login nodes, observe the target groups and host keys, apply the "
+        "plan, save the state. Exit status: 0 converged, 1 something failed, is held back or "
+        "waits, 2 config, usage or resource-config error.",
+    )
     p = add(
         "plan",
         cmd_plan,
-        "show what a pass would do and change nothing; exit 0 nothing to do, "
-        "1 changes pending, 2 could not plan",
+        "what a pass would do; changes nothing",
+        "Show what a pass would do and change nothing (it reads AWS and probes host keys). "
+        "Exit status: 0 nothing to do, 1 changes pending, 2 could not plan (config, inventory or "
+        "AWS error).",
     )
     p.add_argument("--json", action="store_true", help="machine-readable plan")
-    p = add("status", cmd_status, "login nodes and targets as of the last pass (no AWS calls)")
+    p = add(
+        "status",
+        cmd_status,
+        "login nodes and targets as of the last pass",
+        "Login nodes and targets as of the last pass, read from the state file (no AWS call). "
+        "Exit status: 0 shown, 2 config or usage error.",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable status")
     add(
         "check-config",
         cmd_check_config,
-        "validate the config, resource config, AWS access and key store; exit 0 ok, 1 problems",
+        "check every input and permission a pass needs",
+        "Check the config file, resource config, login groups, AWS access to each target group, "
+        "state dir, key store and SSH key; change nothing. "
+        "Exit status: 0 usable, 1 problems listed, 2 the config file itself is invalid.",
     )
-    for name, func, text in (
-        (
-            "provision",
-            cmd_provision,
-            "find or create the login target group, internal NLB and listener",
-        ),
-        ("teardown", cmd_teardown, "delete them (listener, NLB, target group), only if hpodlb's"),
-    ):
-        p = add(name, func, text)
-        p.add_argument("--name-prefix", default="smhp-login-node", help="NAME-tg and NAME-lb")
-        p.add_argument(
-            "--cluster-name", help="default: ClusterConfig.ClusterName of the resource config"
-        )
-        p.add_argument("--region", help="default: aws.region, else boto3's (AWS_REGION, profile)")
-        p.add_argument(
-            "--dry-run", action="store_true", help="say what would change; change nothing"
-        )
-        if name == "provision":
-            p.add_argument("--vpc-id", required=True)
-            p.add_argument(
-                "--subnet-id", required=True, action="append", help="repeat for more subnets"
-            )
-            p.add_argument("--security-group-id", required=True, action="append")
-            p.add_argument(
-                "--port", type=int, default=22, help="listener and target port (default 22)"
-            )
-            p.add_argument("--stickiness", action="store_true", help="source-IP stickiness")
-            p.add_argument(
-                "--write-config",
-                action="store_true",
-                help="point the config file at the target group (comments kept)",
-            )
-        else:
-            p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    keys = add("keys", cmd_keys, "the canonical SSH host keys every login node must present")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    keys_sub.add_parser(
-        "show", parents=[common], help="type and SHA256 fingerprint of each canonical key"
+
+
+def _add_aws_commands(add: Adder) -> None:
+    p = add(
+        "provision",
+        cmd_provision,
+        "find or create the login target group, internal NLB and listener",
+        "Find or create the target group PREFIX-tg (IP targets, TCP), the internal NLB PREFIX-lb "
+        "and its listener, tagged hpodlb:managed=true and hpodlb:cluster=<ClusterName>; a second "
+        "run changes nothing and a same-named resource without those tags is refused. "
+        "Exit status: 0 done or nothing to change, 1 refused or AWS error, 2 config or usage "
+        "error.",
     )
-    gen = keys_sub.add_parser(
+    _aws_options(p)
+    p.add_argument("--vpc-id", required=True)
+    p.add_argument("--subnet-id", required=True, action="append", help="repeat for more subnets")
+    p.add_argument("--security-group-id", required=True, action="append")
+    p.add_argument(
+        "--port", type=_port, default=22, metavar="N", help="listener and target port (default 22)"
+    )
+    p.add_argument("--stickiness", action="store_true", help="source-IP stickiness")
+    p.add_argument(
+        "--write-config",
+        action="store_true",
+        help="point the config file at the target group (comments kept)",
+    )
+    p = add(
+        "teardown",
+        cmd_teardown,
+        "delete what provision made (only if it carries hpodlb's tags)",
+        "Delete the listener, the NLB and the target group, in that order, and only those that "
+        "carry hpodlb's tags for this cluster. Lists what it would delete and asks first; without "
+        "a terminal it deletes only with --yes. Exit status: 0 deleted or nothing to delete, "
+        "1 refused, declined or AWS error, 2 config or usage error.",
+    )
+    _aws_options(p)
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _aws_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name-prefix", default="smhp-login-node", help="NAME-tg and NAME-lb")
+    p.add_argument(
+        "--cluster-name", help="default: ClusterConfig.ClusterName of the resource config"
+    )
+    p.add_argument("--region", help="default: aws.region, else boto3's (AWS_REGION, profile)")
+    p.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
+
+
+def _add_keys_commands(add: Adder) -> None:
+    add(
+        "show",
+        cmd_keys,
+        "type and SHA256 fingerprint of each canonical key",
+        "Type, SHA256 fingerprint (as ssh-keygen -lf prints it) and file of each canonical key. "
+        "Exit status: 0 shown, 1 store missing or unsafe, 2 config or usage error.",
+    )
+    p = add(
         "generate",
-        parents=[common],
-        help="create a new set (refuses to replace one without --force)",
+        cmd_keys,
+        "create a new canonical set",
+        "Create a new canonical set in memory and write it to an empty store, private keys 0600 "
+        "from the first byte. A store in use is never replaced: that is `keys rotate`; --force "
+        "replaces only a set that is unusable (incomplete, unparsable). "
+        "Exit status: 0 written, 1 store in use or unsafe, 2 config or usage error.",
     )
-    gen.add_argument("--force", action="store_true", help="replace the existing keys")
-    adopt = keys_sub.add_parser(
-        "adopt", parents=[common], help="copy a login node's host keys into the store"
+    p.add_argument("--force", action="store_true", help="replace an unusable set")
+    p = add(
+        "adopt",
+        cmd_keys,
+        "copy a login node's host keys into the store",
+        "Copy the host keys of the login node at IP into an empty store, through an SSH session "
+        "pinned to the keys a probe of it shows. A store in use is never replaced: that is "
+        "`keys rotate --from IP`; --force replaces only an unusable set. "
+        "Exit status: 0 copied, 1 node or store problem, 2 config or usage error.",
     )
-    adopt.add_argument("--from", dest="from_ip", required=True, metavar="IP")
-    adopt.add_argument("--force", action="store_true", help="replace the existing keys")
-    kh = keys_sub.add_parser(
-        "known-hosts", parents=[common], help="known_hosts lines to hand users for the NLB name"
+    p.add_argument("--from", dest="from_ip", required=True, metavar="IP")
+    p.add_argument("--force", action="store_true", help="replace an unusable set")
+    p = add(
+        "rotate",
+        cmd_keys,
+        "a new canonical set; the old one stays valid until every node presents the new one",
+        "Make a new canonical set (generated, or --from a login node) and keep the current one as "
+        "the previous set. Nodes presenting the previous set are updated in place, without "
+        "leaving rotation; once every login node presents the new set, the previous one is "
+        "retired. Hand users the new `keys known-hosts` lines first. "
+        "Exit status: 0 rotated, 1 no usable store or a rotation still in progress, 2 config or "
+        "usage error.",
     )
-    kh.add_argument(
+    p.add_argument("--from", dest="from_ip", metavar="IP", help="take the new set from this node")
+    p = add(
+        "trust",
+        cmd_keys,
+        "accept, once, the keys a re-imaged login node presents now",
+        "A login node that hpodlb verified before and that now presents other keys for the same "
+        "instance (re-imaged in place, or an impostor) is held out of rotation and nothing is "
+        "pushed to it. If you re-imaged it on purpose, this accepts exactly the keys it presents "
+        "now, for its current instance only; the next pass pushes the canonical keys to it and "
+        "puts it back. Exit status: 0 accepted, 1 not a login node or not reachable, 2 config or "
+        "usage error.",
+    )
+    p.add_argument("ip", metavar="IP", help="the login node's IP (as in the resource config)")
+    p = add(
+        "known-hosts",
+        cmd_keys,
+        "known_hosts lines to hand users for the NLB name",
+        "Lines for users' ~/.ssh/known_hosts: the canonical keys under the NLB's DNS name "
+        "([NAME]:N when N is not 22); during a rotation the previous keys too, after a comment. "
+        "Exit status: 0 printed, 1 store missing or unsafe, 2 config or usage error.",
+    )
+    p.add_argument(
         "--host", required=True, metavar="NAME", help="the NLB DNS name users connect to"
     )
-    kh.add_argument(
-        "--port", type=int, default=22, metavar="N", help="the NLB port users connect to"
+    p.add_argument(
+        "--port", type=_port, default=22, metavar="N", help="the NLB port users connect to"
     )
-    return parser
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1..65535)")
+    return port
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from hpodlb.config import ConfigError, config_path, load_config
-    from hpodlb.logs import setup_logging
+    """Parse, load the config, run the command: the one boundary every command's failure crosses.
 
-    setup_logging(verbose=getattr(args, "verbose", False), stream=sys.stderr)
-    path = config_path(getattr(args, "config", None))
+    An exception no command handles is a bug or an environment hpodlb cannot use (e.g.
+    AWS_RETRY_MODE=bogus): it exits 2, "could not even evaluate", never 1, which `plan` and `once`
+    use for "changes pending". One line names it; -v adds the traceback. Output into a pipe whose
+    reader has gone (`hpodlb plan --json | head -1`) ends quietly, as a SIGPIPE would end it.
+    """
+    verbose = False
     try:
-        config = load_config(path, os.environ)
-    except ConfigError as exc:
+        try:
+            args = build_parser().parse_args(argv)  # --help and usage errors exit here
+            verbose = bool(getattr(args, "verbose", False))
+            from hpodlb.logs import setup_logging
+
+            setup_logging(verbose=verbose, stream=sys.stderr)
+            return _load_config_and_run(args)
+        finally:
+            # Output still buffered for a reader that went away fails here, not at interpreter exit.
+            sys.stdout.flush()
+    except BrokenPipeError as exc:
+        if not _reader_gone(sys.stdout) and not _reader_gone(sys.stderr):
+            return _unexpected(exc, verbose=verbose)  # a socket's EPIPE is no closed pipe of ours
+        return _quiet_after_reader_gone()
+    except Exception as exc:  # the boundary: anything left becomes one line and exit 2
+        return _unexpected(exc, verbose=verbose)
+
+
+def _load_config_and_run(args: argparse.Namespace) -> int:
+    from hpodlb.config import ConfigError, config_path, load_config
+
+    path = config_path(getattr(args, "config", None))
+    func: Command = args.func
+    try:
+        return func(load_config(path, os.environ), args)
+    except ConfigError as exc:  # the file, an override, or a setting read later (AWS_MAX_ATTEMPTS)
+        # One line per problem and nothing else: a log event beside it said the same thing twice.
         for line in str(exc).splitlines():
             _fail(f"config error: {line}")
-        _log().error("config_invalid", path=str(path), error=str(exc))
         return EXIT_UNUSABLE
-    func: Command = args.func
-    return func(config, args)
+
+
+def _reader_gone(stream: TextIO) -> bool:
+    """True when `stream` is a pipe whose reading end is closed (`hpodlb plan | head -1`)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no file descriptor (pytest's capture), or already closed
+        return False
+
+
+def _quiet_after_reader_gone() -> int:
+    """Stop writing, say nothing, exit as a process killed by SIGPIPE would.
+
+    Whoever closed the pipe has all it wanted (`head -1`); a traceback would only be noise. Output
+    still buffered would fail again when the interpreter flushes it at exit (and turn the status
+    into 120), so the stream that broke now points at /dev/null. 141 rather than 0 or 1 because the command did
+    not finish saying what it had to say: `plan`'s 0 or 1 would claim a verdict nobody read. 141
+    is what a shell reports for any Unix tool whose reader went away (`yes | head -1`), so
+    `set -o pipefail` scripts already know it.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        if _reader_gone(stream):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return EXIT_READER_GONE
+
+
+def _unexpected(exc: BaseException, *, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    first = next(iter(str(exc).splitlines()), "")
+    hint = "" if verbose else " (run with -v for the traceback)"
+    _fail(f"unexpected error: {type(exc).__name__}: {first}{hint}")
+    return EXIT_UNUSABLE
 
 
 def _fail(line: str) -> None:
-    print(f"hpodlb: {line}", file=sys.stderr)
+    """One line on stderr; `<3>` (err) first when stderr is the journal, for `journalctl -p err`."""
+    from hpodlb.logs import stream_is_journal
+
+    priority = "<3>" if stream_is_journal(sys.stderr) else ""
+    print(f"{priority}hpodlb: {line}", file=sys.stderr)
 
 
 def _log() -> Any:

@@ -61,13 +61,18 @@ class Spec:
 
 @dataclass
 class Report:
+    dry_run: bool = False
     changes: list[str] = field(default_factory=list)
     target_group_arn: str = ""
     dns_name: str = ""
 
-    def did(self, what: str) -> None:
+    def change(self, what: str) -> None:
+        """Record a change: made, or in a dry run only planned, and the log says which."""
         self.changes.append(what)
-        log.info("provision_change", change=what)
+        if self.dry_run:
+            log.info("provision_change", change=f"would {what}", dry_run=True)
+        else:
+            log.info("provision_change", change=what, dry_run=False)
 
 
 class Provisioner:
@@ -81,10 +86,10 @@ class Provisioner:
     # -- provision ------------------------------------------------------------------------------
 
     def provision(self, spec: Spec) -> Report:
-        report = Report()
+        report = Report(dry_run=self.dry_run)
         tg = self._find("target group", spec.tg_name, self._target_groups)
         if tg is None:
-            report.did(
+            report.change(
                 f"create target group {spec.tg_name} (IP targets, TCP:{spec.port}, TCP health checks)"
             )
             if not self.dry_run:
@@ -103,7 +108,7 @@ class Provisioner:
 
         lb = self._find("load balancer", spec.lb_name, self._load_balancers)
         if lb is None:
-            report.did(
+            report.change(
                 f"create internal network load balancer {spec.lb_name} in {', '.join(spec.subnet_ids)}"
             )
             if not self.dry_run:
@@ -128,7 +133,7 @@ class Provisioner:
         missing = {k: v for k, v in wanted.items() if current.get(k) != v}
         if not missing:
             return
-        report.did(
+        report.change(
             "set target group attributes " + ", ".join(f"{k}={v}" for k, v in missing.items())
         )
         if not self.dry_run:
@@ -155,7 +160,7 @@ class Provisioner:
                 f"listener on {spec.lb_name}:{spec.port} forwards to {targets}, not {spec.tg_name}; "
                 "refusing to change it"
             )
-        report.did(
+        report.change(
             f"create listener TCP:{spec.port} on {spec.lb_name} forwarding to {spec.tg_name}"
         )
         if not self.dry_run and lb is not None:
@@ -170,7 +175,7 @@ class Provisioner:
     # -- teardown -------------------------------------------------------------------------------
 
     def teardown(self, name_prefix: str, confirm: Callable[[Sequence[str]], bool]) -> Report:
-        report = Report()
+        report = Report(dry_run=self.dry_run)
         tg = self._find("target group", f"{name_prefix}-tg", self._target_groups)
         lb = self._find("load balancer", f"{name_prefix}-lb", self._load_balancers)
         plan: list[tuple[str, Callable[..., Any], dict[str, Any]]] = []
@@ -187,12 +192,15 @@ class Provisioner:
             plan.append(
                 (what, self.elb.delete_target_group, {"TargetGroupArn": tg["TargetGroupArn"]})
             )
-        if not plan or self.dry_run or not confirm([what for what, _, _ in plan]):
-            report.changes = [what for what, _, _ in plan] if self.dry_run else []
+        if self.dry_run:
+            for what, _, _ in plan:
+                report.change(what)
+            return report
+        if not plan or not confirm([what for what, _, _ in plan]):
             return report
         for what, action, kwargs in plan:
             action(**kwargs)
-            report.did(what)
+            report.change(what)
         return report
 
     def _delete_lb(self, arn: str) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hpodlb.config import target_group_name
+from hpodlb.config import ConfigError, target_group_name
 from hpodlb.planner import GroupView, Target
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def boto_config(connect_timeout_seconds: float = 5, read_timeout_seconds: float 
 
     raw = os.environ.get("AWS_MAX_ATTEMPTS", str(DEFAULT_ATTEMPTS))
     if not raw.strip().isdigit() or int(raw) < 1:
-        raise ValueError(f"AWS_MAX_ATTEMPTS={raw!r}: expected a whole number of attempts >= 1")
+        raise ConfigError(f"AWS_MAX_ATTEMPTS={raw!r}: expected a whole number of attempts >= 1")
     retries = {
         "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
         "total_max_attempts": int(raw),

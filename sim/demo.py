@@ -1,7 +1,7 @@
 """`./dev demo`: hpodlb's main job, end to end, against the embedded local setup.
 
 An AWS emulator (moto server on loopback) holds an internal NLB and its target group; login nodes
-are real sshd processes on 127.0.0.x, each with its own /etc/ssh; a generated resource config lists
+are real sshd processes on loopback addresses of their own, each with its own /etc/ssh; a generated resource config lists
 them. The demo runs the real `hpodlb` command as an admin would (`AWS_ENDPOINT_URL` points boto3 at
 the emulator) and narrates: nodes get one identity and join, a replaced node is repaired, a
 hand-added target is pruned, a half-written file changes nothing, a node leaves (cautiously).
@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +72,15 @@ class Demo:
         self.aws = aws
         self.cluster = cluster
         self.workdir = workdir
+        self.failures: list[str] = []
         self.rc_path = workdir / "opt-ml-config" / "resource_config.json"
         self.rc_path.parent.mkdir()
         self.arn = aws.create_login_nlb()
+        # The client key, copied: the simulated cluster's dir goes when the demo ends, and a kept
+        # work dir's config must still name files that exist (`./dev demo --keep`).
+        self.key_file = workdir / "ssh" / "id_ed25519"
+        self.key_file.parent.mkdir(mode=0o700)
+        shutil.copy2(cluster.client_key, self.key_file)
         self.config = workdir / "config.toml"
         self.config.write_text(
             f"""[cluster]
@@ -91,7 +99,7 @@ port = 22
 [ssh]
 user = "{SIM_USER}"
 port = {cluster.port}
-key_file = "{cluster.client_key}"
+key_file = "{self.key_file}"
 connect_timeout_seconds = 3
 
 [host_keys]
@@ -102,6 +110,12 @@ reload_command = "{RELOAD_COMMAND}"
 dir = "{workdir / "state"}"
 """
         )
+
+    def expect(self, what: str, ok: bool) -> None:
+        """Say whether a step ended as it should; the demo fails if any did not."""
+        print(f"--> {'ok' if ok else 'UNEXPECTED'}: {what}", flush=True)
+        if not ok:
+            self.failures.append(what)
 
     def list_nodes(self) -> None:
         """Write the resource config as HyperPod would (to a temp file, then rename)."""
@@ -149,87 +163,109 @@ def step(title: str) -> None:
 
 def run_demo(workdir: Path) -> int:
     """The scripted story; returns 0 when every step ended as it should."""
-    failures: list[str] = []
-
-    def expect(what: str, ok: bool) -> None:
-        print(f"--> {'ok' if ok else 'UNEXPECTED'}: {what}", flush=True)
-        if not ok:
-            failures.append(what)
-
     with moto_server() as aws, sim_cluster(workdir / "sim") as cluster:
-        ip = cluster.ip
         for n in (2, 3, 4):
-            cluster.add_node(ip(n), f"i-0a1b2c3d4e5f6001{n}")
+            cluster.add_node(cluster.ip(n), f"i-0a1b2c3d4e5f6001{n}")
         demo = Demo(aws, cluster, workdir)
         demo.list_nodes()
-        step(
-            f"3 login nodes (real sshd on {ip(2)}-4:{cluster.port}, each with its own host keys), "
-            f"an empty target group (AWS emulator at {aws.endpoint_url})"
-        )
-        expect(f"{demo.identities()} different host identities before", demo.identities() == 3)
-        expect(
-            "one pass adopts the first node's keys, pushes them, registers all",
-            demo.hpodlb("once") == 0,
-        )
-        expect(
-            f"one identity for all nodes (ssh-keyscan): {demo.identities()}", demo.identities() == 1
-        )
-        expect(f"target group = login nodes: {demo.targets()}", len(demo.targets()) == 3)
-
-        step("HyperPod adds a 4th login node")
-        cluster.add_node(ip(5), "i-0a1b2c3d4e5f60015")
-        demo.list_nodes()
-        expect("keys pushed and verified, then registered, in one pass", demo.hpodlb("once") == 0)
-
-        step(f"HyperPod replaces {ip(3)}: same IP, new instance, new root volume, new host keys")
-        cluster.nodes[ip(3)].replace("i-0ffee0000000000b3")
-        demo.list_nodes()
-        expect(
-            f"{demo.identities()} identities: users would see HOST KEY CHANGED",
-            demo.identities() == 2,
-        )
-        expect("out of rotation, repaired, back in", demo.hpodlb("once") == 0)
-        expect(f"one identity again: {demo.identities()}", demo.identities() == 1)
-
-        step("Someone registers a stray target by hand (drift)")
-        aws.client("elbv2").register_targets(
-            TargetGroupArn=demo.arn, Targets=[{"Id": "10.1.99.99", "Port": 22}]
-        )
-        expect("first pass holds it back (absence 1/2 passes, exit 1)", demo.hpodlb("once") == 1)
-        time.sleep(4)  # the absence guard wants 2 passes over 2 intervals
-        expect("a pass 2 intervals later removes it", demo.hpodlb("once") == 0)
-
-        step("HyperPod writes a half-finished resource config")
-        whole = demo.rc_path.read_text()
-        demo.rc_path.write_text(whole[: len(whole) // 3])
-        before = demo.targets()
-        expect("the pass refuses it (exit 2) ...", demo.hpodlb("once") == 2)
-        expect(f"... and no target moved: {demo.targets()}", demo.targets() == before)
-
-        step("A login node is removed from the cluster")
-        cluster.nodes.pop(ip(4)).stop()
-        demo.list_nodes()
-        expect("held for one pass (deregister cautiously)", demo.hpodlb("once") == 1)
-        time.sleep(4)
-        expect("deregistered on the second, 2 intervals later", demo.hpodlb("once") == 0)
-        expect(f"target group = login nodes: {demo.targets()}", len(demo.targets()) == 3)
-
-        step(
-            "The service: `hpodlb run` reacts to a new login node without waiting for its interval"
-        )
-        expect(
-            "the daemon registers it within seconds, then stops cleanly on SIGTERM",
-            demo.run_daemon_until_new_node(ip(6), "i-0a1b2c3d4e5f60016") == 0,
-        )
-
-        step("What an admin sees, and the lines to hand users")
-        demo.hpodlb("status")
-        demo.hpodlb("keys", "show")
-        demo.hpodlb("keys", "known-hosts", "--host", "smhp-login-node-lb.internal")
+        for scene in SCENES:
+            scene(demo)
+    failures = demo.failures
     print(
         f"\nDemo {'finished: every step behaved' if not failures else 'FAILED: ' + '; '.join(failures)}"
     )
     return 1 if failures else 0
+
+
+def nodes_get_one_identity_and_join(demo: Demo) -> None:
+    ip, expect = demo.cluster.ip, demo.expect
+    step(
+        f"3 login nodes (real sshd on {ip(2)}-4:{demo.cluster.port}, each with its own host keys), "
+        f"an empty target group (AWS emulator at {demo.aws.endpoint_url})"
+    )
+    expect(f"{demo.identities()} different host identities before", demo.identities() == 3)
+    expect(
+        "one pass adopts the first node's keys, pushes them, registers all",
+        demo.hpodlb("once") == 0,
+    )
+    expect(f"one identity for all nodes (ssh-keyscan): {demo.identities()}", demo.identities() == 1)
+    expect(f"target group = login nodes: {demo.targets()}", len(demo.targets()) == 3)
+
+
+def a_new_node_joins(demo: Demo) -> None:
+    step("HyperPod adds a 4th login node")
+    demo.cluster.add_node(demo.cluster.ip(5), "i-0a1b2c3d4e5f60015")
+    demo.list_nodes()
+    demo.expect("keys pushed and verified, then registered, in one pass", demo.hpodlb("once") == 0)
+
+
+def a_replaced_node_is_repaired(demo: Demo) -> None:
+    ip3 = demo.cluster.ip(3)
+    step(f"HyperPod replaces {ip3}: same IP, new instance, new root volume, new host keys")
+    demo.cluster.nodes[ip3].replace("i-0ffee0000000000b3")
+    demo.list_nodes()
+    demo.expect(
+        f"{demo.identities()} identities: users would see HOST KEY CHANGED",
+        demo.identities() == 2,
+    )
+    demo.expect("out of rotation, repaired, back in", demo.hpodlb("once") == 0)
+    demo.expect(f"one identity again: {demo.identities()}", demo.identities() == 1)
+
+
+def drift_is_pruned(demo: Demo) -> None:
+    step("Someone registers a stray target by hand (drift)")
+    demo.aws.client("elbv2").register_targets(
+        TargetGroupArn=demo.arn, Targets=[{"Id": "10.1.99.99", "Port": 22}]
+    )
+    demo.expect("first pass holds it back (absence 1/2 passes, exit 1)", demo.hpodlb("once") == 1)
+    time.sleep(4)  # the absence guard wants 2 passes over 2 intervals
+    demo.expect("a pass 2 intervals later removes it", demo.hpodlb("once") == 0)
+
+
+def a_half_written_file_changes_nothing(demo: Demo) -> None:
+    step("HyperPod writes a half-finished resource config")
+    whole = demo.rc_path.read_text()
+    demo.rc_path.write_text(whole[: len(whole) // 3])
+    before = demo.targets()
+    demo.expect("the pass refuses it (exit 2) ...", demo.hpodlb("once") == 2)
+    demo.expect(f"... and no target moved: {demo.targets()}", demo.targets() == before)
+
+
+def a_node_leaves_cautiously(demo: Demo) -> None:
+    step("A login node is removed from the cluster")
+    demo.cluster.nodes.pop(demo.cluster.ip(4)).stop()
+    demo.list_nodes()
+    demo.expect("held for one pass (deregister cautiously)", demo.hpodlb("once") == 1)
+    time.sleep(4)
+    demo.expect("deregistered on the second, 2 intervals later", demo.hpodlb("once") == 0)
+    demo.expect(f"target group = login nodes: {demo.targets()}", len(demo.targets()) == 3)
+
+
+def the_daemon_reacts(demo: Demo) -> None:
+    step("The service: `hpodlb run` reacts to a new login node without waiting for its interval")
+    demo.expect(
+        "the daemon registers it within seconds, then stops cleanly on SIGTERM",
+        demo.run_daemon_until_new_node(demo.cluster.ip(6), "i-0a1b2c3d4e5f60016") == 0,
+    )
+
+
+def what_an_admin_sees(demo: Demo) -> None:
+    step("What an admin sees, and the lines to hand users")
+    demo.hpodlb("status")
+    demo.hpodlb("keys", "show")
+    demo.hpodlb("keys", "known-hosts", "--host", "smhp-login-node-lb.internal")
+
+
+SCENES: tuple[Callable[[Demo], None], ...] = (
+    nodes_get_one_identity_and_join,
+    a_new_node_joins,
+    a_replaced_node_is_repaired,
+    drift_is_pruned,
+    a_half_written_file_changes_nothing,
+    a_node_leaves_cautiously,
+    the_daemon_reacts,
+    what_an_admin_sees,
+)
 
 
 def main() -> int:
@@ -248,11 +284,30 @@ def main() -> int:
         return run_demo(workdir)
     finally:
         if args.keep:
-            print(f"work dir kept: {workdir}")
+            keep(workdir)
         else:
-            import shutil
-
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def keep(workdir: Path) -> None:
+    """Leave the work dir usable by `hpodlb status`, and say, last, exactly how to run it.
+
+    status reads the config and the state file only; load_config needs the config file itself
+    (root-owned, not writable by others) and every file it names is still here: resource config,
+    key store, state dir and a copy of the SSH key. The AWS emulator and the login nodes are gone.
+    """
+    config = workdir / "config.toml"
+    if not config.exists():  # the demo failed before writing it
+        print(f"work dir kept: {workdir}")
+        return
+    with config.open("a") as out:
+        out.write(
+            "\n# Kept by `./dev demo --keep`. The AWS emulator and the login nodes are gone:\n"
+            "# `status` and `keys show` work here; plan, once and check-config have nothing to reach.\n"
+        )
+    script = Path(sys.executable).with_name("hpodlb")
+    hpodlb = str(script) if script.exists() else f"{sys.executable} -m hpodlb"
+    print(f"\nWork dir kept; what the last pass saw: {hpodlb} status --config {config}")
 
 
 if __name__ == "__main__":

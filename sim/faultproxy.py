@@ -35,6 +35,8 @@ class FaultPlan:
         self.rng = random.Random(seed)
         self.rate = 0.0
         self.kinds: tuple[str, ...] = FAULTS
+        # Only these API actions get faults (empty: every action); the rest pass through unchanged.
+        self.only_actions: frozenset[str] = frozenset()
         self.injected: Counter[str] = Counter()
         self.actions: Counter[str] = Counter()  # AWS API calls seen, by action (for benchmarks)
         self.requests = 0
@@ -43,9 +45,11 @@ class FaultPlan:
         self.invalid_targets: dict[str, str] = {}
         self.lock = threading.Lock()
 
-    def next(self) -> str | None:
+    def next(self, action: str = "") -> str | None:
         with self.lock:
             self.requests += 1
+            if self.only_actions and action not in self.only_actions:
+                return None
             if self.rng.random() >= self.rate:
                 return None
             fault = self.rng.choice(self.kinds)
@@ -67,7 +71,7 @@ def _handler(upstream: str, plan: FaultPlan) -> type[BaseHTTPRequestHandler]:
             action = parse_qs(body.decode(errors="replace")).get("Action", ["?"])[0]
             with plan.lock:
                 plan.actions[action] += 1
-            fault = plan.next()
+            fault = plan.next(action)
             fields = parse_qs(body.decode(errors="replace"))
             refused = [
                 ip

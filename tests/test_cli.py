@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from hpodlb.config import load_config
 from sim.aws import FakeAws, moto_server
 
 
@@ -30,24 +34,117 @@ def arn(aws: FakeAws) -> str:
 
 @pytest.fixture
 def hpodlb(aws: FakeAws, fresh_env: None) -> Callable[..., subprocess.CompletedProcess[str]]:
-    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, env: dict[str, str] | None = None, stdout: int = subprocess.PIPE
+    ) -> subprocess.CompletedProcess[str]:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "AWS_"))}
         full_env.update(aws.env())
         full_env.update(env or {})
         return subprocess.run(
-            [sys.executable, "-m", "hpodlb", *args], env=full_env, capture_output=True, text=True,
-            timeout=120, check=False,
+            [sys.executable, "-m", "hpodlb", *args], env=full_env, stdout=stdout,
+            stderr=subprocess.PIPE, text=True, timeout=120, check=False,
         )
 
     return run
 
 
+# The fixture's login nodes: IP, instance, name.
+LOGIN_NODES = [
+    ("10.1.70.201", "i-0a1b2c3d4e5f60013", "login-group-3"),
+    ("10.1.71.12", "i-0a1b2c3d4e5f60011", "login-group-1"),
+    ("10.1.72.45", "i-0a1b2c3d4e5f60012", "login-group-2"),
+]
+
+
+def rows(table: str) -> list[list[str]]:
+    """A table as `plan`/`status` print it (columns two or more spaces apart), cell by cell."""
+    return [re.split(r" {2,}", line) for line in table.splitlines()]
+
+
+def listed_commands(help_text: str) -> list[str]:
+    """The command names `--help` lists under "positional arguments:" (4-space indented rows)."""
+    section = help_text.split("positional arguments:\n", 1)[1].split("\n\n", 1)[0]
+    return [m.group(1) for m in re.finditer(r"^    (\S+)", section, re.MULTILINE)]
+
+
+def description(help_text: str) -> str:
+    """The paragraph `--help` prints between the usage block and the first section, on one line."""
+    paragraph = help_text.split("\n\n")[1]
+    sections = ("options:", "positional arguments:")
+    return "" if paragraph.split("\n")[0] in sections else " ".join(paragraph.split())
+
+
+# Each command's exit statuses (DESIGN.md's contract; every command can also exit 2 on bad usage).
+EXIT_STATUSES = {
+    "run": {0, 1, 2}, "once": {0, 1, 2}, "plan": {0, 1, 2}, "status": {0, 2},
+    "check-config": {0, 1, 2}, "provision": {0, 1, 2}, "teardown": {0, 1, 2},
+    "keys show": {0, 1, 2}, "keys generate": {0, 1, 2}, "keys adopt": {0, 1, 2},
+    "keys known-hosts": {0, 1, 2}, "keys rotate": {0, 1, 2}, "keys trust": {0, 1, 2},
+}
+
+
 def test_help_lists_the_commands(hpodlb: Callable[..., subprocess.CompletedProcess[str]]) -> None:
-    """`hpodlb --help` names every command of the contract that exists."""
-    out = hpodlb("--help")
+    """`hpodlb --help` and `hpodlb keys --help` list exactly the commands that exist, in order."""
+    top = hpodlb("--help")
+    assert top.returncode == 0
+    assert listed_commands(top.stdout) == [
+        "run", "once", "plan", "status", "check-config", "provision", "teardown", "keys"]
+    assert listed_commands(hpodlb("keys", "--help").stdout) == [
+        "show", "generate", "adopt", "rotate", "trust", "known-hosts"]
+
+
+@pytest.mark.parametrize("command", sorted(EXIT_STATUSES))
+def test_each_command_describes_itself_and_its_exit_statuses(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]], command: str
+) -> None:
+    """Each command's --help has a whole-sentence description ending in its exit statuses."""
+    out = hpodlb(*command.split(), "--help")
     assert out.returncode == 0
-    for command in ("once", "plan", "status", "check-config"):
-        assert command in out.stdout
+    match = re.fullmatch(r"[A-Z][^\n]*\. Exit status: (.*)\.", description(out.stdout))
+    assert match, description(out.stdout)
+    assert {int(n) for n in re.findall(r"(?:^|, )(\d) ", match.group(1))} == EXIT_STATUSES[command]
+
+
+def test_config_and_verbose_go_before_or_after_the_command(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+    tmp_path: Path,
+) -> None:
+    """`hpodlb --config X -v plan` and `hpodlb plan --config X -v` read X and log at debug level."""
+    store = tmp_path / "no-store"
+    cfg = str(write_config([{"arn": arn, "port": 22}], host_keys={"store": str(store)}))
+    runs = {
+        "before": hpodlb("--config", cfg, "-v", "plan", "--json"),
+        "after": hpodlb("plan", "--json", "--config", cfg, "-v"),
+        "nested": hpodlb("--config", cfg, "-v", "keys", "show"),
+    }
+    for run in (runs["before"], runs["after"]):
+        assert run.returncode == 1, run.stderr
+        assert len(json.loads(run.stdout)["actions"]) == 3
+        levels = {json.loads(ln)["level"] for ln in run.stderr.splitlines() if ln.startswith("{")}
+        assert "debug" in levels
+    nested = runs["nested"]
+    assert nested.returncode == 1  # X was read: it names a key store that does not exist
+    assert nested.stderr.splitlines()[-1] == f"hpodlb: {store}: key store does not exist"
+
+
+@pytest.mark.parametrize("args", [
+    ("keys", "known-hosts", "--host", "nlb.example", "--port", "0"),
+    ("keys", "known-hosts", "--host", "nlb.example", "--port", "65536"),
+    ("provision", "--vpc-id", "vpc-1", "--subnet-id", "s-1", "--security-group-id", "sg-1", "--port", "70000"),
+])
+def test_ports_out_of_range_are_usage_errors(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    args: tuple[str, ...],
+) -> None:
+    """A --port outside 1..65535 is a usage error (exit 2) naming the option; nothing runs."""
+    out = hpodlb(*args, "--config", str(write_config()))
+    assert out.returncode == 2
+    prog = "hpodlb " + " ".join(a for a in args[:2] if not a.startswith("-"))
+    assert out.stderr.splitlines()[-1] == (
+        f"{prog}: error: argument --port: '{args[-1]}' is not a port (1..65535)")
 
 
 def test_plan_once_status_round_trip(
@@ -56,32 +153,40 @@ def test_plan_once_status_round_trip(
     aws: FakeAws,
     arn: str,
 ) -> None:
-    """plan shows pending registrations (1), once applies them (0), then plan is clean (0)."""
+    """plan shows pending registrations (1), once applies them (0), then plan is clean (0) and
+    status shows the pass converged and each node registered."""
     cfg = str(write_config([{"arn": arn, "port": 22}]))
+    tg = arn.split("/")[1]
     plan = hpodlb("plan", "--config", cfg)
     assert plan.returncode == 1, plan.stderr
-    assert [ln.split()[0] for ln in plan.stdout.splitlines()[1:]] == ["register"] * 3
+    assert rows(plan.stdout) == [["ACTION", "TARGET GROUP", "IP", "INSTANCE", "WHY"]] + [
+        ["register", f"{tg}:22", ip, iid, "login node not registered"] for ip, iid, _ in LOGIN_NODES]
     assert aws.targets(arn) == set()
 
     plan_json = json.loads(hpodlb("plan", "--json", "--config", cfg).stdout)
-    assert {a["ip"] for a in plan_json["actions"]} == {"10.1.71.12", "10.1.72.45", "10.1.70.201"}
+    assert sorted((a["kind"], a["ip"], a["instance_id"], a["held_by"]) for a in plan_json["actions"]) == [
+        ("register", ip, iid, None) for ip, iid, _ in LOGIN_NODES]
 
     once = hpodlb("once", "--config", cfg)
     assert once.returncode == 0, once.stderr
-    assert aws.targets(arn) == {("10.1.71.12", 22), ("10.1.72.45", 22), ("10.1.70.201", 22)}
-    events = [json.loads(line) for line in once.stderr.splitlines() if line.startswith("{")]
+    assert aws.targets(arn) == {(ip, 22) for ip, _, _ in LOGIN_NODES}
+    events = [json.loads(line) for line in once.stderr.splitlines()]
     registered = [e for e in events if e["event"] == "registered"]
-    assert {e["ip"] for e in registered} == {"10.1.71.12", "10.1.72.45", "10.1.70.201"}
-    assert all(e["instance_id"].startswith("i-") and e["target_group"] for e in registered)
+    assert sorted((e["ip"], e["instance_id"], e["target_group"]) for e in registered) == [
+        (ip, iid, tg) for ip, iid, _ in LOGIN_NODES]
 
     again = hpodlb("plan", "--config", cfg)
     assert again.returncode == 0
-    assert "Nothing to do" in again.stdout
+    assert again.stdout == "Nothing to do: 3 login nodes in step with every target group.\n"
 
     status = hpodlb("status", "--config", cfg)
     assert status.returncode == 0
-    assert "converged" in status.stdout
-    assert "login-group-1" in status.stdout
+    first, *table = status.stdout.splitlines()
+    assert re.fullmatch(r"Last pass \d+s ago: converged: 3 login nodes; registered 3, deregistered 0, "
+                        r"keys pushed 0; 0 held back, 0 waiting, 0 errors", first), first
+    assert rows("\n".join(table)) == [
+        ["IP", "INSTANCE", "NAME", "GROUP", "KEYS", "VERIFIED", "PUSH RETRY", tg, "LAST ERROR"]] + [
+        [ip, iid, name, "login-group", "not checked", "-", "-", "initial", "-"] for ip, iid, name in LOGIN_NODES]
     doc = json.loads(hpodlb("status", "--json", "--config", cfg).stdout)
     assert {n["ip"]: n["targets"][arn] for n in doc["nodes"]} == {
         "10.1.71.12": "initial", "10.1.72.45": "initial", "10.1.70.201": "initial",
@@ -99,9 +204,13 @@ def test_held_back_deregistration_exits_1_and_shows_in_status(
     aws.client("elbv2").register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.9.9", "Port": 22}])
     first = hpodlb("once", "--config", cfg)
     assert first.returncode == 1
-    status = hpodlb("status", "--config", cfg).stdout
-    assert "held back: deregister 10.1.9.9" in status
-    assert "absent_passes_before_deregister" in status
+    status = hpodlb("status", "--config", cfg).stdout.splitlines()
+    assert status[0].split(": ", 1)[1] == (
+        "NOT converged: 3 login nodes; registered 3, deregistered 0, keys pushed 0; 1 held back, 0 waiting, 0 errors")
+    assert rows(status[5])[0][:2] == ["10.1.9.9", "(not a login node)"]
+    assert status[6:] == [
+        f"held back: deregister 10.1.9.9 on {arn.split('/')[1]}: held by absent_passes_before_deregister: "
+        "not in the resource config for 1/2 passes and 0/1 s"]
     time.sleep(1.1)  # 2 passes spanning 2 x interval_seconds
     second = hpodlb("once", "--config", cfg)
     assert second.returncode == 0, second.stderr
@@ -120,51 +229,171 @@ def test_missing_resource_config_changes_nothing(
     assert hpodlb("once", "--config", cfg).returncode == 0
     before = aws.targets(arn)
     (cluster_dir / "resource_config.json").unlink()
-    for command in ("plan", "once"):
-        out = hpodlb(command, "--config", cfg)
-        assert out.returncode == 2
-        assert "resource_config.json: file not found" in out.stderr
+    rc = cluster_dir / "resource_config.json"
+    plan = hpodlb("plan", "--config", cfg)
+    assert plan.returncode == 2
+    assert [ln for ln in plan.stderr.splitlines() if not ln.startswith("{")] == [f"hpodlb: cannot plan: {rc}: file not found"]
+    once = hpodlb("once", "--config", cfg)
+    assert once.returncode == 2
+    assert [ln for ln in once.stderr.splitlines() if not ln.startswith("{")] == [f"hpodlb: {rc}: file not found"]
     assert aws.targets(arn) == before
-    assert "file not found" in hpodlb("status", "--config", cfg).stdout
+    status = hpodlb("status", "--config", cfg).stdout.splitlines()
+    assert status[0].split(": ", 1)[1] == f"NOT converged: no change: {rc}: file not found"
 
 
 def test_bad_config_exits_2_with_one_line(
     hpodlb: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
-    """Every command refuses a bad config with exit 2 and a line naming file, key and problem."""
+    """Every command refuses a bad config with exit 2 and one line per problem naming file, key and
+    problem, and nothing else on stderr."""
     bad = tmp_path / "bad.toml"
     bad.write_text("[reconcile]\nmax_deregister_fraction = 2\n[[target_groups]]\narn = \"x\"\n")
     for command in ("once", "plan", "status", "check-config"):
         out = hpodlb(command, "--config", str(bad))
         assert out.returncode == 2
-        lines = [ln for ln in out.stderr.splitlines() if ln.startswith("hpodlb: ")]
-        assert any(f"{bad}: reconcile.max_deregister_fraction" in ln for ln in lines)
-        assert any(f"{bad}: target_groups[0].arn" in ln for ln in lines)
+        assert sorted(out.stderr.splitlines()) == [
+            f"hpodlb: config error: {bad}: reconcile.max_deregister_fraction: Input should be less than or equal to 1",
+            f"hpodlb: config error: {bad}: target_groups[0].arn: 'x' is not a target group ARN "
+            "(arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID)",
+        ]
     missing = hpodlb("plan", "--config", str(tmp_path / "none.toml"))
     assert missing.returncode == 2
-    assert "none.toml: file not found" in missing.stderr
+    assert missing.stderr.splitlines() == [f"hpodlb: config error: {tmp_path / 'none.toml'}: file not found"]
     via_env = hpodlb("plan", env={"HPODLB_CONFIG": str(tmp_path / "env.toml")})
-    assert "env.toml: file not found" in via_env.stderr
+    assert via_env.stderr.splitlines() == [f"hpodlb: config error: {tmp_path / 'env.toml'}: file not found"]
+
+
+def test_errors_carry_err_priority_in_the_journal(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """When stderr is the journal (JOURNAL_STREAM names it), an error line starts with <3>, so
+    `journalctl -p err` shows why the service would not start."""
+    journal = tmp_path / "journal"
+    missing = tmp_path / "none.toml"
+    with journal.open("w") as stream:
+        st = os.fstat(stream.fileno())
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "AWS_"))}
+        done = subprocess.run(
+            [sys.executable, "-m", "hpodlb", "status", "--config", str(missing)],
+            env={**full_env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+            stdout=subprocess.DEVNULL, stderr=stream, timeout=60, check=False,
+        )
+    assert done.returncode == 2
+    assert journal.read_text().splitlines() == [f"<3>hpodlb: config error: {missing}: file not found"]
+
+
+@pytest.mark.parametrize("command", ["plan", "once", "check-config"])
+def test_an_unexpected_error_is_one_line_and_exit_2(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+    command: str,
+) -> None:
+    """An exception no command handles (botocore refusing AWS_RETRY_MODE=bogus) exits 2, never
+    plan's "changes pending" 1, with one line naming it; -v adds the traceback."""
+    cfg = str(write_config([{"arn": arn, "port": 22}]))
+    error = ('InvalidRetryModeError: Invalid value provided to "mode": "bogus" must be one of: '
+             "('legacy', 'standard', 'adaptive')")
+    quiet = hpodlb(command, "--config", cfg, env={"AWS_RETRY_MODE": "bogus"})
+    assert quiet.returncode == 2
+    assert quiet.stderr.splitlines() == [
+        f"hpodlb: unexpected error: {error} (run with -v for the traceback)"]
+    verbose = hpodlb(command, "--config", cfg, "-v", env={"AWS_RETRY_MODE": "bogus"})
+    assert verbose.returncode == 2
+    lines = verbose.stderr.splitlines()
+    assert lines[-2:] == [f"botocore.exceptions.{error}", f"hpodlb: unexpected error: {error}"]
+    assert "Traceback (most recent call last):" in lines
+
+
+@pytest.mark.parametrize("command", ["plan", "once", "check-config"])
+def test_a_bad_aws_max_attempts_is_a_config_error(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+    command: str,
+) -> None:
+    """AWS_MAX_ATTEMPTS=five is the admin's setting, not a bug: exit 2 with one line naming it."""
+    cfg = str(write_config([{"arn": arn, "port": 22}]))
+    done = hpodlb(command, "--config", cfg, env={"AWS_MAX_ATTEMPTS": "five"})
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "hpodlb: config error: AWS_MAX_ATTEMPTS='five': expected a whole number of attempts >= 1"]
+
+
+@pytest.mark.parametrize("command", ["plan", "status"])
+def test_output_into_a_closed_pipe_ends_quietly(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+    command: str,
+) -> None:
+    """`hpodlb plan --json | head -1` (the reader gone before the output): no traceback, exit 141
+    as a SIGPIPE would end it."""
+    cfg = str(write_config([{"arn": arn, "port": 22}]))
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        out = hpodlb(command, "--json", "--config", cfg, stdout=writer)
+    finally:
+        os.close(writer)
+    assert out.returncode == 141
+    assert [ln for ln in out.stderr.splitlines() if not ln.startswith("{")] == []
 
 
 def test_usage_error_exits_2(hpodlb: Callable[..., subprocess.CompletedProcess[str]]) -> None:
-    """An unknown command is a usage error: exit 2."""
-    assert hpodlb("frobnicate").returncode == 2
+    """An unknown command is a usage error: exit 2, and the last line names it."""
+    out = hpodlb("frobnicate")
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[-1].startswith("hpodlb: error: argument COMMAND: invalid choice: 'frobnicate' ")
 
 
 def test_check_config(
     hpodlb: Callable[..., subprocess.CompletedProcess[str]],
     write_config: Callable[..., Path],
+    cluster_dir: Path,
     arn: str,
 ) -> None:
     """check-config passes on a good setup and lists a missing target group as a problem."""
     good = hpodlb("check-config", "--config", str(write_config([{"arn": arn, "port": 22}])))
     assert good.returncode == 0, good.stdout + good.stderr
-    assert "3 login node(s)" in good.stdout
+    tg = arn.split("/")[1]
+    lines = good.stdout.splitlines()
+    assert lines[1:3] == [
+        f"ok    resource config {cluster_dir / 'resource_config.json'}: 3 login node(s)",
+        f"ok    {tg}: 0 target(s), port 22, 1 load balancer(s) attached",
+    ]
+    assert lines[-1] == "configuration is usable"
     wrong = arn[:-16] + "0" * 16
     bad = hpodlb("check-config", "--config", str(write_config([{"arn": wrong, "port": 22}])))
     assert bad.returncode == 1
-    assert f"FAIL  {wrong.split('/')[1]}: DescribeTargetGroups failed: TargetGroupNotFound" in bad.stdout
+    assert bad.stdout.splitlines()[2] == (
+        f"FAIL  {tg}: DescribeTargetGroups failed: TargetGroupNotFound: One or more target groups not found")
+    assert bad.stdout.splitlines()[-1] == "1 problem(s) found"
+
+
+def test_check_config_says_what_is_true_of_the_key_store(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+    tmp_path: Path,
+) -> None:
+    """check-config says a missing key store does not exist yet (the first pass creates it), and
+    an existing empty one is empty."""
+    store = tmp_path / "host_keys"
+    key_file = tmp_path / "id_ed25519"
+    key_file.write_text("not read by check-config\n")
+    cfg = str(write_config([{"arn": arn, "port": 22}], host_keys={"enabled": True, "store": str(store)},
+                           ssh={"key_file": str(key_file)}))
+
+    def store_line() -> str:
+        out = hpodlb("check-config", "--config", cfg)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return next(ln for ln in out.stdout.splitlines() if ln.startswith(("ok    key store", "FAIL  key store")))
+
+    assert store_line() == (f"ok    key store {store} does not exist yet: the first pass creates it "
+                            "(mode 0700) and adopts the first login node's keys")
+    store.mkdir(mode=0o700)
+    assert store_line() == f"ok    key store {store} is empty: the first pass adopts the first login node's keys"
 
 
 def test_unreachable_aws_makes_plan_exit_2(
@@ -177,6 +406,37 @@ def test_unreachable_aws_makes_plan_exit_2(
     env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}
     plan = hpodlb("plan", "--config", cfg, env=env)
     assert plan.returncode == 2
-    assert "DescribeTargetHealth failed" in plan.stderr
+    assert [ln for ln in plan.stderr.splitlines() if not ln.startswith("{")] == [
+        f"hpodlb: cannot plan: {arn.split('/')[1]}: DescribeTargetHealth failed: EndpointConnectionError: "
+        'Could not connect to the endpoint URL: "http://127.0.0.1:9/"']
     once = hpodlb("once", "--config", cfg, env=env)
     assert once.returncode == 1
+
+
+@pytest.mark.sshd
+@pytest.mark.slow
+def test_the_demos_kept_work_dir_serves_status(fresh_env: None) -> None:
+    """`./dev demo --keep` ends with the exact `hpodlb status --config ...` command, and that
+    command shows the demo's last pass once the emulator and the login nodes are gone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    demo = subprocess.run([sys.executable, "-m", "sim.demo", "--keep"], capture_output=True,
+                          text=True, timeout=600, env=env, check=False)
+    last = demo.stdout.splitlines()[-1]
+    match = re.fullmatch(r"Work dir kept; what the last pass saw: (.+ status --config (\S+))", last)
+    assert match, demo.stdout[-3000:] + demo.stderr[-3000:]
+    config = Path(match.group(2))
+    try:
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        status = subprocess.run(shlex.split(match.group(1)), capture_output=True, text=True,
+                                env=env, timeout=60, check=False)
+        assert status.returncode == 0, status.stderr
+        assert re.fullmatch(r"Last pass .+: converged: 4 login nodes; .+", status.stdout.splitlines()[0])
+        as_json = subprocess.run([*shlex.split(match.group(1)), "--json"], capture_output=True,
+                                 text=True, env=env, timeout=60, check=False)
+        assert [n["key_state"] for n in json.loads(as_json.stdout)["nodes"]] == ["in-sync"] * 4
+        kept = load_config(config, {})
+        assert kept.ssh.key_file.is_file()
+        assert kept.cluster.resource_config.is_file()
+        assert kept.host_keys.store.is_dir()
+    finally:
+        shutil.rmtree(config.parent, ignore_errors=True)

@@ -3,7 +3,9 @@ resources, dry runs, and the config file edited without losing a comment."""
 
 from __future__ import annotations
 
+import json
 import os
+import pty
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -140,37 +142,112 @@ def server(fresh_env: None) -> Iterator[FakeAws]:
         yield fake
 
 
-def test_cli_provision_write_config_and_teardown(server: FakeAws, tmp_path: Path, cluster_dir: Path) -> None:
-    """As an admin: provision --write-config, then once uses the new group; teardown --yes."""
-    ec2 = server.client("ec2")
-    vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
-    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.64.0/18")["Subnet"]["SubnetId"]
-    sg = ec2.create_security_group(GroupName="login", Description="ssh", VpcId=vpc)["GroupId"]
-    config = tmp_path / "config.toml"
-    config.write_text((REPO / "config" / "hpodlb.toml").read_text().replace(
-        "/opt/ml/config/", f"{cluster_dir}/").replace("/var/lib/hpodlb", str(tmp_path / "state")).replace(
-        "enabled = true", "enabled = false"))
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HPODLB_"))}, **server.env()}
+WOULD_DELETE = [
+    "would delete listener TCP:22 of smhp-login-node-lb",
+    "would delete load balancer smhp-login-node-lb",
+    "would delete target group smhp-login-node-tg",
+]
 
-    def hpodlb(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "hpodlb", *args, "--config", str(config)],
-                              env=env, capture_output=True, text=True, timeout=120, check=False)
 
-    flags = ["--vpc-id", vpc, "--subnet-id", subnet, "--security-group-id", sg]
-    dry = hpodlb("provision", *flags, "--dry-run")
+class Admin:
+    """An admin's shell on a head node whose AWS is a moto server: a VPC, a subnet, a security
+    group, the example config pointed at the fixtures, and `hpodlb` run as a process."""
+
+    def __init__(self, server: FakeAws, tmp_path: Path, cluster_dir: Path) -> None:
+        ec2 = server.client("ec2")
+        vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
+        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.64.0/18")["Subnet"]["SubnetId"]
+        sg = ec2.create_security_group(GroupName="login", Description="ssh", VpcId=vpc)["GroupId"]
+        self.flags = ["--vpc-id", vpc, "--subnet-id", subnet, "--security-group-id", sg]
+        self.config = tmp_path / "config.toml"
+        self.config.write_text((REPO / "config" / "hpodlb.toml").read_text().replace(
+            "/opt/ml/config/", f"{cluster_dir}/").replace("/var/lib/hpodlb", str(tmp_path / "state")).replace(
+            "enabled = true", "enabled = false"))
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HPODLB_"))}, **server.env()}
+        self.elb = server.client("elbv2")
+
+    def __call__(self, *args: str, stdin: int | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hpodlb", *args, "--config", str(self.config)],
+                              env=self.env, stdin=stdin, capture_output=True, text=True, timeout=120, check=False)
+
+    def load_balancers(self) -> list[str]:
+        return [lb["LoadBalancerName"] for lb in self.elb.describe_load_balancers()["LoadBalancers"]]
+
+
+@pytest.fixture
+def admin(server: FakeAws, tmp_path: Path, cluster_dir: Path) -> Admin:
+    return Admin(server, tmp_path, cluster_dir)
+
+
+def test_cli_provision_write_config_and_teardown(admin: Admin) -> None:
+    """As an admin: provision --write-config, then once uses the new group; teardown without --yes
+    and no terminal lists what it would delete, deletes nothing and exits 1; --yes deletes."""
+    dry = admin("provision", *admin.flags, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "would create target group smhp-login-node-tg" in dry.stdout
-    made = hpodlb("provision", *flags, "--write-config")
+    made = admin("provision", *admin.flags, "--write-config")
     assert made.returncode == 0, made.stderr
     assert "users connect:    ssh USER@" in made.stdout
     assert "now points at the target group" in made.stdout
-    again = hpodlb("provision", *flags)
+    again = admin("provision", *admin.flags)
     assert "nothing to change" in again.stdout
-    assert hpodlb("once").returncode == 0
-    refused = hpodlb("teardown")
-    assert refused.returncode == 0 and "refusing to delete without --yes" in refused.stderr
-    gone = hpodlb("teardown", "--yes")
+    assert admin("once").returncode == 0
+    refused = admin("teardown", stdin=subprocess.DEVNULL)
+    assert refused.returncode == 1
+    assert refused.stdout.splitlines() == WOULD_DELETE
+    assert refused.stderr.splitlines()[-1] == (
+        "hpodlb: refusing to delete without --yes (standard input is not a terminal); nothing deleted")
+    assert "smhp-login-node-lb" in admin.load_balancers()
+    gone = admin("teardown", "--yes")
     assert gone.returncode == 0, gone.stderr
     assert "deleted 3 resource(s) of cluster ml-cluster" in gone.stdout
-    left = [lb["LoadBalancerName"] for lb in server.client("elbv2").describe_load_balancers()["LoadBalancers"]]
-    assert "smhp-login-node-lb" not in left  # (moto's state is per process: other tests' LBs stay)
+    assert "smhp-login-node-lb" not in admin.load_balancers()
+    nothing = admin("teardown")
+    assert (nothing.returncode, nothing.stdout) == (0, "nothing to delete\n")
+
+
+def test_cli_teardown_asks_on_a_terminal(admin: Admin) -> None:
+    """On a terminal teardown says what it would delete, then asks: "n" deletes nothing and exits
+    1, "y" deletes all three and exits 0."""
+    assert admin("provision", *admin.flags).returncode == 0
+
+    def teardown_answering(answer: bytes) -> subprocess.CompletedProcess[str]:
+        terminal, tty = pty.openpty()
+        try:
+            os.write(terminal, answer)
+            return admin("teardown", stdin=tty)
+        finally:
+            os.close(terminal)
+            os.close(tty)
+
+    declined = teardown_answering(b"n\n")
+    assert declined.returncode == 1, declined.stderr
+    assert declined.stdout.splitlines() == [*WOULD_DELETE, "Delete these 3 resource(s)? [y/N] nothing deleted"]
+    assert "smhp-login-node-lb" in admin.load_balancers()
+    accepted = teardown_answering(b"y\n")
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.splitlines() == [
+        *WOULD_DELETE, "Delete these 3 resource(s)? [y/N] deleted 3 resource(s) of cluster ml-cluster"]
+    assert "smhp-login-node-lb" not in admin.load_balancers()
+
+
+def test_cli_dry_run_events_say_would(admin: Admin) -> None:
+    """Dry runs log each change as `would ...` with dry_run true; real runs as done, dry_run false."""
+
+    def changes(run: subprocess.CompletedProcess[str]) -> list[tuple[str, bool]]:
+        assert run.returncode == 0, run.stderr
+        events = [json.loads(ln) for ln in run.stderr.splitlines()]
+        return [(e["change"], e["dry_run"]) for e in events if e["event"] == "provision_change"]
+
+    create = [
+        "create target group smhp-login-node-tg (IP targets, TCP:22, TCP health checks)",
+        "set target group attributes deregistration_delay.timeout_seconds=30, "
+        "deregistration_delay.connection_termination.enabled=false",
+        f"create internal network load balancer smhp-login-node-lb in {admin.flags[3]}",
+        "create listener TCP:22 on smhp-login-node-lb forwarding to smhp-login-node-tg",
+    ]
+    delete = [line.removeprefix("would ") for line in WOULD_DELETE]
+    assert changes(admin("provision", *admin.flags, "--dry-run")) == [(f"would {c}", True) for c in create]
+    assert changes(admin("provision", *admin.flags)) == [(c, False) for c in create]
+    assert changes(admin("teardown", "--dry-run")) == [(f"would {c}", True) for c in delete]
+    assert changes(admin("teardown", "--yes")) == [(c, False) for c in delete]

@@ -55,7 +55,8 @@ def test_aws_faults_cause_no_wrong_action_and_converge(
     direct = aws.client("elbv2")
     direct.register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.99.1", "Port": 22}])
     rc = cluster_dir / "resource_config.json"
-    config = load_config(write_config([{"arn": arn, "port": 22}]), {})
+    # A tiny interval: departed nodes leave after the absence passes, within these 120 passes.
+    config = load_config(write_config([{"arn": arn, "port": 22}], reconcile={"interval_seconds": 0.001}), {})
     plan = FaultPlan(seed=20261128)
     rng = random.Random(7)
     log = io.StringIO()
@@ -110,21 +111,30 @@ def test_aws_faults_cause_no_wrong_action_and_converge(
 
 
 def test_a_failed_read_never_deregisters(aws: FakeAws, write_config: Callable[..., Path], cluster_dir: Path) -> None:
-    """Every DescribeTargetHealth fails: however many passes run, no write call is made."""
+    """Once every DescribeTargetHealth fails, however many passes run, no write call is made and
+    the stray target a clean pass already saw stays (writes themselves would get through)."""
     arn = aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}")
     aws.client("elbv2").register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.99.1", "Port": 22}])
     write_inventory(cluster_dir / "resource_config.json", [])
-    config = load_config(write_config([{"arn": arn, "port": 22}], reconcile={"min_in_service": 0, "max_deregister_fraction": 1.0}), {})
+    # A tiny interval, so that the absence guard's time is no reason to keep the stray: only the
+    # failed reads are.
+    config = load_config(write_config([{"arn": arn, "port": 22}], reconcile={
+        "min_in_service": 0, "max_deregister_fraction": 1.0, "interval_seconds": 0.001}), {})
     plan = FaultPlan(seed=1)
-    plan.rate, plan.kinds = 1.0, ("denied", "notfound", "500", "throttle")
+    plan.kinds, plan.only_actions = ("denied", "notfound", "500", "throttle"), frozenset({"DescribeTargetHealth"})
     writes: list[str] = []
     with fault_proxy(aws.endpoint_url, plan) as proxy:
         client: Any = boto3.session.Session().client("elbv2", region_name=aws.region, endpoint_url=proxy, config=boto_config(1, 1))
-        client.meta.events.register("before-call.elastic-load-balancing-v2.*", lambda model, **_: writes.append(model.name) if "Register" in model.name else None)
+        client.meta.events.register("before-call.elastic-load-balancing-v2.*", lambda model, **_: writes.append(model.name) if not model.name.startswith("Describe") else None)
         rec = Reconciler(config, [TargetGroup(client, arn, 22)], keys=None)
         state = State()
+        clean = rec.run_pass(state, apply=True)  # sees the stray: absence 1 of 2, held back
+        assert (clean.errors, writes) == ([], [])
+        plan.rate = 1.0
         for _ in range(5):
             outcome = rec.run_pass(state, apply=True)
             assert not outcome.converged
+            assert [e.split(": ")[:2] for e in outcome.errors] == [[arn.split("/")[1], "DescribeTargetHealth failed"]]
+    assert plan.injected.total() >= 5
     assert writes == []
     assert aws.targets(arn) == {("10.1.99.1", 22)}
