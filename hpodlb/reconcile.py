@@ -62,7 +62,7 @@ log = get_logger("hpodlb.pass")
 
 BACKOFF_FIRST_SECONDS = 10.0
 BACKOFF_MAX_SECONDS = 600.0
-WORKERS = 16
+WORKERS = 8  # node pipelines at a time: 8 SSH handshakes keep 2 cores busy
 PROBE = "probe"
 
 

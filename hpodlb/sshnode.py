@@ -105,6 +105,8 @@ class ParamikoConnector:
             with _deadline(sock, timeout) as expired:
                 try:
                     transport.start_client(timeout=timeout)
+                    if not transport.initial_kex_done:  # start_client gives up silently
+                        raise SshError("handshake", f"timed out after {timeout:.0f}s")
                     return key_line(transport.get_remote_server_key())
                 except paramiko.SSHException as exc:
                     if "no acceptable host key" in str(exc) or "Incompatible" in str(exc):

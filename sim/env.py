@@ -66,7 +66,12 @@ class SimEnv:
                 "key_file": str(self.cluster.client_key),
                 "connect_timeout_seconds": 2,
             },
-            "host_keys": {"store": str(self.store), "reload_command": RELOAD_COMMAND},
+            # Probe every pass: tests change nodes between passes; the interval has tests of its own.
+            "host_keys": {
+                "store": str(self.store),
+                "reload_command": RELOAD_COMMAND,
+                "probe_interval_seconds": 0,
+            },
             "state": {"dir": str(self.state_dir)},
         }
         for name, keys in overrides.items():

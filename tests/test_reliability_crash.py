@@ -40,7 +40,7 @@ def env(sim_env: SimEnv) -> SimEnv:
     return sim_env
 
 
-TRIGGERS = ("host_keys_mismatch", "ssh_trust_on_first_use", "host_keys_pushed", "registered")
+TRIGGERS = ("deregistered", "ssh_trust_on_first_use", "host_keys_pushed", "registered")
 
 
 def _kill_when(proc: subprocess.Popen[str], event: str | None, delay: float) -> str:
@@ -62,17 +62,16 @@ def _kill_when(proc: subprocess.Popen[str], event: str | None, delay: float) -> 
 
 # The last event a killed pass logged, and the stage it was in at that moment.
 STAGES = {
-    "": "reading, starting up",
+    "": "reading, probing",
     "state_rebuilt": "reading",
-    "host_keys_adopted": "probing",
-    "host_keys_verified": "probing",
-    "host_keys_mismatch": "planning",
+    "host_keys_adopted": "adopting",
+    "deregistered": "taking wrong identities out",
     "ssh_trust_on_first_use": "pushing keys",
     "node_failed": "pushing keys",
     "host_keys_pushed": "registering",
-    "held_back": "registering",
-    "deregistered": "registering",
-    "registered": "registering or writing state",
+    "registered": "registering",
+    "held_back": "remembering",
+    "host_keys_verified": "writing state",
     "pass_finished": "writing state",
 }
 
@@ -145,11 +144,10 @@ def test_sigkill_anywhere_then_one_clean_pass_converges(env: SimEnv) -> None:
     save_state(env.state_dir, state)
     assert killed >= KILLS
     assert {
-        "reading, starting up",
-        "planning",
+        "reading, probing",
+        "taking wrong identities out",
         "pushing keys",
         "registering",
-        "registering or writing state",
     } <= set(stages), stages
 
 

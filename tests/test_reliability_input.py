@@ -249,8 +249,10 @@ def test_config_file_others_could_change_is_refused(write_config: Any) -> None:
 def test_key_store_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
     """A key store whose dir or key another user owns is refused, and nothing is changed."""
     store = KeyStore(tmp_path / "keys", ("ed25519",))
-    store.save({"ed25519": generate("ed25519")}, overwrite=False)
-    key = tmp_path / "keys" / "ssh_host_ed25519_key"
+    store.install({"ed25519": generate("ed25519")}, keep_previous=False)
+    current = store.set_dir()
+    assert current is not None
+    key = current / "ssh_host_ed25519_key"
     os.chown(key, 65534, 0)
     with pytest.raises(KeyStoreError, match="owned by uid 65534"):
         store.load()
@@ -268,23 +270,21 @@ def test_private_keys_are_never_readable_by_others_even_for_a_moment(tmp_path: P
 
     def watch() -> None:
         while not stop.is_set():
-            try:
-                entries = list(os.scandir(store_dir))
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                try:
-                    mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
-                except FileNotFoundError:
-                    continue
-                seen[entry.name] = max(seen.get(entry.name, 0), mode)
+            for dirpath, _, names in os.walk(store_dir):
+                for name in names:
+                    try:
+                        st = os.lstat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue
+                    if not stat.S_ISLNK(st.st_mode):  # `current`/`previous` links hold no key
+                        seen[name] = max(seen.get(name, 0), stat.S_IMODE(st.st_mode))
 
     old = os.umask(0)
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        for _ in range(30):
-            store.save(keys, overwrite=True)
+        for n in range(30):
+            store.install(keys, keep_previous=n % 2 == 1)
     finally:
         stop.set()
         watcher.join()

@@ -57,7 +57,8 @@ def test_200_nodes_3_target_groups(env: SimEnv) -> None:
     for n, ip in enumerate(ips[2:], start=3):
         cluster.add_node(ip, f"i-0load{n:010d}", keys_from=shared)
     env.arns += [env.aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}") for _ in range(2)]
-    env.write_config(reconcile={"interval_seconds": 30})
+    # The default connect timeout: at 200 nodes on 2 cores a handshake queues behind others.
+    env.write_config(reconcile={"interval_seconds": 30}, ssh={"connect_timeout_seconds": 10})
     env.list_nodes(ips)
 
     rec = build_reconciler(env.config)
