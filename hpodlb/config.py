@@ -120,8 +120,9 @@ class ReconcileConfig(_Section):
     max_deregister_fraction: float = Field(default=0.5, ge=0, le=1)
     """At most this share of a group's targets leaves in one pass: a bad read cannot empty it."""
     absent_passes_before_deregister: int = Field(default=2, ge=1)
-    """Consecutive passes, spanning as many interval_seconds, a node must be missing before its
-    target goes: deregister cautiously, and a burst of file-triggered passes is not a long time."""
+    """Consecutive passes a node must be missing before its target goes, the first and the last at
+    least (this - 1) x interval_seconds apart, as that many scheduled passes are: deregister
+    cautiously, and a burst of file-triggered passes is not a long time."""
     min_in_service: int = Field(default=1, ge=0)
     """Never leave fewer registered targets than this, whatever the inputs say."""
 

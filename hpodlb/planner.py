@@ -15,8 +15,9 @@ Rules, in the order an admin asks about them:
 - every deregistration, whatever its reason, counts against `max_deregister_fraction` of the
   group's registered targets (as the pass began) and never leaves fewer than `min_in_service`;
   wrong identities go first, then instances that moved to another IP, then absent targets;
-- an absent target goes only after `absent_passes_before_deregister` consecutive passes that span
-  at least as many `interval_seconds` (a burst of file changes does not shorten it);
+- an absent target goes only after `absent_passes_before_deregister` consecutive passes, the first
+  and the last at least (that - 1) x `interval_seconds` apart, as that many scheduled passes are
+  (a burst of file-triggered passes does not shorten it);
 - with `prune = false`, only targets hpodlb itself registered are ever removed;
 - only targets whose Id is an IP address at the configured port are ever touched;
 - a target group that failed its check (type, protocol, port) gets no action at all.
@@ -79,7 +80,7 @@ class Guards:
     max_deregister_fraction: float = 0.5
     absent_passes_before_deregister: int = 2
     min_in_service: int = 1
-    min_absent_seconds: float = 0.0  # absent_passes_before_deregister x interval_seconds
+    min_absent_seconds: float = 0.0  # (absent_passes_before_deregister - 1) x interval_seconds
 
 
 @dataclass(frozen=True)

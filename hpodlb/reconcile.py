@@ -152,7 +152,8 @@ class Reconciler:
             max_deregister_fraction=cfg.max_deregister_fraction,
             absent_passes_before_deregister=cfg.absent_passes_before_deregister,
             min_in_service=cfg.min_in_service,
-            min_absent_seconds=cfg.absent_passes_before_deregister * cfg.interval_seconds,
+            # N scheduled passes are N - 1 intervals apart; a burst of passes is not.
+            min_absent_seconds=(cfg.absent_passes_before_deregister - 1) * cfg.interval_seconds,
         )
 
     def run_pass(self, state: State, *, apply: bool) -> PassOutcome:

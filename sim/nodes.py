@@ -35,12 +35,13 @@ SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 KEY_TYPES = ("rsa", "ecdsa", "ed25519")
 # The simulated nodes' reload: SIGHUP to their sshd. Marker files in a node's /etc/ssh inject
 # faults: `fail-reload` makes the command fail, `die-on-reload` kills sshd instead (a node that
-# dies between push and verify), `ignore-reload` succeeds without reloading (an sshd that keeps
-# serving its old keys).
+# dies between push and verify), `revert-on-reload` puts the previous key files back first (config
+# management on the node that owns the keys), so the node keeps presenting its own keys.
 RELOAD_COMMAND = (
     "if [ -e /etc/ssh/die-on-reload ]; then kill -TERM $(cat /etc/ssh/sshd.pid); "
-    "elif [ -e /etc/ssh/ignore-reload ]; then true; "
-    "else test ! -e /etc/ssh/fail-reload && kill -HUP $(cat /etc/ssh/sshd.pid); fi"
+    "else if [ -e /etc/ssh/revert-on-reload ]; then for f in /etc/ssh/*.hpodlb-previous; do "
+    'cp -p "$f" "${f%.hpodlb-previous}"; done; fi; '
+    "test ! -e /etc/ssh/fail-reload && kill -HUP $(cat /etc/ssh/sshd.pid); fi"
 )
 
 
@@ -196,7 +197,7 @@ class SimNode:
     def presentable_keys(self) -> set[str]:
         """`type base64` of every public key in this node's /etc/ssh."""
         return {
-            " ".join(p.read_text().split()[:2]) for p in self.etc_ssh.glob("ssh_host_*_key.pub")
+            " ".join(p.read_text().split()[:2]) for p in self.etc_ssh.rglob("ssh_host_*_key.pub")
         }
 
     # -- what the node holds ----------------------------------------------------------------------

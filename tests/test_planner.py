@@ -87,14 +87,14 @@ def test_in_step_target_group_is_settled() -> None:
 
 
 def test_absent_node_waits_for_passes_and_for_time() -> None:
-    """A node gone from the resource config leaves only after 2 passes spanning 2 intervals."""
+    """A node gone from the resource config leaves only after 2 passes an interval apart."""
     nodes = [node("10.1.0.1"), node("10.1.0.2"), node("10.1.0.3")]
     current = [view("10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4")]
     guards = Guards(min_absent_seconds=60)
     first = plan_pass(nodes, current, OFF, guards, Memory(), now=1000)
     assert summary(first) == {("deregister", "10.1.0.4", Guard.ABSENCE.value)}
     assert first.absent == {TG: {"10.1.0.4": Absence(1, 1000.0)}}
-    # A second pass 1.5 s later (a burst of file changes): two passes, but not two intervals.
+    # A second pass 1.5 s later (a burst of file changes): two passes, but not an interval apart.
     burst = plan_pass(nodes, current, OFF, guards, Memory(absent=first.absent), now=1001.5)
     assert summary(burst) == {("deregister", "10.1.0.4", Guard.ABSENCE.value)}
     assert "2/2 passes and 2/60 s" in burst.actions[0].reason

@@ -73,7 +73,8 @@ def world(fresh_env: None, monkeypatch: pytest.MonkeyPatch, write_config: Callab
         elb = boto3.client("elbv2", region_name="us-west-2", config=boto_config())
         arn = make_group(elb)
         path = write_config([{"arn": arn, "port": 22}],
-                            host_keys={"enabled": True, "store": str(tmp_path / "keys")})
+                            host_keys={"enabled": True, "store": str(tmp_path / "keys"),
+                                       "probe_interval_seconds": 0})
         yield World(load_config(path, {}), elb, arn)
 
 
