@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hpodlb.trust import UntrustedPathError, require_trusted
+from hpodlb.files import UntrustedPathError, require_trusted
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from hpodlb.config import Config
+from hpodlb.files import write_atomically
 from hpodlb.inventory import LoginNode
 from hpodlb.keystore import HostKey, KeyStore, KeyStoreError, file_names, public_from_private
 from hpodlb.logs import get_logger
@@ -32,7 +33,7 @@ from hpodlb.sshnode import (
     known_hosts_name,
     probe_host_key,
 )
-from hpodlb.state import NodeRecord, State, write_atomically
+from hpodlb.state import NodeRecord, State
 
 log = get_logger("hpodlb.hostkeys")
 T = TypeVar("T")

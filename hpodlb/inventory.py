@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpodlb.trust import UntrustedPathError, require_trusted
+from hpodlb.files import UntrustedPathError, file_signature, require_trusted
 
 DEFAULT_LOGIN_GROUP = "login-group"
 _READ_ATTEMPTS = 3
@@ -172,18 +171,14 @@ def _read_settled(path: Path) -> bytes:
         if attempt:
             time.sleep(_SETTLE_SECONDS)
         try:
-            before = path.stat()
+            before = file_signature(path)
             raw = path.read_bytes()
-            after = path.stat()
+            after = file_signature(path)
         except FileNotFoundError:
             last_error = "file not found"
             continue
         except OSError as exc:
             raise InventoryError(f"{path}: cannot read: {exc.strerror}") from None
-        if _fingerprint(before) == _fingerprint(after) and len(raw) == after.st_size:
+        if before is not None and before == after and len(raw) == after.size:
             return raw
     raise InventoryError(f"{path}: {last_error}")
-
-
-def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)

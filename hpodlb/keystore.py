@@ -18,8 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpodlb.state import write_atomically
-from hpodlb.trust import UntrustedPathError, require_trusted
+from hpodlb.files import UntrustedPathError, require_trusted, write_atomically
 
 # The SSH algorithm names each configured key type may present in a handshake.
 ALGORITHMS = {

@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 from hpodlb.config import Config, ConfigError, load_config
+from hpodlb.files import file_signature
 from hpodlb.logs import get_logger
 from hpodlb.reconcile import PassOutcome, Reconciler
 from hpodlb.sdnotify import Notifier
@@ -154,16 +155,16 @@ class Daemon:
             interval_seconds=self.config.reconcile.interval_seconds,
             target_groups=[tg.name for tg in self.config.target_groups],
         )
-        watched = _signature(self.config.cluster.resource_config)
+        watched = file_signature(self.config.cluster.resource_config)
         changed_at: float | None = None
         last_ping = 0.0
         while not self.flags.stop.wait(TICK_SECONDS):
             if self.flags.reload.is_set():
                 self.flags.reload.clear()
                 self._reload()
-                watched = _signature(self.config.cluster.resource_config)
+                watched = file_signature(self.config.cluster.resource_config)
             now = time.monotonic()
-            current = _signature(self.config.cluster.resource_config)
+            current = file_signature(self.config.cluster.resource_config)
             if current != watched:
                 watched, changed_at = current, now
             elif changed_at is not None and now - changed_at >= SETTLE_SECONDS:
@@ -241,11 +242,3 @@ class Daemon:
         self.pass_lock.release()
         log.info("daemon_stopped", passes=self.passes)
         return 0
-
-
-def _signature(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)

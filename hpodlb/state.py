@@ -8,13 +8,14 @@ power cut leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
+
+# Imported as itself: re-exported (explicitly, for mypy) for provision.py until it imports it from
+# hpodlb.files, where it now lives.
+from hpodlb.files import write_atomically as write_atomically  # noqa: PLC0414
 
 STATE_FILE = "state.json"
 
@@ -82,24 +83,3 @@ def load_state(state_dir: Path) -> tuple[State, str | None]:
 def save_state(state_dir: Path, state: State) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
     write_atomically(state_path(state_dir), state.model_dump_json(indent=1).encode(), mode=0o644)
-
-
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Temp file in the same dir (created with `mode` from the start), fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            Path(tmp).unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
