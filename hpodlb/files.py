@@ -1,10 +1,12 @@
-"""The files hpodlb reads and writes: who could have changed them, how they are written.
+"""The files hpodlb reads and writes: who could have changed them, how they are read and written.
 
 hpodlb runs as root for months and acts on what its files say, so every file goes through here:
 - **trust**: a file that someone other than root could have changed (its final target, symlinks
   followed, or any directory above it: not owned by root, or writable by group or others without
   the sticky bit) is refused, never "fixed";
-- **change detection**: one signature of a file's identity, size and mtime;
+- **reading**: only a regular file of bounded size, opened with O_NONBLOCK so that a FIFO never
+  blocks the open; a FIFO, a device or a file larger than the caller's limit is a one-line error
+  naming the file, never a hang or a MemoryError;
 - **writing**: a temp file beside the target, created with its final mode, fsync, rename, fsync of
   the dir, so a crash leaves the old file or the new one, never half of one.
 This module never decides what a file means: callers turn its errors into their own messages.
@@ -13,9 +15,11 @@ This module never decides what a file means: callers turn its errors into their 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,6 +36,10 @@ class FileSignature(NamedTuple):
 
 class UntrustedPathError(Exception):
     """The message names the path (or the directory above it) and what is wrong with it."""
+
+
+class UnusableFileError(Exception):
+    """Not a regular file, a symlink where none may be, or too large; the message names the file."""
 
 
 def require_trusted(path: Path) -> None:
@@ -68,6 +76,39 @@ def _judge(asked: Path, path: Path, st: os.stat_result, owners: set[int], *, is_
         )
 
 
+def read_regular_file(
+    path: Path,
+    limit: int,
+    *,
+    follow_symlinks: bool = True,
+    check: Callable[[os.stat_result], None] | None = None,
+) -> bytes:
+    """The whole file, if it is a regular file of at most `limit` bytes (UnusableFileError if not).
+
+    OSError (FileNotFoundError first of all) is left to the caller, which knows what a missing file
+    means. `check` sees the open file's own stat before a byte is read (ownership, mode).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = _open(path, flags)
+    try:
+        st = os.fstat(fd)
+        _require_regular(path, st)
+        if check is not None:
+            check(st)
+        if st.st_size > limit:
+            raise _too_large(path, limit)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:  # it grew while we read
+                raise _too_large(path, limit)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def file_signature(path: Path) -> FileSignature | None:
     """The signature of what `path` names now (symlinks followed); None if it cannot be stat'ed."""
     try:
@@ -96,3 +137,35 @@ def write_atomically(path: Path, data: bytes, mode: int) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _open(path: Path, flags: int, mode: int = 0o600) -> int:
+    try:
+        return os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and flags & os.O_NOFOLLOW:
+            raise UnusableFileError(
+                f"{path}: cannot open: a symbolic link, never followed here"
+            ) from None
+        raise
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def _require_regular(path: Path, st: os.stat_result) -> None:
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a file")
+    raise UnusableFileError(f"{path}: cannot read: not a regular file ({kind})")
+
+
+def _too_large(path: Path, limit: int) -> UnusableFileError:
+    size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
+    return UnusableFileError(f"{path}: cannot read: larger than {size}")

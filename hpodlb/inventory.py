@@ -16,9 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpodlb.files import UntrustedPathError, file_signature, require_trusted
+from hpodlb.files import (
+    UntrustedPathError,
+    UnusableFileError,
+    file_signature,
+    read_regular_file,
+    require_trusted,
+)
 
 DEFAULT_LOGIN_GROUP = "login-group"
+# HyperPod's files: resource configs of 50 MB exist (large clusters); this bounds a mistake, such
+# as a device or a runaway writer, without refusing a real one.
+HYPERPOD_FILE_MAX_BYTES = 128 << 20
 _READ_ATTEMPTS = 3
 _SETTLE_SECONDS = 0.2
 
@@ -46,9 +55,11 @@ def login_group_names(
         return tuple(configured), "cluster.login_groups"
     _require_trusted(provisioning_parameters)
     try:
-        raw = provisioning_parameters.read_bytes()
+        raw = read_regular_file(provisioning_parameters, HYPERPOD_FILE_MAX_BYTES)
     except FileNotFoundError:
         return (DEFAULT_LOGIN_GROUP,), "the default; no provisioning parameters file"
+    except UnusableFileError as exc:
+        raise InventoryError(str(exc)) from None
     except OSError as exc:
         raise InventoryError(f"{provisioning_parameters}: cannot read: {exc.strerror}") from None
     data = _parse_json(raw, provisioning_parameters)
@@ -172,11 +183,13 @@ def _read_settled(path: Path) -> bytes:
             time.sleep(_SETTLE_SECONDS)
         try:
             before = file_signature(path)
-            raw = path.read_bytes()
+            raw = read_regular_file(path, HYPERPOD_FILE_MAX_BYTES)
             after = file_signature(path)
         except FileNotFoundError:
             last_error = "file not found"
             continue
+        except UnusableFileError as exc:
+            raise InventoryError(str(exc)) from None
         except OSError as exc:
             raise InventoryError(f"{path}: cannot read: {exc.strerror}") from None
         if before is not None and before == after and len(raw) == after.size:

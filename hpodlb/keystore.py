@@ -14,11 +14,17 @@ import base64
 import hashlib
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpodlb.files import UntrustedPathError, require_trusted, write_atomically
+from hpodlb.files import (
+    UntrustedPathError,
+    UnusableFileError,
+    read_regular_file,
+    require_trusted,
+    write_atomically,
+)
 
 # The SSH algorithm names each configured key type may present in a handshake.
 ALGORITHMS = {
@@ -143,7 +149,10 @@ class KeyStore:
             private = self._read_private(self.path / priv_name)
             public = public_from_private(private, key_type)
             pub_path = self.path / pub_name
-            if pub_path.exists() and pub_path.read_text().split()[:2] != public.split():
+            if (
+                pub_path.exists()
+                and _read_key_file(pub_path).split()[:2] != public.encode().split()
+            ):
                 raise KeyStoreError(f"{pub_path}: does not match {priv_name}")
             keys[key_type] = HostKey(key_type, private, public)
         self._cache = (signature, keys)
@@ -197,13 +206,26 @@ class KeyStore:
 
     @staticmethod
     def _read_private(path: Path) -> bytes:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            _require_safe(path, os.fstat(fd), allowed_mode=0o600)
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                return f.read()
-        finally:
-            os.close(fd)
+        return _read_key_file(
+            path, nofollow=True, check=lambda st: _require_safe(path, st, allowed_mode=0o600)
+        )
+
+
+KEY_FILE_MAX_BYTES = 64 << 10  # an RSA 16384 private key is 12 KiB
+
+
+def _read_key_file(
+    path: Path, *, nofollow: bool = False, check: Callable[[os.stat_result], None] | None = None
+) -> bytes:
+    """A key file's bytes: a regular file of key size, or a KeyStoreError naming it."""
+    try:
+        return read_regular_file(
+            path, KEY_FILE_MAX_BYTES, follow_symlinks=not nofollow, check=check
+        )
+    except UnusableFileError as exc:
+        raise KeyStoreError(str(exc)) from None
+    except OSError as exc:
+        raise KeyStoreError(f"{path}: cannot read ({exc.strerror})") from None
 
 
 def _require_safe(path: Path, st: os.stat_result, allowed_mode: int) -> None:

@@ -3,7 +3,8 @@
 It is a cache, never the source of truth: AWS and the nodes are. Losing it must only ever make hpodlb
 *more* careful (absence counters restart at zero, so nothing is deregistered early; nodes are probed
 again). It is written atomically (temp file, fsync, rename, fsync of the dir), so a SIGKILL or a
-power cut leaves either the old file or the new one, never half of one.
+power cut leaves either the old file or the new one, never half of one, and never read through a
+symlink, from a FIFO or past a size bound.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pydantic import BaseModel, ValidationError
 
 # Imported as itself: re-exported (explicitly, for mypy) for provision.py until it imports it from
 # hpodlb.files, where it now lives.
+from hpodlb.files import UnusableFileError, read_regular_file
 from hpodlb.files import write_atomically as write_atomically  # noqa: PLC0414
 
 STATE_FILE = "state.json"
+STATE_MAX_BYTES = 64 << 20  # about 400 bytes a node: far beyond any cluster
 
 
 class NodeRecord(BaseModel):
@@ -68,9 +71,11 @@ def load_state(state_dir: Path) -> tuple[State, str | None]:
     """The saved state, or a fresh one and a warning saying why the saved one was not usable."""
     path = state_path(state_dir)
     try:
-        raw = path.read_bytes()
+        raw = read_regular_file(path, STATE_MAX_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         return State(), None
+    except UnusableFileError as exc:
+        return State(), f"{exc}; starting from an empty state"
     except OSError as exc:
         return State(), f"{path}: cannot read ({exc.strerror}); starting from an empty state"
     try:
