@@ -8,7 +8,9 @@ hpodlb runs as root for months and acts on what its files say, so every file goe
   blocks the open; a FIFO, a device or a file larger than the caller's limit is a one-line error
   naming the file, never a hang or a MemoryError;
 - **writing**: a temp file beside the target, created with its final mode, fsync, rename, fsync of
-  the dir, so a crash leaves the old file or the new one, never half of one.
+  the dir, so a crash leaves the old file or the new one, never half of one;
+- **the state dir**: trusted like the config, created 0700 by us, its files opened without following
+  symlinks.
 This module never decides what a file means: callers turn its errors into their own messages.
 """
 
@@ -62,6 +64,25 @@ def require_trusted(path: Path) -> None:
         _judge(path, parent, pst, owners, is_dir=True)
 
 
+def require_trusted_dir(path: Path) -> None:
+    """`require_trusted` for a dir hpodlb writes; one that does not exist yet is judged by the
+    nearest directory above it, where it would be created."""
+    if path.exists():
+        require_trusted(path)
+        if not path.is_dir():
+            raise UntrustedPathError(f"{path}: not a directory")
+        return
+    existing = next((p for p in path.parents if p.exists()), Path("/"))
+    require_trusted(existing)
+
+
+def make_trusted_dir(path: Path) -> None:
+    """Refuse an untrusted dir (UntrustedPathError), else create it 0700 if missing."""
+    require_trusted_dir(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    require_trusted(path)
+
+
 def _judge(asked: Path, path: Path, st: os.stat_result, owners: set[int], *, is_dir: bool) -> None:
     what = f"{asked}" if path == Path(os.path.realpath(asked)) else f"{asked}: {path}"
     if st.st_uid not in owners:
@@ -107,6 +128,23 @@ def read_regular_file(
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def open_private_file(path: Path) -> int:
+    """A read-write fd on `path` (created 0600 if missing) that is our own regular file.
+
+    Never follows a symlink and never blocks on a FIFO; a file of someone else's, or one with
+    another name (a hard link), is refused. A mode wider than 0600 is narrowed: the file is ours.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = _open(path, flags, 0o600)
+    try:
+        _require_own_regular(path, os.fstat(fd))
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def file_signature(path: Path) -> FileSignature | None:
@@ -164,6 +202,14 @@ def _require_regular(path: Path, st: os.stat_result) -> None:
         return
     kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a file")
     raise UnusableFileError(f"{path}: cannot read: not a regular file ({kind})")
+
+
+def _require_own_regular(path: Path, st: os.stat_result) -> None:
+    _require_regular(path, st)
+    if st.st_uid != os.geteuid() or st.st_nlink != 1:
+        raise UnusableFileError(
+            f"{path}: cannot use: owned by uid {st.st_uid}, {st.st_nlink} name(s); not ours alone"
+        )
 
 
 def _too_large(path: Path, limit: int) -> UnusableFileError:

@@ -3,7 +3,8 @@
 It is a cache, never the source of truth: AWS and the nodes are. Losing it must only ever make hpodlb
 *more* careful (absence counters restart at zero, so nothing is deregistered early; nodes are probed
 again). It is written atomically (temp file, fsync, rename, fsync of the dir), so a SIGKILL or a
-power cut leaves either the old file or the new one, never half of one, and never read through a
+power cut leaves either the old file or the new one, never half of one. Its dir must be trusted
+like the config (it decides whom hpodlb trusts on first use), and the file is never read through a
 symlink, from a FIFO or past a size bound.
 """
 
@@ -14,9 +15,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-# Imported as itself: re-exported (explicitly, for mypy) for provision.py until it imports it from
-# hpodlb.files, where it now lives.
-from hpodlb.files import UnusableFileError, read_regular_file
+from hpodlb.files import (
+    UntrustedPathError,
+    UnusableFileError,
+    make_trusted_dir,
+    read_regular_file,
+    require_trusted_dir,
+)
+
+# Re-exported (explicitly, for mypy) for provision.py until it imports it from hpodlb.files.
 from hpodlb.files import write_atomically as write_atomically  # noqa: PLC0414
 
 STATE_FILE = "state.json"
@@ -71,10 +78,11 @@ def load_state(state_dir: Path) -> tuple[State, str | None]:
     """The saved state, or a fresh one and a warning saying why the saved one was not usable."""
     path = state_path(state_dir)
     try:
+        require_trusted_dir(state_dir)
         raw = read_regular_file(path, STATE_MAX_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         return State(), None
-    except UnusableFileError as exc:
+    except (UntrustedPathError, UnusableFileError) as exc:
         return State(), f"{exc}; starting from an empty state"
     except OSError as exc:
         return State(), f"{path}: cannot read ({exc.strerror}); starting from an empty state"
@@ -86,5 +94,6 @@ def load_state(state_dir: Path) -> tuple[State, str | None]:
 
 
 def save_state(state_dir: Path, state: State) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+    """Raises UntrustedPathError for a state dir others could change, OSError if it cannot write."""
+    make_trusted_dir(state_dir)
     write_atomically(state_path(state_dir), state.model_dump_json(indent=1).encode(), mode=0o644)
