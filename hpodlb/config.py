@@ -221,8 +221,14 @@ def _apply_env_overrides(
     """Fold `HPODLB_SECTION__KEY=value` into the raw table; return key -> env var for messages."""
     sources: dict[str, str] = {}
     for var, value in sorted(environ.items()):
-        if not var.startswith(ENV_PREFIX) or var == "HPODLB_CONFIG" or "__" not in var:
+        if not var.startswith(ENV_PREFIX) or var == "HPODLB_CONFIG":
             continue
+        if "__" not in var:
+            # A mistyped override (one underscore) must not be silently ignored.
+            raise ConfigError(
+                f"{var}: not a config override; use HPODLB_<SECTION>__<KEY> "
+                "(two underscores), or unset it"
+            )
         section, _, key = var[len(ENV_PREFIX) :].lower().partition("__")
         model = Config.model_fields.get(section)
         section_type = model.annotation if model else None
