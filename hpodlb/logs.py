@@ -1,7 +1,7 @@
 """Log setup: one JSON event per line for the journal, a readable console on a TTY.
 
 Under systemd (`JOURNAL_STREAM` names our stdout) each line gets a `<N>` syslog priority prefix so
-`journalctl -u hpodlb -p warning` works. boto3, botocore, paramiko and apscheduler log through the
+`journalctl -u hpodlb -p warning` works. boto3, botocore, urllib3 and paramiko log through the
 stdlib; they are routed through the same renderer, at levels that keep their chatter out of `info`.
 Nothing here may ever log key material: callers pass fingerprints, never key bytes.
 """
@@ -21,7 +21,6 @@ _NOISY = {
     "boto3": logging.WARNING,
     "urllib3": logging.WARNING,
     "paramiko": logging.WARNING,
-    "apscheduler": logging.WARNING,
 }
 
 
