@@ -95,7 +95,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
         from hpodlb.config import config_path
 
         path = config_path(getattr(args, "config", None))
-        return Daemon(path, config, build_reconciler).serve()
+        return Daemon(path, config, build_reconciler, lock=lock).serve()
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:

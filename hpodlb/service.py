@@ -11,7 +11,9 @@ runs. Two threads, and every timing decision on the monotonic clock, so a step o
     has changed and been still for a moment (a stat poll: no inotify dependency, cheap at 2 Hz),
     and after a reload;
   - SIGHUP: reads the config and builds its reconciler at once; the worker swaps them in before its
-    next pass. An invalid config is refused and the running one stays in force;
+    next pass. An invalid config is refused and the running one stays in force; a new `state.dir`
+    is locked at once (or the reload is refused) and the old dir's lock is let go at the swap, so
+    no `hpodlb once` can act beside us with either config;
   - SIGTERM/SIGINT: no new pass; a running one gets STOP_GRACE_SECONDS, then a hard exit 0;
   - WATCHDOG=1 only while passes finish on schedule: no pass running for longer than half the
     watchdog interval, and one finished within `interval_seconds` plus that half. A stuck pass or
@@ -35,6 +37,7 @@ from types import FrameType
 
 from hpodlb.config import Config, ConfigError, load_config
 from hpodlb.files import file_signature
+from hpodlb.lock import InstanceLock, LockedError
 from hpodlb.logs import get_logger
 from hpodlb.reconcile import PassOutcome, Reconciler
 from hpodlb.sdnotify import Notifier
@@ -119,6 +122,7 @@ class Daemon:
         config: Config,
         build: Callable[[Config], Reconciler],
         notifier: Notifier | None = None,
+        lock: InstanceLock | None = None,
     ) -> None:
         self.config_path = config_path
         self.config = config  # the latest accepted config: what the main thread schedules by
@@ -129,9 +133,10 @@ class Daemon:
         if warning:
             log.warning("state_rebuilt", warning=warning)
         # The worker's generation, and the next one a reload left for it. `_swap` guards `_next`
-        # and is never held for longer than a few assignments.
+        # and `_locks` and is never held for longer than a few assignments.
         self._current = _Generation(config, build(config))
         self._next: _Generation | None = None
+        self._locks: dict[Path, InstanceLock] = {config.state.dir: lock} if lock else {}
         self._swap = threading.Lock()
         self.wanted = threading.Event()
         # Published by the worker for the main thread (monotonic seconds); plain attributes, each
@@ -185,10 +190,14 @@ class Daemon:
             self.notifier.status(line)
 
     def _take_next(self) -> _Generation:
-        """The generation this pass runs with: a reload's, if one is waiting."""
+        """The generation this pass runs with: a reload's, if one is waiting; then only the lock
+        of the state dir in use is kept."""
         with self._swap:
             if self._next is not None:
                 self._current, self._next = self._next, None
+                in_use = self._current.config.state.dir
+                for path in [p for p in self._locks if p != in_use]:
+                    self._locks.pop(path).release()
             return self._current
 
     # -- the main thread ----------------------------------------------------------------------------
@@ -253,7 +262,8 @@ class Daemon:
         try:
             new = load_config(self.config_path)
             reconciler = self.build(new)
-        except ConfigError as exc:
+            lock = self._lock_for(new.state.dir)
+        except (ConfigError, LockedError) as exc:
             self._refuse(str(exc), ready=ready)
             return
         except Exception as exc:  # building adapters for a config must not end the daemon
@@ -262,16 +272,26 @@ class Daemon:
             return
         with self._swap:
             self._next = _Generation(new, reconciler)
+            if lock is not None:
+                self._locks[new.state.dir] = lock
         self.config = new
         self._want("reload")
         log.info(
             "config_reloaded",
             path=str(self.config_path),
             interval_seconds=new.reconcile.interval_seconds,
+            state_dir=str(new.state.dir),
             takes_effect="at the next pass",
         )
         if ready:
             self.notifier.ready(self.last_summary)
+
+    def _lock_for(self, state_dir: Path) -> InstanceLock | None:
+        """A new lock when the reload moves `state.dir` (LockedError if it cannot be taken)."""
+        with self._swap:
+            if state_dir in self._locks or not self._locks:
+                return None
+        return InstanceLock(state_dir).acquire()
 
     def _refuse(self, error: str, *, ready: bool) -> None:
         log.error(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import glob
 import json
 import os
@@ -426,6 +427,47 @@ def test_sighup_during_a_pass_blocks_neither_reload_nor_stop(
         FIGURES["stop after SIGHUP+SIGTERM during a hung pass"] = f"{stopped:.1f} s"
     finally:
         listener.close()
+
+
+def test_reload_that_moves_the_state_dir_moves_the_lock(
+    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
+    cluster_dir: Path, tmp_path: Path,
+) -> None:
+    """After a reload that moves state.dir, `hpodlb once` with the new config is refused, the old
+    dir's lock is let go, and a reload to a dir someone else has locked is refused."""
+    config, _ = _config(write_config, aws, state={"dir": str(tmp_path / "state-a")})
+    daemon = start_daemon(config)
+    daemon.notify.wait_for("READY=1")
+
+    moved = tmp_path / "state-b"
+    config.write_text(config.read_text().replace(str(tmp_path / "state-a"), str(moved)))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_event("config_reloaded")
+    daemon.wait_event("pass_finished", count=2)  # a reload wants a pass at once
+    assert (moved / "state.json").exists()
+    once = subprocess.run([sys.executable, "-m", "hpodlb", "once", "--config", str(config)],
+                          capture_output=True, text=True, env={**os.environ, **aws.env()}, check=False)
+    assert once.returncode == 1, once.stdout + once.stderr
+    assert f"another hpodlb (pid {daemon.proc.pid}) holds {moved / 'hpodlb.lock'}" in once.stderr
+    with (tmp_path / "state-a" / "hpodlb.lock").open("rb") as old:
+        fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go: nothing acts on that dir now
+
+    taken = tmp_path / "state-c"
+    taken.mkdir(mode=0o700)
+    with (taken / "hpodlb.lock").open("wb") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        config.write_text(config.read_text().replace(str(moved), str(taken)))
+        daemon.proc.send_signal(signal.SIGHUP)
+        refused = daemon.wait_event("reload_refused")
+        assert str(taken / "hpodlb.lock") in refused["error"]
+    passes = len(daemon.events_named("pass_finished"))
+    (moved / "state.json").unlink()
+    _add_login_node(cluster_dir, "10.1.74.9")
+    daemon.wait_event("pass_finished", count=passes + 1)
+    assert (moved / "state.json").exists()  # still the dir in force
+    assert not (taken / "state.json").exists()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(15) == 0
 
 
 def test_a_change_seen_while_a_pass_ends_is_never_lost(
