@@ -490,3 +490,24 @@ def test_a_change_seen_while_a_pass_ends_is_never_lost(
     _wait_registered(aws, arn, "10.1.74.5", daemon, timeout=15)
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(15) == 0
+
+
+def test_verbose_logs_never_carry_aws_credentials(
+    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
+) -> None:
+    """With -v, no line of the daemon's output holds the access key id, secret or session token."""
+    marker = uuid.uuid4().hex
+    secrets = {"AWS_ACCESS_KEY_ID": f"AKIA{marker[:16].upper()}",
+               "AWS_SECRET_ACCESS_KEY": f"secret{marker}",
+               "AWS_SESSION_TOKEN": f"token{marker}"}
+    config, arn = _config(write_config, aws)
+    daemon = start_daemon(config, args=["-v"], env=secrets)
+    daemon.notify.wait_for("READY=1")
+    assert len(aws.targets(arn)) == 3  # it did sign and send its requests
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(15) == 0
+    lines = daemon.log.read_text().splitlines()
+    assert any('"level": "debug"' in line for line in lines)  # -v still means hpodlb's debug events
+    for line in lines:
+        for name, value in secrets.items():
+            assert value not in line, f"{name} in: {line[:200]}"
