@@ -261,8 +261,7 @@ class Daemon:
             self.notifier.reloading()
         try:
             new = load_config(self.config_path)
-            reconciler = self.build(new)
-            lock = self._lock_for(new.state.dir)
+            self._offer(new, self.build(new))
         except (ConfigError, LockedError) as exc:
             self._refuse(str(exc), ready=ready)
             return
@@ -270,10 +269,6 @@ class Daemon:
             log.exception("reload_failed")
             self._refuse(f"cannot build the new config's adapters: {exc}", ready=ready)
             return
-        with self._swap:
-            self._next = _Generation(new, reconciler)
-            if lock is not None:
-                self._locks[new.state.dir] = lock
         self.config = new
         self._want("reload")
         log.info(
@@ -286,12 +281,15 @@ class Daemon:
         if ready:
             self.notifier.ready(self.last_summary)
 
-    def _lock_for(self, state_dir: Path) -> InstanceLock | None:
-        """A new lock when the reload moves `state.dir` (LockedError if it cannot be taken)."""
+    def _offer(self, config: Config, reconciler: Reconciler) -> None:
+        """Leave a new generation for the worker's next pass. When it moves `state.dir`, its lock
+        is taken now (LockedError if it cannot be), under `_swap` so that the worker cannot let go
+        of a lock this generation needs between the check and the hand-over."""
         with self._swap:
-            if state_dir in self._locks or not self._locks:
-                return None
-        return InstanceLock(state_dir).acquire()
+            state_dir = config.state.dir
+            if self._locks and state_dir not in self._locks:
+                self._locks[state_dir] = InstanceLock(state_dir).acquire()
+            self._next = _Generation(config, reconciler)
 
     def _refuse(self, error: str, *, ready: bool) -> None:
         log.error(
