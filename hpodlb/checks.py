@@ -68,11 +68,21 @@ def _check_target_groups(reconciler: Reconciler) -> Iterator[Check]:
 
 
 def _check_state_dir(config: Config) -> Check:
+    from hpodlb.files import UntrustedPathError, require_trusted_dir
+
     path = config.state.dir
-    probe = path if path.exists() else path.parent
-    if os.access(probe, os.W_OK | os.X_OK):
-        return True, f"state dir {path} is writable"
-    return False, f"state dir {path}: not writable by this user"
+    try:
+        require_trusted_dir(path)
+    except UntrustedPathError as exc:
+        return False, f"state dir: {exc}"
+    if path.is_dir():
+        if os.access(path, os.W_OK | os.X_OK):
+            return True, f"state dir {path} is writable"
+        return False, f"state dir {path}: not writable by this user"
+    parent = next(p for p in path.parents if p.exists())
+    if os.access(parent, os.W_OK | os.X_OK):
+        return True, f"state dir {path} does not exist yet; will be created 0700 by the first pass"
+    return False, f"state dir {path} does not exist, and {parent} is not writable by this user"
 
 
 def _check_host_keys(config: Config) -> Iterator[Check]:

@@ -54,6 +54,7 @@ def cmd_plan(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_once(config: Config, args: argparse.Namespace) -> int:
+    from hpodlb.files import UntrustedPathError
     from hpodlb.lock import InstanceLock, LockedError
     from hpodlb.state import load_state, save_state
 
@@ -71,8 +72,8 @@ def cmd_once(config: Config, args: argparse.Namespace) -> int:
         outcome = build_reconciler(config).run_pass(state, apply=True)
         try:
             save_state(config.state.dir, state)
-        except OSError as exc:
-            why = f"cannot save the state in {config.state.dir}: {exc.strerror or exc}"
+        except (OSError, UntrustedPathError) as exc:
+            why = f"cannot save the state in {config.state.dir}: {getattr(exc, 'strerror', None) or exc}"
             _fail(why)
             outcome.errors.append(why)
     _log().info(
@@ -105,7 +106,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
         from hpodlb.config import config_path
 
         path = config_path(getattr(args, "config", None))
-        return Daemon(path, config, build_reconciler).serve()
+        return Daemon(path, config, build_reconciler, lock=lock).serve()
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:

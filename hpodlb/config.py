@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hpodlb.trust import UntrustedPathError, require_trusted
+from hpodlb.files import UntrustedPathError, UnusableFileError, read_regular_file, require_trusted
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,6 +27,7 @@ else:  # pragma: no cover - exercised on Ubuntu 22.04's Python 3.10
 
 DEFAULT_CONFIG_PATH = "/etc/hpodlb/config.toml"
 ENV_PREFIX = "HPODLB_"
+CONFIG_MAX_BYTES = 1 << 20  # the example config is 6 KiB; anything near this is not a config
 
 # arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID (aws-cn and aws-us-gov too).
 TARGET_GROUP_ARN = re.compile(
@@ -200,9 +201,11 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
     except UntrustedPathError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(read_regular_file(path, CONFIG_MAX_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except UnusableFileError as exc:
+        raise ConfigError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -221,8 +224,14 @@ def _apply_env_overrides(
     """Fold `HPODLB_SECTION__KEY=value` into the raw table; return key -> env var for messages."""
     sources: dict[str, str] = {}
     for var, value in sorted(environ.items()):
-        if not var.startswith(ENV_PREFIX) or var == "HPODLB_CONFIG" or "__" not in var:
+        if not var.startswith(ENV_PREFIX) or var == "HPODLB_CONFIG":
             continue
+        if "__" not in var:
+            # A mistyped override (one underscore) must not be silently ignored.
+            raise ConfigError(
+                f"{var}: not a config override; use HPODLB_<SECTION>__<KEY> "
+                "(two underscores), or unset it"
+            )
         section, _, key = var[len(ENV_PREFIX) :].lower().partition("__")
         model = Config.model_fields.get(section)
         section_type = model.annotation if model else None

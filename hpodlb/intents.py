@@ -18,7 +18,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from hpodlb.state import write_atomically
+from hpodlb.files import (
+    UnusableFileError,
+    read_regular_file,
+    write_atomically,
+)
 
 INTENTS_FILE = "intents.json"
 LOCK_FILE = "intents.lock"
@@ -42,17 +46,13 @@ class Intents(BaseModel):
 def load_intents(state_dir: Path) -> Intents:
     path = state_dir / INTENTS_FILE
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        raw = read_regular_file(path, MAX_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         return Intents()
+    except UnusableFileError as exc:
+        raise IntentsError(str(exc)) from None
     except OSError as exc:
         raise IntentsError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        raw = os.read(fd, MAX_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_BYTES:
-        raise IntentsError(f"{path}: larger than {MAX_BYTES} bytes")
     try:
         return Intents.model_validate(json.loads(raw))
     except (ValueError, ValidationError) as exc:

@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpodlb.trust import UntrustedPathError, require_trusted
+from hpodlb.files import (
+    UntrustedPathError,
+    UnusableFileError,
+    file_signature,
+    read_regular_file,
+    require_trusted,
+)
 
 DEFAULT_LOGIN_GROUP = "login-group"
+# HyperPod's files: resource configs of 50 MB exist (large clusters); this bounds a mistake, such
+# as a device or a runaway writer, without refusing a real one.
+HYPERPOD_FILE_MAX_BYTES = 128 << 20
 _READ_ATTEMPTS = 3
 _SETTLE_SECONDS = 0.2
 
@@ -47,9 +55,11 @@ def login_group_names(
         return tuple(configured), "cluster.login_groups"
     _require_trusted(provisioning_parameters)
     try:
-        raw = provisioning_parameters.read_bytes()
+        raw = read_regular_file(provisioning_parameters, HYPERPOD_FILE_MAX_BYTES)
     except FileNotFoundError:
         return (DEFAULT_LOGIN_GROUP,), "the default; no provisioning parameters file"
+    except UnusableFileError as exc:
+        raise InventoryError(str(exc)) from None
     except OSError as exc:
         raise InventoryError(f"{provisioning_parameters}: cannot read: {exc.strerror}") from None
     data = _parse_json(raw, provisioning_parameters)
@@ -197,18 +207,16 @@ def _read_settled(path: Path) -> bytes:
         if attempt:
             time.sleep(_SETTLE_SECONDS)
         try:
-            before = path.stat()
-            raw = path.read_bytes()
-            after = path.stat()
+            before = file_signature(path)
+            raw = read_regular_file(path, HYPERPOD_FILE_MAX_BYTES)
+            after = file_signature(path)
         except FileNotFoundError:
             last_error = "file not found"
             continue
+        except UnusableFileError as exc:
+            raise InventoryError(str(exc)) from None
         except OSError as exc:
             raise InventoryError(f"{path}: cannot read: {exc.strerror}") from None
-        if _fingerprint(before) == _fingerprint(after) and len(raw) == after.st_size:
+        if before is not None and before == after and len(raw) == after.size:
             return raw
     raise InventoryError(f"{path}: {last_error}")
-
-
-def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)

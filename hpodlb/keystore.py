@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -30,8 +31,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpodlb.state import write_atomically
-from hpodlb.trust import UntrustedPathError, require_trusted
+from hpodlb.files import (
+    UntrustedPathError,
+    UnusableFileError,
+    read_regular_file,
+    require_trusted,
+    write_atomically,
+)
 
 # The SSH algorithm names each configured key type may present in a handshake.
 ALGORITHMS = {
@@ -329,27 +335,17 @@ class KeyStore:
 
 
 def _read_key_file(path: Path, *, private: bool) -> bytes:
-    """A regular file, opened without following a final symlink or blocking on a FIFO, bounded."""
+    """A key file's bytes: a regular file (never through a symlink, never a FIFO) of key size,
+    checked for ownership and mode before a byte of a private key is read."""
+    check = (lambda st: _require_safe(path, st, allowed_mode=0o600)) if private else None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        return read_regular_file(path, KEY_FILE_MAX_BYTES, follow_symlinks=False, check=check)
+    except UnusableFileError as exc:
+        raise KeyStoreError(str(exc)) from None
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the final component is a symlink
+        if exc.errno == errno.ELOOP:
             raise KeyStoreError(f"{path}: is a symlink; key files must be regular files") from None
         raise KeyStoreError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyStoreError(f"{path}: not a regular file")
-        if private:
-            _require_safe(path, st, allowed_mode=0o600)
-        if st.st_size > KEY_FILE_MAX_BYTES:
-            raise KeyStoreError(f"{path}: {st.st_size} bytes is too large for a key file")
-        data = os.read(fd, KEY_FILE_MAX_BYTES + 1)
-        if len(data) > KEY_FILE_MAX_BYTES:
-            raise KeyStoreError(f"{path}: too large for a key file")
-        return data
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

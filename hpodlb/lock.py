@@ -1,7 +1,10 @@
 """One hpodlb acting per head node: an flock in the state dir, held for the life of the process.
 
 The kernel drops the lock when the process dies (even by SIGKILL), so a crash never leaves a stale
-lock behind; the pid written inside is only there to name the holder in the refusal message.
+lock behind; the pid written inside is only there to name the holder in the refusal message. The
+state dir must be trusted (hpodlb.files) and the lock file is ours, 0600, never a symlink: a user
+who could plant the lock file or open it could make root truncate another file, or hold the flock
+so that no hpodlb ever acts.
 """
 
 from __future__ import annotations
@@ -10,21 +13,30 @@ import fcntl
 import os
 from pathlib import Path
 
+from hpodlb.files import UntrustedPathError, UnusableFileError, make_trusted_dir, open_private_file
+
 LOCK_FILE = "hpodlb.lock"
 
 
 class LockedError(Exception):
-    """Another hpodlb process holds the lock; the message names its pid."""
+    """The lock cannot be taken: another hpodlb holds it (the message names its pid), or the state
+    dir or the lock file is not safe to use (the message says why)."""
 
 
 class InstanceLock:
     def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
         self.path = state_dir / LOCK_FILE
         self.fd: int | None = None
 
     def acquire(self) -> InstanceLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            make_trusted_dir(self.state_dir)
+            fd = open_private_file(self.path)
+        except (UntrustedPathError, UnusableFileError) as exc:
+            raise LockedError(f"state dir: {exc}; not acting") from None
+        except OSError as exc:
+            raise LockedError(f"{self.path}: cannot open ({exc.strerror}); not acting") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,9 +1,11 @@
 """Log setup: one JSON event per line for the journal, a readable console on a TTY.
 
 Under systemd (`JOURNAL_STREAM` names our stdout) each line gets a `<N>` syslog priority prefix so
-`journalctl -u hpodlb -p warning` works. boto3, botocore, paramiko and apscheduler log through the
-stdlib; they are routed through the same renderer, at levels that keep their chatter out of `info`.
-Nothing here may ever log key material: callers pass fingerprints, never key bytes.
+`journalctl -u hpodlb -p warning` works. boto3, botocore, urllib3 and paramiko log through the
+stdlib; they are routed through the same renderer at warning and above, with or without `-v`:
+botocore's debug output holds the signed request (the session token, the access key id), and
+paramiko's the SSH session. `-v` turns on hpodlb's own debug events only. Nothing here may ever log
+key material or credentials: callers pass fingerprints, never key bytes.
 """
 
 from __future__ import annotations
@@ -16,13 +18,8 @@ from typing import Any, TextIO
 import structlog
 
 _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
-_NOISY = {
-    "botocore": logging.WARNING,
-    "boto3": logging.WARNING,
-    "urllib3": logging.WARNING,
-    "paramiko": logging.WARNING,
-    "apscheduler": logging.WARNING,
-}
+# Libraries whose logs reach us only at warning and above; never lowered, whatever `-v` says.
+_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "paramiko")
 
 
 def stream_is_journal(stream: TextIO, environ: dict[str, str] | None = None) -> bool:
@@ -76,12 +73,10 @@ def setup_logging(
     handler.addFilter(_AsDebug(shown=verbose))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    level = logging.DEBUG if verbose else logging.INFO
-    root.setLevel(level)
-    for name, noisy_level in _NOISY.items():
-        logging.getLogger(name).setLevel(
-            logging.DEBUG if verbose and name != "paramiko" else noisy_level
-        )
+    root.setLevel(logging.INFO)
+    logging.getLogger("hpodlb").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in _LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpodlb.files import write_atomically
 from hpodlb.logs import get_logger
-from hpodlb.state import write_atomically
 
 log = get_logger("hpodlb.provision")
 

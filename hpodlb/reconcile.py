@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hpodlb.config import Config, target_group_name
+from hpodlb.files import UntrustedPathError, make_trusted_dir, write_atomically
 from hpodlb.hostkeys import HostKeys
 from hpodlb.identity import KeyState
 from hpodlb.intents import Intents, IntentsError, load_intents, update_intents
@@ -54,7 +55,6 @@ from hpodlb.state import (
     PassRecord,
     State,
     TargetRecord,
-    write_atomically,
 )
 from hpodlb.targets import TargetGroup, TargetsError
 
@@ -678,9 +678,9 @@ class _Pass:
         try:
             if path.exists() and path.read_bytes() == data:
                 return
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_trusted_dir(path.parent)
             write_atomically(path, data, 0o644)
-        except OSError as exc:
+        except (OSError, UntrustedPathError) as exc:
             self._error(f"{path}: cannot write ({exc.strerror})")
             log.error("known_hosts_unwritable", path=str(path), error=str(exc))
 

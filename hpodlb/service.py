@@ -1,32 +1,48 @@
 """`hpodlb run`: the daemon's edge. Scheduling, signals, the file trigger and systemd notification.
 
 The core never sees any of this: each pass is `Reconciler.run_pass`, exactly what `hpodlb once`
-runs. APScheduler owns the clock (one interval job, `max_instances=1`, `coalesce=True`, a misfire
-grace near the interval); the main thread owns everything else in a small loop that wakes every
-half second. Signal handlers only set flags (kopf's pattern); the loop acts on them:
-- SIGHUP: re-read the config; an invalid one is refused and the running one stays in force;
-- SIGTERM/SIGINT: stop scheduling, give a running pass a few seconds, then exit 0 (a hard exit
-  bounds a pass that will not end);
-- a change of the resource config (a stat poll: no inotify dependency, cheap at 2 Hz) triggers a
-  pass once the file has been still for a moment, so a burst of writes is one pass.
-WATCHDOG=1 is sent only while passes advance: a pass stuck longer than half the watchdog interval
-stops the pings, and systemd restarts us.
+runs. Three parties, and a wall-clock step (NTP, an admin, a VM resumed) stops none of them:
+- APScheduler owns the cadence: one interval job (`max_instances=1`, `coalesce=True`, a misfire
+  grace of one interval) whose only work is to *want* a pass. Its trigger runs on the wall clock,
+  so the main thread watches the wall clock against the monotonic one and, on a step of more than
+  a second, reschedules the job from now; and if no pass started for two intervals anyway, it
+  wants one itself (logged: the scheduler's clock went wrong);
+- the pass worker runs one pass at a time, each time a pass is wanted. It takes the request before
+  it reads anything, so a change seen at any moment leads to a pass that starts after it;
+- the main thread never waits for a pass. It wakes twice a second (at once on a signal; signal
+  handlers only set flags, kopf's pattern) and:
+  - wants a pass at start, once the resource config has changed and been still for a moment (a
+    stat poll: no inotify dependency, cheap at 2 Hz), and after a reload;
+  - SIGHUP: reads the config and builds its reconciler at once; the worker swaps them in before its
+    next pass. An invalid config is refused and the running one stays in force; a new `state.dir`
+    is locked at once (or the reload is refused) and the old dir's lock is let go at the swap, so
+    no `hpodlb once` can act beside us with either config;
+  - SIGTERM/SIGINT: no new pass; a running one gets STOP_GRACE_SECONDS, then a hard exit 0;
+  - WATCHDOG=1 only while passes finish on schedule: no pass running for longer than half the
+    watchdog interval, and one finished within `interval_seconds` plus that half. A stuck pass or
+    a dead worker stops the pings, and systemd restarts us.
+The main thread only reads what the worker publishes (times, the last summary line), never the
+state the pass is changing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import select
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from hpodlb.config import Config, ConfigError, load_config
+from hpodlb.files import file_signature
+from hpodlb.lock import InstanceLock, LockedError
 from hpodlb.logs import get_logger
 from hpodlb.reconcile import PassOutcome, Reconciler
 from hpodlb.sdnotify import Notifier
@@ -37,15 +53,17 @@ log = get_logger("hpodlb.service")
 TICK_SECONDS = 0.5
 SETTLE_SECONDS = 0.5  # a resource config must be still this long before it triggers a pass
 STOP_GRACE_SECONDS = 8.0  # SIGTERM: how long a running pass may take to finish before a hard exit
+CLOCK_STEP_SECONDS = 1.0  # wall minus monotonic moved this much: the wall clock was stepped
 JOB_ID = "pass"
 
 
 class Flags:
-    """What signal handlers are allowed to touch."""
+    """What signal handlers are allowed to touch, and the main thread's clock-proof nap."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.reload = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def install(self) -> None:
         def on_stop(signum: int, _: FrameType | None) -> None:
@@ -54,9 +72,22 @@ class Flags:
         def on_hup(signum: int, _: FrameType | None) -> None:
             self.reload.set()
 
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+
+    def nap(self, seconds: float) -> None:
+        """Sleep, waking early for a signal. select's timeout is relative, so a wall-clock step
+        cannot stretch it (Event.wait can, on Pythons older than 3.11)."""
+        ready, _, _ = select.select([self._wake_r], [], [], seconds)
+        if ready:
+            while True:
+                try:
+                    if not os.read(self._wake_r, 512):
+                        return
+                except BlockingIOError:
+                    return
 
 
 def summary_line(state: State, outcome: PassOutcome | None, config: Config) -> str:
@@ -83,6 +114,14 @@ def summary_line(state: State, outcome: PassOutcome | None, config: Config) -> s
     )
 
 
+@dataclass(frozen=True)
+class _Generation:
+    """A config and the reconciler built for it: what one pass runs with."""
+
+    config: Config
+    reconciler: Reconciler
+
+
 class Daemon:
     def __init__(
         self,
@@ -90,39 +129,62 @@ class Daemon:
         config: Config,
         build: Callable[[Config], Reconciler],
         notifier: Notifier | None = None,
+        lock: InstanceLock | None = None,
     ) -> None:
         self.config_path = config_path
-        self.config = config
+        self.config = config  # the latest accepted config: what the main thread schedules by
         self.build = build
-        self.reconciler = build(config)
         self.notifier = notifier or Notifier()
         self.flags = Flags()
-        self.state, warning = load_state(config.state.dir)
+        self.state, warning = load_state(config.state.dir)  # the worker's alone once it runs
         if warning:
             log.warning("state_rebuilt", warning=warning)
+        # The worker's generation, and the next one a reload left for it. `_swap` guards `_next`
+        # and `_locks` and is never held for longer than a few assignments.
+        self._current = _Generation(config, build(config))
+        self._next: _Generation | None = None
+        self._locks: dict[Path, InstanceLock] = {config.state.dir: lock} if lock else {}
+        self._swap = threading.Lock()
+        self.wanted = threading.Event()
+        # Published by the worker for the main thread (monotonic seconds); plain attributes, each
+        # written by one thread only.
+        self.pass_started: float | None = None  # while a pass runs
+        self.last_started: float | None = None
+        self.last_finished = time.monotonic()
+        self.last_summary = summary_line(self.state, None, config)
         self.passes = 0
-        self.pass_started: float | None = None  # monotonic, while a pass runs
-        self.pass_lock = threading.Lock()
-        self.trigger_pending = False
         self.scheduler: Any = None
 
-    # -- the pass, run by APScheduler's worker ----------------------------------------------------
+    # -- the pass worker ----------------------------------------------------------------------------
 
-    def run_pass(self) -> None:
-        with self.pass_lock:
-            if self.flags.stop.is_set():
+    def _work(self) -> None:
+        while True:
+            self.wanted.wait()  # no timeout: the main thread keeps the clock
+            self.pass_started = self.last_started = time.monotonic()
+            self.wanted.clear()  # before the pass reads anything: a later change wants another
+            if self.flags.stop.is_set():  # checked after clear(): _stop's wake-up is never lost
+                self.pass_started = None
                 return
-            self.pass_started = time.monotonic()
             try:
-                outcome = self.reconciler.run_pass(self.state, apply=True)
-                save_state(self.config.state.dir, self.state)
+                self._run_pass()
             except Exception:  # a bug must cost one pass, never the daemon
                 log.exception("pass_crashed")
-                outcome = None
             finally:
                 self.pass_started = None
-            self.passes += 1
-        line = summary_line(self.state, outcome, self.config)
+                self.last_finished = time.monotonic()
+
+    def _run_pass(self) -> None:
+        generation = self._take_next()
+        config = generation.config
+        outcome: PassOutcome | None = None
+        try:
+            outcome = generation.reconciler.run_pass(self.state, apply=True)
+            save_state(config.state.dir, self.state)
+        except Exception:  # a bug must cost one pass, never the daemon
+            log.exception("pass_crashed")
+        self.passes += 1
+        line = summary_line(self.state, outcome, config)
+        self.last_summary = line
         if outcome is not None:
             log.info(
                 "pass_finished",
@@ -135,17 +197,28 @@ class Daemon:
         else:
             self.notifier.status(line)
 
+    def _take_next(self) -> _Generation:
+        """The generation this pass runs with: a reload's, if one is waiting; then only the lock
+        of the state dir in use is kept."""
+        with self._swap:
+            if self._next is not None:
+                self._current, self._next = self._next, None
+                in_use = self._current.config.state.dir
+                for path in [p for p in self._locks if p != in_use]:
+                    self._locks.pop(path).release()
+            return self._current
+
     # -- the main thread ----------------------------------------------------------------------------
 
     def serve(self) -> int:
-        from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
         self.flags.install()
-        self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=1)}, timezone=dt.timezone.utc
-        )
-        self._schedule(first_run=dt.datetime.now(dt.timezone.utc))
+        worker = threading.Thread(target=self._work, name="hpodlb-pass", daemon=True)
+        self._want("start")
+        worker.start()
+        self.scheduler = BackgroundScheduler(timezone=dt.timezone.utc)
+        self._schedule()
         self.scheduler.start()
         log.info(
             "daemon_started",
@@ -154,82 +227,131 @@ class Daemon:
             interval_seconds=self.config.reconcile.interval_seconds,
             target_groups=[tg.name for tg in self.config.target_groups],
         )
-        watched = _signature(self.config.cluster.resource_config)
+        watched = file_signature(self.config.cluster.resource_config)
         changed_at: float | None = None
         last_ping = 0.0
-        while not self.flags.stop.wait(TICK_SECONDS):
+        offset = time.time() - time.monotonic()
+        while True:
+            self.flags.nap(TICK_SECONDS)
+            if self.flags.stop.is_set():
+                break
             if self.flags.reload.is_set():
                 self.flags.reload.clear()
                 self._reload()
-                watched = _signature(self.config.cluster.resource_config)
+                watched = file_signature(self.config.cluster.resource_config)
             now = time.monotonic()
-            current = _signature(self.config.cluster.resource_config)
+            current = file_signature(self.config.cluster.resource_config)
             if current != watched:
                 watched, changed_at = current, now
             elif changed_at is not None and now - changed_at >= SETTLE_SECONDS:
                 changed_at = None
                 log.info("resource_config_changed", path=str(self.config.cluster.resource_config))
-                self.trigger_pending = True
-            if self.trigger_pending and self.pass_started is None:
-                self.trigger_pending = False
-                self._run_soon()
+                self._want("resource_config_changed")
+            offset = self._clock_watch(offset)
+            started = self.last_started
+            interval = self.config.reconcile.interval_seconds
+            idle = self.pass_started is None and not self.wanted.is_set()
+            if started is not None and idle and now - started >= 2 * interval:
+                log.warning("pass_overdue", seconds_since_last=round(now - started, 1))
+                self._want("overdue")
             wd = self.notifier.watchdog_seconds
-            if wd and now - last_ping >= wd / 4 and self._advancing(wd / 2):
+            if wd and now - last_ping >= wd / 4 and self._advancing(now, wd / 2):
                 self.notifier.watchdog()
                 last_ping = now
-        return self._stop()
+        return self._stop(worker)
 
-    def _advancing(self, stall_seconds: float) -> bool:
-        started = self.pass_started
-        return started is None or time.monotonic() - started < stall_seconds
-
-    def _schedule(self, first_run: dt.datetime | None = None) -> None:
+    def _schedule(self) -> None:
+        """The interval job, first due one interval from now (start and reload want a pass now)."""
         interval = self.config.reconcile.interval_seconds
-        kwargs: dict[str, Any] = {"next_run_time": first_run} if first_run else {}
         self.scheduler.add_job(
-            self.run_pass,
+            self._want,
             "interval",
+            args=("interval",),
             seconds=interval,
             id=JOB_ID,
             replace_existing=True,
             max_instances=1,
             coalesce=True,
             misfire_grace_time=max(1, int(interval)),
-            **kwargs,
         )
 
-    def _run_soon(self) -> None:
-        self.scheduler.modify_job(JOB_ID, next_run_time=dt.datetime.now(dt.timezone.utc))
+    def _clock_watch(self, offset: float) -> float:
+        """APScheduler counts in wall-clock time: after a step, its next run is restarted from now."""
+        now = time.time() - time.monotonic()
+        if abs(now - offset) > CLOCK_STEP_SECONDS:
+            log.warning("wall_clock_stepped", seconds=round(now - offset, 1), action="rescheduled")
+            self._schedule()
+            self._want("wall_clock_stepped")
+        return now
+
+    def _want(self, reason: str) -> None:
+        if not self.wanted.is_set():
+            log.debug("pass_wanted", reason=reason)
+            self.wanted.set()
+
+    def _advancing(self, now: float, stall_seconds: float) -> bool:
+        """Passes finish on schedule: none stuck, and one finished within an interval and a bit."""
+        started = self.pass_started
+        if started is not None and now - started >= stall_seconds:
+            return False
+        return now - self.last_finished < self.config.reconcile.interval_seconds + stall_seconds
 
     def _reload(self) -> None:
-        self.notifier.reloading()
+        ready = self.passes > 0  # before READY=1, systemd must not hear RELOADING=1
+        if ready:
+            self.notifier.reloading()
         try:
             new = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error(
-                "reload_refused",
-                path=str(self.config_path),
-                error=str(exc),
-                action="keeping the running config",
-            )
-            self.notifier.ready(f"reload refused: {str(exc).splitlines()[0]}")
+            self._offer(new, self.build(new))
+        except (ConfigError, LockedError) as exc:
+            self._refuse(str(exc), ready=ready)
             return
-        with self.pass_lock:  # never swap adapters under a running pass
-            self.config = new
-            self.reconciler = self.build(new)
-        self._schedule(first_run=dt.datetime.now(dt.timezone.utc))
+        except Exception as exc:  # building adapters for a config must not end the daemon
+            log.exception("reload_failed")
+            self._refuse(f"cannot build the new config's adapters: {exc}", ready=ready)
+            return
+        self.config = new
+        self._schedule()
+        self._want("reload")
         log.info(
             "config_reloaded",
             path=str(self.config_path),
             interval_seconds=new.reconcile.interval_seconds,
+            state_dir=str(new.state.dir),
+            takes_effect="at the next pass",
         )
-        self.notifier.ready(summary_line(self.state, None, new))
+        if ready:
+            self.notifier.ready(self.last_summary)
 
-    def _stop(self) -> int:
+    def _offer(self, config: Config, reconciler: Reconciler) -> None:
+        """Leave a new generation for the worker's next pass. When it moves `state.dir`, its lock
+        is taken now (LockedError if it cannot be), under `_swap` so that the worker cannot let go
+        of a lock this generation needs between the check and the hand-over."""
+        with self._swap:
+            state_dir = config.state.dir
+            if self._locks and state_dir not in self._locks:
+                self._locks[state_dir] = InstanceLock(state_dir).acquire()
+            self._next = _Generation(config, reconciler)
+
+    def _refuse(self, error: str, *, ready: bool) -> None:
+        log.error(
+            "reload_refused",
+            path=str(self.config_path),
+            error=error,
+            action="keeping the running config",
+        )
+        if ready:
+            self.notifier.ready(f"reload refused: {error.splitlines()[0]}")
+
+    def _stop(self, worker: threading.Thread) -> int:
         log.info("daemon_stopping", reason="signal")
         self.notifier.stopping()
         self.scheduler.shutdown(wait=False)
-        if not self.pass_lock.acquire(timeout=STOP_GRACE_SECONDS):
+        self.wanted.set()  # wakes an idle worker, which sees the stop flag and ends
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while worker.is_alive() and time.monotonic() < deadline:
+            self.flags.nap(0.05)
+        if worker.is_alive():
             log.warning(
                 "pass_abandoned",
                 after_seconds=STOP_GRACE_SECONDS,
@@ -238,14 +360,5 @@ class Daemon:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
-        self.pass_lock.release()
         log.info("daemon_stopped", passes=self.passes)
         return 0
-
-
-def _signature(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)

@@ -2,26 +2,37 @@
 
 It is a cache, never the source of truth: AWS and the nodes are. Losing it makes hpodlb more careful
 about targets (absence counters restart, so nothing is deregistered early) but forgets which
-instances were verified: every node is then met as a new instance again, trusted on first use
-(pinned to what its probe shows, and logged), which is why `status` says where the state came from.
+instances were verified: every node is then met as a new instance again and trusted on first use
+(pinned to what its probe shows; each one logged as `ssh_trust_on_first_use`).
 Times that decide anything are monotonic seconds, valid only within the boot recorded beside them
 (`boot_id`); wall-clock times are kept for people only.
 
 It is written atomically (temp file, fsync, rename, fsync of the dir), so a SIGKILL or a
-power cut leaves either the old file or the new one, never half of one.
+power cut leaves either the old file or the new one, never half of one. Its dir must be trusted
+like the config (it decides whom hpodlb trusts on first use), and the file is never read through a
+symlink, from a FIFO or past a size bound.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from hpodlb.files import (
+    UntrustedPathError,
+    UnusableFileError,
+    make_trusted_dir,
+    read_regular_file,
+    require_trusted_dir,
+    write_atomically,
+)
+
+# Re-exported (explicitly, for mypy) for provision.py until it imports it from hpodlb.files.
+
 STATE_FILE = "state.json"
+STATE_MAX_BYTES = 64 << 20  # about 400 bytes a node: far beyond any cluster
 
 
 class NodeRecord(BaseModel):
@@ -83,9 +94,12 @@ def load_state(state_dir: Path) -> tuple[State, str | None]:
     """The saved state, or a fresh one and a warning saying why the saved one was not usable."""
     path = state_path(state_dir)
     try:
-        raw = path.read_bytes()
+        require_trusted_dir(state_dir)
+        raw = read_regular_file(path, STATE_MAX_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         return State(), None
+    except (UntrustedPathError, UnusableFileError) as exc:
+        return State(), f"{exc}; starting from an empty state"
     except OSError as exc:
         return State(), f"{path}: cannot read ({exc.strerror}); starting from an empty state"
     try:
@@ -96,26 +110,6 @@ def load_state(state_dir: Path) -> tuple[State, str | None]:
 
 
 def save_state(state_dir: Path, state: State) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+    """Raises UntrustedPathError for a state dir others could change, OSError if it cannot write."""
+    make_trusted_dir(state_dir)
     write_atomically(state_path(state_dir), state.model_dump_json(indent=1).encode(), mode=0o644)
-
-
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Temp file in the same dir (created with `mode` from the start), fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            Path(tmp).unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -117,3 +117,14 @@ def test_config_path_precedence() -> None:
     assert config_path("/a.toml", {"HPODLB_CONFIG": "/b.toml"}) == Path("/a.toml")
     assert config_path(None, {"HPODLB_CONFIG": "/b.toml"}) == Path("/b.toml")
     assert config_path(None, {}) == Path("/etc/hpodlb/config.toml")
+
+
+@pytest.mark.parametrize("var", ["HPODLB_RECONCILE_PRUNE", "HPODLB_INTERVAL_SECONDS"])
+def test_an_override_with_one_underscore_is_an_error_naming_it(
+    write_config: Callable[..., Path], var: str
+) -> None:
+    """An HPODLB_ variable that names no key (one underscore) is refused by name, never ignored."""
+    path = write_config()
+    with pytest.raises(ConfigError, match=rf"^{var}: not a config override; use HPODLB_<SECTION>__<KEY>"):
+        load_config(path, {var: "maybe"})
+    assert load_config(path, {"HPODLB_CONFIG": str(path)}).reconcile.prune is True

@@ -189,3 +189,15 @@ def test_no_bytes_crash_the_reader(raw: bytes) -> None:
     """Arbitrary bytes (a file caught mid-write) give an InventoryError, never another exception."""
     with contextlib.suppress(InventoryError):
         parse_login_nodes(raw, PATH, ["login-group"], PRIVATE)
+
+
+def test_a_50_mb_resource_config_is_read(tmp_path: Path) -> None:
+    """Resource configs of 50 MB exist on large clusters: the size bound on reads lets them through."""
+    compute = [inst(f"10.2.{i // 250}.{i % 250}", f"i-{i:017x}", f"compute-{i}") | {"Pad": "x" * 300}
+               for i in range(120_000)]
+    data = {"InstanceGroups": [{"Name": "compute", "Instances": compute},
+                               {"Name": "login-group", "Instances": [inst()]}]}
+    rc = tmp_path / "resource_config.json"
+    rc.write_text(json.dumps(data))
+    assert rc.stat().st_size > 50_000_000
+    assert [n.ip for n in read_login_nodes(rc, ["login-group"], PRIVATE)] == ["10.1.0.1"]

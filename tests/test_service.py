@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import fcntl
+import glob
 import json
 import os
 import signal
@@ -11,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import pytest
 
 from hpodlb.keystore import KeyStore, generate
 from sim.aws import FakeAws, moto_server
+from tests.conftest import FIGURES
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +41,15 @@ class NotifySocket:
         self.sock.settimeout(0.2)
         self.messages: list[tuple[float, str]] = []
         self._stop = threading.Event()
+        self._reading = threading.Event()
+        self._reading.set()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
         while not self._stop.is_set():
+            if not self._reading.wait(0.2):
+                continue
             try:
                 data = self.sock.recv(4096)
             except TimeoutError:
@@ -63,8 +71,36 @@ class NotifySocket:
             time.sleep(0.05)
         raise AssertionError(f"no {count}x {prefix!r} within {timeout}s; got {self.messages}")
 
+    def stall(self) -> None:
+        """Stop reading and fill the socket's queue, as a systemd too busy to read would: the
+        daemon's next notification then blocks until `resume`."""
+        self._reading.clear()
+        time.sleep(0.3)  # the reader is back in its wait
+        fillers = []
+        while True:
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            fillers.append(filler)
+            try:
+                while True:
+                    filler.sendto(b"FILLER=1", socket.MSG_DONTWAIT, str(self.path))
+            except BlockingIOError:
+                pass
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                probe.sendto(b"FILLER=1", socket.MSG_DONTWAIT, str(self.path))
+            except BlockingIOError:
+                break  # the receiver's queue is full, not just one filler's buffer
+            finally:
+                probe.close()
+        for filler in fillers:
+            filler.close()
+
+    def resume(self) -> None:
+        self._reading.set()
+
     def close(self) -> None:
         self._stop.set()
+        self._reading.set()
         self.sock.close()
 
 
@@ -83,6 +119,9 @@ class Daemon:
                 out.append(json.loads(text))
         return out
 
+    def events_named(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e["event"] == name]
+
     def wait_event(self, name: str, timeout: float = 30, count: int = 1) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -98,18 +137,20 @@ class Daemon:
 def start_daemon(aws: FakeAws, tmp_path: Path, fresh_env: None) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(config: Path, *, watchdog_usec: int = 1_000_000, journal: bool = False) -> Daemon:
+    def start(config: Path, *, watchdog_usec: int = 1_000_000, journal: bool = False,
+              args: Sequence[str] = (), env: dict[str, str] | None = None) -> Daemon:
         n = len(started)
         notify = NotifySocket(tmp_path / f"notify{n}.sock")
         log = tmp_path / f"daemon{n}.log"
         out = log.open("wb")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "AWS_", "NOTIFY", "WATCHDOG", "JOURNAL"))}
-        env.update(aws.env(), NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC=str(watchdog_usec))
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "AWS_", "NOTIFY", "WATCHDOG", "JOURNAL"))}
+        full_env.update(aws.env(), NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC=str(watchdog_usec))
+        full_env.update(env or {})
         if journal:
             st = os.fstat(out.fileno())
-            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-        proc = subprocess.Popen([sys.executable, "-m", "hpodlb", "run", "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+            full_env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        proc = subprocess.Popen([sys.executable, "-m", "hpodlb", "run", *args, "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, env=full_env)
         out.close()
         daemon = Daemon(proc, log, notify)
         started.append(daemon)
@@ -129,11 +170,18 @@ def _config(write_config: Callable[..., Path], aws: FakeAws, **sections: dict[st
     return write_config([{"arn": arn, "port": 22}], reconcile=reconcile, **sections), arn
 
 
-def _add_login_node(cluster_dir: Path, ip: str) -> None:
+def _wait_registered(aws: FakeAws, arn: str, ip: str, daemon: Daemon, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (ip, 22) not in aws.targets(arn):
+        assert time.monotonic() < deadline, f"{ip} not registered in {timeout} s:\n{daemon.log.read_text()[-2000:]}"
+        time.sleep(0.1)
+
+
+def _add_login_node(cluster_dir: Path, ip: str, instance_id: str = "i-0new000000000004") -> None:
     rc = cluster_dir / "resource_config.json"
     data = json.loads(rc.read_text())
     data["InstanceGroups"][1]["Instances"].append(
-        {"CustomerIpAddress": ip, "InstanceId": "i-0new000000000004", "InstanceName": "login-group-4"})
+        {"CustomerIpAddress": ip, "InstanceId": instance_id, "InstanceName": f"login-{instance_id}"})
     tmp = rc.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(rc)
@@ -251,3 +299,215 @@ def test_a_silent_node_stops_the_watchdog_but_not_the_daemon(
         assert daemon.proc.wait(15) == 0
     finally:
         listener.close()
+
+
+# -- the daemon at its edges (issue #13) ------------------------------------------------------------
+
+
+def _libfaketime() -> str:
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not found:
+        pytest.skip("needs libfaketime (Debian's faketime package, which ./dev installs)")
+    return found[0]
+
+
+def _passes(notify: NotifySocket) -> list[float]:
+    """When each pass's READY=1/STATUS= arrived (the first pass sends READY=1 with its STATUS)."""
+    return [t for t, f in notify.fields("STATUS=") if "login nodes in service" in f]
+
+
+def _late_pings(notify: NotifySocket, allowed: float) -> list[float]:
+    """How long after the last finished pass each WATCHDOG=1 came, for those that came later than
+    `allowed` (plus a second for delivery and this test's own scheduling on a busy machine)."""
+    passes = _passes(notify)
+    late = []
+    for ping, _ in notify.fields("WATCHDOG=1"):
+        since = ping - max((t for t in passes if t <= ping), default=ping)
+        if since >= allowed + 1.0:
+            late.append(since)
+    return late
+
+
+def _timestamps(daemon: Daemon, event: str) -> list[dt.datetime]:
+    return [dt.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
+            for e in daemon.events() if e["event"] == event]
+
+
+def test_wall_clock_steps_change_neither_the_schedule_nor_the_watchdog(
+    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws, tmp_path: Path,
+) -> None:
+    """After the wall clock steps back an hour, and forward again, passes go on every
+    interval_seconds, and each WATCHDOG=1 follows a pass that finished on schedule."""
+    spec = tmp_path / "faketime"
+    spec.write_text("+0\n")
+    clock = {"LD_PRELOAD": _libfaketime(), "FAKETIME_TIMESTAMP_FILE": str(spec),
+             "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    interval, watchdog = 2.0, 2.0
+    config, _ = _config(write_config, aws, reconcile={"interval_seconds": interval})
+    daemon = start_daemon(config, watchdog_usec=int(watchdog * 1e6), env=clock)
+    notify = daemon.notify
+    notify.wait_for("READY=1")
+    while len(_passes(notify)) < 2:
+        time.sleep(0.1)
+
+    spec.write_text("-1h\n")  # settimeofday as NTP or an admin would do it; CLOCK_MONOTONIC goes on
+    stepped = time.monotonic()
+    before = len(_passes(notify))
+    while len(_passes(notify)) < before + 3 and time.monotonic() < stepped + 8 * interval:
+        time.sleep(0.1)
+    after = len(_passes(notify)) - before
+    FIGURES["passes after the wall clock stepped back 1 h (interval 2 s)"] = (
+        f"{after} in {time.monotonic() - stepped:.1f} s")
+    late = _late_pings(notify, interval + watchdog / 2)
+    assert (after, late) == (3, []), (
+        f"{after} passes in {time.monotonic() - stepped:.0f} s after the clock stepped back; "
+        f"WATCHDOG=1 sent up to {max(late, default=0):.1f} s after the last pass finished")
+    finished = _timestamps(daemon, "pass_finished")
+    assert finished[-1] < finished[0] - dt.timedelta(minutes=50)  # the daemon's wall clock did step
+
+    spec.write_text("+0\n")
+    before = len(_passes(notify))
+    deadline = time.monotonic() + 8 * interval
+    while len(_passes(notify)) < before + 3:
+        assert time.monotonic() < deadline, "passes stopped after the clock stepped forward"
+        time.sleep(0.1)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(15) == 0
+
+    assert _late_pings(notify, interval + watchdog / 2) == []
+    assert len([t for t, _ in notify.fields("WATCHDOG=1") if t > stepped]) >= 4
+
+
+def test_sighup_during_a_pass_blocks_neither_reload_nor_stop(
+    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
+    cluster_dir: Path, tmp_path: Path,
+) -> None:
+    """While a pass hangs on a silent node, SIGHUP is answered at once (RELOADING=1, READY=1),
+    and a SIGTERM one second later ends the daemon within the 8 s stop grace."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    store = tmp_path / "keys"
+    KeyStore(store, ("ed25519",)).save({"ed25519": generate("ed25519")}, overwrite=False)
+    rc = cluster_dir / "resource_config.json"
+    data = json.loads(rc.read_text())
+    data["InstanceGroups"][1]["Instances"] = []
+    rc.write_text(json.dumps(data))
+    config, _ = _config(
+        write_config, aws,
+        cluster={"allowed_cidrs": ["127.0.0.0/8"]},
+        ssh={"port": listener.getsockname()[1], "connect_timeout_seconds": 60},
+        host_keys={"enabled": True, "store": str(store), "types": ["ed25519"], "adopt_from_first_node": False},
+    )
+    try:
+        daemon = start_daemon(config, watchdog_usec=0)
+        notify = daemon.notify
+        notify.wait_for("READY=1")
+        _add_login_node(cluster_dir, "127.0.0.1", "i-0silent0000000001")  # the next pass hangs on it
+        daemon.wait_event("resource_config_changed")
+        time.sleep(1)
+
+        config.write_text(config.read_text().replace("interval_seconds = 60", "interval_seconds = 45"))
+        hup = time.monotonic()
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert daemon.wait_event("config_reloaded", timeout=5)["interval_seconds"] == 45
+        ((reloading, _),) = notify.wait_for("RELOADING=1", timeout=5)
+        ready = notify.wait_for("READY=1", count=2, timeout=5)[-1][0]
+        assert hup < reloading <= ready < hup + 5
+        FIGURES["SIGHUP to READY=1 during a hung pass"] = f"{ready - hup:.2f} s"
+        assert not daemon.events_named("node_failed")  # the pass was still running
+
+        time.sleep(max(0.0, hup + 1 - time.monotonic()))
+        term = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(15) == 0
+        stopped = time.monotonic() - term
+        assert stopped < 10, f"stopped {stopped:.1f} s after SIGTERM"
+        assert daemon.events_named("pass_abandoned")
+        FIGURES["stop after SIGHUP+SIGTERM during a hung pass"] = f"{stopped:.1f} s"
+    finally:
+        listener.close()
+
+
+def test_reload_that_moves_the_state_dir_moves_the_lock(
+    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
+    cluster_dir: Path, tmp_path: Path,
+) -> None:
+    """After a reload that moves state.dir, `hpodlb once` with the new config is refused, the old
+    dir's lock is let go, and a reload to a dir someone else has locked is refused."""
+    config, _ = _config(write_config, aws, state={"dir": str(tmp_path / "state-a")})
+    daemon = start_daemon(config)
+    daemon.notify.wait_for("READY=1")
+
+    moved = tmp_path / "state-b"
+    config.write_text(config.read_text().replace(str(tmp_path / "state-a"), str(moved)))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_event("config_reloaded")
+    daemon.wait_event("pass_finished", count=2)  # a reload wants a pass at once
+    assert (moved / "state.json").exists()
+    once = subprocess.run([sys.executable, "-m", "hpodlb", "once", "--config", str(config)],
+                          capture_output=True, text=True, env={**os.environ, **aws.env()}, check=False)
+    assert once.returncode == 1, once.stdout + once.stderr
+    assert f"another hpodlb (pid {daemon.proc.pid}) holds {moved / 'hpodlb.lock'}" in once.stderr
+    with (tmp_path / "state-a" / "hpodlb.lock").open("rb") as old:
+        fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go: nothing acts on that dir now
+
+    taken = tmp_path / "state-c"
+    taken.mkdir(mode=0o700)
+    with (taken / "hpodlb.lock").open("wb") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        config.write_text(config.read_text().replace(str(moved), str(taken)))
+        daemon.proc.send_signal(signal.SIGHUP)
+        refused = daemon.wait_event("reload_refused")
+        assert str(taken / "hpodlb.lock") in refused["error"]
+    passes = len(daemon.events_named("pass_finished"))
+    (moved / "state.json").unlink()
+    _add_login_node(cluster_dir, "10.1.74.9")
+    daemon.wait_event("pass_finished", count=passes + 1)
+    assert (moved / "state.json").exists()  # still the dir in force
+    assert not (taken / "state.json").exists()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(15) == 0
+
+
+def test_a_change_seen_while_a_pass_ends_is_never_lost(
+    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws, cluster_dir: Path,
+) -> None:
+    """A resource-config change seen while the previous pass is still finishing (its STATUS=
+    held up by a busy systemd) leads to a pass that reads it, not one an interval later."""
+    config, arn = _config(write_config, aws)  # interval 60 s
+    daemon = start_daemon(config, watchdog_usec=0)
+    notify = daemon.notify
+    notify.wait_for("READY=1")
+    notify.stall()
+    _add_login_node(cluster_dir, "10.1.74.4", "i-0new000000000004")
+    _wait_registered(aws, arn, "10.1.74.4", daemon)  # that pass now waits to send its STATUS=
+    time.sleep(0.5)
+    _add_login_node(cluster_dir, "10.1.74.5", "i-0new000000000005")
+    daemon.wait_event("resource_config_changed", count=2)
+    time.sleep(1.5)  # whatever the daemon does about it while the pass is still finishing
+    notify.resume()
+    _wait_registered(aws, arn, "10.1.74.5", daemon, timeout=15)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(15) == 0
+
+
+def test_verbose_logs_never_carry_aws_credentials(
+    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
+) -> None:
+    """With -v, no line of the daemon's output holds the access key id, secret or session token."""
+    marker = uuid.uuid4().hex
+    secrets = {"AWS_ACCESS_KEY_ID": f"AKIA{marker[:16].upper()}",
+               "AWS_SECRET_ACCESS_KEY": f"secret{marker}",
+               "AWS_SESSION_TOKEN": f"token{marker}"}
+    config, arn = _config(write_config, aws)
+    daemon = start_daemon(config, args=["-v"], env=secrets)
+    daemon.notify.wait_for("READY=1")
+    assert len(aws.targets(arn)) == 3  # it did sign and send its requests
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(15) == 0
+    lines = daemon.log.read_text().splitlines()
+    assert any('"level": "debug"' in line for line in lines)  # -v still means hpodlb's debug events
+    for line in lines:
+        for name, value in secrets.items():
+            assert value not in line, f"{name} in: {line[:200]}"
