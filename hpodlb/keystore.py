@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import hashlib
 import os
 import shutil
@@ -343,8 +342,6 @@ def _read_key_file(path: Path, *, private: bool) -> bytes:
     except UnusableFileError as exc:
         raise KeyStoreError(str(exc)) from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise KeyStoreError(f"{path}: is a symlink; key files must be regular files") from None
         raise KeyStoreError(f"{path}: cannot read ({exc.strerror})") from None
 
 

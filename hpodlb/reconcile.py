@@ -201,6 +201,7 @@ class _Pass:
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> None:
+        log.debug("pass_started", login_nodes=len(self.nodes), apply=self.apply)
         _rebase(self.state, self.rec.boot_id, self.now)
         for node in self.nodes:
             self.state.nodes.setdefault(node.ip, NodeRecord())
@@ -504,6 +505,14 @@ class _Pass:
     def _probed(self, ip: str, probe: Probe | Exception) -> None:
         if isinstance(probe, Exception):
             probe = Probe(error=_error_text(probe, "probe"))
+        log.debug(
+            "probed",
+            ip=ip,
+            instance_id=self.by_ip[ip].instance_id,
+            offers=sorted(probe.offered or ()),
+            fingerprints=_fingerprints(frozenset((probe.offered or {}).values())),
+            error=probe.error,
+        )
         record = self.state.nodes[ip]
         if probe.offered is None:
             record.unreachable = True
@@ -681,7 +690,8 @@ class _Pass:
             make_trusted_dir(path.parent)
             write_atomically(path, data, 0o644)
         except (OSError, UntrustedPathError) as exc:
-            self._error(f"{path}: cannot write ({exc.strerror})")
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            self._error(f"{path}: cannot write ({why})")
             log.error("known_hosts_unwritable", path=str(path), error=str(exc))
 
 

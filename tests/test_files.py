@@ -81,27 +81,30 @@ def test_a_fifo_as_the_config_file_is_an_error_not_a_hang(hpodlb: Hpodlb, tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("name", "plant"),
+    ("name", "plant", "said"),
     [
-        ("ssh_host_ed25519_key.pub", _fifo),
-        ("ssh_host_ed25519_key", _fifo),
-        ("ssh_host_ed25519_key.pub", lambda p: (p.unlink(), p.symlink_to("/dev/zero"))),
+        ("ssh_host_ed25519_key.pub", _fifo, "cannot read: not a regular file (a FIFO)"),
+        ("ssh_host_ed25519_key", _fifo, "cannot read: not a regular file (a FIFO)"),
+        ("ssh_host_ed25519_key.pub", lambda p: (p.unlink(), p.symlink_to("/dev/zero")),
+         "cannot open: a symbolic link, never followed here"),
     ],
     ids=["pub-fifo", "private-fifo", "pub-dev-zero"],
 )
 def test_special_files_in_the_key_store_are_errors(
     hpodlb: Hpodlb, write_config: Callable[..., Path], tmp_path: Path, name: str,
-    plant: Callable[[Path], object],
+    plant: Callable[[Path], object], said: str,
 ) -> None:
     """A FIFO or a link to /dev/zero in the key store makes `keys show` fail with the file's name,
     neither hanging nor reading without end."""
-    store = tmp_path / "keys"
-    KeyStore(store, ("ed25519",)).save({"ed25519": generate("ed25519")}, overwrite=False)
-    config = write_config(host_keys={"enabled": True, "store": str(store), "types": ["ed25519"]})
-    plant(store / name)
+    store = KeyStore(tmp_path / "keys", ("ed25519",))
+    store.install({"ed25519": generate("ed25519")}, keep_previous=False)
+    current = store.set_dir()
+    assert current is not None
+    config = write_config(host_keys={"enabled": True, "store": str(store.path), "types": ["ed25519"]})
+    plant(current / name)
     out = hpodlb("keys", "show", "--config", str(config))
     assert out.returncode == 1, out.stdout + out.stderr
-    assert f"{store / name}: cannot read: not a regular file" in out.stderr
+    assert f"{current / name}: {said}" in out.stderr
     assert "MemoryError" not in out.stderr
 
 

@@ -388,7 +388,7 @@ def test_sighup_during_a_pass_blocks_neither_reload_nor_stop(
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     store = tmp_path / "keys"
-    KeyStore(store, ("ed25519",)).save({"ed25519": generate("ed25519")}, overwrite=False)
+    KeyStore(store, ("ed25519",)).install({"ed25519": generate("ed25519")}, keep_previous=False)
     rc = cluster_dir / "resource_config.json"
     data = json.loads(rc.read_text())
     data["InstanceGroups"][1]["Instances"] = []
