@@ -12,7 +12,7 @@ from hpodlb.config import Config
 from hpodlb.inventory import InventoryError, login_group_names
 from hpodlb.keystore import KeyStore, KeyStoreError
 from hpodlb.reconcile import Reconciler
-from hpodlb.targets import TargetsError
+from hpodlb.targets import TargetsError, check_group
 
 Check = tuple[bool, str]
 
@@ -42,6 +42,7 @@ def _check_inventory(config: Config, reconciler: Reconciler) -> Iterator[Check]:
 
 
 def _check_target_groups(reconciler: Reconciler) -> Iterator[Check]:
+    """The same check a pass makes before any write (type ip, TCP, the configured port)."""
     for group in reconciler.groups:
         try:
             info = group.describe()
@@ -49,22 +50,16 @@ def _check_target_groups(reconciler: Reconciler) -> Iterator[Check]:
         except TargetsError as exc:
             yield False, str(exc)
             continue
-        problems = []
-        if info.get("TargetType") != "ip":
-            problems.append(f"target type is {info.get('TargetType')!r}, hpodlb registers IPs")
-        if info.get("Protocol") not in ("TCP", "TCP_UDP"):
-            problems.append(f"protocol is {info.get('Protocol')!r}, SSH needs TCP")
-        if problems:
-            yield False, f"{group.name}: " + "; ".join(problems)
-        else:
-            attached = len(info.get("LoadBalancerArns", []))
-            yield (
-                True,
-                (
-                    f"{group.name}: {len(view.targets)} target(s), port {group.port}, "
-                    f"{attached} load balancer(s) attached"
-                ),
-            )
+        problem = check_group(info, group.port)
+        if problem:
+            yield False, problem
+            continue
+        attached = len(info.get("LoadBalancerArns", []))
+        yield (
+            True,
+            f"{group.name}: type ip, TCP, port {group.port}; {len(view.targets)} target(s), "
+            f"{attached} load balancer(s) attached",
+        )
 
 
 def _check_state_dir(config: Config) -> Check:

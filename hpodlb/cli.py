@@ -54,9 +54,9 @@ def cmd_plan(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_once(config: Config, args: argparse.Namespace) -> int:
-    from hpodlb.files import UntrustedPathError
     from hpodlb.lock import InstanceLock, LockedError
-    from hpodlb.state import load_state, save_state
+    from hpodlb.reconcile import save_outcome
+    from hpodlb.state import load_state
 
     try:
         lock = InstanceLock(config.state.dir).acquire()
@@ -70,12 +70,7 @@ def cmd_once(config: Config, args: argparse.Namespace) -> int:
         from hpodlb.wiring import build_reconciler
 
         outcome = build_reconciler(config).run_pass(state, apply=True)
-        try:
-            save_state(config.state.dir, state)
-        except (OSError, UntrustedPathError) as exc:
-            why = f"cannot save the state in {config.state.dir}: {getattr(exc, 'strerror', None) or exc}"
-            _fail(why)
-            outcome.errors.append(why)
+        save_outcome(config.state.dir, state, outcome)
     _log().info(
         "pass_finished",
         converged=outcome.converged,

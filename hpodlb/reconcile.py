@@ -55,6 +55,7 @@ from hpodlb.state import (
     PassRecord,
     State,
     TargetRecord,
+    save_state,
 )
 from hpodlb.targets import TargetGroup, TargetsError
 
@@ -757,6 +758,18 @@ def _record_pass(state: State, outcome: PassOutcome, started: float, finished: f
         ],
         waiting=[f"{w.node.label()}: {w.reason}" for w in plan.waiting],
     )
+
+
+def save_outcome(state_dir: Path, state: State, outcome: PassOutcome) -> None:
+    """Save the state after a pass; a state that cannot be saved is this pass's error (the pass
+    is then not converged, and says so), never a crash."""
+    try:
+        save_state(state_dir, state)
+    except (OSError, UntrustedPathError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        error = f"cannot save the state in {state_dir}: {why}"
+        outcome.errors.append(error)
+        log.error("state_unwritable", state_dir=str(state_dir), error=error)
 
 
 def key_side(config: Config, host_keys: HostKeys) -> KeySide:

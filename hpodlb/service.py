@@ -44,9 +44,9 @@ from hpodlb.config import Config, ConfigError, load_config
 from hpodlb.files import file_signature
 from hpodlb.lock import InstanceLock, LockedError
 from hpodlb.logs import get_logger
-from hpodlb.reconcile import PassOutcome, Reconciler
+from hpodlb.reconcile import PassOutcome, Reconciler, save_outcome
 from hpodlb.sdnotify import Notifier
-from hpodlb.state import State, load_state, save_state
+from hpodlb.state import State, load_state
 
 log = get_logger("hpodlb.service")
 
@@ -179,7 +179,7 @@ class Daemon:
         outcome: PassOutcome | None = None
         try:
             outcome = generation.reconciler.run_pass(self.state, apply=True)
-            save_state(config.state.dir, self.state)
+            save_outcome(config.state.dir, self.state, outcome)
         except Exception:  # a bug must cost one pass, never the daemon
             log.exception("pass_crashed")
         self.passes += 1
