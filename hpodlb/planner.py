@@ -352,12 +352,13 @@ def _unverified_waiting(
     """Nodes not (or not verifiably) serving as they should, with what is true of them. Nodes
     with a push to come are not listed: their action says it, and a held push says why."""
     out: list[Waiting] = []
+    in_every = set.intersection(*(_registered(g) for g in groups)) if groups else set()
     for node in nodes:
         role, j = roles[node.ip], judgements[node.ip]
         if role in (Role.SERVE, Role.IN_PLACE, Role.REPAIR):
             continue
         if j.state is KeyState.UNREACHABLE:
-            registered = bool(groups) and all(_is_registered(g, node.ip) for g in groups)
+            registered = node.ip in in_every
             where = (
                 "registered, but its host keys cannot be verified"
                 if registered
@@ -501,8 +502,8 @@ def _leave_reason(j: Judgement, role: Role) -> str:
     return j.detail or "presents host keys other than the canonical ones"
 
 
-def _is_registered(group: GroupView, ip: str) -> bool:
-    return any(t.ip == ip and t.port == group.port and t.registered for t in group.targets)
+def _registered(group: GroupView) -> set[str]:
+    return {t.ip for t in group.targets if t.port == group.port and t.registered}
 
 
 def _is_ip(target_id: str) -> bool:

@@ -57,13 +57,14 @@ from hpodlb.state import (
     TargetRecord,
     save_state,
 )
-from hpodlb.targets import TargetGroup, TargetsError
+from hpodlb.targets import BATCH_SIZE, TargetGroup, TargetsError
 
 log = get_logger("hpodlb.pass")
 
 BACKOFF_FIRST_SECONDS = 10.0
 BACKOFF_MAX_SECONDS = 600.0
 WORKERS = 8  # node pipelines at a time: 8 SSH handshakes keep 2 cores busy
+LINGER_SECONDS = 0.5  # a node ready to register waits this long for others to share the call
 PROBE = "probe"
 
 
@@ -196,6 +197,7 @@ class _Pass:
         self.attempted: set[tuple[Kind, str, str]] = set()
         self.probes: dict[str, Probe] = {}
         self.jobs: dict[Future[Any], _Job] = {}
+        self.ready_since: dict[tuple[str, str], float] = {}  # (group, ip) ready to register
         self.keyset: KeySet = {}
         self.facts = KeyFacts()
 
@@ -285,9 +287,10 @@ class _Pass:
             self._submit(pool, action, self._push_job(action, plan))
             did = True
         joining = [a for a in fresh(Kind.REGISTER) if not a.after_push]
-        for action in joining:
-            start(action)
-        did = self._write(Kind.REGISTER, joining) or did
+        if self._ready_to_join(joining):
+            for action in joining:
+                start(action)
+            did = self._write(Kind.REGISTER, joining) or did
         if not self.jobs:  # last, with what is left of the budget
             strays = [a for a in fresh(Kind.DEREGISTER) if a.ip not in self.by_ip]
             for action in strays:
@@ -298,6 +301,19 @@ class _Pass:
                 self._retire_previous(action)
                 did = True
         return did
+
+    def _ready_to_join(self, joining: Sequence[Action]) -> bool:
+        """Nodes ready close together join in one call: a ready node waits at most LINGER_SECONDS
+        for company while other nodes' jobs run, never for those jobs to end."""
+        now = self.rec.clock()
+        keys = {(a.target_group, a.ip) for a in joining}
+        self.ready_since = {k: t for k, t in self.ready_since.items() if k in keys}
+        for key in keys:
+            self.ready_since.setdefault(key, now)
+        if not joining:
+            return False
+        oldest = min(self.ready_since.values())
+        return not self.jobs or len(joining) >= BATCH_SIZE or now - oldest >= LINGER_SECONDS
 
     # -- target groups ----------------------------------------------------------------------------
 
@@ -482,6 +498,8 @@ class _Pass:
     def _collect(self) -> None:
         """Wait for at least one node job, then take in everything that is done."""
         nearest = min(job.deadline for job in self.jobs.values())
+        if self.ready_since:  # wake up in time to register what lingers
+            nearest = min(nearest, min(self.ready_since.values()) + LINGER_SECONDS)
         done, _ = wait(
             list(self.jobs),
             timeout=max(0.0, nearest - self.rec.clock()),
