@@ -65,6 +65,7 @@ BACKOFF_FIRST_SECONDS = 10.0
 BACKOFF_MAX_SECONDS = 600.0
 WORKERS = 8  # node pipelines at a time: 8 SSH handshakes keep 2 cores busy
 LINGER_SECONDS = 0.5  # a node ready to register waits this long for others to share the call
+GATHER_SECONDS = 0.05  # results that come in this close together make one re-plan, not several
 PROBE = "probe"
 
 
@@ -500,11 +501,13 @@ class _Pass:
         nearest = min(job.deadline for job in self.jobs.values())
         if self.ready_since:  # wake up in time to register what lingers
             nearest = min(nearest, min(self.ready_since.values()) + LINGER_SECONDS)
-        done, _ = wait(
+        done, pending = wait(
             list(self.jobs),
             timeout=max(0.0, nearest - self.rec.clock()),
             return_when=FIRST_COMPLETED,
         )
+        if done and pending:  # what finishes in the next moment is taken in with it: one re-plan
+            done |= wait(pending, timeout=GATHER_SECONDS)[0]
         now = self.rec.clock()
         for future, job in list(self.jobs.items()):
             if future in done:
