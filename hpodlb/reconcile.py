@@ -488,8 +488,9 @@ class _Pass:
         """Run a node's job on the pool; `subject` is the action, or the IP for a probe."""
         assert self.rec.keys is not None
         t = self.rec.keys.timeout_seconds
-        if isinstance(subject, str):
-            what, ip, action, budget = PROBE, subject, None, 4 * t + 5
+        if isinstance(subject, str):  # each type: a connect and a handshake, each within t
+            types = len(self.rec.config.host_keys.types)
+            what, ip, action, budget = PROBE, subject, None, 2 * t * types + 5
         else:
             what, ip, action = subject.kind.value, subject.ip, subject
             budget = 12 * t + 40 if subject.kind is Kind.ADOPT else 16 * t + 90

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,22 @@ def sim_env(fresh_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
         for key, value in aws.env().items():
             monkeypatch.setenv(key, value)
         yield SimEnv(aws, cluster, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def aws() -> Iterator[Any]:
+    """One moto server on loopback for a whole test module (tests that change AWS's environment
+    variables define their own)."""
+    from sim.aws import moto_server
+
+    with moto_server() as fake:
+        yield fake
+
+
+@pytest.fixture
+def arn(aws: Any) -> str:
+    """A fresh login NLB and target group per test, on the module's moto server."""
+    return str(aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}"))
 
 
 # Figures the reliability suite measured, printed at the end of the run (the README quotes them).

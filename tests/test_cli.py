@@ -10,26 +10,13 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from hpodlb.config import load_config
-from sim.aws import FakeAws, moto_server
-
-
-@pytest.fixture(scope="module")
-def aws() -> Iterator[FakeAws]:
-    with moto_server() as fake:
-        yield fake
-
-
-@pytest.fixture
-def arn(aws: FakeAws) -> str:
-    """A fresh target group per test (one moto server serves the whole module)."""
-    return aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}")
+from sim.aws import FakeAws
 
 
 @pytest.fixture
@@ -360,7 +347,7 @@ def test_check_config(
     lines = good.stdout.splitlines()
     assert lines[1:3] == [
         f"ok    resource config {cluster_dir / 'resource_config.json'}: 3 login node(s)",
-        f"ok    {tg}: 0 target(s), port 22, 1 load balancer(s) attached",
+        f"ok    {tg}: type ip, TCP, port 22; 0 target(s), 1 load balancer(s) attached",
     ]
     assert lines[-1] == "configuration is usable"
     wrong = arn[:-16] + "0" * 16

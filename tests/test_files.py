@@ -8,28 +8,18 @@ import stat
 import subprocess
 import sys
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from hpodlb.keystore import KeyStore, generate
-from sim.aws import FakeAws, moto_server
+from sim.aws import FakeAws
 
 Hpodlb = Callable[..., subprocess.CompletedProcess[str]]
 NOBODY = 65534
 
 
-@pytest.fixture(scope="module")
-def aws() -> Iterator[FakeAws]:
-    with moto_server() as fake:
-        yield fake
-
-
-@pytest.fixture
-def arn(aws: FakeAws) -> str:
-    return aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}")
 
 
 def _limit_memory() -> None:

@@ -29,7 +29,7 @@ from hpodlb.reconcile import PassOutcome
 from hpodlb.sshnode import ParamikoConnector
 from hpodlb.state import load_state, save_state
 from hpodlb.wiring import build_reconciler, ssh_settings
-from sim.aws import FakeAws, moto_server
+from sim.aws import FakeAws
 from sim.env import SimEnv
 from sim.nodes import SIM_USER, SimCluster, sim_cluster
 
@@ -37,11 +37,6 @@ pytestmark = pytest.mark.sshd
 
 TYPES = ("rsa", "ecdsa", "ed25519")
 
-
-@pytest.fixture(scope="module")
-def aws() -> Iterator[FakeAws]:
-    with moto_server() as fake:
-        yield fake
 
 
 @pytest.fixture

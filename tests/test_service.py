@@ -21,14 +21,8 @@ from typing import Any
 import pytest
 
 from hpodlb.keystore import KeyStore, generate
-from sim.aws import FakeAws, moto_server
+from sim.aws import FakeAws
 from tests.conftest import FIGURES
-
-
-@pytest.fixture(scope="module")
-def aws() -> Iterator[FakeAws]:
-    with moto_server() as fake:
-        yield fake
 
 
 class NotifySocket:
