@@ -8,6 +8,7 @@ pass": an empty or half-written file must never look like "all login nodes left"
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import time
@@ -80,7 +81,19 @@ def read_login_nodes(
 ) -> tuple[LoginNode, ...]:
     """Every instance of the login groups, validated; InventoryError if anything is off."""
     _require_trusted(path)
-    return parse_login_nodes(_read_settled(path), path, login_groups, allowed)
+    return _parse_unchanged(_read_settled(path), path, tuple(login_groups), tuple(allowed))
+
+
+@functools.lru_cache(maxsize=1)
+def _parse_unchanged(
+    raw: bytes,
+    path: Path,
+    login_groups: tuple[str, ...],
+    allowed: tuple[ipaddress.IPv4Network, ...],
+) -> tuple[LoginNode, ...]:
+    """The file is read every pass; parsed again only when its bytes changed (an idle daemon
+    at 200 nodes spent a tenth of its pass here). Errors are not cached: they raise."""
+    return parse_login_nodes(raw, path, login_groups, allowed)
 
 
 def parse_login_nodes(

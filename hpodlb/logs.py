@@ -79,7 +79,13 @@ def setup_logging(
         logging.getLogger(name).setLevel(logging.WARNING)
 
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # Dropped before any processor runs when the level is off: a pass makes a debug call per
+        # probe, and timestamping each one for nothing costs more than the call.
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

@@ -26,6 +26,7 @@ Rules, in the order an admin asks about them:
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -506,8 +507,10 @@ def _registered(group: GroupView) -> set[str]:
     return {t.ip for t in group.targets if t.port == group.port and t.registered}
 
 
+@functools.lru_cache(maxsize=8192)
 def _is_ip(target_id: str) -> bool:
-    """Instance ids, Lambda and ALB ARNs are other services' targets: never ours to touch."""
+    """Instance ids, Lambda and ALB ARNs are other services' targets: never ours to touch.
+    (Cached: a pass asks for every target of every group on each of its plans.)"""
     try:
         ipaddress.ip_address(target_id)
     except ValueError:

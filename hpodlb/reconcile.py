@@ -524,6 +524,7 @@ class _Pass:
                 self._pushed(job.action, result)
             else:
                 self._adopted(job.action, result)
+        self.facts = replace(self.facts, probes=dict(self.probes), backing_off=self._backing_off())
 
     def _probed(self, ip: str, probe: Probe | Exception) -> None:
         if isinstance(probe, Exception):
@@ -545,7 +546,6 @@ class _Pass:
             record.failures, record.retry_mono, record.retry_at = 0, None, None
             log.info("node_answers_again", ip=ip, instance_id=self.by_ip[ip].instance_id)
         self.probes[ip] = probe
-        self.facts = replace(self.facts, probes=dict(self.probes), backing_off=self._backing_off())
 
     def _pushed(self, action: Action, result: dict[str, str] | Exception) -> None:
         ip = action.ip
@@ -567,7 +567,6 @@ class _Pass:
                 instance_id=node.instance_id,
                 fingerprints={t: k.fingerprint for t, k in self.keyset.items()},
             )
-        self.facts = replace(self.facts, probes=dict(self.probes), backing_off=self._backing_off())
 
     def _adopted(self, action: Action, result: KeySet | Exception) -> None:
         assert self.rec.keys is not None
