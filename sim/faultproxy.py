@@ -90,8 +90,6 @@ def _handler(upstream: str, plan: FaultPlan) -> type[BaseHTTPRequestHandler]:
             if fault in _ERRORS:
                 self._error(*_ERRORS[fault])
                 return
-            if fault == "slow":
-                time.sleep(plan.slow_seconds)
             conn = http.client.HTTPConnection(
                 target.hostname or "127.0.0.1", target.port, timeout=30
             )
@@ -102,6 +100,11 @@ def _handler(upstream: str, plan: FaultPlan) -> type[BaseHTTPRequestHandler]:
             reply = conn.getresponse()
             data = reply.read()
             conn.close()
+            if fault == "slow":
+                # AWS did the work; only its answer comes after the client gave up. (Delaying the
+                # request instead would land a write in a later pass, long after any real AWS
+                # would have applied it, and blame that pass for it.)
+                time.sleep(plan.slow_seconds)
             try:
                 self.send_response(reply.status)
                 for key, value in reply.getheaders():
