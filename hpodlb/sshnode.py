@@ -210,20 +210,25 @@ class _ParamikoSession:
         transport = self.client.get_transport()
         if transport is None:
             raise SshError("command", "connection closed")
-        try:
-            channel = transport.open_session(timeout=self.settings.timeout)
+        # paramiko waits for the answer to exec_command, and for window space in sendall, with
+        # no timeout: a node that freezes after login would hold this thread for good. Past the
+        # command's own deadline (and a grace for its message), the connection is shut.
+        hard = limit + 5
+        with _deadline(transport.sock, hard) as expired:
             try:
-                channel.fileno()  # arms the pipe that select() waits on, before any data
-                channel.exec_command(command)
-                channel.sendall(script)
-                channel.shutdown_write()
-                rc, out, err = _collect(channel, time.monotonic() + limit, limit, self.cap)
-            finally:
-                channel.close()
-        except SshError:
-            raise
-        except Exception as exc:  # paramiko raises ChannelException, SSHException, OSError, ...
-            raise SshError("command", _why(exc, False, limit)) from None
+                channel = transport.open_session(timeout=self.settings.timeout)
+                try:
+                    channel.fileno()  # arms the pipe that select() waits on, before any data
+                    channel.exec_command(command)
+                    channel.sendall(script)
+                    channel.shutdown_write()
+                    rc, out, err = _collect(channel, time.monotonic() + limit, limit, self.cap)
+                finally:
+                    channel.close()
+            except SshError:
+                raise
+            except Exception as exc:  # paramiko: ChannelException, SSHException, OSError, EOFError
+                raise SshError("command", _why(exc, expired, hard)) from None
         if self.settings.sudo and rc == 1 and err.startswith("sudo:"):
             reason = err.strip().splitlines()[0].removeprefix("sudo:").strip()
             raise SshError(

@@ -8,17 +8,24 @@ the outcome must say the truth about it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
 
 from hpodlb.logs import setup_logging
+from hpodlb.sshnode import ParamikoConnector, SshError
+from hpodlb.wiring import ssh_settings
 from sim.env import SimEnv
 from tests.test_hostkeys import canonical, nodes
 
@@ -87,6 +94,71 @@ def test_a_trickling_node_is_bounded_by_its_deadline(env: SimEnv) -> None:
     assert error == "command: no exit status within 30s (node too slow)", error
     assert took < 60  # one deadline (30 s), not one per byte
     assert not outcome.converged
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+@pytest.mark.slow
+def test_a_node_that_freezes_mid_command_is_bounded_by_the_command_deadline(
+    env: SimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that freezes once its channel is open (its sshd processes SIGSTOPped, as a frozen VM
+    is): paramiko waits for exec_command's answer with no timeout; the command must fail at its
+    deadline and free the thread. The freeze is real; only its moment is chosen, by wrapping
+    paramiko's own exec_command, as no outside timing could hit the gap between two packets."""
+    (ip,) = nodes(env, 1)
+    node = env.cluster.nodes[ip]
+    assert node.proc is not None
+    listener, frozen = node.proc.pid, []
+    real_exec = paramiko.Channel.exec_command
+
+    def freeze_then_exec(channel: paramiko.Channel, command: str) -> None:
+        frozen.extend(_descendants(listener))
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        real_exec(channel, command)
+
+    settings = ssh_settings(env.config)
+    outcome: list[BaseException | tuple[int, str, str]] = []
+
+    def run() -> None:
+        with ParamikoConnector(settings).session(ip, frozenset(node.keyscan())) as session:
+            monkeypatch.setattr(paramiko.Channel, "exec_command", freeze_then_exec)
+            try:
+                outcome.append(session.run_root(b"echo never\n"))
+            except BaseException as exc:
+                outcome.append(exc)
+
+    hard = settings.command_deadline + 5
+    worker = threading.Thread(target=run, daemon=True)
+    started = time.monotonic()
+    worker.start()
+    try:
+        worker.join(hard + 15)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    took = time.monotonic() - started
+    assert frozen, "no sshd process served the session"
+    assert not worker.is_alive(), f"run_root still waiting after {took:.0f}s"
+    (failed,) = outcome
+    assert isinstance(failed, SshError), failed
+    assert str(failed) == f"command: timed out after {hard:.0f}s in total", failed
 
 
 def test_a_silent_node_delays_no_other_node(env: SimEnv) -> None:
