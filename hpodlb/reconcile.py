@@ -18,6 +18,7 @@ failed and nothing is left to do, hold or wait for.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -66,6 +67,7 @@ BACKOFF_MAX_SECONDS = 600.0
 WORKERS = 8  # node pipelines at a time: 8 SSH handshakes keep 2 cores busy
 LINGER_SECONDS = 0.5  # a node ready to register waits this long for others to share the call
 GATHER_SECONDS = 0.05  # results that come in this close together make one re-plan, not several
+BEAT_SECONDS = 1.0  # a pass waiting on node jobs still wakes this often, to say it is alive
 PROBE = "probe"
 
 
@@ -159,8 +161,14 @@ class Reconciler:
             min_absent_seconds=(cfg.absent_passes_before_deregister - 1) * cfg.interval_seconds,
         )
 
-    def run_pass(self, state: State, *, apply: bool) -> PassOutcome:
-        """One level-triggered pass; mutates `state` only when `apply` is true."""
+    def run_pass(
+        self, state: State, *, apply: bool, beat: Callable[[], None] = lambda: None
+    ) -> PassOutcome:
+        """One level-triggered pass; mutates `state` only when `apply` is true.
+
+        `beat` is called whenever the pass advances (and at least every BEAT_SECONDS while it
+        waits on node jobs, each bounded by its deadline): the daemon's watchdog follows it, so a
+        long pass over many slow nodes is alive, and one stuck in a call is not."""
         started, started_wall = self.clock(), self.wall()
         outcome = PassOutcome()
         work = state if apply else state.model_copy(deep=True)
@@ -171,7 +179,7 @@ class Reconciler:
             log.error("inventory_invalid", error=str(exc), action="no change this pass")
         if outcome.inventory_error is None:
             try:
-                _Pass(self, work, outcome, apply=apply).run()
+                _Pass(self, work, outcome, apply=apply, beat=beat).run()
             except Exception as exc:  # a bug must cost one pass, and the pass must say so
                 log.exception("pass_crashed")
                 outcome.errors.append(f"pass crashed: {type(exc).__name__}: {exc}")
@@ -184,8 +192,17 @@ class Reconciler:
 class _Pass:
     """One pass in progress: what is known so far, what was done, what is still running."""
 
-    def __init__(self, rec: Reconciler, state: State, outcome: PassOutcome, *, apply: bool):
+    def __init__(
+        self,
+        rec: Reconciler,
+        state: State,
+        outcome: PassOutcome,
+        *,
+        apply: bool,
+        beat: Callable[[], None],
+    ):
         self.rec = rec
+        self.beat = beat
         self.state = state
         self.outcome = outcome
         self.apply = apply
@@ -218,6 +235,7 @@ class _Pass:
         try:
             self._start_probes(pool)
             while True:
+                self.beat()
                 plan = self._plan()
                 if self.apply and self._act(plan, pool):
                     continue
@@ -320,6 +338,7 @@ class _Pass:
 
     def _observe_groups(self) -> None:
         for group in self.rec.groups:
+            self.beat()
             try:
                 view = group.observe()
                 problem = group.problem(self.now)
@@ -352,6 +371,7 @@ class _Pass:
         groups = {g.arn: g for g in self.rec.groups}
         for arn, group_actions in by_group.items():
             group = groups[arn]
+            self.beat()
             write = group.register if kind is Kind.REGISTER else group.deregister
             result = write([a.ip for a in group_actions])
             done = set(result.done)
@@ -494,17 +514,18 @@ class _Pass:
         else:
             what, ip, action = subject.kind.value, subject.ip, subject
             budget = 12 * t + 40 if subject.kind is Kind.ADOPT else 16 * t + 90
-        deadline = self.rec.clock() + budget
-        self.jobs[pool.submit(_boundary, job)] = _Job(what, ip, deadline, action)
+        record = _Job(what, ip, budget, action)
+        self.jobs[pool.submit(_boundary, job, record, self.rec.clock)] = record
 
     def _collect(self) -> None:
         """Wait for at least one node job, then take in everything that is done."""
-        nearest = min(job.deadline for job in self.jobs.values())
+        now = self.rec.clock()
+        nearest = min(now + BEAT_SECONDS, *(job.deadline for job in self.jobs.values()))
         if self.ready_since:  # wake up in time to register what lingers
             nearest = min(nearest, min(self.ready_since.values()) + LINGER_SECONDS)
         done, pending = wait(
             list(self.jobs),
-            timeout=max(0.0, nearest - self.rec.clock()),
+            timeout=max(0.0, nearest - now),
             return_when=FIRST_COMPLETED,
         )
         if done and pending:  # what finishes in the next moment is taken in with it: one re-plan
@@ -572,17 +593,11 @@ class _Pass:
         assert self.rec.keys is not None
         ip = action.ip
         node, store = self.by_ip[ip], self.rec.keys.store
-        try:
-            if isinstance(result, Exception):
-                raise result
-            store.install(result, keep_previous=False)
-            self.keyset = store.load()
-        except (SshError, KeyStoreError) as exc:
-            why = f"adopting the keys of {node.label()} failed: {exc}"
+        error = _adoption_error(result) if isinstance(result, Exception) else self._install(result)
+        if error is not None:
+            why = f"adopting the keys of {node.label()} failed: {error}"
             self._error(why)
-            log.error(
-                "host_keys_adoption_failed", ip=ip, instance_id=node.instance_id, error=str(exc)
-            )
+            log.error("host_keys_adoption_failed", ip=ip, instance_id=node.instance_id, error=error)
             self.facts = replace(self.facts, unavailable=why)
             return
         self.outcome.applied.append(action)
@@ -594,6 +609,16 @@ class _Pass:
             fingerprints={t: k.fingerprint for t, k in self.keyset.items()},
         )
         self.facts = replace(self.facts, current={t: k.public for t, k in self.keyset.items()})
+
+    def _install(self, keys: KeySet) -> str | None:
+        """The adopted set into the store; what went wrong, if anything (disk full, refused)."""
+        assert self.rec.keys is not None
+        try:
+            self.rec.keys.store.install(keys, keep_previous=False)
+            self.keyset = self.rec.keys.store.load()
+        except Exception as exc:  # this adoption failed, not the pass
+            return _adoption_error(exc)
+        return None
 
     def _retire_previous(self, action: Action) -> None:
         assert self.rec.keys is not None
@@ -614,7 +639,7 @@ class _Pass:
         if backoff:
             record.failures += 1
             wait_s = backoff_seconds(record.failures)
-            record.retry_mono = self.now + wait_s
+            record.retry_mono = self.rec.clock() + wait_s
             record.retry_at = self.rec.wall() + wait_s
             fields = {"failures": record.failures, "retry_in_seconds": wait_s}
             self._error(f"{node.label()}: {error}")
@@ -717,20 +742,32 @@ class _Pass:
             log.error("known_hosts_unwritable", path=str(path), error=str(exc))
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Job:
     what: str  # PROBE, or the Kind of the action
     ip: str
-    deadline: float  # monotonic: past it, the node's job counts as failed
+    budget: float  # seconds from the job's start: past them, the node's job counts as failed
     action: Action | None = None
+    started: float | None = None  # monotonic; set by the worker that runs it
+
+    @property
+    def deadline(self) -> float:
+        """Counted from when a worker took the job, not from when it was queued: nodes queued
+        behind slow ones (an AZ down) must not time out before they were even tried."""
+        return math.inf if self.started is None else self.started + self.budget
 
 
-def _boundary(job: Callable[[], Any]) -> Any:
+def _boundary(job: Callable[[], Any], record: _Job, clock: Callable[[], float]) -> Any:
     """A node's fault is that node's failure: any exception becomes its result, never ours."""
+    record.started = clock()
     try:
         return job()
     except Exception as exc:
         return exc
+
+
+def _adoption_error(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, KeyStoreError) else _error_text(exc, "adopt")
 
 
 def _error_text(exc: Exception, step: str) -> str:

@@ -25,7 +25,8 @@ import pytest
 
 from hpodlb.logs import setup_logging
 from hpodlb.sshnode import ParamikoConnector, SshError
-from hpodlb.wiring import ssh_settings
+from hpodlb.state import load_state, save_state
+from hpodlb.wiring import build_reconciler, ssh_settings
 from sim.env import SimEnv
 from tests.test_hostkeys import canonical, nodes
 
@@ -159,6 +160,27 @@ def test_a_node_that_freezes_mid_command_is_bounded_by_the_command_deadline(
     (failed,) = outcome
     assert isinstance(failed, SshError), failed
     assert str(failed) == f"command: timed out after {hard:.0f}s in total", failed
+
+
+def test_nodes_queued_behind_silent_ones_get_their_whole_deadline(env: SimEnv) -> None:
+    """More silent nodes than workers (an AZ whose nodes hang): a healthy node queued behind them
+    is still probed and joins; its deadline starts when a worker takes it, not when it queued."""
+    ips = nodes(env, 2)
+    env.write_config(ssh={"connect_timeout_seconds": 1})
+    env.list_nodes(ips[:1])
+    assert env.run_pass().converged
+    silent = [env.cluster.ip(n) for n in range(20, 36)]
+    for ip in silent:
+        env.cluster.silent_listener(ip)
+        env.cluster.nodes[ip] = env.cluster.nodes[ips[0]].__class__(env.cluster, ip, f"i-0silent{ip.split('.')[-1]:0>8}")
+    env.list_nodes([ips[0], *silent, ips[1]])
+    rec = build_reconciler(env.config)
+    rec.workers = 1  # 16 silent probes of >= 1 s each ahead of it: past its 11 s probe budget
+    state, _ = load_state(env.state_dir)
+    outcome = rec.run_pass(state, apply=True)
+    save_state(env.state_dir, state)
+    assert env.registered() == set(ips), outcome.errors
+    assert all(state.nodes[ip].last_error.startswith("handshake: ") for ip in silent)
 
 
 def test_a_silent_node_delays_no_other_node(env: SimEnv) -> None:

@@ -7,6 +7,8 @@ situations in seconds, with a connector that enforces pins as the real one does.
 
 from __future__ import annotations
 
+import errno
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ from hpodlb.hostkeys import HostKeys
 from hpodlb.intents import TrustRequest, load_intents, update_intents
 from hpodlb.keystore import KeyStore, generate
 from hpodlb.planner import Kind
-from hpodlb.reconcile import PassOutcome, Reconciler, key_side
+from hpodlb.reconcile import PassOutcome, Reconciler, backoff_seconds, key_side
+from hpodlb.sshnode import SshError
 from hpodlb.state import State
 from hpodlb.targets import TargetGroup, boto_config
 from tests.fakenodes import TYPES, FakeConnector, FakeNode
@@ -182,3 +185,49 @@ def test_any_exception_in_a_node_job_is_that_nodes_failure(world: World) -> None
     assert world.state.nodes[IPS[2]].last_error == "push: ValueError: odd channel"
     assert not outcome.converged
     assert world.state.last_pass is not None and len(world.state.last_pass.errors) == 1
+
+
+def test_a_push_that_failed_late_backs_off_from_when_it_failed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push that fails after a long wait is retried a backoff after it failed, not after the
+    pass began (or a push that used its whole deadline is tried again on the very next pass)."""
+    slow, real = IPS[1], world.connector.session
+
+    @contextmanager
+    def session(ip: str, pin: frozenset[str]) -> Iterator[Any]:
+        if ip == slow:
+            world.clock.advance(100)  # the push waited this long, then failed
+            raise SshError("command", "timed out after 100s in total")
+        with real(ip, pin) as s:
+            yield s
+
+    monkeypatch.setattr(world.connector, "session", session)
+    failed_at = world.clock.now + 100
+    world.run_pass()
+    record = world.state.nodes[slow]
+    assert record.failures == 1
+    assert record.retry_mono == failed_at + backoff_seconds(1)
+
+
+def test_an_adoption_the_store_cannot_take_fails_that_pass_quietly(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing the adopted set fails with something unexpected (a full disk): the adoption failed
+    and says why; the pass is not crashed, nothing is registered, the next pass adopts."""
+    def full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(KeyStore, "install", full)
+        outcome = world.run_pass()
+    assert not outcome.converged
+    assert outcome.errors == [
+        f"adopting the keys of {IPS[0]} (i-0a1b2c3d4e5f60011) failed: "
+        "adopt: OSError: [Errno 28] No space left on device"
+    ], outcome.errors
+    assert not any(e.startswith("pass crashed") for e in outcome.errors)
+    assert world.registered() == set()
+    assert world.run_pass().converged  # adopts now; the others are pushed and join
+    assert world.registered() == set(IPS)
+    assert world.canonical() == {world.nodes[IPS[0]].keys[t].public for t in TYPES}
