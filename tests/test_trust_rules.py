@@ -8,8 +8,8 @@ situations in seconds, with a connector that enforces pins as the real one does.
 from __future__ import annotations
 
 import errno
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
