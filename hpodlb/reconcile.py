@@ -67,7 +67,7 @@ BACKOFF_MAX_SECONDS = 600.0
 WORKERS = 8  # node pipelines at a time: 8 SSH handshakes keep 2 cores busy
 LINGER_SECONDS = 0.5  # a node ready to register waits this long for others to share the call
 GATHER_SECONDS = 0.05  # results that come in this close together make one re-plan, not several
-BEAT_SECONDS = 1.0  # a pass waiting on node jobs still wakes this often, to say it is alive
+BEAT_SECONDS = 0.25  # a pass waiting on node jobs wakes this often, to say it is alive
 PROBE = "probe"
 
 
@@ -518,16 +518,23 @@ class _Pass:
         self.jobs[pool.submit(_boundary, job, record, self.rec.clock)] = record
 
     def _collect(self) -> None:
-        """Wait for at least one node job, then take in everything that is done."""
-        now = self.rec.clock()
-        nearest = min(now + BEAT_SECONDS, *(job.deadline for job in self.jobs.values()))
-        if self.ready_since:  # wake up in time to register what lingers
-            nearest = min(nearest, min(self.ready_since.values()) + LINGER_SECONDS)
-        done, pending = wait(
-            list(self.jobs),
-            timeout=max(0.0, nearest - now),
-            return_when=FIRST_COMPLETED,
-        )
+        """Wait for at least one node job, then take in everything that is done. While it waits,
+        the pass beats every BEAT_SECONDS: it is alive, and every job it waits on is bounded."""
+        done: set[Future[Any]] = set()
+        pending: set[Future[Any]] = set(self.jobs)
+        while True:
+            now = self.rec.clock()
+            nearest = min(job.deadline for job in self.jobs.values())
+            if self.ready_since:  # wake up in time to register what lingers
+                nearest = min(nearest, min(self.ready_since.values()) + LINGER_SECONDS)
+            if now >= nearest:
+                break
+            done, pending = wait(
+                pending, timeout=min(nearest - now, BEAT_SECONDS), return_when=FIRST_COMPLETED
+            )
+            if done:
+                break
+            self.beat()
         if done and pending:  # what finishes in the next moment is taken in with it: one re-plan
             done |= wait(pending, timeout=GATHER_SECONDS)[0]
         now = self.rec.clock()
