@@ -46,5 +46,9 @@ class Notifier:
     def watchdog(self) -> None:
         self.notify("WATCHDOG=1")
 
+    def extend_timeout(self, seconds: float) -> None:
+        """Before READY=1: the start is advancing, wait this much longer (systemd 236+)."""
+        self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
     def stopping(self) -> None:
         self.notify("STOPPING=1")

@@ -264,6 +264,8 @@ class Daemon:
             wd = self.notifier.watchdog_seconds
             if wd and now - last_ping >= wd / 4 and self._advancing(now, wd / 2):
                 self.notifier.watchdog()
+                if self.passes == 0:  # READY=1 waits for the first pass, however long it is
+                    self.notifier.extend_timeout(wd)
                 last_ping = now
         return self._stop(worker)
 

@@ -289,6 +289,11 @@ def test_a_pass_waiting_on_a_silent_node_keeps_the_watchdog_fed(
         assert failed["ip"] == "127.0.0.1"
         assert failed["step"] == "handshake"
         pings = sorted(t for t, _ in daemon.notify.fields("WATCHDOG=1") if t < ready_at)
+        # Before READY=1, each ping also extends systemd's start timeout by the watchdog interval.
+        extends = [(t, f) for t, f in daemon.notify.fields("EXTEND_TIMEOUT_USEC=") if t < ready_at]
+        assert {f for _, f in extends} == {"EXTEND_TIMEOUT_USEC=1000000"}, extends
+        assert len(extends) >= len(pings) - 1, (extends, pings)
+        assert not [t for t, _ in daemon.notify.fields("EXTEND_TIMEOUT_USEC=") if t > ready_at + 0.5]
         # Every 0.25 s while the pass waits (the stall limit is 0.5 s): never a gap near 0.5 s.
         assert pings and pings[-1] > ready_at - 1.0, pings
         gaps = [b - a for a, b in itertools.pairwise(pings)]
