@@ -19,10 +19,11 @@ runs. Three parties, and a wall-clock step (NTP, an admin, a VM resumed) stops n
     no `hpodlb once` can act beside us with either config;
   - SIGTERM/SIGINT: no new pass; a running one gets STOP_GRACE_SECONDS, then a hard exit 0;
   - WATCHDOG=1 only while passes advance: a running pass beats as it goes (every 0.25 s while
-    it waits on node jobs, each bounded by its deadline; before each AWS call), and with none running, one
-    finished within `interval_seconds` plus half the watchdog interval. A pass stuck in a call
-    for half the watchdog interval, or a dead worker or scheduler, stops the pings, and systemd
-    restarts us; a long pass over many slow nodes does not.
+    it waits on node jobs, each bounded by its deadline; before each AWS call), and with none
+    running, one finished within `interval_seconds` plus half the watchdog interval. A pass stuck
+    in a call for half the watchdog interval, or a dead worker or scheduler, stops the pings, and
+    systemd restarts us; a long pass over many slow nodes does not. Before READY=1 each ping also
+    extends systemd's start timeout (EXTEND_TIMEOUT_USEC).
 The main thread only reads what the worker publishes (times, the last summary line), never the
 state the pass is changing.
 """
