@@ -55,6 +55,9 @@ class WriteResult:
     error: TargetsError | None = None
 
 
+RETRY_MODES = ("standard", "adaptive", "legacy")  # botocore's; anything else is an admin's typo
+
+
 def boto_config(connect_timeout_seconds: float = 5, read_timeout_seconds: float = 15) -> BotoConfig:
     """Retries with backoff for throttling and 5xx, bounded so a pass cannot hang on AWS.
 
@@ -66,10 +69,10 @@ def boto_config(connect_timeout_seconds: float = 5, read_timeout_seconds: float 
     raw = os.environ.get("AWS_MAX_ATTEMPTS", str(DEFAULT_ATTEMPTS))
     if not raw.strip().isdigit() or int(raw) < 1:
         raise ConfigError(f"AWS_MAX_ATTEMPTS={raw!r}: expected a whole number of attempts >= 1")
-    retries = {
-        "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-        "total_max_attempts": int(raw),
-    }
+    mode = os.environ.get("AWS_RETRY_MODE", "standard")
+    if mode not in RETRY_MODES:
+        raise ConfigError(f"AWS_RETRY_MODE={mode!r}: expected one of {', '.join(RETRY_MODES)}")
+    retries = {"mode": mode, "total_max_attempts": int(raw)}
     return BotoConfig(
         retries=retries,
         connect_timeout=connect_timeout_seconds,

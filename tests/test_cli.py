@@ -293,18 +293,25 @@ def test_an_unexpected_error_is_one_line_and_exit_2(
 
 
 @pytest.mark.parametrize("command", ["plan", "once", "check-config"])
-def test_a_bad_aws_max_attempts_is_a_config_error(
+@pytest.mark.parametrize(("variable", "value", "expected"), [
+    ("AWS_MAX_ATTEMPTS", "five", "expected a whole number of attempts >= 1"),
+    ("AWS_RETRY_MODE", "bogus", "expected one of standard, adaptive, legacy"),
+])
+def test_a_bad_aws_retry_setting_is_a_config_error(
     hpodlb: Callable[..., subprocess.CompletedProcess[str]],
     write_config: Callable[..., Path],
     arn: str,
     command: str,
+    variable: str,
+    value: str,
+    expected: str,
 ) -> None:
-    """AWS_MAX_ATTEMPTS=five is the admin's setting, not a bug: exit 2 with one line naming it."""
+    """AWS_MAX_ATTEMPTS=five or AWS_RETRY_MODE=bogus is the admin's setting, not a bug: exit 2
+    with one line naming it."""
     cfg = str(write_config([{"arn": arn, "port": 22}]))
-    done = hpodlb(command, "--config", cfg, env={"AWS_MAX_ATTEMPTS": "five"})
+    done = hpodlb(command, "--config", cfg, env={variable: value})
     assert done.returncode == 2
-    assert done.stderr.splitlines() == [
-        "hpodlb: config error: AWS_MAX_ATTEMPTS='five': expected a whole number of attempts >= 1"]
+    assert done.stderr.splitlines() == [f"hpodlb: config error: {variable}={value!r}: {expected}"]
 
 
 @pytest.mark.parametrize("command", ["plan", "status"])
