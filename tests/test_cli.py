@@ -276,16 +276,17 @@ def test_an_unexpected_error_is_one_line_and_exit_2(
     arn: str,
     command: str,
 ) -> None:
-    """An exception no command handles (botocore refusing AWS_RETRY_MODE=bogus) exits 2, never
-    plan's "changes pending" 1, with one line naming it; -v adds the traceback."""
+    """An exception no command handles (botocore refusing AWS_DEFAULTS_MODE=bogus, a setting
+    hpodlb knows nothing of) exits 2, never plan's "changes pending" 1, with one line naming it;
+    -v adds the traceback."""
     cfg = str(write_config([{"arn": arn, "port": 22}]))
-    error = ('InvalidRetryModeError: Invalid value provided to "mode": "bogus" must be one of: '
-             "('legacy', 'standard', 'adaptive')")
-    quiet = hpodlb(command, "--config", cfg, env={"AWS_RETRY_MODE": "bogus"})
+    error = ("InvalidDefaultsMode: Client configured with invalid defaults mode: bogus. Valid "
+             "defaults modes include: legacy, auto, standard, in-region, cross-region, mobile.")
+    quiet = hpodlb(command, "--config", cfg, env={"AWS_DEFAULTS_MODE": "bogus"})
     assert quiet.returncode == 2
     assert quiet.stderr.splitlines() == [
         f"hpodlb: unexpected error: {error} (run with -v for the traceback)"]
-    verbose = hpodlb(command, "--config", cfg, "-v", env={"AWS_RETRY_MODE": "bogus"})
+    verbose = hpodlb(command, "--config", cfg, "-v", env={"AWS_DEFAULTS_MODE": "bogus"})
     assert verbose.returncode == 2
     lines = verbose.stderr.splitlines()
     assert lines[-2:] == [f"botocore.exceptions.{error}", f"hpodlb: unexpected error: {error}"]
