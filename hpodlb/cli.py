@@ -527,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, load the config, run the command: the one boundary every command's failure crosses.
 
     An exception no command handles is a bug or an environment hpodlb cannot use (e.g.
-    AWS_RETRY_MODE=bogus): it exits 2, "could not even evaluate", never 1, which `plan` and `once`
+    AWS_DEFAULTS_MODE=bogus): it exits 2, "could not even evaluate", never 1, which `plan` and `once`
     use for "changes pending". One line names it; -v adds the traceback. Output into a pipe whose
     reader has gone (`hpodlb plan --json | head -1`) ends quietly, as a SIGPIPE would end it.
     """
