@@ -28,7 +28,7 @@ from hpodlb.wiring import build_reconciler
 from sim.aws import moto_server
 from sim.env import SimEnv
 from sim.faultproxy import FaultPlan, fault_proxy
-from sim.nodes import SIM_USER, SimNode, sim_cluster
+from sim.nodes import SIM_USER, sim_cluster
 
 Row = tuple[str, str, str, str]
 TYPES = ("rsa", "ecdsa", "ed25519")
@@ -344,8 +344,7 @@ def _bad_nodes(env: SimEnv) -> list[str]:
     """A silent peer (TCP, never a banner), a trickling node and one refusing channels."""
     cluster = env.cluster
     silent, trickle, refuse = cluster.ip(251), cluster.ip(252), cluster.ip(253)
-    cluster.silent_listener(silent)
-    cluster.nodes[silent] = SimNode(cluster, silent, "i-0silent00000251")
+    cluster.silent_listener(silent, "i-0silent00000251")
     for ip, extra in ((trickle, TRICKLE.format(user=SIM_USER)), (refuse, "MaxSessions 0\n")):
         node = cluster.add_node(ip, f"i-0bad{ip.rsplit('.', 1)[1]:0>12}", start=False)
         node.write_sshd_config(extra)

@@ -301,8 +301,10 @@ class SimCluster:
         self.nodes[ip] = node
         return node
 
-    def silent_listener(self, ip: str) -> None:
-        """A peer that accepts TCP on the SSH port and never says a word (a hung sshd)."""
+    def silent_listener(self, ip: str, instance_id: str) -> None:
+        """A peer that accepts TCP on the SSH port and never says a word (a hung sshd), listed
+        among the nodes (never started) so a resource config can name it."""
+        self.nodes[ip] = SimNode(self, ip, instance_id)
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((ip, self.port))

@@ -171,8 +171,7 @@ def test_nodes_queued_behind_silent_ones_get_their_whole_deadline(env: SimEnv) -
     assert env.run_pass().converged
     silent = [env.cluster.ip(n) for n in range(20, 36)]
     for ip in silent:
-        env.cluster.silent_listener(ip)
-        env.cluster.nodes[ip] = env.cluster.nodes[ips[0]].__class__(env.cluster, ip, f"i-0silent{ip.split('.')[-1]:0>8}")
+        env.cluster.silent_listener(ip, f"i-0silent{ip.split('.')[-1]:0>8}")
     env.list_nodes([ips[0], *silent, ips[1]])
     rec = build_reconciler(env.config)
     rec.workers = 1  # 16 silent probes of >= 1 s each ahead of it: past its 11 s probe budget
@@ -188,8 +187,7 @@ def test_a_silent_node_delays_no_other_node(env: SimEnv) -> None:
     ips = nodes(env, 3)
     env.write_config(ssh={"connect_timeout_seconds": 4})
     silent = env.cluster.ip(9)
-    env.cluster.silent_listener(silent)
-    env.cluster.nodes[silent] = env.cluster.nodes[ips[0]].__class__(env.cluster, silent, "i-0silent000000009")
+    env.cluster.silent_listener(silent, "i-0silent000000009")
     env.list_nodes([*ips, silent])
     log = io.StringIO()
     setup_logging(stream=log)
@@ -257,8 +255,7 @@ def test_an_unreachable_node_is_one_log_event_not_a_traceback(env: SimEnv) -> No
     ips = nodes(env, 1)
     down = env.cluster.add_node(env.cluster.ip(8), "i-0down00000000008", start=False)
     silent = env.cluster.ip(9)
-    env.cluster.silent_listener(silent)
-    env.cluster.nodes[silent] = down.__class__(env.cluster, silent, "i-0silent000000009")
+    env.cluster.silent_listener(silent, "i-0silent000000009")
     env.list_nodes([*ips, down.ip, silent])
     log = io.StringIO()
     setup_logging(stream=log)
