@@ -112,6 +112,10 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
     state, warning = load_state(config.state.dir)
     arns = [tg.arn for tg in config.target_groups]
+    if args.live:
+        from hpodlb.wiring import build_reconciler
+
+        build_reconciler(config).observe_health(state)  # a copy: the state file is not written
     if args.json:
         doc = report.status_doc(state, arns, time.time())
         doc["state_warning"] = warning
@@ -133,6 +137,15 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
         problems += not ok
     print(f"{problems} problem(s) found" if problems else "configuration is usable")
     return EXIT_PENDING if problems else EXIT_OK
+
+
+def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
+    from hpodlb.doctor import render_json, render_text, run_doctor
+    from hpodlb.wiring import build_reconciler
+
+    report = run_doctor(config, build_reconciler(config))
+    print(render_json(report) if args.json else render_text(report))
+    return report.exit_status
 
 
 def cmd_keys(config: Config, args: argparse.Namespace) -> int:
@@ -383,11 +396,18 @@ def _add_pass_commands(add: Adder) -> None:
     p = add(
         "status",
         cmd_status,
-        "login nodes and targets as of the last pass",
-        "Login nodes and targets as of the last pass, read from the state file (no AWS call). "
+        "login nodes, their keys, targets and NLB health",
+        "Login nodes and targets as of the last pass, read from the state file (no AWS call): "
+        "key state, target state and NLB health (with AWS's reason, and since when) per target "
+        "group, what is held back or waiting. --live asks AWS for the targets' health now. "
         "Exit status: 0 shown, 2 config or usage error.",
     )
     p.add_argument("--json", action="store_true", help="machine-readable status")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="ask AWS for the targets' health now, instead of showing the last pass's",
+    )
     add(
         "check-config",
         cmd_check_config,
@@ -396,6 +416,19 @@ def _add_pass_commands(add: Adder) -> None:
         "state dir, key store and SSH key; change nothing. "
         "Exit status: 0 usable, 1 problems listed, 2 the config file itself is invalid.",
     )
+    p = add(
+        "doctor",
+        cmd_doctor,
+        "check the whole path a user's SSH takes, with the fix for each problem",
+        "Check the path of a user's SSH end to end, read-only: config and login nodes; AWS "
+        "identity and every read hpodlb needs; each target group (type, port, VPC, health "
+        "checks, attributes for long sessions); its NLB (internal, active, a listener forwarding "
+        "to it, a subnet in every login node's zone, idle timeout); the login nodes' security "
+        "groups; sshd on each node (reachable, sudo, host keys, keepalive); the key store; the "
+        "daemon. Each line is PASS, WARN or FAIL with the fix. Exit status: 0 no FAIL, 1 some "
+        "FAIL, 2 could not evaluate (config invalid, or AWS not reachable at all).",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable checklist")
 
 
 def _add_aws_commands(add: Adder) -> None:

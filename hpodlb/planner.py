@@ -36,7 +36,7 @@ from hpodlb.identity import Judgement, KeyState, judge
 from hpodlb.inventory import LoginNode
 
 # NLB states in which a target is on its way out or gone: it does not count as registered.
-NOT_REGISTERED_STATES = frozenset({"draining"})
+NOT_REGISTERED_STATES = frozenset({"draining", "unhealthy.draining"})
 
 
 class Kind(str, enum.Enum):
@@ -59,6 +59,8 @@ class Target:
     ip: str  # the target's Id: an IP address for the groups hpodlb manages
     port: int
     state: str
+    reason: str = ""  # AWS's TargetHealth.Reason, for people: decisions use `state` only
+    description: str = ""
 
     @property
     def registered(self) -> bool:

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from hpodlb import health
 from hpodlb.config import Config, target_group_name
 from hpodlb.files import UntrustedPathError, make_trusted_dir, write_atomically
 from hpodlb.hostkeys import HostKeys
@@ -55,7 +56,6 @@ from hpodlb.state import (
     NodeRecord,
     PassRecord,
     State,
-    TargetRecord,
     save_state,
 )
 from hpodlb.targets import BATCH_SIZE, TargetGroup, TargetsError
@@ -102,12 +102,14 @@ class PassOutcome:
     inventory_error: str | None = None
     errors: list[str] = field(default_factory=list)
     applied: list[Action] = field(default_factory=list)  # in the order it happened
+    unhealthy: list[str] = field(default_factory=list)  # login nodes' targets unhealthy too long
     duration_seconds: float = 0.0
 
     @property
     def converged(self) -> bool:
-        """Nothing failed, and nothing is left to do, held back or waiting after this pass."""
-        if self.inventory_error or self.errors or self.plan is None:
+        """Nothing failed, nothing is left to do, held back or waiting after this pass, and no
+        login node's target has been unhealthy for longer than its health-check window."""
+        if self.inventory_error or self.errors or self.unhealthy or self.plan is None:
             return False
         return self.plan.settled
 
@@ -120,7 +122,7 @@ class PassOutcome:
             f"{len(self.nodes)} login nodes; registered {done[Kind.REGISTER]}, "
             f"deregistered {done[Kind.DEREGISTER]}, keys pushed {done[Kind.PUSH_KEYS]}; "
             f"{len(plan.held())} held back, {len(plan.waiting)} waiting, "
-            f"{len(self.errors)} errors"
+            f"{len(self.unhealthy)} unhealthy, {len(self.errors)} errors"
         )
 
 
@@ -160,6 +162,22 @@ class Reconciler:
             # N scheduled passes are N - 1 intervals apart; a burst of passes is not.
             min_absent_seconds=(cfg.absent_passes_before_deregister - 1) * cfg.interval_seconds,
         )
+
+    def observe_health(self, state: State) -> None:
+        """Ask AWS now for every group's targets and fold them into `state` (for `status --live`):
+        what changes nothing but the record of what the NLB says."""
+        now, wall = self.clock(), self.wall()
+        _rebase(state, self.boot_id, now)
+        for group in self.groups:
+            try:
+                view = group.observe()
+            except TargetsError as exc:
+                state.target_errors[group.arn] = f"{exc} (asked live)"
+                continue
+            state.target_errors.pop(group.arn, None)
+            state.targets[group.arn] = health.track(
+                state.targets.get(group.arn, []), view.targets, now, wall
+            )
 
     def run_pass(
         self, state: State, *, apply: bool, beat: Callable[[], None] = lambda: None
@@ -396,9 +414,13 @@ class _Pass:
 
     def _applied_to_group(self, kind: Kind, action: Action) -> None:
         view = self.views[action.target_group]
-        state = "initial" if kind is Kind.REGISTER else "draining"
+        state, why = (
+            ("initial", "Elb.RegistrationInProgress")
+            if kind is Kind.REGISTER
+            else ("draining", "Target.DeregistrationInProgress")
+        )
         others = tuple(t for t in view.targets if (t.ip, t.port) != (action.ip, view.port))
-        updated = replace(view, targets=(*others, Target(action.ip, view.port, state)))
+        updated = replace(view, targets=(*others, Target(action.ip, view.port, state, why)))
         self.views[view.arn] = updated
         if kind is Kind.DEREGISTER:
             self.spent[view.arn] += 1
@@ -661,11 +683,7 @@ class _Pass:
 
     def _remember(self, final: Plan) -> None:
         s = self.state
-        for arn, view in self.views.items():
-            s.targets[arn] = [
-                TargetRecord(ip=t.ip, port=t.port, state=t.state)
-                for t in sorted(view.targets, key=lambda t: (t.ip, t.port))
-            ]
+        self._remember_health()
         for arn in self.views:
             ours = set(s.registered_by_us.get(arn, []))
             for action in self.outcome.applied:  # in the order it happened
@@ -688,6 +706,43 @@ class _Pass:
         s.boot_id = self.rec.boot_id
         if self.rec.keys is not None and self.keyset:
             self._write_known_hosts()
+
+    def _remember_health(self) -> None:
+        """Each target's state and since when; a login node unhealthy for longer than its group's
+        health-check window is warned about once and keeps the pass from converging. Health is
+        reported, never acted on."""
+        groups = {g.arn: g for g in self.rec.groups}
+        for arn, view in self.views.items():
+            before = self.state.targets.get(arn, [])
+            records = health.track(before, view.targets, self.now, self.rec.wall())
+            self.state.targets[arn] = records
+            group = groups[arn]
+            warned = {r.ip for r in before if r.warned}
+            for record in records:
+                if record.ip in warned and record.state == health.HEALTHY:
+                    log.info("target_healthy_again", ip=record.ip, target_group=group.name)
+            window = health.window_seconds(group.info)
+            for record in health.overdue(records, self.by_ip, window, self.now):
+                node = self.by_ip[record.ip]
+                line = (
+                    f"{node.label()} on {group.name}: {health.describe(record)} for "
+                    f"{self.now - (record.since_mono or self.now):.0f}s (health-check window "
+                    f"{window:.0f}s); likely fix: {health.likely_fix(record.reason)}"
+                )
+                self.outcome.unhealthy.append(line)
+                if not record.warned:
+                    record.warned = True
+                    log.warning(
+                        "target_unhealthy",
+                        ip=record.ip,
+                        instance_id=node.instance_id,
+                        target_group=group.name,
+                        state=record.state,
+                        reason=record.reason,
+                        description=record.description,
+                        window_seconds=window,
+                        fix=health.likely_fix(record.reason),
+                    )
 
     def _remember_nodes(self, final: Plan) -> None:
         keep: dict[str, NodeRecord] = {}
@@ -794,6 +849,9 @@ def _rebase(state: State, boot_id: str, now: float) -> None:
         for table in state.absent.values():
             for record in table.values():
                 record.since = now
+        for targets in state.targets.values():
+            for target in targets:
+                target.since_mono = now
         for node in state.nodes.values():
             node.verified_mono = None
             node.retry_mono, node.retry_at = None, None
@@ -822,6 +880,7 @@ def _record_pass(state: State, outcome: PassOutcome, started: float, finished: f
             if a.held_by
         ],
         waiting=[f"{w.node.label()}: {w.reason}" for w in plan.waiting],
+        unhealthy=list(outcome.unhealthy),
     )
 
 

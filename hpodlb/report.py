@@ -11,11 +11,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from hpodlb import health
 from hpodlb.config import target_group_name
 from hpodlb.inventory import LoginNode
 from hpodlb.keystore import fingerprint
 from hpodlb.planner import Plan
-from hpodlb.state import State
+from hpodlb.state import State, TargetRecord
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
@@ -83,11 +84,29 @@ def _when(ts: float | None, now: float) -> str:
     return f"{ago:.0f}s ago" if ago < 3600 else time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
 
 
+def _health_cell(record: TargetRecord | None, now: float) -> str:
+    """`unhealthy (Target.Timeout) for 12m`: what the NLB says of a target, and since when."""
+    if record is None:
+        return "not registered"
+    cell = f"{record.state} ({record.reason})" if record.reason else record.state
+    if record.state != health.HEALTHY and record.since:
+        cell += f" for {_span(now - record.since)}"
+    return cell
+
+
+def _span(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.0f}h"
+
+
 def status_doc(state: State, target_groups: Sequence[str], now: float) -> dict[str, Any]:
     """One entry per login node and per stray target, as `status --json` prints it."""
-    tg_state = {arn: {t.ip: t.state for t in state.targets.get(arn, [])} for arn in target_groups}
+    by_ip = {arn: {t.ip: t for t in state.targets.get(arn, [])} for arn in target_groups}
     nodes = []
     for ip, rec in sorted(state.nodes.items()):
+        records = {arn: by_ip[arn].get(ip) for arn in target_groups}
         nodes.append(
             {
                 "ip": ip,
@@ -99,13 +118,14 @@ def status_doc(state: State, target_groups: Sequence[str], now: float) -> dict[s
                 "verified_at": rec.verified_at,
                 "retry_at": rec.retry_at if (rec.retry_at or 0) > now else None,
                 "last_error": rec.last_error,
-                "targets": {arn: tg_state[arn].get(ip, "not registered") for arn in target_groups},
+                "targets": {arn: r.state if r else "not registered" for arn, r in records.items()},
+                "health": {arn: _health_json(r) if r else None for arn, r in records.items()},
             }
         )
     strays = [
-        {"ip": ip, "target_group": arn, "state": s}
-        for arn, by_ip in tg_state.items()
-        for ip, s in sorted(by_ip.items())
+        {"ip": ip, "target_group": arn, "state": t.state, "health": _health_json(t)}
+        for arn, targets in by_ip.items()
+        for ip, t in sorted(targets.items())
         if ip not in state.nodes
     ]
     return {
@@ -116,8 +136,18 @@ def status_doc(state: State, target_groups: Sequence[str], now: float) -> dict[s
     }
 
 
+def _health_json(record: TargetRecord) -> dict[str, Any]:
+    return {
+        "state": record.state,
+        "reason": record.reason,
+        "description": record.description,
+        "since": record.since or None,
+    }
+
+
 def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
     doc = status_doc(state, target_groups, now)
+    by_ip = {arn: {t.ip: t for t in state.targets.get(arn, [])} for arn in target_groups}
     out: list[str] = []
     last = state.last_pass
     if last is None:
@@ -125,6 +155,7 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
     else:
         verdict = "converged" if last.ok else "NOT converged"
         out.append(f"Last pass {_when(last.finished_at, now)}: {verdict}: {last.summary}")
+        out.append(health.headline(state, target_groups))
     header = ["IP", "INSTANCE", "NAME", "GROUP", "KEYS", "VERIFIED", "PUSH RETRY"]
     header += [target_group_name(a) for a in target_groups] + ["LAST ERROR"]
     rows = [header]
@@ -139,12 +170,15 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
                 keys,
                 _when(n["verified_at"], now),
                 _when(n["retry_at"], now),
-                *[n["targets"][a] for a in target_groups],
+                *[_health_cell(by_ip[a].get(n["ip"]), now) for a in target_groups],
                 n["last_error"] or "-",
             ]
         )
     for s in doc["other_targets"]:
-        cells = [s["state"] if a == s["target_group"] else "" for a in target_groups]
+        cells = [
+            _health_cell(by_ip[a][s["ip"]], now) if a == s["target_group"] else ""
+            for a in target_groups
+        ]
         rows.append([s["ip"], "(not a login node)", "-", "-", "-", "-", "-", *cells, "-"])
     if len(rows) > 1:
         out.append(table(rows))
@@ -153,5 +187,6 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
     if last is not None:
         out.extend(f"held back: {h}" for h in last.held)
         out.extend(f"waiting: {w}" for w in last.waiting)
+        out.extend(f"unhealthy: {u}" for u in last.unhealthy)
         out.extend(f"error: {e}" for e in last.errors)
     return "\n".join(out)

@@ -43,6 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from hpodlb import health
 from hpodlb.config import Config, ConfigError, load_config
 from hpodlb.files import file_signature
 from hpodlb.lock import InstanceLock, LockedError
@@ -94,26 +95,18 @@ class Flags:
 
 
 def summary_line(state: State, outcome: PassOutcome | None, config: Config) -> str:
-    """`3/3 login nodes in service, 0 pending, last pass 0.4 s` for STATUS= and the journal."""
-    arns = [tg.arn for tg in config.target_groups]
-    serving = 0
-    for ip, record in state.nodes.items():
-        in_every_group = all(
-            any(t.ip == ip and t.state != "draining" for t in state.targets.get(arn, []))
-            for arn in arns
-        )
-        keys_ok = record.key_state in ("in-sync", "not checked")
-        serving += in_every_group and keys_ok
-    total = len(state.nodes)
+    """`3/3 login nodes healthy, 0 pending, 0 errors, last pass 0.4 s` for STATUS= and the
+    journal. Healthy: verified keys, and the NLB's health checks pass in every target group."""
+    head = health.headline(state, [tg.arn for tg in config.target_groups])
     if outcome is None:
-        return f"{serving}/{total} login nodes in service"
+        return head
     if outcome.inventory_error:
-        return f"{serving}/{total} login nodes in service; resource config refused, no change"
+        return f"{head}; resource config refused, no change"
     plan = outcome.plan
     pending = len(plan.held()) + len(plan.waiting) if plan else 0
     return (
-        f"{serving}/{total} login nodes in service, {pending} pending, {len(outcome.errors)} errors, "
-        f"last pass {outcome.duration_seconds:.1f} s"
+        f"{head}, {pending} pending, {len(outcome.unhealthy)} unhealthy too long, "
+        f"{len(outcome.errors)} errors, last pass {outcome.duration_seconds:.1f} s"
     )
 
 

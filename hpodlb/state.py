@@ -62,7 +62,12 @@ class AbsenceRecord(BaseModel):
 class TargetRecord(BaseModel):
     ip: str
     port: int
-    state: str
+    state: str  # the NLB's TargetHealth.State
+    reason: str = ""  # TargetHealth.Reason (Target.FailedHealthChecks, ...)
+    description: str = ""
+    since: float = 0  # wall clock, for people: when it entered this state (as first seen)
+    since_mono: float | None = None  # monotonic, for deciding: how long it has been so
+    warned: bool = False  # its "unhealthy for too long" warning was logged
 
 
 class PassRecord(BaseModel):
@@ -73,6 +78,7 @@ class PassRecord(BaseModel):
     errors: list[str] = []
     held: list[str] = []
     waiting: list[str] = []
+    unhealthy: list[str] = []
 
 
 class State(BaseModel):

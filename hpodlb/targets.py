@@ -111,6 +111,7 @@ class TargetGroup:
         self.arn = arn
         self.port = port
         self._checked: tuple[float, str | None] | None = None  # (monotonic time, problem)
+        self.info: dict[str, Any] = {}  # the last DescribeTargetGroups entry (health checks, ...)
 
     @property
     def name(self) -> str:
@@ -119,15 +120,11 @@ class TargetGroup:
     def observe(self) -> GroupView:
         """All targets with their health state (DescribeTargetHealth: one call, not paginated)."""
         reply = self._call("DescribeTargetHealth", TargetGroupArn=self.arn)
-        targets = tuple(
-            Target(
-                ip=d["Target"]["Id"],
-                port=int(d["Target"].get("Port", self.port)),
-                state=d.get("TargetHealth", {}).get("State", "unknown"),
-            )
-            for d in reply.get("TargetHealthDescriptions", [])
+        return GroupView(
+            arn=self.arn,
+            port=self.port,
+            targets=tuple(_target(d, self.port) for d in reply.get("TargetHealthDescriptions", [])),
         )
-        return GroupView(arn=self.arn, port=self.port, targets=targets)
 
     def describe(self) -> dict[str, Any]:
         """The target group itself (type, protocol, port, attached load balancers)."""
@@ -143,7 +140,8 @@ class TargetGroup:
         """Why this group must not be written to (None: it may), checked at most every
         CHECK_SECONDS unless a refused write asked for it again. TargetsError if AWS cannot say."""
         if self._checked is None or now - self._checked[0] >= CHECK_SECONDS:
-            self._checked = (now, check_group(self.describe(), self.port))
+            self.info = self.describe()
+            self._checked = (now, check_group(self.info, self.port))
         return self._checked[1]
 
     def register(self, ips: Sequence[str]) -> WriteResult:
@@ -195,6 +193,17 @@ class TargetGroup:
         except BotoCoreError as exc:
             raise TargetsError(self.arn, operation, type(exc).__name__, str(exc)) from None
         return reply
+
+
+def _target(description: dict[str, Any], port: int) -> Target:
+    health = description.get("TargetHealth", {})
+    return Target(
+        ip=description["Target"]["Id"],
+        port=int(description["Target"].get("Port", port)),
+        state=health.get("State", "unknown"),
+        reason=health.get("Reason", ""),
+        description=health.get("Description", ""),
+    )
 
 
 def _each_batch(ips: Sequence[str], act: Callable[[Sequence[str]], None]) -> None:

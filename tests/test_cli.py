@@ -168,12 +168,15 @@ def test_plan_once_status_round_trip(
 
     status = hpodlb("status", "--config", cfg)
     assert status.returncode == 0
-    first, *table = status.stdout.splitlines()
+    first, headline, *table = status.stdout.splitlines()
     assert re.fullmatch(r"Last pass \d+s ago: converged: 3 login nodes; registered 3, deregistered 0, "
-                        r"keys pushed 0; 0 held back, 0 waiting, 0 errors", first), first
-    assert rows("\n".join(table)) == [
+                        r"keys pushed 0; 0 held back, 0 waiting, 0 unhealthy, 0 errors", first), first
+    assert rows(re.sub(r" for \d+s", " for Ns", "\n".join(table))) == [
         ["IP", "INSTANCE", "NAME", "GROUP", "KEYS", "VERIFIED", "PUSH RETRY", tg, "LAST ERROR"]] + [
-        [ip, iid, name, "login-group", "not checked", "-", "-", "initial", "-"] for ip, iid, name in LOGIN_NODES]
+        [ip, iid, name, "login-group", "not checked", "-", "-", "initial (Elb.RegistrationInProgress) for Ns", "-"]
+        for ip, iid, name in LOGIN_NODES]
+    # Registered, health checks not passed yet (moto answers healthy only when asked again).
+    assert headline == "0/3 login nodes healthy (3 more registered, not healthy yet)"
     doc = json.loads(hpodlb("status", "--json", "--config", cfg).stdout)
     assert {n["ip"]: n["targets"][arn] for n in doc["nodes"]} == {
         "10.1.71.12": "initial", "10.1.72.45": "initial", "10.1.70.201": "initial",
@@ -193,9 +196,9 @@ def test_held_back_deregistration_exits_1_and_shows_in_status(
     assert first.returncode == 1
     status = hpodlb("status", "--config", cfg).stdout.splitlines()
     assert status[0].split(": ", 1)[1] == (
-        "NOT converged: 3 login nodes; registered 3, deregistered 0, keys pushed 0; 1 held back, 0 waiting, 0 errors")
-    assert rows(status[5])[0][:2] == ["10.1.9.9", "(not a login node)"]
-    assert status[6:] == [
+        "NOT converged: 3 login nodes; registered 3, deregistered 0, keys pushed 0; 1 held back, 0 waiting, 0 unhealthy, 0 errors")
+    assert rows(status[6])[0][:2] == ["10.1.9.9", "(not a login node)"]
+    assert status[7:] == [
         f"held back: deregister 10.1.9.9 on {arn.split('/')[1]}: held by absent_passes_before_deregister: "
         "not in the resource config for 1/2 passes and 0/1 s"]
     time.sleep(1.1)  # 2 passes, an interval apart

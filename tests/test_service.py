@@ -193,7 +193,8 @@ def test_daemon_lifecycle(
     notify.wait_for("READY=1")
     assert len(aws.targets(arn)) == 3
     status = notify.wait_for("STATUS=")[0][1]
-    assert status.startswith("STATUS=3/3 login nodes in service, 0 pending")
+    assert status.startswith(
+        "STATUS=0/3 login nodes healthy (3 more registered, not healthy yet), 0 pending")
     notify.wait_for("WATCHDOG=1", count=3)
 
     # The resource config changes: the node is registered long before the 60 s interval.
@@ -351,7 +352,7 @@ def _libfaketime() -> str:
 
 def _passes(notify: NotifySocket) -> list[float]:
     """When each pass's READY=1/STATUS= arrived (the first pass sends READY=1 with its STATUS)."""
-    return [t for t, f in notify.fields("STATUS=") if "login nodes in service" in f]
+    return [t for t, f in notify.fields("STATUS=") if "login nodes healthy" in f]
 
 
 def _late_pings(notify: NotifySocket, allowed: float) -> list[float]:
