@@ -18,14 +18,14 @@ Check = tuple[bool, str]
 
 
 def run_checks(config: Config, reconciler: Reconciler) -> Iterator[Check]:
-    yield from _check_inventory(config, reconciler)
+    yield from check_inventory(config, reconciler)
     yield from _check_target_groups(reconciler)
     yield _check_state_dir(config)
     if config.host_keys.enabled:
-        yield from _check_host_keys(config)
+        yield from check_host_keys(config)
 
 
-def _check_inventory(config: Config, reconciler: Reconciler) -> Iterator[Check]:
+def check_inventory(config: Config, reconciler: Reconciler) -> Iterator[Check]:
     cluster = config.cluster
     try:
         groups, source = login_group_names(cluster.login_groups, cluster.provisioning_parameters)
@@ -80,7 +80,7 @@ def _check_state_dir(config: Config) -> Check:
     return False, f"state dir {path} does not exist, and {parent} is not writable by this user"
 
 
-def _check_host_keys(config: Config) -> Iterator[Check]:
+def check_host_keys(config: Config) -> Iterator[Check]:
     hk = config.host_keys
     store = KeyStore(hk.store, hk.types)
     absent = not hk.store.exists() and not hk.store.is_symlink()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from hpodlb.files import UntrustedPathError, UnusableFileError, make_trusted_dir, open_private_file
@@ -60,3 +61,22 @@ class InstanceLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def lock_holder(state_dir: Path) -> str | None:
+    """The pid written by the hpodlb that holds the lock now, or None if none does. Read-only: it
+    creates nothing, and a lock file that is not a plain file is treated as not held."""
+    try:
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        return None
+    finally:
+        os.close(fd)

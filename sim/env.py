@@ -49,6 +49,7 @@ class SimEnv:
         self.state_dir = workdir / "state"
         self.config_path = workdir / "config.toml"
         self.arns = [self.arn]
+        self.tg_port = 22  # what the target groups send to (the nodes' sshd listen on cluster.port)
         self.listed: list[str] = []
         self.write_config()
 
@@ -76,7 +77,7 @@ class SimEnv:
         }
         for name, keys in overrides.items():
             sections.setdefault(name, {}).update(keys)
-        groups = [{"arn": arn, "port": 22} for arn in self.arns]
+        groups = [{"arn": arn, "port": self.tg_port} for arn in self.arns]
         self.config_path.write_text(render_config(sections, groups))
         return self.config_path
 

@@ -1,0 +1,358 @@
+"""`hpodlb doctor` (issue 15): each misconfiguration of the path a user's SSH takes is built for real,
+in moto (target groups, NLBs, listeners, attributes, subnets, security groups, network interfaces)
+or on real sshd login nodes, and doctor must name it with its fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from hpodlb.config import load_config
+from hpodlb.diagnose import Finding, Status
+from hpodlb.doctor import Report, run_doctor
+from hpodlb.lock import InstanceLock
+from hpodlb.state import PassRecord, State, save_state
+from hpodlb.wiring import build_reconciler
+from sim.env import SimEnv
+from tests.test_hostkeys import nodes
+
+REGION = "us-west-2"
+LOGIN_IPS = ["10.1.71.12", "10.1.72.45", "10.1.70.201"]  # the fixture resource config's
+SUBNET_A = "10.1.64.0/18"
+
+
+@dataclass
+class Cloud:
+    """A login NLB built in moto the way the manual procedure builds it, and sound: every test
+    breaks one thing in it and expects doctor to say so."""
+
+    ec2: Any
+    elb: Any
+    vpc: str
+    subnet_a: str
+    login_sg: str
+    tg: str
+    lb: str
+    listener: str
+
+
+@pytest.fixture
+def moto_env(fresh_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        yield
+
+
+def build_cloud(*, scheme: str = "internal", nlb_sg: bool = False, node_vpc_other: bool = False,
+                extra_lb_zone: str = "") -> Cloud:
+    ec2 = boto3.client("ec2", region_name=REGION)
+    elb = boto3.client("elbv2", region_name=REGION)
+    vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
+    subnet_a = ec2.create_subnet(VpcId=vpc, CidrBlock=SUBNET_A, AvailabilityZone=f"{REGION}a")[
+        "Subnet"]["SubnetId"]
+    subnets = [subnet_a]
+    if extra_lb_zone:
+        subnets.append(ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.192.0/20",
+                                         AvailabilityZone=extra_lb_zone)["Subnet"]["SubnetId"])
+    node_vpc, node_subnet = vpc, subnet_a
+    if node_vpc_other:
+        node_vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
+        node_subnet = ec2.create_subnet(VpcId=node_vpc, CidrBlock=SUBNET_A,
+                                        AvailabilityZone=f"{REGION}a")["Subnet"]["SubnetId"]
+    login_sg = ec2.create_security_group(GroupName="login", Description="login", VpcId=node_vpc)[
+        "GroupId"]
+    ec2.authorize_security_group_ingress(GroupId=login_sg, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}])
+    for ip in LOGIN_IPS:
+        ec2.create_network_interface(SubnetId=node_subnet, PrivateIpAddress=ip, Groups=[login_sg])
+    tg = elb.create_target_group(Name="smhp-login-node-tg", Protocol="TCP", Port=22, VpcId=vpc,
+                                 TargetType="ip", HealthCheckProtocol="TCP")["TargetGroups"][0][
+        "TargetGroupArn"]
+    lb_args: dict[str, Any] = {}
+    if nlb_sg:
+        lb_args["SecurityGroups"] = [ec2.create_security_group(
+            GroupName="nlb", Description="nlb", VpcId=vpc)["GroupId"]]
+    lb = elb.create_load_balancer(Name="smhp-login-node-lb", Subnets=subnets, Scheme=scheme,
+                                  Type="network", **lb_args)["LoadBalancers"][0]["LoadBalancerArn"]
+    listener = elb.create_listener(LoadBalancerArn=lb, Protocol="TCP", Port=22, DefaultActions=[
+        {"Type": "forward", "TargetGroupArn": tg}])["Listeners"][0]["ListenerArn"]
+    return Cloud(ec2, elb, vpc, subnet_a, login_sg, tg, lb, listener)
+
+
+def doctor(write_config: Callable[..., Path], cloud: Cloud, port: int = 22) -> Report:
+    return run_doctor(*_config_and_reconciler(write_config, cloud.tg, port))
+
+
+def _config_and_reconciler(write_config: Callable[..., Path], tg: str, port: int) -> tuple[Any, Any]:
+    config = load_config(write_config([{"arn": tg, "port": port}], aws={"region": REGION}), {})
+    return config, build_reconciler(config)
+
+
+def named(report: Report, status: Status, area: str = "") -> list[Finding]:
+    return [f for f in report.findings if f.status is status and f.area.startswith(area)]
+
+
+def aws_findings(report: Report) -> list[Finding]:
+    """What the AWS side found: not the daemon (none runs in these tests), nor the nodes' SSH
+    (host keys are off in them)."""
+    return [f for f in report.findings if f.area not in ("daemon", "nodes")]
+
+
+def test_a_sound_path_passes_every_aws_check(moto_env: None, write_config: Callable[..., Path]) -> None:
+    report = doctor(write_config, build_cloud())
+    bad = [f for f in aws_findings(report) if f.status is not Status.PASS]
+    assert bad == []
+    found = " | ".join(f.found for f in report.findings)
+    for expected in ("identity arn:aws:sts::123456789012:", "type ip, TCP, port 22",
+                     "in the login nodes' VPC", "TCP health checks on the SSH port",
+                     "internal, active, in us-west-2a", "TCP listener on port 22, idle timeout 350s",
+                     "admit the NLB on 22", "login groups login-group (from "):
+        assert expected in found, expected
+    assert named(report, Status.FAIL, "daemon")[0].found.startswith("no hpodlb runs on this head node")
+    assert report.exit_status == 1
+
+
+# Each: how to break the sound path, and the (status, area, words in what doctor found, in its fix).
+BREAKS: dict[str, tuple[Callable[[Cloud], Any], Status, str, str, str]] = {
+    "health checks over HTTP": (
+        lambda c: c.elb.modify_target_group(TargetGroupArn=c.tg, HealthCheckProtocol="HTTP",
+                                            HealthCheckPath="/"),
+        Status.FAIL, "target group", "health checks use HTTP", "set the health check protocol to TCP"),
+    "proxy protocol": (
+        lambda c: c.elb.modify_target_group_attributes(TargetGroupArn=c.tg, Attributes=[
+            {"Key": "proxy_protocol_v2.enabled", "Value": "true"}]),
+        Status.FAIL, "target group", "proxy protocol v2 is on", "proxy_protocol_v2.enabled off"),
+    "no listener": (
+        lambda c: c.elb.delete_listener(ListenerArn=c.listener),
+        Status.FAIL, "", "forwards to", "listener"),
+    "security group without the NLB": (
+        lambda c: c.ec2.revoke_security_group_ingress(GroupId=c.login_sg, IpPermissions=[
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}]),
+        Status.FAIL, "node 10.1.70.201", f"do not admit {SUBNET_A} on TCP 22",
+        f"an inbound rule: TCP 22 from {SUBNET_A}"),
+    "security group admits another port": (
+        lambda c: (c.ec2.revoke_security_group_ingress(GroupId=c.login_sg, IpPermissions=[
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}]),
+            c.ec2.authorize_security_group_ingress(GroupId=c.login_sg, IpPermissions=[
+                {"IpProtocol": "tcp", "FromPort": 2222, "ToPort": 2222,
+                 "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])),
+        Status.FAIL, "node 10.1.71.12", "do not admit", "TCP 22 from"),
+    "sessions cut soon after a deregistration": (
+        lambda c: c.elb.modify_target_group_attributes(TargetGroupArn=c.tg, Attributes=[
+            {"Key": "deregistration_delay.timeout_seconds", "Value": "10"},
+            {"Key": "deregistration_delay.connection_termination.enabled", "Value": "true"}]),
+        Status.WARN, "target group", "cut 10s after it is deregistered", "connection_termination"),
+    "client IP preservation (hairpin)": (
+        lambda c: c.elb.modify_target_group_attributes(TargetGroupArn=c.tg, Attributes=[
+            {"Key": "preserve_client_ip.enabled", "Value": "true"}]),
+        Status.WARN, "target group", "hairpin", "preserve_client_ip.enabled off"),
+    "a login node in a zone the NLB is not in": (
+        lambda c: c.ec2.create_network_interface(
+            SubnetId=c.ec2.create_subnet(VpcId=c.vpc, CidrBlock="10.1.160.0/20",
+                                         AvailabilityZone=f"{REGION}b")["Subnet"]["SubnetId"],
+            PrivateIpAddress="10.1.160.9", Groups=[c.login_sg]),
+        Status.FAIL, "load balancer", "no subnet in us-west-2b, where 10.1.160.9 run",
+        "add a subnet in us-west-2b"),
+}
+
+
+@pytest.mark.parametrize("name", list(BREAKS))
+def test_each_broken_part_of_the_path_is_named_with_its_fix(
+    name: str, moto_env: None, write_config: Callable[..., Path], cluster_dir: Path
+) -> None:
+    breaker, status, area, found, fix = BREAKS[name]
+    cloud = build_cloud()
+    breaker(cloud)
+    if "zone" in name:  # the fourth login node must be listed too
+        rc = json.loads((cluster_dir / "resource_config.json").read_text())
+        group = next(g for g in rc["InstanceGroups"] if g["Name"] == "login-group")
+        group["Instances"].append({"CustomerIpAddress": "10.1.160.9", "InstanceId": "i-0b", "InstanceName": "l4"})
+        (cluster_dir / "resource_config.json").write_text(json.dumps(rc))
+    report = doctor(write_config, cloud)
+    hits = [f for f in named(report, status, area) if found in f.found and fix in f.fix]
+    assert hits, (name, [f for f in aws_findings(report) if f.status is not Status.PASS])
+    if status is Status.WARN:
+        assert named(report, Status.FAIL, "target group") == []
+
+
+def test_an_internet_facing_nlb_fails(moto_env: None, write_config: Callable[..., Path]) -> None:
+    report = doctor(write_config, build_cloud(scheme="internet-facing"))
+    (hit,) = named(report, Status.FAIL, "load balancer")
+    assert "scheme internet-facing: the login nodes' SSH is exposed" in hit.found
+
+
+def test_an_nlb_with_security_groups_must_be_admitted_by_group(
+    moto_env: None, write_config: Callable[..., Path]
+) -> None:
+    """NLBs with security groups send from them: a rule for its subnet's CIDR is not enough."""
+    cloud = build_cloud(nlb_sg=True)
+    nlb_sg = cloud.elb.describe_load_balancers(LoadBalancerArns=[cloud.lb])["LoadBalancers"][0][
+        "SecurityGroups"][0]
+    report = doctor(write_config, cloud)
+    fails = named(report, Status.FAIL, "node ")
+    assert len(fails) == 3
+    assert fails[0].fix == f"add to {cloud.login_sg} an inbound rule: TCP 22 from {nlb_sg} (the NLB's security group)"
+    cloud.ec2.authorize_security_group_ingress(GroupId=cloud.login_sg, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "UserIdGroupPairs": [{"GroupId": nlb_sg}]}])
+    assert named(doctor(write_config, cloud), Status.FAIL, "node ") == []
+
+
+def test_login_nodes_in_another_vpc_and_a_wrong_port_fail(
+    moto_env: None, write_config: Callable[..., Path]
+) -> None:
+    cloud = build_cloud(node_vpc_other=True)
+    report = doctor(write_config, cloud)
+    vpc = [f for f in named(report, Status.FAIL, "target group") if "login nodes are in" in f.found]
+    assert vpc and cloud.vpc in vpc[0].found
+    wrong_port = doctor(write_config, cloud, port=2222)
+    assert any("on the configured port 2222" in f.found for f in named(wrong_port, Status.FAIL))
+
+
+def test_cross_zone_off_with_a_zone_without_login_nodes_warns(
+    moto_env: None, write_config: Callable[..., Path]
+) -> None:
+    report = doctor(write_config, build_cloud(extra_lb_zone=f"{REGION}c"))
+    (hit,) = named(report, Status.WARN, "load balancer")
+    assert "cross-zone load balancing is off and us-west-2c has no login node" in hit.found
+
+
+def test_unreachable_aws_cannot_be_evaluated(
+    write_config: Callable[..., Path], fresh_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No AWS at all (a closed endpoint): exit 2, one FAIL that says where it looked."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    cfg = write_config([{"arn": "arn:aws:elasticloadbalancing:us-west-2:123456789012:targetgroup/"
+                                "smhp-login-node-tg/0123456789abcdef", "port": 22}])
+    out = subprocess.run([sys.executable, "-m", "hpodlb", "doctor", "--json", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["evaluated"] is False and doc["exit_status"] == 2
+    (aws,) = [c for c in doc["checks"] if c["area"] == "aws"]
+    assert aws["status"] == "FAIL" and aws["found"].startswith("sts:GetCallerIdentity: EndpointConnectionError")
+
+
+def test_the_daemon_check_reads_the_lock_and_the_last_pass(
+    moto_env: None, write_config: Callable[..., Path]
+) -> None:
+    cloud = build_cloud()
+    config, reconciler = _config_and_reconciler(write_config, cloud.tg, 22)
+    state_dir = config.state.dir
+    with InstanceLock(state_dir):  # a real flock holder, as `hpodlb run` is
+        save_state(state_dir, State(last_pass=PassRecord(finished_at=time.time() - 5, ok=True)))
+        assert named(run_doctor(config, reconciler), Status.PASS, "daemon")[0].found.endswith(
+            "converged")
+        save_state(state_dir, State(last_pass=PassRecord(finished_at=time.time() - 3600, ok=True)))
+        (stale,) = named(run_doctor(config, reconciler), Status.FAIL, "daemon")
+        assert re.search(r"its last pass ended 360\ds ago \(interval 30s\)", stale.found), stale.found
+    (gone,) = named(run_doctor(config, reconciler), Status.FAIL, "daemon")
+    assert gone.fix == "systemctl enable --now hpodlb; journalctl -u hpodlb"
+
+
+# -- the login nodes, over real SSH ---------------------------------------------------------------
+
+
+def sim_path(env: SimEnv, ips: list[str], **config: dict[str, Any]) -> None:
+    """Point the sim at an NLB whose group sends to the nodes' real sshd port (the sim's nodes
+    listen on a free port, not 22), and give each node its network interface."""
+    arn = env.aws.create_login_nlb(name=f"d{os.getpid()}{len(ips)}", port=env.cluster.port)
+    env.arn, env.arns, env.tg_port = arn, [arn], env.cluster.port
+    for ip in ips:
+        env.aws.attach_login_node(arn, ip)
+    env.write_config(**config)
+
+
+def hpodlb(env: SimEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hpodlb", *args, "--config", str(env.config_path)],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_doctor_passes_a_sound_simulated_cluster_with_its_daemon_running(sim_env: SimEnv) -> None:
+    """Real sshd nodes, a real `hpodlb run`: no FAIL, exit 0; the node without keepalives is the
+    one WARN, with the sshd_config line to add."""
+    ips = nodes(sim_env, 2)
+    sim_env.cluster.nodes[ips[1]].write_sshd_config("ClientAliveInterval 60\n")
+    sim_env.cluster.nodes[ips[1]].reload()
+    sim_path(sim_env, ips, reconcile={"interval_seconds": 5})
+    daemon = subprocess.Popen([sys.executable, "-m", "hpodlb", "run", "--config", str(sim_env.config_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            last = sim_env.state().last_pass
+            if last is not None and last.ok:
+                break
+            time.sleep(0.2)
+        out = hpodlb(sim_env, "doctor", "--json")
+        text = hpodlb(sim_env, "doctor")
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    doc = json.loads(out.stdout)
+    assert out.returncode == 0, [c for c in doc["checks"] if c["status"] != "PASS"]
+    not_passed = [(c["area"], c["status"], c["fix"]) for c in doc["checks"] if c["status"] != "PASS"]
+    assert not_passed == [(f"node {ips[0]}", "WARN", "set ClientAliveInterval 60 in sshd_config")]
+    found = {c["area"]: [] for c in doc["checks"]}
+    for c in doc["checks"]:
+        found[c["area"]].append(c["found"])
+    assert "presents the canonical ecdsa, ed25519, rsa keys" in found[f"node {ips[0]}"]
+    assert any("keepalive every 60s (NLB idle timeout 350s)" in f for f in found[f"node {ips[1]}"])
+    assert text.returncode == 0 and text.stdout.splitlines()[-1] == "0 FAIL, 1 WARN, " + \
+        f"{sum(c['status'] == 'PASS' for c in doc['checks'])} PASS"
+
+
+def test_broken_login_nodes_are_each_named(sim_env: SimEnv) -> None:
+    """Four nodes, four faults: a hung sshd, sudo that asks for a password, host keys that are
+    not the canonical ones, and a keepalive slower than the NLB's idle timeout; and sshd not
+    loading keys from host_keys.remote_dir."""
+    ips = nodes(sim_env, 2)
+    sudo_ip, hung_ip = sim_env.cluster.ip(5), sim_env.cluster.ip(6)
+    sim_env.cluster.add_node(sudo_ip, "i-000000000000000sudo", sudo_nopasswd=False)
+    sim_env.cluster.silent_listener(hung_ip, "i-000000000000000hung")
+    sim_env.list_nodes([*ips, sudo_ip, hung_ip])
+    sim_env.cluster.nodes[ips[1]].write_sshd_config("ClientAliveInterval 120\n")
+    sim_env.cluster.nodes[ips[1]].reload()
+    sim_path(sim_env, [*ips, sudo_ip, hung_ip])
+    listener = sim_env.aws.client("elbv2").describe_listeners(LoadBalancerArn=sim_env.aws.client(
+        "elbv2").describe_target_groups(TargetGroupArns=[sim_env.arn])["TargetGroups"][0][
+        "LoadBalancerArns"][0])["Listeners"][0]["ListenerArn"]
+    sim_env.aws.client("elbv2").modify_listener_attributes(ListenerArn=listener, Attributes=[
+        {"Key": "tcp.idle_timeout.seconds", "Value": "60"}])
+    assert hpodlb(sim_env, "keys", "generate").returncode == 0  # the nodes keep their own keys
+
+    report = run_doctor(sim_env.config, build_reconciler(sim_env.config))
+    by_node = {ip: [f for f in report.findings if f.area == f"node {ip}"] for ip in [*ips, sudo_ip, hung_ip]}
+    assert any(f.status is Status.FAIL and "presents" in f.found and "other than the canonical"
+               in f.found for f in by_node[ips[0]])
+    (hung,) = [f for f in by_node[hung_ip] if f.status is Status.FAIL]  # its SG check passes
+    assert hung.found.startswith("unreachable: handshake")
+    sudo = [f for f in by_node[sudo_ip] if f.found.startswith("sudo:")]
+    assert sudo and sudo[0].status is Status.FAIL
+    assert sudo[0].fix == f"give {sim_env.config.ssh.user} passwordless sudo on the node"
+    slow = [f for f in by_node[ips[1]] if f.status is Status.WARN and "ClientAliveInterval" in f.found]
+    assert slow and "is 120s and the NLB drops a connection idle for 60s" in slow[0].found
+    assert slow[0].fix == "set ClientAliveInterval 30 in sshd_config"
+
+    sim_env.write_config(host_keys={"remote_dir": "/etc/ssh/hpodlb"})
+    moved = run_doctor(sim_env.config, build_reconciler(sim_env.config))
+    elsewhere = [f for f in moved.findings if f.area == f"node {ips[0]}" and "does not load" in f.found]
+    assert elsewhere and "/etc/ssh/hpodlb/ssh_host_rsa_key" in elsewhere[0].found
+    assert moved.exit_status == 1
