@@ -67,9 +67,13 @@ def attributes(reply: Mapping[str, Any]) -> dict[str, str]:
 
 
 def target_group(
-    info: Mapping[str, Any], attrs: Mapping[str, str], port: int, node_vpcs: Iterable[str]
+    info: Mapping[str, Any],
+    attrs: Mapping[str, str] | None,
+    port: int,
+    node_vpcs: Iterable[str] | None,
 ) -> list[Finding]:
-    """Type, protocol, port, VPC, health checks, and the attributes long SSH sessions depend on."""
+    """Type, protocol, port, VPC, health checks, and the attributes long SSH sessions depend on.
+    None for what could not be read: not judged (the failed read is its own FAIL)."""
     area = f"target group {info.get('TargetGroupName', '?')}"
     out: list[Finding] = []
     kind = (info.get("TargetType"), info.get("Protocol"), info.get("Port"))
@@ -84,7 +88,7 @@ def target_group(
                 "point [[target_groups]] at the login group, or create one with `hpodlb provision`",
             )
         )
-    vpcs = sorted(set(node_vpcs))
+    vpcs = sorted(set(node_vpcs or ()))
     vpc = info.get("VpcId", "")
     if vpcs and vpcs != [vpc]:
         out.append(
@@ -98,7 +102,8 @@ def target_group(
     elif vpcs:
         out.append(passed(area, f"in the login nodes' VPC {vpc}"))
     out.extend(_health_checks(area, info, port))
-    out.extend(_group_attributes(area, attrs))
+    if attrs is not None:
+        out.extend(_group_attributes(area, attrs))
     return out
 
 
@@ -187,7 +192,8 @@ def load_balancers(
     lb_attrs: Mapping[str, Mapping[str, str]],
     listeners: Mapping[str, Sequence[Mapping[str, Any]]],
     listener_attrs: Mapping[str, Mapping[str, str]],
-    node_zones: Mapping[str, str],
+    node_zones: Mapping[str, str] | None,
+    tg_cross_zone: str = "",
 ) -> tuple[list[Finding], int | None]:
     """Each NLB in front of the group; also the shortest idle timeout of a listener forwarding
     to the group (None: no such listener), which sshd's keepalives must beat."""
@@ -204,7 +210,10 @@ def load_balancers(
     for lb in lbs:
         area = f"load balancer {lb.get('LoadBalancerName', '?')}"
         arn = lb.get("LoadBalancerArn", "")
-        out.extend(_load_balancer(area, lb, lb_attrs.get(arn, {}), node_zones))
+        cross = lb_attrs.get(arn, {}).get("load_balancing.cross_zone.enabled") == "true"
+        if tg_cross_zone in ("true", "false"):  # the group's own setting wins over the NLB's
+            cross = tg_cross_zone == "true"
+        out.extend(_load_balancer(area, lb, cross, node_zones))
         forwarding = [x for x in listeners.get(arn, []) if tg_arn in _forwarded_groups(x)]
         if not forwarding:
             out.append(
@@ -222,7 +231,7 @@ def load_balancers(
 
 
 def _load_balancer(
-    area: str, lb: Mapping[str, Any], attrs: Mapping[str, str], node_zones: Mapping[str, str]
+    area: str, lb: Mapping[str, Any], cross: bool, node_zones: Mapping[str, str] | None
 ) -> list[Finding]:
     out: list[Finding] = []
     state = lb.get("State", {}).get("Code", "?")
@@ -243,7 +252,7 @@ def _load_balancer(
         out.append(fail(area, f"state {state}", "wait for it to become active, or see its events"))
     zones = {z.get("ZoneName", "") for z in lb.get("AvailabilityZones", [])}
     missing: dict[str, list[str]] = {}
-    for ip, zone in sorted(node_zones.items()):
+    for ip, zone in sorted((node_zones or {}).items()):
         if zone and zone not in zones:
             missing.setdefault(zone, []).append(ip)
     for zone, ips in sorted(missing.items()):
@@ -255,22 +264,14 @@ def _load_balancer(
                 f"add a subnet in {zone} to the NLB",
             )
         )
-    cross = attrs.get("load_balancing.cross_zone.enabled") == "true"
+    # A zone without a login node is harmless: the NLB drops its address from DNS (said, no WARN).
     empty = sorted(zones - set(node_zones.values())) if node_zones else []
-    if empty and not cross:
-        out.append(
-            warn(
-                area,
-                f"cross-zone load balancing is off and {', '.join(empty)} has no login node: "
-                "users sent to that zone's NLB address find no target",
-                "turn load_balancing.cross_zone.enabled on, or remove that zone's subnet",
-            )
-        )
+    idle = f"; no login node in {', '.join(empty)}" if empty else ""
     if not out:
         out.append(
             passed(
                 area,
-                f"internal, active, in {', '.join(sorted(zones))}, cross-zone "
+                f"internal, active, in {', '.join(sorted(zones))}{idle}, cross-zone "
                 f"{'on' if cross else 'off'}; DNS {lb.get('DNSName', '?')}",
             )
         )
@@ -306,14 +307,29 @@ def _listener(
 # -- security groups -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where one NLB's traffic comes from: its security groups (if any) and its subnets' CIDRs. A
+    node admits it through a rule naming one of the groups, or rules covering every subnet."""
+
+    name: str
+    groups: tuple[str, ...]
+    cidrs: tuple[str, ...]
+
+    def rule_to_add(self, port: int) -> str:
+        if self.groups:
+            return f"TCP {port} from {self.groups[0]} (the NLB's security group)"
+        return f"TCP {port} from {', '.join(self.cidrs)} (the NLB's subnets)"
+
+
 def security_groups(
     enis: Mapping[str, Mapping[str, Any] | None],
     groups: Mapping[str, Mapping[str, Any]],
-    sources: Sequence[str],
+    sources: Sequence[Source],
     port: int,
 ) -> list[Finding]:
-    """Each login node's network interface must admit every source (the NLB's security group ids,
-    or its subnets' CIDRs when it has none) on the SSH port, health checks included."""
+    """Each login node's network interface must admit every NLB in front of it on the SSH port,
+    health checks included (they come from the same addresses)."""
     out = []
     for ip, eni in sorted(enis.items()):
         area = f"node {ip}"
@@ -328,37 +344,59 @@ def security_groups(
             )
             continue
         ids = [g["GroupId"] for g in eni.get("Groups", [])]
-        blocked = [s for s in sources if not any(_admits(groups.get(g, {}), s, port) for g in ids)]
-        if blocked:
-            first = ids[0] if ids else "its security group"
+        rules = [r for g in ids for r in _on_port(groups.get(g, {}), port)]
+        for source in sources:
+            if _admits(rules, source):
+                continue
+            lists = sorted(
+                {p.get("PrefixListId", "") for r in rules for p in r.get("PrefixListIds", [])}
+            )
+            if lists:
+                out.append(
+                    warn(
+                        area,
+                        f"security groups {', '.join(ids)} admit TCP {port} only through prefix "
+                        f"list {', '.join(lists)}, which doctor cannot expand: is {source.name} in it?",
+                        f"make sure the prefix list holds the NLB's subnets, or add {source.rule_to_add(port)}",
+                    )
+                )
+                continue
             out.append(
                 fail(
                     area,
-                    f"security groups {', '.join(ids) or '(none)'} do not admit "
-                    f"{', '.join(blocked)} on TCP {port}: health checks and users' SSH are "
-                    "dropped",
-                    f"add to {first} an inbound rule: TCP {port} from {blocked[0]}"
-                    + (" (the NLB's security group)" if blocked[0].startswith("sg-") else ""),
+                    f"security groups {', '.join(ids) or '(none)'} do not admit {source.name} "
+                    f"on TCP {port}: health checks and users' SSH are dropped",
+                    f"add to {ids[0] if ids else 'its security group'} an inbound rule: "
+                    + source.rule_to_add(port),
                 )
             )
+            break
         else:
-            out.append(passed(area, f"security groups {', '.join(ids)} admit the NLB on {port}"))
+            if not any(f.area == area for f in out):
+                out.append(
+                    passed(area, f"security groups {', '.join(ids)} admit the NLB on {port}")
+                )
     return out
 
 
-def _admits(group: Mapping[str, Any], source: str, port: int) -> bool:
+def _on_port(group: Mapping[str, Any], port: int) -> list[Mapping[str, Any]]:
+    """The inbound rules of a group that let TCP `port` in (all traffic, TCP, or a range)."""
+    out = []
     for rule in group.get("IpPermissions", []):
         proto = str(rule.get("IpProtocol", ""))
-        if proto not in ("-1", "tcp", "6"):
-            continue
-        if proto != "-1" and not (rule.get("FromPort", 0) <= port <= rule.get("ToPort", 65535)):
-            continue
-        if source.startswith("sg-"):
-            if any(p.get("GroupId") == source for p in rule.get("UserIdGroupPairs", [])):
-                return True
-        elif any(_covers(r.get("CidrIp", ""), source) for r in rule.get("IpRanges", [])):
-            return True
-    return False
+        if proto == "-1" or (
+            proto in ("tcp", "6") and rule.get("FromPort", 0) <= port <= rule.get("ToPort", 65535)
+        ):
+            out.append(rule)
+    return out
+
+
+def _admits(rules: Sequence[Mapping[str, Any]], source: Source) -> bool:
+    named = {p.get("GroupId") for r in rules for p in r.get("UserIdGroupPairs", [])}
+    if named & set(source.groups):
+        return True
+    ranges = [x.get("CidrIp", "") for r in rules for x in r.get("IpRanges", [])]
+    return bool(source.cidrs) and all(any(_covers(c, s) for c in ranges) for s in source.cidrs)
 
 
 def _covers(cidr: str, source: str) -> bool:
@@ -399,15 +437,24 @@ def sshd(
                     f"make sshd listen on {port}, or fix the target group's port",
                 )
             )
-    wanted = [f"{remote_dir.rstrip('/')}/ssh_host_{t}_key" for t in types]
-    missing = [w for w in wanted if w not in settings.get("hostkey", [])]
-    if missing:
+    wanted = {t: f"{remote_dir.rstrip('/')}/ssh_host_{t}_key" for t in types}
+    loaded = settings.get("hostkey", [])
+    missing = [path for path in wanted.values() if path not in loaded]
+    if len(missing) == len(wanted):
         out.append(
             fail(
                 area,
-                f"sshd does not load {', '.join(missing)}: keys hpodlb installs there are not "
-                "the ones users see",
-                "add HostKey lines for them to sshd_config, or set host_keys.remote_dir",
+                f"sshd loads none of {', '.join(missing)} (it loads {', '.join(loaded) or 'none'}): "
+                "keys hpodlb installs there are not the ones users see",
+                "point sshd_config's HostKey lines at them, or set host_keys.remote_dir",
+            )
+        )
+    elif missing:  # a node may serve fewer types (ed25519 only, say): it is in sync with fewer
+        out.append(
+            warn(
+                area,
+                f"sshd does not load {', '.join(missing)}: that key type is not served",
+                "add the HostKey line if users' known_hosts expect that type",
             )
         )
     alive = int(_first_number(settings.get("clientaliveinterval", ["0"])))
@@ -439,10 +486,21 @@ def _first_number(values: Sequence[str]) -> str:
     return match.group(0) if match else "0"
 
 
-def host_keys(ip: str, offered: Mapping[str, str], canonical: Mapping[str, str]) -> Finding:
+def host_keys(
+    ip: str,
+    offered: Mapping[str, str],
+    canonical: Mapping[str, str],
+    previous: Mapping[str, str] | None = None,
+) -> Finding:
     area = f"node {ip}"
     if not canonical:
         return warn(area, "no canonical keys to compare with", "see the key store check")
+    if previous and offered and all(previous.get(t) == line for t, line in offered.items()):
+        return warn(
+            area,
+            "presents the previous canonical keys (a rotation is in progress)",
+            "nothing: the next pass updates it in place",
+        )
     other = sorted(t for t, line in offered.items() if canonical.get(t) != line)
     if other or not offered:
         what = ", ".join(other) if other else "none of the configured types"

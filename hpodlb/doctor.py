@@ -15,12 +15,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hpodlb import diagnose
 from hpodlb.checks import check_host_keys, check_inventory
 from hpodlb.config import Config
 from hpodlb.diagnose import Finding, Status, fail, passed, warn
+from hpodlb.files import UnusableFileError
 from hpodlb.inventory import InventoryError, LoginNode
 from hpodlb.keystore import KeyStore, KeyStoreError
 from hpodlb.lock import lock_holder
@@ -32,6 +34,7 @@ FILTER_VALUES = 200  # EC2 takes at most this many values in one filter
 SSHD_T = b"PATH=$PATH:/usr/sbin:/sbin; sshd -T 2>&1\n"
 IAM_FIX = "grant it to the head node's role (config/iam-policy.json lists what hpodlb needs)"
 STALE_INTERVALS = 3  # no pass for this many intervals: the daemon is stuck or stopped
+KNOWN_HOSTS_MAX = 16 << 20  # the daemon's pins: a few hundred bytes a node
 
 
 @dataclass
@@ -100,32 +103,34 @@ def render_json(report: Report) -> str:
 
 
 class _Aws:
-    """AWS's side of the path, read once per doctor run; `reachable` false: no identity at all."""
+    """AWS's side of the path, read once per doctor run. A read that fails is its own FAIL, and
+    what depended on it is not judged (rather than judged on a guess)."""
 
     def __init__(self, config: Config, reconciler: Reconciler) -> None:
         import boto3
 
         from hpodlb.targets import boto_config
 
-        self.config = config
         self.groups = reconciler.groups
-        region = config.aws.region or (
-            config.target_groups[0].region if config.target_groups else ""
-        )
+        tgs = config.target_groups
+        self.region = config.aws.region or (tgs[0].region if tgs else "")
         session = boto3.session.Session()
-        self.region = region
-        self.ec2 = session.client("ec2", region_name=region, config=boto_config())
-        self.sts = session.client("sts", region_name=region, config=boto_config())
-        self.reachable = True
+        self.ec2 = session.client("ec2", region_name=self.region, config=boto_config())
+        self.sts = session.client("sts", region_name=self.region, config=boto_config())
+        self.answered = 0  # calls AWS answered (even with an error): none means nothing evaluated
         self.idle_timeout: int | None = None
         self.findings: list[Finding] = []
 
+    @property
+    def reachable(self) -> bool:
+        return self.answered > 0
+
     def check(self, nodes: Sequence[LoginNode]) -> list[Finding]:
         me = self._ask("aws", "sts:GetCallerIdentity", self.sts.get_caller_identity)
-        if me is None:
-            self.reachable = False
-            return self.findings
-        self.findings.append(passed("aws", f"identity {me.get('Arn', '?')}, region {self.region}"))
+        if me is not None:
+            self.findings.append(
+                passed("aws", f"identity {me.get('Arn', '?')}, region {self.region}")
+            )
         enis = self._enis([n.ip for n in nodes])
         timeouts = []
         for group in self.groups:
@@ -140,8 +145,9 @@ class _Aws:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return call(**kwargs)
+            reply = call(**kwargs)
         except ClientError as exc:
+            self.answered += 1
             error = exc.response.get("Error", {})
             code = error.get("Code", "Unknown")
             denied = "Denied" in code or "Unauthorized" in code
@@ -152,6 +158,7 @@ class _Aws:
                     IAM_FIX if denied else "see the AWS error above",
                 )
             )
+            return None
         except BotoCoreError as exc:
             self.findings.append(
                 fail(
@@ -161,50 +168,47 @@ class _Aws:
                     "AWS (AWS_ENDPOINT_URL, VPC endpoints)",
                 )
             )
-        return None
+            return None
+        self.answered += 1
+        return reply
 
-    def _enis(self, ips: Sequence[str]) -> dict[str, dict[str, Any] | None]:
-        found: dict[str, dict[str, Any] | None] = dict.fromkeys(ips)
+    def _enis(self, ips: Sequence[str]) -> dict[str, list[dict[str, Any]]] | None:
+        """Every network interface holding each IP (10.x ranges repeat across VPCs: the target
+        group's VPC picks among them); None: they could not be read."""
+        found: dict[str, list[dict[str, Any]]] = {ip: [] for ip in ips}
         for start in range(0, len(ips), FILTER_VALUES):
+            chunk = list(ips[start : start + FILTER_VALUES])
             reply = self._ask(
                 "security groups",
                 "ec2:DescribeNetworkInterfaces",
                 self.ec2.describe_network_interfaces,
-                Filters=[
-                    {
-                        "Name": "addresses.private-ip-address",
-                        "Values": list(ips[start : start + FILTER_VALUES]),
-                    }
-                ],
+                Filters=[{"Name": "addresses.private-ip-address", "Values": chunk}],
             )
-            for eni in (reply or {}).get("NetworkInterfaces", []):
+            if reply is None:
+                return None
+            for eni in reply.get("NetworkInterfaces", []):
                 for address in eni.get("PrivateIpAddresses", []):
                     if address.get("PrivateIpAddress") in found:
-                        found[address["PrivateIpAddress"]] = eni
+                        found[address["PrivateIpAddress"]].append(eni)
         return found
 
     def _target_group(
-        self, elb: Any, arn: str, port: int, enis: dict[str, dict[str, Any] | None]
+        self, elb: Any, arn: str, port: int, all_enis: dict[str, list[dict[str, Any]]] | None
     ) -> int | None:
         from hpodlb.config import target_group_name
 
         name = target_group_name(arn)
         area = f"target group {name}"
+        elb_ = "elasticloadbalancing:"
         reply = self._ask(
-            area,
-            "elasticloadbalancing:DescribeTargetGroups",
-            elb.describe_target_groups,
-            TargetGroupArns=[arn],
+            area, elb_ + "DescribeTargetGroups", elb.describe_target_groups, TargetGroupArns=[arn]
         )
         health = self._ask(
-            area,
-            "elasticloadbalancing:DescribeTargetHealth",
-            elb.describe_target_health,
-            TargetGroupArn=arn,
+            area, elb_ + "DescribeTargetHealth", elb.describe_target_health, TargetGroupArn=arn
         )
         attrs = self._ask(
             area,
-            "elasticloadbalancing:DescribeTargetGroupAttributes",
+            elb_ + "DescribeTargetGroupAttributes",
             elb.describe_target_group_attributes,
             TargetGroupArn=arn,
         )
@@ -214,20 +218,43 @@ class _Aws:
         if health is not None:
             count = len(health.get("TargetHealthDescriptions", []))
             self.findings.append(passed(area, f"targets readable ({count} now)"))
-        vpcs = [e["VpcId"] for e in enis.values() if e and e.get("VpcId")]
-        self.findings += diagnose.target_group(info, diagnose.attributes(attrs or {}), port, vpcs)
+        enis = None if all_enis is None else self._in_vpc(all_enis, info.get("VpcId", ""))
+        group_attrs = None if attrs is None else diagnose.attributes(attrs)
+        vpcs = None if enis is None else [e["VpcId"] for e in enis.values() if e and "VpcId" in e]
+        self.findings += diagnose.target_group(info, group_attrs, port, vpcs)
         lbs = self._load_balancers(area, elb, info.get("LoadBalancerArns", []))
-        zones = {ip: e.get("AvailabilityZone", "") for ip, e in enis.items() if e}
+        zones = None
+        if enis is not None:
+            zones = {ip: e.get("AvailabilityZone", "") for ip, e in enis.items() if e}
         lb_attrs, listeners, listener_attrs = self._lb_details(area, elb, lbs)
+        cross = (group_attrs or {}).get("load_balancing.cross_zone.enabled", "")
         found, timeout = diagnose.load_balancers(
-            arn, name, lbs, lb_attrs, listeners, listener_attrs, zones
+            arn, name, lbs, lb_attrs, listeners, listener_attrs, zones, cross
         )
         self.findings += found
-        if lbs:
-            self.findings += diagnose.security_groups(
-                enis, self._security_groups(enis), self._sources(lbs), port
-            )
+        if lbs and enis is not None:
+            groups, sources = self._security_groups(enis), self._sources(lbs)
+            if groups is not None and sources is not None:  # else their read's FAIL says why
+                self.findings += diagnose.security_groups(enis, groups, sources, port)
         return timeout
+
+    def _in_vpc(
+        self, all_enis: dict[str, list[dict[str, Any]]], vpc: str
+    ) -> dict[str, dict[str, Any] | None]:
+        """Each IP's interface: the one in the group's VPC, else any (the VPC check then fails)."""
+        chosen: dict[str, dict[str, Any] | None] = {}
+        for ip, found in all_enis.items():
+            here = [e for e in found if e.get("VpcId") == vpc]
+            if len(here) > 1:
+                self.findings.append(
+                    warn(
+                        f"node {ip}",
+                        f"{len(here)} network interfaces in {vpc} hold this IP; the first is judged",
+                        "check which instance owns the address",
+                    )
+                )
+            chosen[ip] = (here or found)[0] if here or found else None
+        return chosen
 
     def _load_balancers(self, area: str, elb: Any, arns: list[str]) -> list[dict[str, Any]]:
         if not arns:
@@ -262,8 +289,8 @@ class _Aws:
                 LoadBalancerArn=arn,
             )
             listeners[arn] = list((reply or {}).get("Listeners", []))
+            read = getattr(elb, "describe_listener_attributes", None)  # boto3 >= 1.35
             for listener in listeners[arn]:
-                read = getattr(elb, "describe_listener_attributes", None)  # boto3 >= 1.35
                 got = read and self._ask(
                     area,
                     "elasticloadbalancing:DescribeListenerAttributes",
@@ -273,7 +300,7 @@ class _Aws:
                 listener_attrs[listener["ListenerArn"]] = diagnose.attributes(got or {})
         return lb_attrs, listeners, listener_attrs
 
-    def _security_groups(self, enis: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    def _security_groups(self, enis: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
         ids = sorted({g["GroupId"] for e in enis.values() if e for g in e.get("Groups", [])})
         if not ids:
             return {}
@@ -283,28 +310,46 @@ class _Aws:
             self.ec2.describe_security_groups,
             GroupIds=ids,
         )
-        return {g["GroupId"]: g for g in (reply or {}).get("SecurityGroups", [])}
+        if reply is None:
+            return None
+        return {g["GroupId"]: g for g in reply.get("SecurityGroups", [])}
 
-    def _sources(self, lbs: list[dict[str, Any]]) -> list[str]:
-        """Where the NLB's traffic (health checks and users' SSH) comes from: its security groups,
-        or without them, its subnets' CIDRs."""
-        sources: list[str] = []
-        subnets: list[str] = []
-        for lb in lbs:
-            if lb.get("SecurityGroups"):
-                sources += [g for g in lb["SecurityGroups"] if g not in sources]
-            else:
-                subnets += [
-                    z["SubnetId"] for z in lb.get("AvailabilityZones", []) if "SubnetId" in z
-                ]
-        if subnets:
+    def _sources(self, lbs: list[dict[str, Any]]) -> list[diagnose.Source] | None:
+        """Where each NLB's traffic (health checks and users' SSH) comes from: its security groups
+        if it has any, and its subnets' CIDRs (its private addresses are in them)."""
+        subnet_ids = sorted(
+            {
+                z["SubnetId"]
+                for lb in lbs
+                for z in lb.get("AvailabilityZones", [])
+                if "SubnetId" in z
+            }
+        )
+        cidrs: dict[str, str] = {}
+        if subnet_ids:
             reply = self._ask(
                 "security groups",
                 "ec2:DescribeSubnets",
                 self.ec2.describe_subnets,
-                SubnetIds=sorted(set(subnets)),
+                SubnetIds=subnet_ids,
             )
-            sources += sorted({s["CidrBlock"] for s in (reply or {}).get("Subnets", [])})
+            if reply is None and not all(lb.get("SecurityGroups") for lb in lbs):
+                return None
+            for subnet in (reply or {}).get("Subnets", []):
+                if "CidrBlock" in subnet:  # an IPv6-only subnet has none
+                    cidrs[subnet["SubnetId"]] = subnet["CidrBlock"]
+        sources = []
+        for lb in lbs:
+            zones = lb.get("AvailabilityZones", [])
+            sources.append(
+                diagnose.Source(
+                    name=f"the NLB {lb.get('LoadBalancerName', '?')}",
+                    groups=tuple(lb.get("SecurityGroups", [])),
+                    cidrs=tuple(
+                        sorted({cidrs[z["SubnetId"]] for z in zones if z.get("SubnetId") in cidrs})
+                    ),
+                )
+            )
         return sources
 
 
@@ -316,6 +361,7 @@ class _NodeFacts:
     offered: dict[str, str] | None = None
     sshd_t: str = ""
     error: str = ""  # `step: reason` of the first step that failed
+    untrusted: bool = False  # presents no key we can vouch for: not logged in to
 
 
 def _start_node_checks(
@@ -324,27 +370,67 @@ def _start_node_checks(
     if reconciler.keys is None:
         return {}
     side = reconciler.keys.nodes
-    return {n.ip: pool.submit(_node_facts, side, n.ip) for n in nodes}
+    vouched = _vouched_keys(config, [n.ip for n in nodes])
+    return {n.ip: pool.submit(_node_facts, side, n.ip, vouched[n.ip]) for n in nodes}
 
 
-def _node_facts(side: Any, ip: str) -> _NodeFacts:
-    """A probe, then a login pinned to what the probe showed, running `sshd -T` as root."""
+def _vouched_keys(config: Config, ips: Sequence[str]) -> dict[str, frozenset[str]]:
+    """The keys a login may trust for each node: the canonical and previous sets, and what the
+    daemon pinned for it after verifying it (known_hosts in the state dir). Doctor never trusts a
+    node on first sight: it reports such a node, and sends it nothing."""
+    from hpodlb.files import read_regular_file
+    from hpodlb.sshnode import known_hosts_name
+
+    store = KeyStore(config.host_keys.store, config.host_keys.types)
+    sets: set[str] = set()
+    try:
+        sets |= {k.public for k in store.load().values()}
+        sets |= {k.public for k in store.load_previous().values()}
+    except (KeyStoreError, OSError):
+        pass
+    pinned: dict[str, set[str]] = {}
+    try:
+        text = read_regular_file(
+            config.state.dir / "known_hosts", KNOWN_HOSTS_MAX, follow_symlinks=False
+        )
+    except (OSError, UnusableFileError):
+        text = b""
+    for line in text.decode(errors="replace").splitlines():
+        host, _, key = line.partition(" ")
+        pinned.setdefault(host, set()).add(key.strip())
+    port = config.ssh.port
+    return {ip: frozenset(sets | pinned.get(known_hosts_name(ip, port), set())) for ip in ips}
+
+
+def _node_facts(side: Any, ip: str, vouched: frozenset[str]) -> _NodeFacts:
+    """A probe, then, if the node presents a key we can vouch for, a login pinned to those keys
+    running `sshd -T` as root. Whatever a node does costs its own line, never doctor's run."""
     from hpodlb.sshnode import SshError
 
-    probe = side.probe(ip)
-    if probe.offered is None:
-        return _NodeFacts(error=probe.error)
+    offered: dict[str, str] | None = None
     try:
-        with side.connector.session(ip, frozenset(probe.offered.values())) as session:
+        probe = side.probe(ip)
+        if probe.offered is None:
+            return _NodeFacts(error=_clean(probe.error))
+        offered = dict(probe.offered)
+        pin = frozenset(offered.values()) & vouched
+        if not pin:
+            return _NodeFacts(offered=offered, untrusted=True)
+        with side.connector.session(ip, pin) as session:
             rc, out, err = session.run_root(SSHD_T)
     except SshError as exc:
-        return _NodeFacts(offered=probe.offered, error=str(exc))
-    except Exception as exc:  # a node's fault is that node's line, never doctor's crash
-        return _NodeFacts(offered=probe.offered, error=f"ssh: {type(exc).__name__}: {exc}")
+        return _NodeFacts(offered=offered, error=_clean(str(exc)))
+    except Exception as exc:  # paramiko re-raises whatever its thread met: this node's fault
+        return _NodeFacts(offered=offered, error=_clean(f"ssh: {type(exc).__name__}: {exc}"))
     if rc != 0:
         first = (out.strip() or err.strip() or f"exit status {rc}").splitlines()[0][:200]
-        return _NodeFacts(offered=probe.offered, error=f"sshd-T: {first}")
-    return _NodeFacts(offered=probe.offered, sshd_t=out)
+        return _NodeFacts(offered=offered, error=f"sshd-T: {_clean(first)}")
+    return _NodeFacts(offered=offered, sshd_t=_clean(out, keep="\n"))
+
+
+def _clean(text: str, keep: str = "") -> str:
+    """A node's words, without control characters (no escape sequence reaches a terminal)."""
+    return "".join(c if c.isprintable() or c in keep else "?" for c in text)
 
 
 def _judge_nodes(
@@ -361,19 +447,32 @@ def _judge_nodes(
                 "enable host_keys to have hpodlb keep and check the nodes' host keys",
             )
         return
-    canonical = _canonical(config)
+    canonical, previous = _key_sets(config)
     hk = config.host_keys
     for node in nodes:
-        facts = ssh[node.ip].result()
         area = f"node {node.ip}"
+        try:
+            facts = ssh[node.ip].result()
+        except Exception as exc:  # a bug in gathering: this node's line, not the report's end
+            yield fail(area, f"not checked: {type(exc).__name__}: {exc}", "run again with -v")
+            continue
         if facts.offered is None:
             yield fail(area, f"unreachable: {facts.error}", _ssh_fix(facts.error, config))
             continue
-        yield diagnose.host_keys(node.ip, facts.offered, canonical)
+        yield diagnose.host_keys(node.ip, facts.offered, canonical, previous)
+        if facts.untrusted:
+            yield warn(
+                area,
+                "not logged in to: it presents no key hpodlb has verified (canonical, previous, "
+                "or pinned for it), so sshd is not checked",
+                "`hpodlb status` says why it is held; `hpodlb keys trust IP` if it was re-imaged",
+            )
+            continue
         if facts.error:
             yield fail(area, facts.error, _ssh_fix(facts.error, config))
             continue
-        yield passed(area, f"login as {config.ssh.user} and `sudo -n` work")
+        how = "`sudo -n`" if config.ssh.sudo else "root commands (ssh.sudo = false)"
+        yield passed(area, f"login as {config.ssh.user} and {how} work")
         yield from diagnose.sshd(
             node.ip,
             facts.sshd_t,
@@ -389,18 +488,23 @@ def _ssh_fix(error: str, config: Config) -> str:
     return {
         "connect": f"check that the node is up and its sshd listens on {config.ssh.port}, and "
         "that its security group admits the head node",
+        "handshake": f"something accepts TCP on port {config.ssh.port} but does not speak SSH in "
+        "time: a hung sshd, or another service on that port",
         "auth": f"install the public half of {config.ssh.key_file} in "
         f"~{config.ssh.user}/.ssh/authorized_keys on the node",
         "sudo": f"give {config.ssh.user} passwordless sudo on the node",
+        "sshd-T": "sshd's own config check fails on the node: run `sshd -T` there",
     }.get(step, "see the error; `hpodlb status` shows the last pass's view of this node")
 
 
-def _canonical(config: Config) -> dict[str, str]:
+def _key_sets(config: Config) -> tuple[dict[str, str], dict[str, str]]:
     store = KeyStore(config.host_keys.store, config.host_keys.types)
     try:
-        return {t: k.public for t, k in store.load().items()}
+        current = {t: k.public for t, k in store.load().items()}
+        previous = {t: k.public for t, k in store.load_previous().items()}
     except (KeyStoreError, OSError):
-        return {}
+        return {}, {}
+    return current, previous
 
 
 # -- the head node -----------------------------------------------------------------------------
@@ -417,7 +521,16 @@ def _key_store(config: Config) -> list[Finding]:
 
 def _daemon(config: Config, now: float) -> list[Finding]:
     state_dir = config.state.dir
-    holder = lock_holder(state_dir)
+    try:
+        holder = lock_holder(state_dir)
+    except OSError as exc:
+        return [
+            warn(
+                "daemon",
+                f"cannot tell whether hpodlb runs: {state_dir}: {exc.strerror}",
+                "run doctor as root",
+            )
+        ]
     if holder is None:
         return [
             fail(
@@ -426,19 +539,19 @@ def _daemon(config: Config, now: float) -> list[Finding]:
                 "systemctl enable --now hpodlb; journalctl -u hpodlb",
             )
         ]
+    who = f"pid {holder}: {_command_of(holder)}"
     state, warning = load_state(state_dir)
     last = state.last_pass
     if last is None:
         why = warning or "no pass recorded yet"
-        return [warn("daemon", f"running (pid {holder}); {why}", "wait for its first pass")]
+        return [warn("daemon", f"running ({who}); {why}", "wait for its first pass")]
     age = now - last.finished_at
     interval = config.reconcile.interval_seconds
     if age > STALE_INTERVALS * interval:
         return [
             fail(
                 "daemon",
-                f"running (pid {holder}), but its last pass ended {age:.0f}s ago "
-                f"(interval {interval}s)",
+                f"running ({who}), but its last pass ended {age:.0f}s ago (interval {interval}s)",
                 "journalctl -u hpodlb: a pass is stuck, or the state dir cannot be written",
             )
         ]
@@ -446,8 +559,19 @@ def _daemon(config: Config, now: float) -> list[Finding]:
         return [
             warn(
                 "daemon",
-                f"running (pid {holder}); last pass {age:.0f}s ago NOT converged: {last.summary}",
+                f"running ({who}); last pass {age:.0f}s ago NOT converged: {last.summary}",
                 "`hpodlb status` says what is held back, waiting or failing",
             )
         ]
-    return [passed("daemon", f"running (pid {holder}); last pass {age:.0f}s ago converged")]
+    return [passed("daemon", f"running ({who}); last pass {age:.0f}s ago converged")]
+
+
+def _command_of(pid: str) -> str:
+    """`hpodlb run` (or `once`, holding the lock for a pass): what the holder is, from its argv."""
+    try:
+        argv = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return "unknown"
+    words = [a.decode(errors="replace") for a in argv]
+    command = next((w for w in words if w in ("run", "once")), "")
+    return f"hpodlb {command}" if command else "unknown"

@@ -19,6 +19,8 @@ from hpodlb.state import State, TargetRecord
 HEALTHY = "healthy"
 # States in which a target is expected not to serve: on its way out.
 LEAVING = NOT_REGISTERED_STATES
+# With health checks off, AWS says `unavailable` and sends traffic anyway: not a failure.
+CHECKS_OFF = "Target.HealthCheckDisabled"
 # NLB defaults, for a group whose description is not known yet.
 DEFAULT_INTERVAL_SECONDS = 30
 DEFAULT_HEALTHY_THRESHOLD = 5
@@ -40,8 +42,8 @@ FIXES = {
         "subnets on the health-check port (`hpodlb doctor`)"
     ),
     "Target.NotInUse": (
-        "the NLB has no subnet in this node's Availability Zone: add one (or enable cross-zone "
-        "load balancing); `hpodlb doctor` names the zone"
+        "the NLB has no subnet in this node's Availability Zone (cross-zone load balancing does "
+        "not change that): add one; `hpodlb doctor` names the zone"
     ),
     "Target.IpUnusable": "the IP is not usable as a target (it is the NLB's own, or in use)",
     "Target.InvalidState": "the instance is stopped or terminated",
@@ -91,11 +93,16 @@ def overdue(
         r
         for r in records
         if r.ip in login_ips
-        and r.state != HEALTHY
+        and not serving(r)
         and r.state not in LEAVING
         and r.since_mono is not None
         and now - r.since_mono > window
     ]
+
+
+def serving(record: TargetRecord) -> bool:
+    """The NLB sends it users: healthy, or health checks are off (AWS then sends to every target)."""
+    return record.state == HEALTHY or record.reason == CHECKS_OFF
 
 
 def likely_fix(reason: str) -> str:
@@ -114,7 +121,7 @@ def healthy_nodes(
     targets: Mapping[str, Sequence[TargetRecord]], groups: Sequence[str], ips: Iterable[str]
 ) -> set[str]:
     """The login nodes healthy in every configured group: the ones that take users now."""
-    return _in_every(targets, groups, ips, lambda r: r.state == HEALTHY)
+    return _in_every(targets, groups, ips, serving)
 
 
 def registered_nodes(

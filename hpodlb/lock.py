@@ -63,20 +63,32 @@ class InstanceLock:
         self.release()
 
 
-def lock_holder(state_dir: Path) -> str | None:
-    """The pid written by the hpodlb that holds the lock now, or None if none does. Read-only: it
-    creates nothing, and a lock file that is not a plain file is treated as not held."""
+def lock_holder(state_dir: Path, locks: Path = Path("/proc/locks")) -> str | None:
+    """The pid of the process that holds the lock now, or None if none does.
+
+    Read from the kernel's lock table rather than by trying the lock: trying it, even shared and
+    for an instant, could make a daemon starting at that moment believe another one holds it.
+    OSError if it cannot tell (the state dir is not readable by this user, say); a lock file that
+    does not exist is not held."""
     try:
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+        st = (state_dir / LOCK_FILE).lstat()
+    except FileNotFoundError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    device = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in locks.read_text().splitlines():
+        fields = line.replace("->", "").split()
+        if (
+            len(fields) < 6
+            or fields[1] != "FLOCK"
+            or line.split(":", 1)[1].lstrip().startswith("->")
+        ):
+            continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        return None
-    finally:
-        os.close(fd)
+            major, minor, inode = fields[5].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == device:
+                return fields[4]
+        except ValueError:
+            continue
+    return None

@@ -36,7 +36,9 @@ from hpodlb.identity import Judgement, KeyState, judge
 from hpodlb.inventory import LoginNode
 
 # NLB states in which a target is on its way out or gone: it does not count as registered.
-NOT_REGISTERED_STATES = frozenset({"draining", "unhealthy.draining"})
+# (`unhealthy.draining` is not one: that target is registered, failing its health checks, and
+# only its existing connections are being drained.)
+NOT_REGISTERED_STATES = frozenset({"draining"})
 
 
 class Kind(str, enum.Enum):

@@ -172,7 +172,9 @@ class Reconciler:
             try:
                 view = group.observe()
             except TargetsError as exc:
-                state.target_errors[group.arn] = f"{exc} (asked live)"
+                state.target_errors[group.arn] = (
+                    f"{exc} (asked live: the health shown for this group is the last pass's)"
+                )
                 continue
             state.target_errors.pop(group.arn, None)
             state.targets[group.arn] = health.track(

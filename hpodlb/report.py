@@ -89,7 +89,7 @@ def _health_cell(record: TargetRecord | None, now: float) -> str:
     if record is None:
         return "not registered"
     cell = f"{record.state} ({record.reason})" if record.reason else record.state
-    if record.state != health.HEALTHY and record.since:
+    if not health.serving(record) and record.since:
         cell += f" for {_span(now - record.since)}"
     return cell
 

@@ -105,7 +105,7 @@ def summary_line(state: State, outcome: PassOutcome | None, config: Config) -> s
     plan = outcome.plan
     pending = len(plan.held()) + len(plan.waiting) if plan else 0
     return (
-        f"{head}, {pending} pending, {len(outcome.unhealthy)} unhealthy too long, "
+        f"{head}, {pending} pending, {len(outcome.unhealthy)} targets unhealthy too long, "
         f"{len(outcome.errors)} errors, last pass {outcome.duration_seconds:.1f} s"
     )
 

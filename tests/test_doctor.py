@@ -118,6 +118,7 @@ def test_a_sound_path_passes_every_aws_check(moto_env: None, write_config: Calla
     bad = [f for f in aws_findings(report) if f.status is not Status.PASS]
     assert bad == []
     found = " | ".join(f.found for f in report.findings)
+    assert "(the default; not readable)" not in found  # DescribeListenerAttributes answered
     for expected in ("identity arn:aws:sts::123456789012:", "type ip, TCP, port 22",
                      "in the login nodes' VPC", "TCP health checks on the SSH port",
                      "internal, active, in us-west-2a", "TCP listener on port 22, idle timeout 350s",
@@ -143,8 +144,8 @@ BREAKS: dict[str, tuple[Callable[[Cloud], Any], Status, str, str, str]] = {
     "security group without the NLB": (
         lambda c: c.ec2.revoke_security_group_ingress(GroupId=c.login_sg, IpPermissions=[
             {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}]),
-        Status.FAIL, "node 10.1.70.201", f"do not admit {SUBNET_A} on TCP 22",
-        f"an inbound rule: TCP 22 from {SUBNET_A}"),
+        Status.FAIL, "node 10.1.70.201", "do not admit the NLB smhp-login-node-lb on TCP 22",
+        f"an inbound rule: TCP 22 from {SUBNET_A} (the NLB's subnets)"),
     "security group admits another port": (
         lambda c: (c.ec2.revoke_security_group_ingress(GroupId=c.login_sg, IpPermissions=[
             {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}]),
@@ -161,6 +162,18 @@ BREAKS: dict[str, tuple[Callable[[Cloud], Any], Status, str, str, str]] = {
         lambda c: c.elb.modify_target_group_attributes(TargetGroupArn=c.tg, Attributes=[
             {"Key": "preserve_client_ip.enabled", "Value": "true"}]),
         Status.WARN, "target group", "hairpin", "preserve_client_ip.enabled off"),
+    "health checks off": (
+        lambda c: c.elb.modify_target_group(TargetGroupArn=c.tg, HealthCheckEnabled=False),
+        Status.WARN, "target group", "health checks are disabled", "enable TCP health checks"),
+    "health checks on another port": (
+        lambda c: c.elb.modify_target_group(TargetGroupArn=c.tg, HealthCheckPort="2222"),
+        Status.WARN, "target group", "health checks go to port 2222", "traffic-port"),
+    "listener forwarding to another group": (
+        lambda c: c.elb.modify_listener(ListenerArn=c.listener, DefaultActions=[{
+            "Type": "forward", "TargetGroupArn": c.elb.create_target_group(
+                Name="other", Protocol="TCP", Port=22, VpcId=c.vpc, TargetType="ip")[
+                "TargetGroups"][0]["TargetGroupArn"]}]),
+        Status.FAIL, "", "forwards to", "listener"),
     "a login node in a zone the NLB is not in": (
         lambda c: c.ec2.create_network_interface(
             SubnetId=c.ec2.create_subnet(VpcId=c.vpc, CidrBlock="10.1.160.0/20",
@@ -196,13 +209,17 @@ def test_an_internet_facing_nlb_fails(moto_env: None, write_config: Callable[...
     assert "scheme internet-facing: the login nodes' SSH is exposed" in hit.found
 
 
-def test_an_nlb_with_security_groups_must_be_admitted_by_group(
+def test_an_nlb_with_security_groups_is_admitted_by_its_group_or_its_subnets(
     moto_env: None, write_config: Callable[..., Path]
 ) -> None:
-    """NLBs with security groups send from them: a rule for its subnet's CIDR is not enough."""
+    """An NLB with security groups sends from its private IPs, in its subnets: a rule naming its
+    group or a CIDR covering its subnets admits it; without either, the fix names its group."""
     cloud = build_cloud(nlb_sg=True)
+    assert named(doctor(write_config, cloud), Status.FAIL, "node ") == []  # the subnet's CIDR
     nlb_sg = cloud.elb.describe_load_balancers(LoadBalancerArns=[cloud.lb])["LoadBalancers"][0][
         "SecurityGroups"][0]
+    cloud.ec2.revoke_security_group_ingress(GroupId=cloud.login_sg, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}])
     report = doctor(write_config, cloud)
     fails = named(report, Status.FAIL, "node ")
     assert len(fails) == 3
@@ -223,12 +240,73 @@ def test_login_nodes_in_another_vpc_and_a_wrong_port_fail(
     assert any("on the configured port 2222" in f.found for f in named(wrong_port, Status.FAIL))
 
 
-def test_cross_zone_off_with_a_zone_without_login_nodes_warns(
+def test_a_zone_without_login_nodes_is_said_not_failed(
     moto_env: None, write_config: Callable[..., Path]
 ) -> None:
+    """The NLB drops a zone without healthy targets from DNS: worth saying, not a WARN."""
     report = doctor(write_config, build_cloud(extra_lb_zone=f"{REGION}c"))
-    (hit,) = named(report, Status.WARN, "load balancer")
-    assert "cross-zone load balancing is off and us-west-2c has no login node" in hit.found
+    assert named(report, Status.WARN, "load balancer") == []
+    (hit,) = [f for f in named(report, Status.PASS, "load balancer") if "internal" in f.found]
+    assert "in us-west-2a, us-west-2c; no login node in us-west-2c, cross-zone off" in hit.found
+
+
+def test_a_denied_read_is_named_and_what_depends_on_it_is_not_judged(
+    moto_env: None, write_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """moto enforcing IAM, the head node's role denied ec2:DescribeSecurityGroups: one FAIL naming
+    the permission and the policy file, and no verdict on any node's security groups."""
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+
+    cloud = build_cloud()
+    iam = boto3.client("iam", region_name="us-east-1")
+    iam.create_user(UserName="head-node")
+    policy = iam.create_policy(PolicyName="hpodlb", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "*", "Resource": "*"},
+            {"Effect": "Deny", "Action": "ec2:DescribeSecurityGroups", "Resource": "*"}]}))
+    iam.attach_user_policy(UserName="head-node", PolicyArn=policy["Policy"]["Arn"])
+    key = iam.create_access_key(UserName="head-node")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # every call checked from now
+    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
+    report = doctor(write_config, cloud)
+    (denied,) = named(report, Status.FAIL, "security groups")
+    assert denied.found.startswith("ec2:DescribeSecurityGroups: AccessDenied:")
+    assert "config/iam-policy.json" in denied.fix
+    assert [f for f in report.findings if f.area.startswith("node ")] == []
+    assert named(report, Status.PASS, "target group")  # the rest was still checked
+    assert report.exit_status == 1
+
+
+def test_security_group_rules_are_matched_as_ec2_means_them() -> None:
+    """All traffic (-1), port ranges, protocol number 6, CIDRs wider than the NLB's subnets, a
+    group reference; a prefix list cannot be expanded and is a WARN, never a PASS or a FAIL."""
+    from hpodlb.diagnose import Source, security_groups
+
+    eni = {"Groups": [{"GroupId": "sg-node"}]}
+    nlb = [Source("the NLB x", ("sg-nlb",), ("10.1.64.0/18", "10.1.192.0/20"))]
+
+    def verdict(*rules: dict[str, Any]) -> Status:
+        (finding,) = security_groups({"10.1.70.1": eni}, {"sg-node": {"IpPermissions": list(rules)}},
+                                     nlb, 22)
+        return finding.status
+
+    def cidr(proto: str, low: int, high: int, *blocks: str) -> dict[str, Any]:
+        return {"IpProtocol": proto, "FromPort": low, "ToPort": high,
+                "IpRanges": [{"CidrIp": b} for b in blocks]}
+
+    assert verdict({"IpProtocol": "-1", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}) is Status.PASS
+    assert verdict(cidr("tcp", 1, 1024, "10.1.0.0/16")) is Status.PASS
+    assert verdict(cidr("6", 22, 22, "10.1.64.0/18", "10.1.192.0/20")) is Status.PASS
+    assert verdict(cidr("tcp", 22, 22, "10.1.64.0/18")) is Status.FAIL  # one subnet of two
+    assert verdict(cidr("udp", 22, 22, "10.0.0.0/8")) is Status.FAIL
+    assert verdict(cidr("tcp", 23, 1024, "10.0.0.0/8")) is Status.FAIL
+    assert verdict({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                    "UserIdGroupPairs": [{"GroupId": "sg-nlb"}]}) is Status.PASS
+    assert verdict({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                    "PrefixListIds": [{"PrefixListId": "pl-1"}]}) is Status.WARN
 
 
 def test_unreachable_aws_cannot_be_evaluated(
@@ -319,40 +397,90 @@ def test_doctor_passes_a_sound_simulated_cluster_with_its_daemon_running(sim_env
         f"{sum(c['status'] == 'PASS' for c in doc['checks'])} PASS"
 
 
-def test_broken_login_nodes_are_each_named(sim_env: SimEnv) -> None:
-    """Four nodes, four faults: a hung sshd, sudo that asks for a password, host keys that are
-    not the canonical ones, and a keepalive slower than the NLB's idle timeout; and sshd not
-    loading keys from host_keys.remote_dir."""
-    ips = nodes(sim_env, 2)
-    sudo_ip, hung_ip = sim_env.cluster.ip(5), sim_env.cluster.ip(6)
-    sim_env.cluster.add_node(sudo_ip, "i-000000000000000sudo", sudo_nopasswd=False)
-    sim_env.cluster.silent_listener(hung_ip, "i-000000000000000hung")
-    sim_env.list_nodes([*ips, sudo_ip, hung_ip])
-    sim_env.cluster.nodes[ips[1]].write_sshd_config("ClientAliveInterval 120\n")
-    sim_env.cluster.nodes[ips[1]].reload()
-    sim_path(sim_env, [*ips, sudo_ip, hung_ip])
-    listener = sim_env.aws.client("elbv2").describe_listeners(LoadBalancerArn=sim_env.aws.client(
-        "elbv2").describe_target_groups(TargetGroupArns=[sim_env.arn])["TargetGroups"][0][
-        "LoadBalancerArns"][0])["Listeners"][0]["ListenerArn"]
-    sim_env.aws.client("elbv2").modify_listener_attributes(ListenerArn=listener, Attributes=[
+def test_broken_login_nodes_are_each_named(sim_env: SimEnv, tmp_path: Path) -> None:
+    """Five nodes, five faults, each named with its fix: keys nobody verified (reported, and not
+    logged in to), a hung sshd, sudo that wants a password, a keepalive slower than the NLB's idle
+    timeout, an sshd whose own config check fails; then, through the config: the target group's
+    port not sshd's, host_keys.remote_dir not where sshd reads, a login key the nodes refuse."""
+    env = sim_env
+    assert hpodlb(env, "keys", "generate").returncode == 0
+    canonical = env.store / "current"
+    stranger, slow, sudo_ip, hung_ip, broken = (env.cluster.ip(n) for n in range(2, 7))
+    env.cluster.add_node(stranger, "i-0000000stranger")  # its own keys
+    env.cluster.add_node(slow, "i-00000000000slow", keys_from=canonical)
+    env.cluster.add_node(sudo_ip, "i-00000000000sudo", sudo_nopasswd=False, keys_from=canonical)
+    env.cluster.silent_listener(hung_ip, "i-00000000000hung")
+    env.cluster.add_node(broken, "i-0000000000broken", keys_from=canonical)
+    env.cluster.nodes[slow].write_sshd_config("ClientAliveInterval 120\n")
+    env.cluster.nodes[slow].reload()
+    config = env.cluster.nodes[broken].etc_ssh / "sshd_config"
+    config.write_text(config.read_text() + "NoSuchOption yes\n")  # the running sshd keeps serving
+    ips = [stranger, slow, sudo_ip, hung_ip, broken]
+    env.list_nodes(ips)
+    sim_path(env, ips)
+    elb = env.aws.client("elbv2")
+    lb = elb.describe_target_groups(TargetGroupArns=[env.arn])["TargetGroups"][0]["LoadBalancerArns"][0]
+    listener = elb.describe_listeners(LoadBalancerArn=lb)["Listeners"][0]["ListenerArn"]
+    elb.modify_listener_attributes(ListenerArn=listener, Attributes=[
         {"Key": "tcp.idle_timeout.seconds", "Value": "60"}])
-    assert hpodlb(sim_env, "keys", "generate").returncode == 0  # the nodes keep their own keys
 
-    report = run_doctor(sim_env.config, build_reconciler(sim_env.config))
-    by_node = {ip: [f for f in report.findings if f.area == f"node {ip}"] for ip in [*ips, sudo_ip, hung_ip]}
-    assert any(f.status is Status.FAIL and "presents" in f.found and "other than the canonical"
-               in f.found for f in by_node[ips[0]])
-    (hung,) = [f for f in by_node[hung_ip] if f.status is Status.FAIL]  # its SG check passes
-    assert hung.found.startswith("unreachable: handshake")
-    sudo = [f for f in by_node[sudo_ip] if f.found.startswith("sudo:")]
-    assert sudo and sudo[0].status is Status.FAIL
-    assert sudo[0].fix == f"give {sim_env.config.ssh.user} passwordless sudo on the node"
-    slow = [f for f in by_node[ips[1]] if f.status is Status.WARN and "ClientAliveInterval" in f.found]
-    assert slow and "is 120s and the NLB drops a connection idle for 60s" in slow[0].found
-    assert slow[0].fix == "set ClientAliveInterval 30 in sshd_config"
+    def findings(ip: str) -> list[Finding]:
+        return [f for f in report.findings if f.area == f"node {ip}" and f.status is not Status.PASS]
 
-    sim_env.write_config(host_keys={"remote_dir": "/etc/ssh/hpodlb"})
-    moved = run_doctor(sim_env.config, build_reconciler(sim_env.config))
-    elsewhere = [f for f in moved.findings if f.area == f"node {ips[0]}" and "does not load" in f.found]
-    assert elsewhere and "/etc/ssh/hpodlb/ssh_host_rsa_key" in elsewhere[0].found
-    assert moved.exit_status == 1
+    report = run_doctor(env.config, build_reconciler(env.config))
+    assert [(f.status, f.found.split(":")[0]) for f in findings(stranger)] == [
+        (Status.FAIL, "presents ecdsa, ed25519, rsa host keys other than the canonical ones"),
+        (Status.WARN, "not logged in to")]
+    assert not any(f.found.startswith("login as") for f in report.findings if f.area == f"node {stranger}")
+    assert [(f.status, f.found.split(":")[0]) for f in findings(hung_ip)] == [(Status.FAIL, "unreachable")]
+    assert "does not speak SSH" in findings(hung_ip)[0].fix
+    (sudo,) = findings(sudo_ip)
+    assert sudo.found.startswith("sudo: ") and sudo.fix == f"give {env.config.ssh.user} passwordless sudo on the node"
+    (keepalive,) = findings(slow)
+    assert "ClientAliveInterval is 120s and the NLB drops a connection idle for 60s" in keepalive.found
+    assert keepalive.fix == "set ClientAliveInterval 30 in sshd_config"
+    (check,) = findings(broken)
+    assert check.found.startswith("sshd-T: ") and "NoSuchOption" in check.found, check.found
+    assert report.exit_status == 1
+
+    env.tg_port = 22
+    env.write_config()
+    report = run_doctor(env.config, build_reconciler(env.config))
+    (port,) = [f for f in findings(slow) if "listens" in f.found]
+    assert port.found == f"sshd listens on port {env.cluster.port}, the target group sends to 22"
+
+    env.tg_port = env.cluster.port
+    env.write_config(host_keys={"remote_dir": "/etc/ssh/hpodlb"})
+    report = run_doctor(env.config, build_reconciler(env.config))
+    moved = [f for f in findings(slow) if "loads none of" in f.found]
+    assert moved and "/etc/ssh/hpodlb/ssh_host_rsa_key" in moved[0].found
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+    env.write_config(ssh={"key_file": str(tmp_path / "other")})
+    report = run_doctor(env.config, build_reconciler(env.config))
+    (auth,) = [f for f in findings(slow) if f.found.startswith("auth")]
+    assert auth.fix.startswith(f"install the public half of {tmp_path / 'other'}")
+
+
+def test_the_head_nodes_own_inputs_are_named(
+    moto_env: None, write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A key store others can read and a resource config that is not there: each a FAIL naming
+    the path."""
+    cloud = build_cloud()
+    store = tmp_path / "host_keys"
+    store.mkdir(mode=0o755)
+    store.chmod(0o755)
+    config = load_config(write_config(
+        [{"arn": cloud.tg, "port": 22}], aws={"region": REGION},
+        host_keys={"enabled": True, "store": str(store), "adopt_from_first_node": False},
+        ssh={"connect_timeout_seconds": 1, "port": 1}), {})
+    report = run_doctor(config, build_reconciler(config))
+    (keys,) = named(report, Status.FAIL, "key store")[:1]
+    assert keys.found.startswith("key store: ") and str(store) in keys.found
+
+    missing = tmp_path / "nowhere.json"
+    config = load_config(write_config([{"arn": cloud.tg, "port": 22}], aws={"region": REGION},
+                                      cluster={"resource_config": str(missing)}), {})
+    (inventory,) = named(run_doctor(config, build_reconciler(config)), Status.FAIL, "config")
+    assert inventory.found == f"resource config: {missing}: file not found"

@@ -130,7 +130,7 @@ def test_a_target_unhealthy_past_its_window_is_reported_once_and_never_deregiste
         assert registered == set(NODES)
         assert summary_line(state, late[-1], cfg).startswith(
             "2/3 login nodes healthy (1 more registered, not healthy yet), 0 pending, "
-            "1 unhealthy too long, 0 errors")
+            "1 targets unhealthy too long, 0 errors")
         assert state.last_pass is not None and state.last_pass.unhealthy == late[-1].unhealthy
     clock.advance(20)
     healed = rec.run_pass(state, apply=True)
@@ -196,3 +196,25 @@ def test_status_shows_health_with_reason_and_live_asks_aws_now(
     assert by_ip[NODES[0]]["targets"][arn] == "unused"
     assert by_ip[NODES[1]]["health"][arn]["state"] == "healthy"
     assert load_state(load_config(cfg, {}).state.dir)[0] == before  # --live wrote nothing
+
+
+def test_unhealthy_draining_stays_registered_and_checks_off_counts_as_serving(
+    elb: Any, write_config: Callable[..., Path]
+) -> None:
+    """`unhealthy.draining` is a registered target failing its checks (not one leaving): no pass
+    registers it again, and it is reported; `unavailable` because health checks are off is how
+    AWS says it sends to every target: serving, never "unhealthy too long"."""
+    arn = group_with_health_checks(elb)
+    cfg = load_config(write_config([{"arn": arn, "port": 22}]), {})
+    clock = Clock()
+    rec = Reconciler(cfg, [TargetGroup(elb, arn, 22)], keys=None, clock=clock, wall=clock, boot_id="b")
+    state = State()
+    rec.run_pass(state, apply=True)
+    with nlb_health({NODES[0]: ("unhealthy.draining", "Target.FailedHealthChecks", "Health checks failed"),
+                     NODES[1]: ("unavailable", "Target.HealthCheckDisabled", "Health checks disabled")}):
+        for _ in range(3):
+            clock.advance(31)
+            outcome = rec.run_pass(state, apply=True)
+            assert outcome.applied == []
+    assert [line.split()[0] for line in outcome.unhealthy] == [NODES[0]]
+    assert health.headline(state, [arn]) == "2/3 login nodes healthy (1 more registered, not healthy yet)"
