@@ -403,29 +403,41 @@ def _vouched_keys(config: Config, ips: Sequence[str]) -> dict[str, frozenset[str
 
 
 def _node_facts(side: Any, ip: str, vouched: frozenset[str]) -> _NodeFacts:
-    """A probe, then, if the node presents a key we can vouch for, a login pinned to those keys
-    running `sshd -T` as root. Whatever a node does costs its own line, never doctor's run."""
+    """A login pinned to the keys we can vouch for, running `sshd -T` as root, then a probe of the
+    key types that session did not show; a node presenting none of those keys is only probed, and
+    sent nothing. Whatever a node does costs its own line, never doctor's run."""
+    from hpodlb.keystore import key_type_of
     from hpodlb.sshnode import SshError
 
-    offered: dict[str, str] | None = None
+    seen: dict[str, str] = {}
+    sshd_t, error, untrusted = "", "", not vouched
     try:
-        probe = side.probe(ip)
-        if probe.offered is None:
-            return _NodeFacts(error=_clean(probe.error))
-        offered = dict(probe.offered)
-        pin = frozenset(offered.values()) & vouched
-        if not pin:
-            return _NodeFacts(offered=offered, untrusted=True)
-        with side.connector.session(ip, pin) as session:
-            rc, out, err = session.run_root(SSHD_T)
-    except SshError as exc:
-        return _NodeFacts(offered=offered, error=_clean(str(exc)))
+        if vouched:
+            try:
+                with side.connector.session(ip, vouched) as session:
+                    key = session.server_key()
+                    seen[key_type_of(key) or ""] = key
+                    rc, out, err = session.run_root(SSHD_T)
+                if rc != 0:
+                    first = (out.strip() or err.strip() or f"exit status {rc}").splitlines()[0]
+                    error = f"sshd-T: {first[:200]}"
+                sshd_t = out
+            except SshError as exc:
+                if exc.step == "connect":  # nothing answers: do not wait for it a second time
+                    return _NodeFacts(error=_clean(str(exc)))
+                untrusted = exc.step == "host-key"
+                error = "" if untrusted else str(exc)
+        probe = side.probe(ip, known=seen)
     except Exception as exc:  # paramiko re-raises whatever its thread met: this node's fault
-        return _NodeFacts(offered=offered, error=_clean(f"ssh: {type(exc).__name__}: {exc}"))
-    if rc != 0:
-        first = (out.strip() or err.strip() or f"exit status {rc}").splitlines()[0][:200]
-        return _NodeFacts(offered=offered, error=f"sshd-T: {_clean(first)}")
-    return _NodeFacts(offered=offered, sshd_t=_clean(out, keep="\n"))
+        return _NodeFacts(error=_clean(f"ssh: {type(exc).__name__}: {exc}"))
+    if probe.offered is None:
+        return _NodeFacts(error=_clean(probe.error))
+    return _NodeFacts(
+        offered=dict(probe.offered),
+        sshd_t=_clean(sshd_t, keep="\n"),
+        error=_clean(error),
+        untrusted=untrusted,
+    )
 
 
 def _clean(text: str, keep: str = "") -> str:
@@ -486,8 +498,9 @@ def _judge_nodes(
 def _ssh_fix(error: str, config: Config) -> str:
     step = error.split(":", 1)[0]
     return {
-        "connect": f"check that the node is up and its sshd listens on {config.ssh.port}, and "
-        "that its security group admits the head node",
+        "connect": f"check that the node is up, that its sshd listens on {config.ssh.port} and "
+        "answers (a hung sshd accepts TCP and says nothing), and that its security group admits "
+        "the head node",
         "handshake": f"something accepts TCP on port {config.ssh.port} but does not speak SSH in "
         "time: a hung sshd, or another service on that port",
         "auth": f"install the public half of {config.ssh.key_file} in "

@@ -42,10 +42,14 @@ class HostKeys:
         self.reload_command = reload_command
         self.settle_seconds = settle_seconds  # how long sshd may take to listen again after reload
 
-    def probe(self, ip: str) -> Probe:
-        """One handshake per configured type, no login: what the node offers, or why not known."""
+    def probe(self, ip: str, known: Mapping[str, str] | None = None) -> Probe:
+        """One handshake per configured type, no login: what the node offers, or why not known.
+        `known`: types already seen in a pinned session of this moment, not asked again."""
         offered: dict[str, str] = {}
         for key_type in self.types:
+            if known and key_type in known:
+                offered[key_type] = known[key_type]
+                continue
             try:
                 line = self.connector.probe(ip, key_type)
             except SshError as exc:

@@ -203,6 +203,13 @@ class _ParamikoSession:
         self.settings = settings
         self.cap = cap
 
+    def server_key(self) -> str:
+        """The host key this session's server proved it holds (`algo base64`): pinned, so trusted."""
+        transport = self.client.get_transport()
+        if transport is None:
+            raise SshError("command", "connection closed")
+        return key_line(transport.get_remote_server_key())
+
     def run_root(self, script: bytes) -> tuple[int, str, str]:
         """`sh -s` as root (through `sudo -n` when configured), the script on stdin only."""
         command = "sudo -n sh -s" if self.settings.sudo else "sh -s"

@@ -433,7 +433,7 @@ def test_broken_login_nodes_are_each_named(sim_env: SimEnv, tmp_path: Path) -> N
         (Status.WARN, "not logged in to")]
     assert not any(f.found.startswith("login as") for f in report.findings if f.area == f"node {stranger}")
     assert [(f.status, f.found.split(":")[0]) for f in findings(hung_ip)] == [(Status.FAIL, "unreachable")]
-    assert "does not speak SSH" in findings(hung_ip)[0].fix
+    assert "a hung sshd accepts TCP and says nothing" in findings(hung_ip)[0].fix
     (sudo,) = findings(sudo_ip)
     assert sudo.found.startswith("sudo: ") and sudo.fix == f"give {env.config.ssh.user} passwordless sudo on the node"
     (keepalive,) = findings(slow)
@@ -484,3 +484,12 @@ def test_the_head_nodes_own_inputs_are_named(
                                       cluster={"resource_config": str(missing)}), {})
     (inventory,) = named(run_doctor(config, build_reconciler(config)), Status.FAIL, "config")
     assert inventory.found == f"resource config: {missing}: file not found"
+
+
+def test_a_node_on_the_previous_keys_during_a_rotation_is_a_warning() -> None:
+    from hpodlb.diagnose import host_keys
+
+    new, old = {"ed25519": "ssh-ed25519 NEW"}, {"ed25519": "ssh-ed25519 OLD"}
+    assert host_keys("10.0.0.1", old, new, old).status is Status.WARN
+    assert host_keys("10.0.0.1", new, new, old).status is Status.PASS
+    assert host_keys("10.0.0.1", {"ed25519": "ssh-ed25519 ELSE"}, new, old).status is Status.FAIL

@@ -218,3 +218,21 @@ def test_unhealthy_draining_stays_registered_and_checks_off_counts_as_serving(
             assert outcome.applied == []
     assert [line.split()[0] for line in outcome.unhealthy] == [NODES[0]]
     assert health.headline(state, [arn]) == "2/3 login nodes healthy (1 more registered, not healthy yet)"
+
+
+def test_status_live_says_when_aws_did_not_answer(
+    aws: FakeAws, arn: str, write_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status --live` with AWS unreachable still shows the last pass's view, and says that the
+    health shown is not live."""
+    for key, value in aws.env().items():
+        monkeypatch.setenv(key, value)
+    cfg = write_config([{"arn": arn, "port": 22}])
+    assert hpodlb("once", "--config", str(cfg)).returncode == 0
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    live = hpodlb("status", "--live", "--config", str(cfg))
+    assert live.returncode == 0
+    assert any(line.startswith(f"target group {arn.split('/')[1]}: ") and line.endswith(
+        "(asked live: the health shown for this group is the last pass's)")
+        for line in live.stdout.splitlines()), live.stdout
