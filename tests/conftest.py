@@ -59,6 +59,28 @@ def fresh_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture
+def moto_env(fresh_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """moto in-process (`mock_aws`), with fake credentials and no endpoint from the shell."""
+    from moto import mock_aws
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
+def elb(moto_env: None) -> Any:
+    """An elbv2 client on in-process moto, configured as the daemon's is."""
+    import boto3
+
+    from hpodlb.targets import boto_config
+
+    return boto3.client("elbv2", region_name="us-west-2", config=boto_config())
+
+
+@pytest.fixture
 def sim_env(fresh_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
     """Its own moto server and sshd login nodes (none yet), with this process's AWS env set."""
     import tempfile

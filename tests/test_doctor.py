@@ -11,14 +11,13 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from hpodlb.config import load_config
 from hpodlb.diagnose import Finding, Status
@@ -47,15 +46,6 @@ class Cloud:
     tg: str
     lb: str
     listener: str
-
-
-@pytest.fixture
-def moto_env(fresh_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        yield
 
 
 def build_cloud(*, scheme: str = "internal", nlb_sg: bool = False, node_vpc_other: bool = False,

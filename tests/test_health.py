@@ -11,13 +11,12 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from hpodlb import health
 from hpodlb.config import load_config
@@ -26,7 +25,7 @@ from hpodlb.planner import Target
 from hpodlb.reconcile import Reconciler
 from hpodlb.service import summary_line
 from hpodlb.state import NodeRecord, State, TargetRecord, load_state
-from hpodlb.targets import TargetGroup, boto_config
+from hpodlb.targets import TargetGroup
 from sim.aws import FakeAws, nlb_health
 from tests.test_targets import Clock
 
@@ -79,15 +78,6 @@ def test_headline_counts_nodes_healthy_in_every_group_with_verified_keys() -> No
 # -- whole passes against moto --------------------------------------------------------------------
 
 
-@pytest.fixture
-def elb(fresh_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        yield boto3.client("elbv2", region_name="us-west-2", config=boto_config())
-
-
 def group_with_health_checks(elb: Any, interval: int = 10, threshold: int = 3) -> str:
     ec2 = boto3.client("ec2", region_name="us-west-2")
     vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
@@ -97,16 +87,22 @@ def group_with_health_checks(elb: Any, interval: int = 10, threshold: int = 3) -
     )["TargetGroups"][0]["TargetGroupArn"])
 
 
+def reconciler(elb: Any, write_config: Callable[..., Path]) -> tuple[Reconciler, Clock, str]:
+    """Host keys off, a clock the test moves: passes as the daemon runs them, minus the waiting."""
+    arn = group_with_health_checks(elb)
+    cfg = load_config(write_config([{"arn": arn, "port": 22}]), {})
+    clock = Clock()
+    rec = Reconciler(cfg, [TargetGroup(elb, arn, 22)], keys=None, clock=clock, wall=clock, boot_id="b")
+    return rec, clock, arn
+
+
 def test_a_target_unhealthy_past_its_window_is_reported_once_and_never_deregistered(
     elb: Any, write_config: Callable[..., Path], tmp_path: Path
 ) -> None:
     """Health checks failing on one login node (window: 10 s x 3): within the window the pass
     converges; past it the pass is not converged, names the node, AWS's reason and the fix, logs one
     warning however many passes it lasts, and the target stays registered; healed, it converges."""
-    arn = group_with_health_checks(elb)
-    cfg = load_config(write_config([{"arn": arn, "port": 22}]), {})
-    clock = Clock()
-    rec = Reconciler(cfg, [TargetGroup(elb, arn, 22)], keys=None, clock=clock, wall=clock, boot_id="b")
+    rec, clock, arn = reconciler(elb, write_config)
     state = State()
     stream = io.StringIO()
     setup_logging(verbose=False, stream=stream)
@@ -128,7 +124,7 @@ def test_a_target_unhealthy_past_its_window_is_reported_once_and_never_deregiste
         registered = {d["Target"]["Id"] for d in elb.describe_target_health(TargetGroupArn=arn)[
             "TargetHealthDescriptions"]}
         assert registered == set(NODES)
-        assert summary_line(state, late[-1], cfg).startswith(
+        assert summary_line(state, late[-1], rec.config).startswith(
             "2/3 login nodes healthy (1 more registered, not healthy yet), 0 pending, "
             "1 targets unhealthy too long, 0 errors")
         assert state.last_pass is not None and state.last_pass.unhealthy == late[-1].unhealthy
@@ -149,10 +145,7 @@ def test_every_target_unhealthy_empties_nothing(
 ) -> None:
     """A security-group mistake makes every target fail: passes go on reporting, and the group
     keeps every target (health never triggers a deregistration)."""
-    arn = group_with_health_checks(elb)
-    cfg = load_config(write_config([{"arn": arn, "port": 22}]), {})
-    clock = Clock()
-    rec = Reconciler(cfg, [TargetGroup(elb, arn, 22)], keys=None, clock=clock, wall=clock, boot_id="b")
+    rec, clock, arn = reconciler(elb, write_config)
     state = State()
     rec.run_pass(state, apply=True)
     with nlb_health(dict.fromkeys(NODES, ("unhealthy", "Target.Timeout", "Request timed out"))):
@@ -204,10 +197,7 @@ def test_unhealthy_draining_stays_registered_and_checks_off_counts_as_serving(
     """`unhealthy.draining` is a registered target failing its checks (not one leaving): no pass
     registers it again, and it is reported; `unavailable` because health checks are off is how
     AWS says it sends to every target: serving, never "unhealthy too long"."""
-    arn = group_with_health_checks(elb)
-    cfg = load_config(write_config([{"arn": arn, "port": 22}]), {})
-    clock = Clock()
-    rec = Reconciler(cfg, [TargetGroup(elb, arn, 22)], keys=None, clock=clock, wall=clock, boot_id="b")
+    rec, clock, arn = reconciler(elb, write_config)
     state = State()
     rec.run_pass(state, apply=True)
     with nlb_health({NODES[0]: ("unhealthy.draining", "Target.FailedHealthChecks", "Health checks failed"),

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from hpodlb.config import load_config
 from hpodlb.planner import Kind
 from hpodlb.reconcile import Reconciler
 from hpodlb.state import AbsenceRecord, State, load_state, save_state
-from hpodlb.targets import BATCH_SIZE, TargetGroup, TargetsError, boto_config
-
-
-@pytest.fixture
-def elb(fresh_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        yield boto3.client("elbv2", region_name="us-west-2", config=boto_config())
+from hpodlb.targets import BATCH_SIZE, TargetGroup, TargetsError
 
 
 def make_group(elb: Any, name: str = "smhp-login-node-tg") -> str:
