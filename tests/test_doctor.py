@@ -31,6 +31,7 @@ from tests.test_hostkeys import nodes
 REGION = "us-west-2"
 LOGIN_IPS = ["10.1.71.12", "10.1.72.45", "10.1.70.201"]  # the fixture resource config's
 SUBNET_A = "10.1.64.0/18"
+SSH_FROM_SUBNET_A = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}
 
 
 @dataclass
@@ -66,8 +67,7 @@ def build_cloud(*, scheme: str = "internal", nlb_sg: bool = False, node_vpc_othe
                                         AvailabilityZone=f"{REGION}a")["Subnet"]["SubnetId"]
     login_sg = ec2.create_security_group(GroupName="login", Description="login", VpcId=node_vpc)[
         "GroupId"]
-    ec2.authorize_security_group_ingress(GroupId=login_sg, IpPermissions=[
-        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}])
+    ec2.authorize_security_group_ingress(GroupId=login_sg, IpPermissions=[SSH_FROM_SUBNET_A])
     for ip in LOGIN_IPS:
         ec2.create_network_interface(SubnetId=node_subnet, PrivateIpAddress=ip, Groups=[login_sg])
     tg = elb.create_target_group(Name="smhp-login-node-tg", Protocol="TCP", Port=22, VpcId=vpc,
@@ -118,6 +118,10 @@ def test_a_sound_path_passes_every_aws_check(moto_env: None, write_config: Calla
     assert report.exit_status == 1
 
 
+def without_the_subnet_rule(cloud: Cloud) -> None:
+    cloud.ec2.revoke_security_group_ingress(GroupId=cloud.login_sg, IpPermissions=[SSH_FROM_SUBNET_A])
+
+
 # Each: how to break the sound path, and the (status, area, words in what doctor found, in its fix).
 BREAKS: dict[str, tuple[Callable[[Cloud], Any], Status, str, str, str]] = {
     "health checks over HTTP": (
@@ -132,13 +136,11 @@ BREAKS: dict[str, tuple[Callable[[Cloud], Any], Status, str, str, str]] = {
         lambda c: c.elb.delete_listener(ListenerArn=c.listener),
         Status.FAIL, "", "forwards to", "listener"),
     "security group without the NLB": (
-        lambda c: c.ec2.revoke_security_group_ingress(GroupId=c.login_sg, IpPermissions=[
-            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}]),
+        without_the_subnet_rule,
         Status.FAIL, "node 10.1.70.201", "do not admit the NLB smhp-login-node-lb on TCP 22",
         f"an inbound rule: TCP 22 from {SUBNET_A} (the NLB's subnets)"),
     "security group admits another port": (
-        lambda c: (c.ec2.revoke_security_group_ingress(GroupId=c.login_sg, IpPermissions=[
-            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}]),
+        lambda c: (without_the_subnet_rule(c),
             c.ec2.authorize_security_group_ingress(GroupId=c.login_sg, IpPermissions=[
                 {"IpProtocol": "tcp", "FromPort": 2222, "ToPort": 2222,
                  "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])),
@@ -208,8 +210,7 @@ def test_an_nlb_with_security_groups_is_admitted_by_its_group_or_its_subnets(
     assert named(doctor(write_config, cloud), Status.FAIL, "node ") == []  # the subnet's CIDR
     nlb_sg = cloud.elb.describe_load_balancers(LoadBalancerArns=[cloud.lb])["LoadBalancers"][0][
         "SecurityGroups"][0]
-    cloud.ec2.revoke_security_group_ingress(GroupId=cloud.login_sg, IpPermissions=[
-        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}])
+    without_the_subnet_rule(cloud)
     report = doctor(write_config, cloud)
     fails = named(report, Status.FAIL, "node ")
     assert len(fails) == 3
