@@ -20,6 +20,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hpodlb.health import likely_fix
+from hpodlb.inventory import LoginNode
+
 NLB_IDLE_TIMEOUT_DEFAULT = 350  # seconds: an NLB TCP listener's default
 LONG_SESSION_DELAY = 60  # a deregistration delay shorter than this cuts users' sessions early
 
@@ -167,8 +170,8 @@ def _group_attributes(area: str, attrs: Mapping[str, str]) -> list[Finding]:
             )
         )
     else:
-        what = "cut after" if cut else "kept open, no new ones after"
-        out.append(passed(area, f"deregistration: sessions {what} {delay}s"))
+        kept = f"cut {delay}s after it leaves" if cut else "kept (connection termination off)"
+        out.append(passed(area, f"a node leaving gets no new sessions; its open ones are {kept}"))
     if attrs.get("preserve_client_ip.enabled") == "true":
         out.append(
             warn(
@@ -180,6 +183,55 @@ def _group_attributes(area: str, attrs: Mapping[str, str]) -> list[Finding]:
             )
         )
     return out
+
+
+def login_targets(
+    area: str, health: Mapping[str, Any], nodes: Sequence[LoginNode], port: int
+) -> list[Finding]:
+    """Each login node against the group's targets (DescribeTargetHealth): registered at the port,
+    and what the NLB's health checks say, with the likely fix."""
+    by_ip = {
+        d["Target"]["Id"]: d.get("TargetHealth", {})
+        for d in health.get("TargetHealthDescriptions", [])
+        if d.get("Target", {}).get("Port", port) == port
+    }
+    out: list[Finding] = []
+    serving = 0
+    for node in nodes:
+        state = by_ip.get(node.ip)
+        if state is None or state.get("State") == "draining":
+            out.append(
+                fail(
+                    area,
+                    f"login node {node.ip} ({node.instance_id}) is not registered at port {port}",
+                    "`hpodlb status` says why (keys not verified, a push failing, held back); "
+                    "the daemon registers it as soon as it verifies",
+                )
+            )
+            continue
+        code, reason = state.get("State", "?"), state.get("Reason", "")
+        if code == "healthy" or reason == "Target.HealthCheckDisabled":
+            serving += 1
+        elif code == "initial":
+            out.append(
+                warn(
+                    area,
+                    f"login node {node.ip} is passing its first health checks",
+                    likely_fix(reason),
+                )
+            )
+        else:
+            detail = f"{reason}: {state.get('Description', '')}".rstrip(": ") if reason else code
+            out.append(
+                fail(
+                    area,
+                    f"login node {node.ip} ({node.instance_id}) is {code} ({detail}): the NLB "
+                    "sends it no users",
+                    likely_fix(reason),
+                )
+            )
+    out.insert(0, passed(area, f"{serving}/{len(nodes)} login nodes registered and healthy"))
+    return out if serving or not nodes else out[1:]
 
 
 # -- the load balancer and its listener ------------------------------------------------------------
@@ -301,7 +353,12 @@ def _listener(
     raw = (attrs or {}).get("tcp.idle_timeout.seconds", "")
     timeout = int(raw) if raw.isdigit() else NLB_IDLE_TIMEOUT_DEFAULT
     said = "" if raw.isdigit() else " (the default; not readable)"
-    return passed(area, f"TCP listener on port {port}, idle timeout {timeout}s{said}"), timeout
+    return (
+        passed(
+            area, f"TCP listener on port {port} forwarding to it, idle timeout {timeout}s{said}"
+        ),
+        timeout,
+    )
 
 
 # -- security groups -------------------------------------------------------------------------------
@@ -339,7 +396,8 @@ def security_groups(
                     area,
                     "no network interface with this private IP in this account and region: its "
                     "security groups cannot be checked",
-                    "check that aws.region is the cluster's region",
+                    "check that aws.region is the cluster's region, that hpodlb runs in the "
+                    "cluster's account, and that the resource config's IP is current",
                 )
             )
             continue

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,12 @@ from hpodlb.state import load_state
 WORKERS = 8
 FILTER_VALUES = 200  # EC2 takes at most this many values in one filter
 SSHD_T = b"PATH=$PATH:/usr/sbin:/sbin; sshd -T 2>&1\n"
+NOT_FOUND_FIX = "check [[target_groups]].arn, and that aws.region is empty or the ARN's region"
 IAM_FIX = "grant it to the head node's role (config/iam-policy.json lists what hpodlb needs)"
+INVENTORY_FIX = (
+    "check cluster.resource_config and the login groups (is this the head node?); a file that "
+    "is half-written is HyperPod rewriting it: run doctor again in a minute"
+)
 STALE_INTERVALS = 3  # no pass for this many intervals: the daemon is stuck or stopped
 KNOWN_HOSTS_MAX = 16 << 20  # the daemon's pins: a few hundred bytes a node
 
@@ -54,13 +59,17 @@ def run_doctor(
 ) -> Report:
     report = Report([passed("config", "the config file is valid")])
     report.findings += [
-        passed("config", line) if ok else fail("config", line, "fix the file or key named")
+        passed("config", line) if ok else fail("config", line, INVENTORY_FIX)
         for ok, line in check_inventory(config, reconciler)
     ]
+    report.findings += _regions(config)
     try:
         nodes = reconciler.desired()
     except InventoryError:
         nodes = ()  # said above
+        report.findings.append(
+            warn("nodes", "not checked: the login nodes could not be read", "see the config lines")
+        )
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="hpodlb-doctor") as pool:
         ssh = _start_node_checks(pool, config, reconciler, nodes)
         aws = _Aws(config, reconciler)
@@ -70,6 +79,21 @@ def run_doctor(
     report.findings += _key_store(config)
     report.findings += _daemon(config, wall())
     return report
+
+
+def _regions(config: Config) -> list[Finding]:
+    """aws.region set to another region than a target group's ARN: every AWS call then asks the
+    wrong region, and AWS answers only "not found"."""
+    region = config.aws.region
+    return [
+        fail(
+            "config",
+            f"aws.region is {region}, but target group {tg.name} is in {tg.region}",
+            f"set aws.region to {tg.region}, or leave it empty (each ARN's own region is used)",
+        )
+        for tg in config.target_groups
+        if region and tg.region != region
+    ]
 
 
 def render_text(report: Report) -> str:
@@ -118,6 +142,8 @@ class _Aws:
         self.ec2 = session.client("ec2", region_name=self.region, config=boto_config())
         self.sts = session.client("sts", region_name=self.region, config=boto_config())
         self.answered = 0  # calls AWS answered (even with an error): none means nothing evaluated
+        self.unanswered: Finding | None = None  # the first call AWS did not answer at all
+        self.also_unanswered: list[str] = []
         self.idle_timeout: int | None = None
         self.findings: list[Finding] = []
 
@@ -134,7 +160,7 @@ class _Aws:
         enis = self._enis([n.ip for n in nodes])
         timeouts = []
         for group in self.groups:
-            timeout = self._target_group(group.client, group.arn, group.port, enis)
+            timeout = self._target_group(group.client, group.arn, group.port, nodes, enis)
             if timeout is not None:
                 timeouts.append(timeout)
         self.idle_timeout = min(timeouts) if timeouts else None
@@ -155,19 +181,29 @@ class _Aws:
                 fail(
                     area,
                     f"{permission}: {code}: {error.get('Message', '')}".rstrip(": "),
-                    IAM_FIX if denied else "see the AWS error above",
+                    IAM_FIX if denied else NOT_FOUND_FIX if "NotFound" in code else "see the error",
                 )
             )
             return None
         except BotoCoreError as exc:
-            self.findings.append(
-                fail(
+            if self.unanswered is None:
+                self.unanswered = fail(
                     area,
                     f"{permission}: {type(exc).__name__}: {exc}",
                     "check credentials (the instance role), the region, and the network path to "
                     "AWS (AWS_ENDPOINT_URL, VPC endpoints)",
                 )
-            )
+                self.findings.append(self.unanswered)
+            else:  # one line for AWS not answering, not one per call
+                self.also_unanswered.append(permission)
+                index = self.findings.index(self.unanswered)
+                first = self.unanswered.found.split(" (and ", 1)[0]
+                self.unanswered = replace(
+                    self.unanswered,
+                    found=f"{first} (and {len(self.also_unanswered)} more calls unanswered: "
+                    f"{', '.join(self.also_unanswered)})",
+                )
+                self.findings[index] = self.unanswered
             return None
         self.answered += 1
         return reply
@@ -193,7 +229,12 @@ class _Aws:
         return found
 
     def _target_group(
-        self, elb: Any, arn: str, port: int, all_enis: dict[str, list[dict[str, Any]]] | None
+        self,
+        elb: Any,
+        arn: str,
+        port: int,
+        nodes: Sequence[LoginNode],
+        all_enis: dict[str, list[dict[str, Any]]] | None,
     ) -> int | None:
         from hpodlb.config import target_group_name
 
@@ -216,8 +257,7 @@ class _Aws:
             return None
         info = reply["TargetGroups"][0]
         if health is not None:
-            count = len(health.get("TargetHealthDescriptions", []))
-            self.findings.append(passed(area, f"targets readable ({count} now)"))
+            self.findings += diagnose.login_targets(area, health, nodes, port)
         enis = None if all_enis is None else self._in_vpc(all_enis, info.get("VpcId", ""))
         group_attrs = None if attrs is None else diagnose.attributes(attrs)
         vpcs = None if enis is None else [e["VpcId"] for e in enis.values() if e and "VpcId" in e]

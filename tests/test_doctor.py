@@ -81,6 +81,7 @@ def build_cloud(*, scheme: str = "internal", nlb_sg: bool = False, node_vpc_othe
                                   Type="network", **lb_args)["LoadBalancers"][0]["LoadBalancerArn"]
     listener = elb.create_listener(LoadBalancerArn=lb, Protocol="TCP", Port=22, DefaultActions=[
         {"Type": "forward", "TargetGroupArn": tg}])["Listeners"][0]["ListenerArn"]
+    elb.register_targets(TargetGroupArn=tg, Targets=[{"Id": ip, "Port": 22} for ip in LOGIN_IPS])
     return Cloud(ec2, elb, vpc, subnet_a, login_sg, tg, lb, listener)
 
 
@@ -111,7 +112,8 @@ def test_a_sound_path_passes_every_aws_check(moto_env: None, write_config: Calla
     assert "(the default; not readable)" not in found  # DescribeListenerAttributes answered
     for expected in ("identity arn:aws:sts::123456789012:", "type ip, TCP, port 22",
                      "in the login nodes' VPC", "TCP health checks on the SSH port",
-                     "internal, active, in us-west-2a", "TCP listener on port 22, idle timeout 350s",
+                     "internal, active, in us-west-2a", "TCP listener on port 22 forwarding to it, idle timeout 350s",
+                     "3/3 login nodes registered and healthy",
                      "admit the NLB on 22", "login groups login-group (from "):
         assert expected in found, expected
     assert named(report, Status.FAIL, "daemon")[0].found.startswith("no hpodlb runs on this head node")
@@ -315,8 +317,9 @@ def test_unreachable_aws_cannot_be_evaluated(
     assert out.returncode == 2, out.stderr
     doc = json.loads(out.stdout)
     assert doc["evaluated"] is False and doc["exit_status"] == 2
-    (aws,) = [c for c in doc["checks"] if c["area"] == "aws"]
+    (aws,) = [c for c in doc["checks"] if "EndpointConnectionError" in c["found"]]  # one line, not one a call
     assert aws["status"] == "FAIL" and aws["found"].startswith("sts:GetCallerIdentity: EndpointConnectionError")
+    assert "(and 4 more calls unanswered: ec2:DescribeNetworkInterfaces, elasticloadbalancing:" in aws["found"]
 
 
 def test_the_daemon_check_reads_the_lock_and_the_last_pass(
@@ -484,3 +487,29 @@ def test_a_node_on_the_previous_keys_during_a_rotation_is_a_warning() -> None:
     assert host_keys("10.0.0.1", old, new, old).status is Status.WARN
     assert host_keys("10.0.0.1", new, new, old).status is Status.PASS
     assert host_keys("10.0.0.1", {"ed25519": "ssh-ed25519 ELSE"}, new, old).status is Status.FAIL
+
+
+def test_login_nodes_not_registered_or_failing_health_checks_are_named(
+    moto_env: None, write_config: Callable[..., Path]
+) -> None:
+    """What users meet first: a login node missing from the group, one the NLB finds unhealthy
+    (AWS's reason and the fix), and a config whose aws.region is not the group's."""
+    from sim.aws import nlb_health
+
+    cloud = build_cloud()
+    cloud.elb.deregister_targets(TargetGroupArn=cloud.tg, Targets=[{"Id": "10.1.72.45", "Port": 22}])
+    with nlb_health({"10.1.71.12": ("unhealthy", "Target.Timeout", "Request timed out")}):
+        report = doctor(write_config, cloud)
+    fails = [f.found for f in named(report, Status.FAIL, "target group")]
+    assert fails == [
+        "login node 10.1.71.12 (i-0a1b2c3d4e5f60011) is unhealthy (Target.Timeout: Request timed out): "
+        "the NLB sends it no users",
+        "login node 10.1.72.45 (i-0a1b2c3d4e5f60012) is not registered at port 22"]
+    assert "1/3 login nodes registered and healthy" in [f.found for f in named(report, Status.PASS)]
+    timeout_fix = named(report, Status.FAIL, "target group")[0].fix
+    assert "security group or network ACL" in timeout_fix
+
+    config = load_config(write_config([{"arn": cloud.tg, "port": 22}], aws={"region": "eu-west-1"}), {})
+    wrong = run_doctor(config, build_reconciler(config))
+    assert named(wrong, Status.FAIL, "config")[0].fix == (
+        "set aws.region to us-west-2, or leave it empty (each ARN's own region is used)")
