@@ -65,7 +65,7 @@ def description(help_text: str) -> str:
 EXIT_STATUSES = {
     "run": {0, 1, 2}, "once": {0, 1, 2}, "plan": {0, 1, 2}, "status": {0, 2},
     "check-config": {0, 1, 2}, "provision": {0, 1, 2}, "teardown": {0, 1, 2},
-    "keys show": {0, 1, 2}, "keys generate": {0, 1, 2}, "keys adopt": {0, 1, 2},
+    "doctor": {0, 1, 2}, "keys show": {0, 1, 2}, "keys generate": {0, 1, 2}, "keys adopt": {0, 1, 2},
     "keys known-hosts": {0, 1, 2}, "keys rotate": {0, 1, 2}, "keys trust": {0, 1, 2},
 }
 
@@ -75,7 +75,7 @@ def test_help_lists_the_commands(hpodlb: Callable[..., subprocess.CompletedProce
     top = hpodlb("--help")
     assert top.returncode == 0
     assert listed_commands(top.stdout) == [
-        "run", "once", "plan", "status", "check-config", "provision", "teardown", "keys"]
+        "run", "once", "plan", "status", "check-config", "doctor", "provision", "teardown", "keys"]
     assert listed_commands(hpodlb("keys", "--help").stdout) == [
         "show", "generate", "adopt", "rotate", "trust", "known-hosts"]
 
