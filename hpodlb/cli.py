@@ -74,12 +74,16 @@ def cmd_once(config: Config, args: argparse.Namespace) -> int:
     _log().info(
         "pass_finished",
         converged=outcome.converged,
+        standby=outcome.standby,
         summary=outcome.summary(),
         seconds=round(outcome.duration_seconds, 3),
     )
     if outcome.inventory_error:
         _fail(outcome.inventory_error)
         return EXIT_UNUSABLE
+    if outcome.standby:  # another head acts: observing was this pass's whole job
+        print(f"{outcome.standby}: observed only, changed nothing; {outcome.summary()}")
+        return EXIT_PENDING if outcome.errors else EXIT_OK
     print(outcome.summary())
     return EXIT_OK if outcome.converged else EXIT_PENDING
 

@@ -14,7 +14,7 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -66,6 +66,9 @@ class ClusterConfig(_Section):
         "100.64.0.0/10",
     )
     """What NLB IP targets accept; an address outside them is refused, never registered."""
+    leader: Literal["slurmctld", "always"] = "slurmctld"
+    """With several head nodes, act only while this head's slurmctld is in control (`scontrol
+    ping`); "always": act regardless (one head, or tests)."""
 
     @field_validator("allowed_cidrs")
     @classmethod

@@ -77,6 +77,7 @@ def run_doctor(
         report.evaluated = aws.reachable
         report.findings += _judge_nodes(config, nodes, ssh, aws.idle_timeout)
     report.findings += _key_store(config)
+    report.findings.append(_leadership(config))
     report.findings += _daemon(config, wall())
     return report
 
@@ -592,31 +593,50 @@ def _daemon(config: Config, now: float) -> list[Finding]:
                 "systemctl enable --now hpodlb; journalctl -u hpodlb",
             )
         ]
-    who = f"pid {holder}: {_command_of(holder)}"
-    state, warning = load_state(state_dir)
+    return [_last_pass(config, f"pid {holder}: {_command_of(holder)}", now)]
+
+
+def _last_pass(config: Config, who: str, now: float) -> Finding:
+    """What the running daemon's last pass says of itself (the state file)."""
+    state, warning = load_state(config.state.dir)
     last = state.last_pass
     if last is None:
         why = warning or "no pass recorded yet"
-        return [warn("daemon", f"running ({who}); {why}", "wait for its first pass")]
+        return warn("daemon", f"running ({who}); {why}", "wait for its first pass")
     age = now - last.finished_at
     interval = config.reconcile.interval_seconds
     if age > STALE_INTERVALS * interval:
-        return [
-            fail(
-                "daemon",
-                f"running ({who}), but its last pass ended {age:.0f}s ago (interval {interval}s)",
-                "journalctl -u hpodlb: a pass is stuck, or the state dir cannot be written",
-            )
-        ]
+        return fail(
+            "daemon",
+            f"running ({who}), but its last pass ended {age:.0f}s ago (interval {interval}s)",
+            "journalctl -u hpodlb: a pass is stuck, or the state dir cannot be written",
+        )
+    if last.standby:
+        return passed("daemon", f"running ({who}); last pass {age:.0f}s ago: {last.standby}")
     if not last.ok:
-        return [
-            warn(
-                "daemon",
-                f"running ({who}); last pass {age:.0f}s ago NOT converged: {last.summary}",
-                "`hpodlb status` says what is held back, waiting or failing",
-            )
-        ]
-    return [passed("daemon", f"running ({who}); last pass {age:.0f}s ago converged")]
+        return warn(
+            "daemon",
+            f"running ({who}); last pass {age:.0f}s ago NOT converged: {last.summary}",
+            "`hpodlb status` says what is held back, waiting or failing",
+        )
+    return passed("daemon", f"running ({who}); last pass {age:.0f}s ago converged")
+
+
+def _leadership(config: Config) -> Finding:
+    """Which head acts, as the daemon decides it each pass (a stand-by head is normal)."""
+    from hpodlb.leader import check
+
+    lead = check(config.cluster.leader)
+    if lead.acting:
+        return passed("daemon", f"this head acts: {lead.why}")
+    if lead.controller:
+        return passed("daemon", f"this head is on {lead.label}: {lead.why}")
+    return warn(
+        "daemon",
+        f"this head does not act: {lead.why}",
+        "make `scontrol ping` work for root (SLURM_CONF, munge), or set cluster.leader = "
+        '"always" on a cluster with a single head node',
+    )
 
 
 def _command_of(pid: str) -> str:

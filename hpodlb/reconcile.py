@@ -36,6 +36,7 @@ from hpodlb.identity import KeyState
 from hpodlb.intents import Intents, IntentsError, load_intents, update_intents
 from hpodlb.inventory import InventoryError, LoginNode, login_group_names, read_login_nodes
 from hpodlb.keystore import KeySet, KeyStore, KeyStoreError, fingerprint, identity
+from hpodlb.leader import Leadership
 from hpodlb.logs import get_logger
 from hpodlb.planner import (
     Absence,
@@ -102,8 +103,14 @@ class PassOutcome:
     inventory_error: str | None = None
     errors: list[str] = field(default_factory=list)
     applied: list[Action] = field(default_factory=list)  # in the order it happened
+    leadership: Leadership | None = None  # None: not asked (a dry run)
     unhealthy: list[str] = field(default_factory=list)  # login nodes' targets unhealthy too long
     duration_seconds: float = 0.0
+
+    @property
+    def standby(self) -> str:
+        """`standby (controller: NAME)` when another head acts and this pass only observed."""
+        return self.leadership.label if self.leadership else ""
 
     @property
     def converged(self) -> bool:
@@ -138,6 +145,7 @@ class Reconciler:
         wall: Callable[[], float] = time.time,
         boot_id: str | None = None,
         workers: int = WORKERS,
+        leader: Callable[[], Leadership] = lambda: Leadership(True, why="one head"),
     ) -> None:
         self.config = config
         self.groups = list(groups)
@@ -146,6 +154,8 @@ class Reconciler:
         self.wall = wall
         self.boot_id = read_boot_id() if boot_id is None else boot_id
         self.workers = workers
+        self.leader = leader
+        self.leadership: Leadership | None = None  # the last decision, to log its changes
 
     def desired(self) -> tuple[LoginNode, ...]:
         cluster = self.config.cluster
@@ -181,6 +191,17 @@ class Reconciler:
                 state.targets.get(group.arn, []), view.targets, now, wall
             )
 
+    def _lead(self) -> Leadership:
+        """Whether this head acts in this pass; a change is logged once, as it happens."""
+        lead = self.leader()
+        before = self.leadership
+        if before is None or (lead.acting, lead.controller) != (before.acting, before.controller):
+            event = "leadership_acting" if lead.acting else "leadership_standby"
+            level = log.info if lead.acting and lead.controller else log.warning
+            level(event, controller=lead.controller, why=lead.why)
+        self.leadership = lead
+        return lead
+
     def run_pass(
         self, state: State, *, apply: bool, beat: Callable[[], None] = lambda: None
     ) -> PassOutcome:
@@ -191,6 +212,8 @@ class Reconciler:
         long pass over many slow nodes is alive, and one stuck in a call is not."""
         started, started_wall = self.clock(), self.wall()
         outcome = PassOutcome()
+        if apply:
+            outcome.leadership = self._lead()
         work = state if apply else state.model_copy(deep=True)
         try:
             outcome.nodes = self.desired()
@@ -199,7 +222,8 @@ class Reconciler:
             log.error("inventory_invalid", error=str(exc), action="no change this pass")
         if outcome.inventory_error is None:
             try:
-                _Pass(self, work, outcome, apply=apply, beat=beat).run()
+                acting = outcome.leadership is None or outcome.leadership.acting
+                _Pass(self, work, outcome, apply=apply, act=acting, beat=beat).run()
             except Exception as exc:  # a bug must cost one pass, and the pass must say so
                 log.exception("pass_crashed")
                 outcome.errors.append(f"pass crashed: {type(exc).__name__}: {exc}")
@@ -219,6 +243,7 @@ class _Pass:
         outcome: PassOutcome,
         *,
         apply: bool,
+        act: bool = True,
         beat: Callable[[], None],
     ):
         self.rec = rec
@@ -226,6 +251,7 @@ class _Pass:
         self.state = state
         self.outcome = outcome
         self.apply = apply
+        self.act = act  # False: another head acts; this pass observes and records only
         self.nodes = outcome.nodes
         self.by_ip = {n.ip: n for n in self.nodes}
         self.now = rec.clock()
@@ -257,7 +283,7 @@ class _Pass:
             while True:
                 self.beat()
                 plan = self._plan()
-                if self.apply and self._act(plan, pool):
+                if self.apply and self.act and self._act(plan, pool):
                     continue
                 if not self.jobs:
                     break
@@ -873,6 +899,7 @@ def _record_pass(state: State, outcome: PassOutcome, started: float, finished: f
         finished_at=finished,
         ok=outcome.converged,
         summary=outcome.summary(),
+        standby=outcome.standby,
         errors=errors,
         held=[
             f"{a.kind.value} {a.ip}"

@@ -153,7 +153,7 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
     if last is None:
         out.append("No pass has run yet (no state file): run `hpodlb once` or start the service.")
     else:
-        verdict = "converged" if last.ok else "NOT converged"
+        verdict = last.standby or ("converged" if last.ok else "NOT converged")
         out.append(f"Last pass {_when(last.finished_at, now)}: {verdict}: {last.summary}")
         out.append(health.headline(state, target_groups))
     header = ["IP", "INSTANCE", "NAME", "GROUP", "KEYS", "VERIFIED", "PUSH RETRY"]

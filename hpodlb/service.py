@@ -98,6 +98,8 @@ def summary_line(state: State, outcome: PassOutcome | None, config: Config) -> s
     """`3/3 login nodes healthy, 0 pending, 0 errors, last pass 0.4 s` for STATUS= and the
     journal. Healthy: verified keys, and the NLB's health checks pass in every target group."""
     head = health.headline(state, [tg.arn for tg in config.target_groups])
+    if outcome is not None and outcome.standby:
+        head = f"{outcome.standby}; {head}"
     if outcome is None:
         return head
     if outcome.inventory_error:
@@ -187,6 +189,7 @@ class Daemon:
             log.info(
                 "pass_finished",
                 converged=outcome.converged,
+                standby=outcome.standby,
                 summary=outcome.summary(),
                 seconds=round(outcome.duration_seconds, 3),
             )

@@ -75,6 +75,7 @@ class PassRecord(BaseModel):
     finished_at: float = 0
     ok: bool = False
     summary: str = ""
+    standby: str = ""  # `standby (controller: NAME)`: another head acted; this one observed
     errors: list[str] = []
     held: list[str] = []
     waiting: list[str] = []

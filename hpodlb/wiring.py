@@ -6,6 +6,9 @@ simulated head node and the benchmarks all build their reconciler here, so they 
 
 from __future__ import annotations
 
+from functools import partial
+
+from hpodlb import leader
 from hpodlb.config import Config
 from hpodlb.hostkeys import HostKeys
 from hpodlb.reconcile import Reconciler, key_side
@@ -36,4 +39,4 @@ def build_reconciler(config: Config) -> Reconciler:
             clients[region] = elbv2_client(region)
         groups.append(TargetGroup(clients[region], tg.arn, tg.port))
     keys = key_side(config, host_keys(config)) if config.host_keys.enabled else None
-    return Reconciler(config, groups, keys)
+    return Reconciler(config, groups, keys, leader=partial(leader.check, config.cluster.leader))

@@ -88,6 +88,7 @@ resource_config = "{self.rc_path}"
 provisioning_parameters = "{self.rc_path.parent / "provisioning_parameters.json"}"
 login_groups = ["login-group"]
 allowed_cidrs = ["127.0.0.0/8"]   # the simulated login nodes live on loopback
+leader = "always"                 # one simulated head node, whatever Slurm this machine has
 
 [reconcile]
 interval_seconds = 2   # short, so that an absent target waits 2 passes 2 s apart, not 30 s

@@ -60,6 +60,7 @@ class SimEnv:
                 "login_groups": ["login-group"],
                 "provisioning_parameters": str(self.workdir / "pp.json"),
                 "allowed_cidrs": ["127.0.0.0/8"],
+                "leader": "always",  # one simulated head; tests of several heads set it
             },
             "ssh": {
                 "user": SIM_USER,

@@ -36,6 +36,7 @@ def main() -> int:
             f"""[cluster]
 resource_config = {json.dumps(str(work / "resource_config.json"))}
 provisioning_parameters = {json.dumps(str(work / "provisioning_parameters.json"))}
+leader = "always"   # one simulated head node, whatever Slurm this machine has
 
 [[target_groups]]
 arn = {json.dumps(arn)}

@@ -35,6 +35,7 @@ def write_config(tmp_path: Path, cluster_dir: Path) -> Callable[..., Path]:
             "cluster": {
                 "resource_config": str(cluster_dir / "resource_config.json"),
                 "provisioning_parameters": str(cluster_dir / "provisioning_parameters.json"),
+                "leader": "always",  # one head; the tests of several heads set it
             },
             "host_keys": {"enabled": False},
             "state": {"dir": str(tmp_path / "state")},

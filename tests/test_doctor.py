@@ -330,8 +330,14 @@ def test_the_daemon_check_reads_the_lock_and_the_last_pass(
     state_dir = config.state.dir
     with InstanceLock(state_dir):  # a real flock holder, as `hpodlb run` is
         save_state(state_dir, State(last_pass=PassRecord(finished_at=time.time() - 5, ok=True)))
-        assert named(run_doctor(config, reconciler), Status.PASS, "daemon")[0].found.endswith(
-            "converged")
+        passes = [f.found for f in named(run_doctor(config, reconciler), Status.PASS, "daemon")]
+        assert passes[0] == "this head acts: cluster.leader = always"
+        assert passes[1].startswith("running (pid ") and passes[1].endswith("ago converged")
+        save_state(state_dir, State(last_pass=PassRecord(finished_at=time.time() - 5,
+                                                         standby="standby (controller: head1)")))
+        (standby,) = [f for f in named(run_doctor(config, reconciler), Status.PASS, "daemon")
+                      if f.found.startswith("running")]
+        assert standby.found.endswith("ago: standby (controller: head1)")
         save_state(state_dir, State(last_pass=PassRecord(finished_at=time.time() - 3600, ok=True)))
         (stale,) = named(run_doctor(config, reconciler), Status.FAIL, "daemon")
         assert re.search(r"its last pass ended 360\ds ago \(interval 30s\)", stale.found), stale.found

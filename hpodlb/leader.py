@@ -1,0 +1,107 @@
+"""Clusters with several head nodes: only the head whose slurmctld is in control acts.
+
+HyperPod can run slurmctld on more than one controller node (a primary and backups). Each head runs
+hpodlb, and two acting daemons would fight: each pushes from its own key store and registers on its
+own schedule. `scontrol ping` lists the controllers in the order Slurm tries them, each UP or DOWN;
+the first UP one is in control. The head whose hostname is that controller acts; the others observe
+(probe, read AWS, record) and write nothing, and take over on their next pass once control moves.
+
+When no controller is UP (Slurm itself is down), the first listed, the primary, acts: users' logins
+do not depend on Slurm. When `scontrol` cannot say (it fails, hangs, prints nothing we know), this
+head does not act: pausing one head is recoverable, two heads pushing different keys is not. With no
+`scontrol` at all, a single head is assumed, as before this existed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+# HyperPod installs Slurm under /opt/slurm, which is not on systemd's default PATH.
+EXTRA_PATHS = ("/opt/slurm/bin",)
+TIMEOUT_SECONDS = 10.0  # scontrol retries an unreadable config for up to 60 s
+OUTPUT_CAP = 64 << 10
+PING_LINE = re.compile(r"^Slurmctld\((?P<role>[^)]*)\) at (?P<host>\S+) is (?P<state>UP|DOWN)\b")
+
+
+@dataclass(frozen=True)
+class Leadership:
+    acting: bool
+    controller: str = ""  # the controller in control (or presumed), as scontrol names it
+    why: str = ""
+
+    @property
+    def label(self) -> str:
+        """`standby (controller: head1)` for status and STATUS=; empty when acting."""
+        if self.acting:
+            return ""
+        return f"standby (controller: {self.controller})" if self.controller else "standby"
+
+
+def controllers(ping_output: str) -> list[tuple[str, bool]]:
+    """(host, up) per controller, in the order `scontrol ping` lists them."""
+    found = []
+    for line in ping_output.splitlines():
+        match = PING_LINE.match(line.strip())
+        if match:
+            found.append((match["host"], match["state"] == "UP"))
+    return found
+
+
+def decide(listed: Sequence[tuple[str, bool]], me: set[str]) -> Leadership:
+    """Pure: whether this head (known by the names in `me`) acts, given `scontrol ping`'s list."""
+    up = [host for host, is_up in listed if is_up]
+    in_control = up[0] if up else listed[0][0]
+    how = "is in control" if up else "is the primary, and no controller is UP"
+    if in_control.lower() in me:
+        return Leadership(True, in_control, f"this head's slurmctld ({in_control}) {how}")
+    return Leadership(False, in_control, f"slurmctld on {in_control} {how}; this head observes")
+
+
+def host_names() -> set[str]:
+    """This host as slurm.conf names it (SlurmctldHost): its hostname and the short form, lower
+    case. No DNS lookup: a head node with slow DNS must not stall every pass."""
+    name = socket.gethostname()
+    return {n.lower() for n in (name, name.split(".")[0]) if n}
+
+
+def find_scontrol() -> str | None:
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath), *EXTRA_PATHS])
+    return shutil.which("scontrol", path=path)
+
+
+def check(
+    mode: str,
+    run: Callable[..., subprocess.CompletedProcess[bytes]] = subprocess.run,
+    names: Callable[[], set[str]] = host_names,
+) -> Leadership:
+    """The decision for this pass; never raises."""
+    if mode == "always":
+        return Leadership(True, why="cluster.leader = always")
+    scontrol = find_scontrol()
+    if scontrol is None:
+        return Leadership(True, why="no scontrol here: a single head node is assumed")
+    try:
+        done = run(
+            [scontrol, "ping"],
+            capture_output=True,
+            timeout=TIMEOUT_SECONDS,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Leadership(False, why=f"cannot tell which head is in control: scontrol ping: {exc}")
+    text = done.stdout[:OUTPUT_CAP].decode(errors="replace")
+    listed = controllers(text)
+    if not listed:
+        said = (done.stderr or done.stdout)[:OUTPUT_CAP].decode(errors="replace").strip()
+        first = said.splitlines()[0][:200] if said else f"exit status {done.returncode}"
+        return Leadership(
+            False, why=f"cannot tell which head is in control: scontrol ping: {first}"
+        )
+    return decide(listed, names())
