@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 
 from hpodlb.config import Config
-from hpodlb.inventory import InventoryError, login_group_names
+from hpodlb.inventory import InventoryError
 from hpodlb.keystore import KeyStore, KeyStoreError
 from hpodlb.reconcile import Reconciler
 from hpodlb.targets import TargetsError, check_group
@@ -28,7 +28,7 @@ def run_checks(config: Config, reconciler: Reconciler) -> Iterator[Check]:
 def check_inventory(config: Config, reconciler: Reconciler) -> Iterator[Check]:
     cluster = config.cluster
     try:
-        groups, source = login_group_names(cluster.login_groups, cluster.provisioning_parameters)
+        groups, source = reconciler.login_groups()
     except InventoryError as exc:
         yield False, f"login groups: {exc}"
         return

@@ -21,7 +21,7 @@ from hpodlb import __version__
 
 if TYPE_CHECKING:
     from hpodlb.config import Config
-    from hpodlb.provision import Provisioner, Report, Spec
+    from hpodlb.provision import Network, Provisioner, Report, Spec
 
 EXIT_OK, EXIT_PENDING, EXIT_UNUSABLE = 0, 1, 2
 # Killed by SIGPIPE, as a shell reports it: what `yes | head -1` leaves in PIPESTATUS.
@@ -205,11 +205,16 @@ def cmd_provision(config: Config, args: argparse.Namespace) -> int:
 
     def provision(prov: Provisioner, cluster: str) -> Report:
         nonlocal spec
+        net = _network(config, args, cluster)
+        print(
+            f"network ({net.source}): {net.vpc_id}, subnets {', '.join(net.subnet_ids)}, "
+            f"security groups {', '.join(net.security_group_ids)}"
+        )
         spec = Spec(
             cluster,
-            args.vpc_id,
-            tuple(args.subnet_id),
-            tuple(args.security_group_id),
+            net.vpc_id,
+            net.subnet_ids,
+            net.security_group_ids,
             args.name_prefix,
             args.port,
             args.stickiness,
@@ -301,6 +306,28 @@ def _with_provisioner(
     except (ProvisionError, ClientError, BotoCoreError) as exc:
         _fail(str(exc))
         return EXIT_PENDING, None, ""
+
+
+def _network(config: Config, args: argparse.Namespace, cluster: str) -> Network:
+    """The flags, with what is missing from the cluster's VpcConfig (found by the resource
+    config's ClusterArn, else by name)."""
+    import boto3
+
+    from hpodlb.hyperpod import HyperPod, sagemaker_client
+    from hpodlb.inventory import InventoryError, cluster_of
+    from hpodlb.provision import cluster_network
+    from hpodlb.targets import boto_config
+
+    region = args.region or config.aws.region or _default_region()
+    try:
+        arn = cluster_of(config.cluster.resource_config)[0]
+    except InventoryError:
+        arn = ""
+    ec2 = boto3.session.Session().client("ec2", region_name=region, config=boto_config())
+    hyperpod = HyperPod(sagemaker_client(region))
+    return cluster_network(
+        hyperpod, ec2, arn or cluster, args.vpc_id, args.subnet_id, args.security_group_id
+    )
 
 
 def _default_region() -> str:
@@ -447,9 +474,19 @@ def _add_aws_commands(add: Adder) -> None:
         "error.",
     )
     _aws_options(p)
-    p.add_argument("--vpc-id", required=True)
-    p.add_argument("--subnet-id", required=True, action="append", help="repeat for more subnets")
-    p.add_argument("--security-group-id", required=True, action="append")
+    p.add_argument("--vpc-id", help="default: the VPC of the subnets")
+    p.add_argument(
+        "--subnet-id",
+        action="append",
+        default=[],
+        help="repeat for more subnets (default: the cluster's VpcConfig subnets, DescribeCluster)",
+    )
+    p.add_argument(
+        "--security-group-id",
+        action="append",
+        default=[],
+        help="repeat for more (default: the cluster's VpcConfig security groups)",
+    )
     p.add_argument(
         "--port", type=_port, default=22, metavar="N", help="listener and target port (default 22)"
     )

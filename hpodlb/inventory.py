@@ -12,7 +12,7 @@ import functools
 import ipaddress
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,17 +48,28 @@ class LoginNode:
         return f"{self.ip} ({self.instance_id})"
 
 
+Answer = tuple[tuple[str, ...], str]  # (login group names, where that answer came from)
+
+
 def login_group_names(
-    configured: Sequence[str], provisioning_parameters: Path
-) -> tuple[tuple[str, ...], str]:
-    """Which instance groups hold login nodes, and where that answer came from."""
+    configured: Sequence[str],
+    provisioning_parameters: Path,
+    from_cluster: Callable[[], Answer | None] = lambda: None,
+) -> Answer:
+    """Which instance groups hold login nodes, and where that answer came from: the config, else
+    provisioning_parameters' login_group, else the cluster's own Login groups (`from_cluster`),
+    else "login-group" (the pass then changes nothing if the resource config has no such group)."""
     if configured:
         return tuple(configured), "cluster.login_groups"
+
+    def default(why: str) -> Answer:
+        return from_cluster() or ((DEFAULT_LOGIN_GROUP,), f"the default; {why}")
+
     _require_trusted(provisioning_parameters)
     try:
         raw = read_regular_file(provisioning_parameters, HYPERPOD_FILE_MAX_BYTES)
     except FileNotFoundError:
-        return (DEFAULT_LOGIN_GROUP,), "the default; no provisioning parameters file"
+        return default("no provisioning parameters file")
     except UnusableFileError as exc:
         raise InventoryError(str(exc)) from None
     except OSError as exc:
@@ -68,10 +79,33 @@ def login_group_names(
         raise InventoryError(f"{provisioning_parameters}: expected a JSON object")
     group = data.get("login_group")
     if group is None:
-        return (DEFAULT_LOGIN_GROUP,), f"the default; {provisioning_parameters} has no login_group"
+        return default(f"{provisioning_parameters} has no login_group")
     if not isinstance(group, str) or not group:
         raise InventoryError(f"{provisioning_parameters}: login_group: expected a group name")
     return (group,), f"{provisioning_parameters}: login_group"
+
+
+def cluster_of(path: Path) -> tuple[str, tuple[str, ...]]:
+    """The cluster's ARN (ClusterConfig.ClusterArn, "" if absent) and its instance group names, as
+    the resource config lists them: what a DescribeCluster answer is cached under."""
+    _require_trusted(path)
+    return _cluster_unchanged(_read_settled(path), path)
+
+
+@functools.lru_cache(maxsize=1)
+def _cluster_unchanged(raw: bytes, path: Path) -> tuple[str, tuple[str, ...]]:
+    data = _parse_json(raw, path)
+    if not isinstance(data, dict):
+        raise InventoryError(f"{path}: expected a JSON object at the top level")
+    config = data.get("ClusterConfig")
+    arn = config.get("ClusterArn") if isinstance(config, dict) else None
+    groups = data.get("InstanceGroups")
+    names = tuple(
+        g["Name"]
+        for g in (groups if isinstance(groups, list) else [])
+        if isinstance(g, dict) and isinstance(g.get("Name"), str)
+    )
+    return (arn if isinstance(arn, str) else ""), names
 
 
 def read_login_nodes(

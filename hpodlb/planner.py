@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from hpodlb.identity import Judgement, KeyState, judge
 from hpodlb.inventory import LoginNode
 
+SHUTTING_DOWN = "ShuttingDown"  # HyperPod's InstanceStatus of an instance on its way out
 # NLB states in which a target is on its way out or gone: it does not count as registered.
 # (`unhealthy.draining` is not one: that target is registered, failing its health checks, and
 # only its existing connections are being drained.)
@@ -119,6 +120,7 @@ class KeyFacts:
     verified: Mapping[str, str] = field(default_factory=dict)  # IP -> instance verified canonical
     trusted: Mapping[str, tuple[str, frozenset[str]]] = field(default_factory=dict)  # admin
     backing_off: Mapping[str, str] = field(default_factory=dict)  # IP -> why pushes wait
+    platform: Mapping[str, str] = field(default_factory=dict)  # IP -> HyperPod's InstanceStatus
 
 
 @dataclass(frozen=True)
@@ -277,10 +279,31 @@ def _plan_keys(
         return judged, [], []
 
     judgements = {n.ip: _judge_node(n, keys, current) for n in nodes}
+    pushes, waiting = _pushes(nodes, judgements, keys)
+    actions.extend(pushes)
+    if keys.previous and nodes and all(j.state is KeyState.IN_SYNC for j in judgements.values()):
+        actions.append(
+            Action(
+                Kind.RETIRE_PREVIOUS,
+                "",
+                "every login node presents the current canonical keys: the rotation is done",
+            )
+        )
+    return judgements, actions, waiting
+
+
+def _pushes(
+    nodes: Sequence[LoginNode], judgements: Mapping[str, Judgement], keys: KeyFacts
+) -> tuple[list[Action], list[Waiting]]:
+    """A push for each node whose keys may be replaced, unless it backs off or is going away."""
+    actions: list[Action] = []
     waiting: list[Waiting] = []
     for node in nodes:
         j = judgements[node.ip]
         if not j.pushable:
+            continue
+        if keys.platform.get(node.ip) == SHUTTING_DOWN:  # keys for an instance that is going away
+            waiting.append(Waiting(node, "HyperPod is shutting this instance down: no key push"))
             continue
         held = keys.backing_off.get(node.ip)
         reason = f"{node.label()} {j.detail}"
@@ -297,15 +320,7 @@ def _plan_keys(
                 pin=j.pin,
             )
         )
-    if keys.previous and nodes and all(j.state is KeyState.IN_SYNC for j in judgements.values()):
-        actions.append(
-            Action(
-                Kind.RETIRE_PREVIOUS,
-                "",
-                "every login node presents the current canonical keys: the rotation is done",
-            )
-        )
-    return judgements, actions, waiting
+    return actions, waiting
 
 
 def _judge_node(node: LoginNode, keys: KeyFacts, current: Mapping[str, str]) -> Judgement:

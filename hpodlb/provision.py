@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hpodlb.files import write_atomically
+from hpodlb.hyperpod import ClusterError, HyperPod
 from hpodlb.logs import get_logger
 
 log = get_logger("hpodlb.provision")
@@ -250,6 +251,51 @@ class Provisioner:
                 return None
             raise
         return items[0] if items else None
+
+
+@dataclass(frozen=True)
+class Network:
+    """Where the NLB goes: the VPC, its subnets and security groups, and who said so."""
+
+    vpc_id: str
+    subnet_ids: tuple[str, ...]
+    security_group_ids: tuple[str, ...]
+    source: str
+
+
+def cluster_network(
+    hyperpod: HyperPod,
+    ec2: Any,
+    cluster: str,
+    vpc_id: str | None,
+    subnet_ids: Sequence[str],
+    security_group_ids: Sequence[str],
+) -> Network:
+    """The flags an admin gave, and for each one missing, the cluster's own VpcConfig (its
+    instances' subnets and security groups, DescribeCluster) and the VPC of those subnets."""
+    if vpc_id and subnet_ids and security_group_ids:
+        return Network(vpc_id, tuple(subnet_ids), tuple(security_group_ids), "the flags")
+    try:
+        vpc_config = hyperpod.describe(cluster).get("VpcConfig", {})
+    except ClusterError as exc:
+        raise ProvisionError(
+            f"cannot take the network from the cluster ({exc}); pass --vpc-id, --subnet-id and "
+            "--security-group-id"
+        ) from None
+    subnets = tuple(subnet_ids) or tuple(vpc_config.get("Subnets", []))
+    groups = tuple(security_group_ids) or tuple(vpc_config.get("SecurityGroupIds", []))
+    if not subnets or not groups:
+        raise ProvisionError(
+            f"cluster {cluster} has no VpcConfig subnets or security groups; pass --subnet-id and "
+            "--security-group-id"
+        )
+    if not vpc_id:
+        reply = ec2.describe_subnets(SubnetIds=list(subnets))
+        vpcs = sorted({s["VpcId"] for s in reply.get("Subnets", [])})
+        if len(vpcs) != 1:
+            raise ProvisionError(f"subnets {', '.join(subnets)} are in VPCs {vpcs}; pass --vpc-id")
+        vpc_id = vpcs[0]
+    return Network(vpc_id, subnets, groups, f"cluster {cluster}'s VpcConfig (DescribeCluster)")
 
 
 def cluster_name(resource_config: Path) -> str:

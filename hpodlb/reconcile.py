@@ -32,9 +32,17 @@ from hpodlb import health
 from hpodlb.config import Config, target_group_name
 from hpodlb.files import UntrustedPathError, make_trusted_dir, write_atomically
 from hpodlb.hostkeys import HostKeys
+from hpodlb.hyperpod import ClusterError, HyperPod
 from hpodlb.identity import KeyState
 from hpodlb.intents import Intents, IntentsError, load_intents, update_intents
-from hpodlb.inventory import InventoryError, LoginNode, login_group_names, read_login_nodes
+from hpodlb.inventory import (
+    Answer,
+    InventoryError,
+    LoginNode,
+    cluster_of,
+    login_group_names,
+    read_login_nodes,
+)
 from hpodlb.keystore import KeySet, KeyStore, KeyStoreError, fingerprint, identity
 from hpodlb.leader import Leadership
 from hpodlb.logs import get_logger
@@ -104,6 +112,7 @@ class PassOutcome:
     errors: list[str] = field(default_factory=list)
     applied: list[Action] = field(default_factory=list)  # in the order it happened
     leadership: Leadership | None = None  # None: not asked (a dry run)
+    groups_source: str = ""  # `login-a (from ...)`
     unhealthy: list[str] = field(default_factory=list)  # login nodes' targets unhealthy too long
     duration_seconds: float = 0.0
 
@@ -146,6 +155,7 @@ class Reconciler:
         boot_id: str | None = None,
         workers: int = WORKERS,
         leader: Callable[[], Leadership] = lambda: Leadership(True, why="one head"),
+        hyperpod: HyperPod | None = None,
     ) -> None:
         self.config = config
         self.groups = list(groups)
@@ -155,12 +165,55 @@ class Reconciler:
         self.boot_id = read_boot_id() if boot_id is None else boot_id
         self.workers = workers
         self.leader = leader
+        self.hyperpod = hyperpod
+        # DescribeCluster's answer per (cluster ARN, the resource config's group names): asked at
+        # start, on reload (a new Reconciler) and when the groups change, not every pass.
+        self._cluster_groups: dict[tuple[str, tuple[str, ...]], Answer | None] = {}
+        self._cluster_unknown: set[tuple[str, tuple[str, ...]]] = set()  # warned about
+        self.groups_source = ""  # `login-a (from ...)`, as the last desired() found it
+        self.platform_unknown = False  # ListClusterNodes failed (warned once)
         self.leadership: Leadership | None = None  # the last decision, to log its changes
+
+    def login_groups(self) -> Answer:
+        cluster = self.config.cluster
+        return login_group_names(
+            cluster.login_groups, cluster.provisioning_parameters, self._from_cluster
+        )
 
     def desired(self) -> tuple[LoginNode, ...]:
         cluster = self.config.cluster
-        names, _ = login_group_names(cluster.login_groups, cluster.provisioning_parameters)
+        names, source = self.login_groups()
+        self.groups_source = f"{', '.join(names)} (from {source})"
         return read_login_nodes(cluster.resource_config, names, cluster.networks())
+
+    def _from_cluster(self) -> Answer | None:
+        """The cluster's Login instance groups (DescribeCluster), for clusters configured through
+        the API; None when it cannot say (denied, unreachable, none marked Login)."""
+        if self.hyperpod is None:
+            return None
+        arn, names = cluster_of(self.config.cluster.resource_config)
+        key = (arn, names)
+        if not arn:
+            return None
+        if key in self._cluster_groups:
+            return self._cluster_groups[key]
+        try:
+            groups = self.hyperpod.login_groups(arn)
+        except ClusterError as exc:
+            if key not in self._cluster_unknown:  # once, not every pass; asked again each pass
+                self._cluster_unknown.add(key)
+                log.warning(
+                    "cluster_login_groups_unknown",
+                    cluster=arn,
+                    error=str(exc),
+                    fix="grant sagemaker:DescribeCluster, or set cluster.login_groups",
+                    action="login-group if the resource config has it, else no change",
+                )
+            return None
+        answer = (groups, f"the cluster's Login instance groups, DescribeCluster {arn}")
+        self._cluster_groups[key] = answer if groups else None
+        log.info("cluster_login_groups", cluster=arn, groups=list(groups))
+        return self._cluster_groups[key]
 
     def guards(self) -> Guards:
         cfg = self.config.reconcile
@@ -217,6 +270,7 @@ class Reconciler:
         work = state if apply else state.model_copy(deep=True)
         try:
             outcome.nodes = self.desired()
+            outcome.groups_source = self.groups_source
         except InventoryError as exc:
             outcome.inventory_error = str(exc)
             log.error("inventory_invalid", error=str(exc), action="no change this pass")
@@ -274,6 +328,7 @@ class _Pass:
             self.state.nodes.setdefault(node.ip, NodeRecord())
         self._observe_groups()
         self.facts = self._key_facts()
+        self.facts = replace(self.facts, platform=self._platform())
         pool = ThreadPoolExecutor(
             max_workers=max(1, min(self.rec.workers, len(self.nodes))),
             thread_name_prefix="hpodlb-node",
@@ -471,6 +526,43 @@ class _Pass:
         if problem:
             self.views[group.arn] = replace(self.views[group.arn], problem=problem)
             self._error(problem)
+
+    # -- the platform -----------------------------------------------------------------------------
+
+    def _platform(self) -> dict[str, str]:
+        """HyperPod's status of the login nodes (ListClusterNodes), asked at most once a pass and
+        only when some login node is not known in sync: it explains an unreachable node ("being
+        replaced: Pending") and keeps keys from an instance being shut down. Denied or unreachable:
+        as if it did not exist."""
+        hyperpod = self.rec.hyperpod
+        records = self.state.nodes
+        settled = all(
+            records[n.ip].key_state in (KeyState.IN_SYNC.value, KeyState.NOT_CHECKED.value)
+            and not records[n.ip].unreachable
+            and records[n.ip].instance_id == n.instance_id
+            for n in self.nodes
+        )
+        if hyperpod is None or self.rec.keys is None or not self.nodes or settled:
+            return {}  # with host keys off nothing is pushed, and nothing is probed
+        try:
+            arn, _ = cluster_of(self.rec.config.cluster.resource_config)
+            if not arn:
+                return {}
+            self.beat()
+            statuses = hyperpod.node_statuses(arn)
+        except (ClusterError, InventoryError) as exc:
+            if not self.rec.platform_unknown:
+                self.rec.platform_unknown = True
+                log.warning(
+                    "cluster_node_status_unknown",
+                    error=str(exc),
+                    fix="grant sagemaker:ListClusterNodes to see why nodes are unreachable",
+                )
+            return {}
+        found = {n.ip: statuses[n.instance_id] for n in self.nodes if n.instance_id in statuses}
+        for ip, status in found.items():
+            records[ip].platform_status = status
+        return found
 
     # -- host keys --------------------------------------------------------------------------------
 
@@ -900,6 +992,7 @@ def _record_pass(state: State, outcome: PassOutcome, started: float, finished: f
         ok=outcome.converged,
         summary=outcome.summary(),
         standby=outcome.standby,
+        login_groups=outcome.groups_source,
         errors=errors,
         held=[
             f"{a.kind.value} {a.ip}"

@@ -94,6 +94,14 @@ def _health_cell(record: TargetRecord | None, now: float) -> str:
     return cell
 
 
+def _error_cell(error: str, platform: str) -> str:
+    """The last error, with what HyperPod says of the instance when it is not simply running."""
+    if platform and platform != "Running":
+        verb = "being replaced" if platform == "Pending" else "HyperPod"
+        return f"{error or '-'} ({verb}: {platform})"
+    return error or "-"
+
+
 def _span(seconds: float) -> str:
     seconds = max(seconds, 0)
     if seconds < 120:
@@ -118,6 +126,7 @@ def status_doc(state: State, target_groups: Sequence[str], now: float) -> dict[s
                 "verified_at": rec.verified_at,
                 "retry_at": rec.retry_at if (rec.retry_at or 0) > now else None,
                 "last_error": rec.last_error,
+                "platform_status": rec.platform_status,
                 "targets": {arn: r.state if r else "not registered" for arn, r in records.items()},
                 "health": {arn: _health_json(r) if r else None for arn, r in records.items()},
             }
@@ -171,7 +180,7 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
                 _when(n["verified_at"], now),
                 _when(n["retry_at"], now),
                 *[_health_cell(by_ip[a].get(n["ip"]), now) for a in target_groups],
-                n["last_error"] or "-",
+                _error_cell(n["last_error"], n["platform_status"]),
             ]
         )
     for s in doc["other_targets"]:
@@ -188,5 +197,7 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
         out.extend(f"held back: {h}" for h in last.held)
         out.extend(f"waiting: {w}" for w in last.waiting)
         out.extend(f"unhealthy: {u}" for u in last.unhealthy)
+        if last.login_groups:
+            out.append(f"login groups: {last.login_groups}")
         out.extend(f"error: {e}" for e in last.errors)
     return "\n".join(out)

@@ -51,6 +51,7 @@ class NodeRecord(BaseModel):
     retry_mono: float | None = None  # monotonic: no key push before this
     retry_at: float | None = None  # wall clock of the same, for people
     unreachable: bool = False  # the last probe failed: a node that answers again is retried now
+    platform_status: str = ""  # HyperPod's InstanceStatus when last asked (to explain, not decide)
 
 
 class AbsenceRecord(BaseModel):
@@ -76,6 +77,7 @@ class PassRecord(BaseModel):
     ok: bool = False
     summary: str = ""
     standby: str = ""  # `standby (controller: NAME)`: another head acted; this one observed
+    login_groups: str = ""  # `login-a (from ...)`: which groups, and who said so
     errors: list[str] = []
     held: list[str] = []
     waiting: list[str] = []

@@ -11,6 +11,7 @@ from functools import partial
 from hpodlb import leader
 from hpodlb.config import Config
 from hpodlb.hostkeys import HostKeys
+from hpodlb.hyperpod import HyperPod, sagemaker_client
 from hpodlb.reconcile import Reconciler, key_side
 from hpodlb.sshnode import ParamikoConnector, SshSettings
 
@@ -39,4 +40,10 @@ def build_reconciler(config: Config) -> Reconciler:
             clients[region] = elbv2_client(region)
         groups.append(TargetGroup(clients[region], tg.arn, tg.port))
     keys = key_side(config, host_keys(config)) if config.host_keys.enabled else None
-    return Reconciler(config, groups, keys, leader=partial(leader.check, config.cluster.leader))
+    return Reconciler(
+        config,
+        groups,
+        keys,
+        leader=partial(leader.check, config.cluster.leader),
+        hyperpod=HyperPod(sagemaker_client(config.aws.region)),
+    )

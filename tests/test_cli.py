@@ -168,7 +168,8 @@ def test_plan_once_status_round_trip(
 
     status = hpodlb("status", "--config", cfg)
     assert status.returncode == 0
-    first, headline, *table = status.stdout.splitlines()
+    first, headline, *table, groups = status.stdout.splitlines()
+    assert groups.startswith("login groups: login-group (from ") and groups.endswith(": login_group)")
     assert re.fullmatch(r"Last pass \d+s ago: converged: 3 login nodes; registered 3, deregistered 0, "
                         r"keys pushed 0; 0 held back, 0 waiting, 0 unhealthy, 0 errors", first), first
     assert rows(re.sub(r" for \d+s", " for Ns", "\n".join(table))) == [
@@ -200,7 +201,9 @@ def test_held_back_deregistration_exits_1_and_shows_in_status(
     assert rows(status[6])[0][:2] == ["10.1.9.9", "(not a login node)"]
     assert status[7:] == [
         f"held back: deregister 10.1.9.9 on {arn.split('/')[1]}: held by absent_passes_before_deregister: "
-        "not in the resource config for 1/2 passes and 0/1 s"]
+        "not in the resource config for 1/2 passes and 0/1 s",
+        f"login groups: login-group (from {Path(cfg).parent / 'opt-ml-config' / 'provisioning_parameters.json'}: "
+        "login_group)"]
     time.sleep(1.1)  # 2 passes, an interval apart
     second = hpodlb("once", "--config", cfg)
     assert second.returncode == 0, second.stderr

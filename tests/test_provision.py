@@ -162,7 +162,7 @@ class Admin:
         self.config = tmp_path / "config.toml"
         self.config.write_text((REPO / "config" / "hpodlb.toml").read_text().replace(
             "/opt/ml/config/", f"{cluster_dir}/").replace("/var/lib/hpodlb", str(tmp_path / "state")).replace(
-            "enabled = true", "enabled = false"))
+            "enabled = true", "enabled = false").replace('leader = "slurmctld"', 'leader = "always"'))
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HPODLB_"))}, **server.env()}
         self.elb = server.client("elbv2")
 
@@ -251,3 +251,42 @@ def test_cli_dry_run_events_say_would(admin: Admin) -> None:
     assert changes(admin("provision", *admin.flags)) == [(c, False) for c in create]
     assert changes(admin("teardown", "--dry-run")) == [(f"would {c}", True) for c in delete]
     assert changes(admin("teardown", "--yes")) == [(c, False) for c in delete]
+
+
+def test_cli_provision_takes_the_network_from_the_cluster(admin: Admin, server: FakeAws, cluster_dir: Path) -> None:
+    """A newcomer with a running cluster: `provision --write-config` and nothing else. The subnets
+    and security groups are the cluster's VpcConfig (DescribeCluster, moto's SageMaker), the VPC
+    theirs; a flag overrides its own part only; a cluster that cannot be described is a one-line
+    refusal that says which flags to pass."""
+    ec2 = server.client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.3.0.0/16")["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.3.{n * 64}.0/18", AvailabilityZone=f"us-west-2{z}")[
+        "Subnet"]["SubnetId"] for n, z in enumerate("ab")]
+    sg = ec2.create_security_group(GroupName="cluster", Description="hyperpod", VpcId=vpc)["GroupId"]
+    arn = server.client("sagemaker").create_cluster(
+        ClusterName="ml-cluster",
+        InstanceGroups=[{"InstanceGroupName": "login-group", "InstanceType": "ml.m5.4xlarge", "InstanceCount": 1,
+                         "LifeCycleConfig": {"SourceS3Uri": "s3://sagemaker-lifecycle/", "OnCreate": "on_create.sh"},
+                         "ExecutionRole": "arn:aws:iam::123456789012:role/hyperpod", "ThreadsPerCore": 1}],
+        VpcConfig={"SecurityGroupIds": [sg], "Subnets": subnets})["ClusterArn"]
+    rc = cluster_dir / "resource_config.json"
+    missing = admin("provision", "--dry-run")
+    assert missing.returncode == 1  # the fixture's ClusterArn names no cluster here
+    assert missing.stderr.strip().endswith("pass --vpc-id, --subnet-id and --security-group-id")
+    data = json.loads(rc.read_text())
+    data["ClusterConfig"]["ClusterArn"] = arn
+    rc.write_text(json.dumps(data))
+
+    made = admin("provision", "--write-config")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.splitlines()[0] == (
+        f"network (cluster {arn}'s VpcConfig (DescribeCluster)): {vpc}, subnets {', '.join(subnets)}, "
+        f"security groups {sg}")
+    lb = admin.elb.describe_load_balancers(Names=["smhp-login-node-lb"])["LoadBalancers"][0]
+    assert sorted(z["SubnetId"] for z in lb["AvailabilityZones"]) == sorted(subnets)
+    assert (lb["VpcId"], lb["Scheme"]) == (vpc, "internal")
+    assert "now points at the target group" in made.stdout
+
+    other = ec2.create_security_group(GroupName="nlb", Description="nlb", VpcId=vpc)["GroupId"]
+    override = admin("provision", "--dry-run", "--security-group-id", other)
+    assert f"subnets {', '.join(subnets)}, security groups {other}" in override.stdout.splitlines()[0]
