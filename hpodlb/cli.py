@@ -83,7 +83,8 @@ def cmd_once(config: Config, args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     if outcome.standby:  # another head acts: observing was this pass's whole job
         print(f"{outcome.standby}: observed only, changed nothing; {outcome.summary()}")
-        return EXIT_PENDING if outcome.errors else EXIT_OK
+        sound = outcome.leadership is not None and outcome.leadership.sound
+        return EXIT_OK if sound and not outcome.errors else EXIT_PENDING
     print(outcome.summary())
     return EXIT_OK if outcome.converged else EXIT_PENDING
 
@@ -210,6 +211,12 @@ def cmd_provision(config: Config, args: argparse.Namespace) -> int:
             f"network ({net.source}): {net.vpc_id}, subnets {', '.join(net.subnet_ids)}, "
             f"security groups {', '.join(net.security_group_ids)}"
         )
+        if not args.security_group_id:
+            print(
+                "note: the NLB shares these security groups with the cluster's instances: a rule "
+                "added there for users' SSH reaches every instance in them; pass "
+                "--security-group-id with a group of its own to keep them apart"
+            )
         spec = Spec(
             cluster,
             net.vpc_id,
@@ -319,10 +326,12 @@ def _network(config: Config, args: argparse.Namespace, cluster: str) -> Network:
     from hpodlb.targets import boto_config
 
     region = args.region or config.aws.region or _default_region()
-    try:
-        arn = cluster_of(config.cluster.resource_config)[0]
-    except InventoryError:
-        arn = ""
+    arn = ""
+    if not args.cluster_name:  # the resource config's ARN names the cluster exactly
+        try:
+            arn = cluster_of(config.cluster.resource_config)[0]
+        except InventoryError:
+            arn = ""
     ec2 = boto3.session.Session().client("ec2", region_name=region, config=boto_config())
     hyperpod = HyperPod(sagemaker_client(region))
     return cluster_network(

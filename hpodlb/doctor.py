@@ -611,8 +611,14 @@ def _last_pass(config: Config, who: str, now: float) -> Finding:
             f"running ({who}), but its last pass ended {age:.0f}s ago (interval {interval}s)",
             "journalctl -u hpodlb: a pass is stuck, or the state dir cannot be written",
         )
-    if last.standby:
+    if last.standby.startswith("standby (controller: "):
         return passed("daemon", f"running ({who}); last pass {age:.0f}s ago: {last.standby}")
+    if last.standby:
+        return warn(
+            "daemon",
+            f"running ({who}); last pass {age:.0f}s ago: {last.standby}",
+            "no head acts while this lasts: see the `daemon` line on leadership above",
+        )
     if not last.ok:
         return warn(
             "daemon",
@@ -629,13 +635,13 @@ def _leadership(config: Config) -> Finding:
     lead = check(config.cluster.leader)
     if lead.acting:
         return passed("daemon", f"this head acts: {lead.why}")
-    if lead.controller:
+    if lead.sound:
         return passed("daemon", f"this head is on {lead.label}: {lead.why}")
     return warn(
         "daemon",
         f"this head does not act: {lead.why}",
-        "make `scontrol ping` work for root (SLURM_CONF, munge), or set cluster.leader = "
-        '"always" on a cluster with a single head node',
+        "run hpodlb on the heads that run slurmctld, with `scontrol ping` working for root "
+        '(SLURM_CONF, munge); on a cluster with a single head, set cluster.leader = "always"',
     )
 
 

@@ -2,7 +2,7 @@
 status and its network. It explains and fills gaps; it never decides a write on its own.
 
 Clusters defined through `CreateCluster` name each instance group's role in
-`InstanceGroups[].SlurmConfig.NodeType` (`Controller`, `Login`, `Worker`) and may have no
+`InstanceGroups[].SlurmConfig.NodeType` (`Controller`, `Login`, `Compute`) and may have no
 `provisioning_parameters.json`. Every failure is a `ClusterError` naming the permission, so the
 caller can say "grant sagemaker:DescribeCluster" and carry on as it did before this existed.
 """
@@ -41,17 +41,21 @@ class HyperPod:
         return reply
 
     def login_groups(self, cluster: str) -> tuple[str, ...]:
-        """The instance groups whose SlurmConfig.NodeType is Login, in the cluster's order."""
+        """The instance groups whose SlurmConfig.NodeType is Login (the others: Controller,
+        Compute), in the cluster's order."""
         return tuple(
             g["InstanceGroupName"]
             for g in self.describe(cluster).get("InstanceGroups", [])
             if g.get("SlurmConfig", {}).get("NodeType") == LOGIN and g.get("InstanceGroupName")
         )
 
-    def node_statuses(self, cluster: str) -> dict[str, str]:
-        """InstanceId -> InstanceStatus.Status (Running, Pending, ShuttingDown, ...)."""
+    def node_statuses(self, cluster: str, group: str = "") -> dict[str, str]:
+        """InstanceId -> InstanceStatus.Status (Running, Pending, ShuttingDown, ...); `group`:
+        only the instance groups whose name contains it (the login group, not the whole fleet)."""
         statuses: dict[str, str] = {}
         kwargs: dict[str, Any] = {"ClusterName": cluster, "MaxResults": PAGE_LIMIT}
+        if group:
+            kwargs["InstanceGroupNameContains"] = group
         for _ in range(MAX_PAGES):
             reply = self._call("ListClusterNodes", "list_cluster_nodes", **kwargs)
             for node in reply.get("ClusterNodeSummaries", []):

@@ -24,9 +24,13 @@ from dataclasses import dataclass
 
 # HyperPod installs Slurm under /opt/slurm, which is not on systemd's default PATH.
 EXTRA_PATHS = ("/opt/slurm/bin",)
-TIMEOUT_SECONDS = 10.0  # scontrol retries an unreadable config for up to 60 s
+# Above Slurm's own MessageTimeout (10 s) plus TCPTimeout (2 s) per controller: an overloaded
+# primary that accepts and answers late must read as slow, not as "cannot tell".
+TIMEOUT_SECONDS = 30.0
 OUTPUT_CAP = 64 << 10
+CONFIRM_SECONDS = 2.0  # a backup head taking over asks again after this long, to be sure
 PING_LINE = re.compile(r"^Slurmctld\((?P<role>[^)]*)\) at (?P<host>\S+) is (?P<state>UP|DOWN)\b")
+THIS_HOST = "localhost"  # what slurm.conf may call the head it runs on
 
 
 @dataclass(frozen=True)
@@ -34,17 +38,27 @@ class Leadership:
     acting: bool
     controller: str = ""  # the controller in control (or presumed), as scontrol names it
     why: str = ""
+    primary: str = ""  # the first controller listed
+    sound: bool = True  # False: this head stands by because something is wrong, not by design
 
     @property
     def label(self) -> str:
         """`standby (controller: head1)` for status and STATUS=; empty when acting."""
         if self.acting:
             return ""
-        return f"standby (controller: {self.controller})" if self.controller else "standby"
+        if not self.sound:
+            return f"standby ({self.why})"
+        return f"standby (controller: {self.controller})"
+
+    @property
+    def takes_over(self) -> bool:
+        """Acting as a backup: the primary's slurmctld does not answer."""
+        return self.acting and bool(self.primary) and self.controller != self.primary
 
 
 def controllers(ping_output: str) -> list[tuple[str, bool]]:
-    """(host, up) per controller, in the order `scontrol ping` lists them."""
+    """(host, up) per controller, in the order `scontrol ping` lists them (primary, backup,
+    backup2, ...)."""
     found = []
     for line in ping_output.splitlines():
         match = PING_LINE.match(line.strip())
@@ -53,14 +67,32 @@ def controllers(ping_output: str) -> list[tuple[str, bool]]:
     return found
 
 
+def _is_me(host: str, me: set[str]) -> bool:
+    """`host` as scontrol prints it (a name, `localhost`, or several names with commas)."""
+    names = {n.strip().lower() for n in host.split(",") if n.strip()}
+    return bool(names & (me | {THIS_HOST}))
+
+
 def decide(listed: Sequence[tuple[str, bool]], me: set[str]) -> Leadership:
     """Pure: whether this head (known by the names in `me`) acts, given `scontrol ping`'s list."""
     up = [host for host, is_up in listed if is_up]
-    in_control = up[0] if up else listed[0][0]
+    primary = listed[0][0]
+    in_control = up[0] if up else primary
     how = "is in control" if up else "is the primary, and no controller is UP"
-    if in_control.lower() in me:
-        return Leadership(True, in_control, f"this head's slurmctld ({in_control}) {how}")
-    return Leadership(False, in_control, f"slurmctld on {in_control} {how}; this head observes")
+    if _is_me(in_control, me):
+        return Leadership(True, in_control, f"this head's slurmctld ({in_control}) {how}", primary)
+    if not any(_is_me(host, me) for host, _ in listed):
+        return Leadership(
+            False,
+            in_control,
+            f"this host ({', '.join(sorted(me))}) is none of the controllers scontrol lists "
+            f"({', '.join(h for h, _ in listed)})",
+            primary,
+            sound=False,
+        )
+    return Leadership(
+        False, in_control, f"slurmctld on {in_control} {how}; this head observes", primary
+    )
 
 
 def host_names() -> set[str]:
@@ -95,13 +127,15 @@ def check(
             stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        return Leadership(False, why=f"cannot tell which head is in control: scontrol ping: {exc}")
+        return Leadership(
+            False, why=f"cannot tell which head is in control: scontrol ping: {exc}", sound=False
+        )
     text = done.stdout[:OUTPUT_CAP].decode(errors="replace")
     listed = controllers(text)
     if not listed:
         said = (done.stderr or done.stdout)[:OUTPUT_CAP].decode(errors="replace").strip()
         first = said.splitlines()[0][:200] if said else f"exit status {done.returncode}"
         return Leadership(
-            False, why=f"cannot tell which head is in control: scontrol ping: {first}"
+            False, why=f"cannot tell which head is in control: scontrol ping: {first}", sound=False
         )
     return decide(listed, names())

@@ -271,17 +271,26 @@ def cluster_network(
     subnet_ids: Sequence[str],
     security_group_ids: Sequence[str],
 ) -> Network:
-    """The flags an admin gave, and for each one missing, the cluster's own VpcConfig (its
-    instances' subnets and security groups, DescribeCluster) and the VPC of those subnets."""
+    """The flags an admin gave, and for each one missing, the cluster's own: the login groups'
+    OverrideVpcConfig if they have one, else the cluster's VpcConfig (DescribeCluster), one
+    subnet per Availability Zone (an NLB takes no more), and the VPC of those subnets."""
     if vpc_id and subnet_ids and security_group_ids:
         return Network(vpc_id, tuple(subnet_ids), tuple(security_group_ids), "the flags")
+    flag_vpc = vpc_id
     try:
-        vpc_config = hyperpod.describe(cluster).get("VpcConfig", {})
+        described = hyperpod.describe(cluster)
     except ClusterError as exc:
         raise ProvisionError(
             f"cannot take the network from the cluster ({exc}); pass --vpc-id, --subnet-id and "
             "--security-group-id"
         ) from None
+    login = [
+        g.get("OverrideVpcConfig", {})
+        for g in described.get("InstanceGroups", [])
+        if g.get("SlurmConfig", {}).get("NodeType") == "Login" and g.get("OverrideVpcConfig")
+    ]
+    vpc_config = login[0] if login else described.get("VpcConfig", {})
+    whose = "login group's OverrideVpcConfig" if login else "VpcConfig"
     subnets = tuple(subnet_ids) or tuple(vpc_config.get("Subnets", []))
     groups = tuple(security_group_ids) or tuple(vpc_config.get("SecurityGroupIds", []))
     if not subnets or not groups:
@@ -289,13 +298,27 @@ def cluster_network(
             f"cluster {cluster} has no VpcConfig subnets or security groups; pass --subnet-id and "
             "--security-group-id"
         )
+    found = ec2.describe_subnets(SubnetIds=list(subnets)).get("Subnets", [])
+    if not subnet_ids:  # the cluster's list may hold several subnets of one zone
+        first: dict[str, str] = {}
+        for subnet in sorted(found, key=lambda s: subnets.index(s["SubnetId"])):
+            first.setdefault(subnet.get("AvailabilityZone", subnet["SubnetId"]), subnet["SubnetId"])
+        subnets = tuple(first.values())
     if not vpc_id:
-        reply = ec2.describe_subnets(SubnetIds=list(subnets))
-        vpcs = sorted({s["VpcId"] for s in reply.get("Subnets", [])})
+        vpcs = sorted({s["VpcId"] for s in found})
         if len(vpcs) != 1:
             raise ProvisionError(f"subnets {', '.join(subnets)} are in VPCs {vpcs}; pass --vpc-id")
         vpc_id = vpcs[0]
-    return Network(vpc_id, subnets, groups, f"cluster {cluster}'s VpcConfig (DescribeCluster)")
+    flags = (
+        ("--vpc-id", flag_vpc),
+        ("--subnet-id", subnet_ids),
+        ("--security-group-id", security_group_ids),
+    )
+    given = [name for name, value in flags if value]
+    source = f"cluster {cluster}'s {whose} (DescribeCluster)"
+    if given:
+        source += f", with {', '.join(given)}"
+    return Network(vpc_id, subnets, groups, source)
 
 
 def cluster_name(resource_config: Path) -> str:

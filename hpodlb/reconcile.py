@@ -44,7 +44,7 @@ from hpodlb.inventory import (
     read_login_nodes,
 )
 from hpodlb.keystore import KeySet, KeyStore, KeyStoreError, fingerprint, identity
-from hpodlb.leader import Leadership
+from hpodlb.leader import CONFIRM_SECONDS, Leadership
 from hpodlb.logs import get_logger
 from hpodlb.planner import (
     Absence,
@@ -78,6 +78,8 @@ LINGER_SECONDS = 0.5  # a node ready to register waits this long for others to s
 GATHER_SECONDS = 0.05  # results that come in this close together make one re-plan, not several
 BEAT_SECONDS = 0.25  # a pass waiting on node jobs wakes this often, to say it is alive
 PROBE = "probe"
+CLUSTER_RETRY_SECONDS = 600.0  # DescribeCluster failed: asked again after this long
+PLATFORM_SECONDS = 300.0  # ListClusterNodes again after this long, if the same nodes still wait
 
 
 def backoff_seconds(failures: int) -> float:
@@ -165,13 +167,19 @@ class Reconciler:
         self.boot_id = read_boot_id() if boot_id is None else boot_id
         self.workers = workers
         self.leader = leader
+        self.sleep = time.sleep
         self.hyperpod = hyperpod
         # DescribeCluster's answer per (cluster ARN, the resource config's group names): asked at
         # start, on reload (a new Reconciler) and when the groups change, not every pass.
         self._cluster_groups: dict[tuple[str, tuple[str, ...]], Answer | None] = {}
-        self._cluster_unknown: set[tuple[str, tuple[str, ...]]] = set()  # warned about
+        # Failed asks: not again before the monotonic time, and why they failed.
+        self._cluster_failed: dict[tuple[str, tuple[str, ...]], tuple[float, str]] = {}
+        self.cluster_answers: dict[str, list[str]] = {}  # by ARN; kept in the state file
         self.groups_source = ""  # `login-a (from ...)`, as the last desired() found it
         self.platform_unknown = False  # ListClusterNodes failed (warned once)
+        self.platform_asked: float | None = None  # monotonic, the last ListClusterNodes
+        self.platform_unsettled: frozenset[str] = frozenset()  # the nodes it was asked for
+        self.platform_statuses: dict[str, str] = {}  # its answer: InstanceId -> status
         self.leadership: Leadership | None = None  # the last decision, to log its changes
 
     def login_groups(self) -> Answer:
@@ -188,7 +196,9 @@ class Reconciler:
 
     def _from_cluster(self) -> Answer | None:
         """The cluster's Login instance groups (DescribeCluster), for clusters configured through
-        the API; None when it cannot say (denied, unreachable, none marked Login)."""
+        the API. When it cannot be asked (denied, unreachable; then again after
+        CLUSTER_RETRY_SECONDS), its last answer as the state file kept it; None when there is
+        none, or no group is marked Login."""
         if self.hyperpod is None:
             return None
         arn, names = cluster_of(self.config.cluster.resource_config)
@@ -197,23 +207,36 @@ class Reconciler:
             return None
         if key in self._cluster_groups:
             return self._cluster_groups[key]
+        failed = self._cluster_failed.get(key)
+        if failed is not None and self.clock() < failed[0]:
+            return self._remembered(arn, failed[1])
         try:
             groups = self.hyperpod.login_groups(arn)
         except ClusterError as exc:
-            if key not in self._cluster_unknown:  # once, not every pass; asked again each pass
-                self._cluster_unknown.add(key)
+            if key not in self._cluster_failed:  # warned once, not every pass
                 log.warning(
                     "cluster_login_groups_unknown",
                     cluster=arn,
                     error=str(exc),
                     fix="grant sagemaker:DescribeCluster, or set cluster.login_groups",
-                    action="login-group if the resource config has it, else no change",
+                    action="DescribeCluster's last answer if the state file has one, else "
+                    "login-group if the resource config has it, else no change",
                 )
-            return None
+            self._cluster_failed[key] = (self.clock() + CLUSTER_RETRY_SECONDS, str(exc))
+            return self._remembered(arn, str(exc))
+        self._cluster_failed.pop(key, None)
         answer = (groups, f"the cluster's Login instance groups, DescribeCluster {arn}")
         self._cluster_groups[key] = answer if groups else None
+        if groups:
+            self.cluster_answers[arn] = list(groups)
         log.info("cluster_login_groups", cluster=arn, groups=list(groups))
         return self._cluster_groups[key]
+
+    def _remembered(self, arn: str, error: str) -> Answer | None:
+        groups = self.cluster_answers.get(arn)
+        if not groups:
+            return None
+        return tuple(groups), f"DescribeCluster's last answer for {arn} (now: {error})"
 
     def guards(self) -> Guards:
         cfg = self.config.reconcile
@@ -245,9 +268,14 @@ class Reconciler:
             )
 
     def _lead(self) -> Leadership:
-        """Whether this head acts in this pass; a change is logged once, as it happens."""
+        """Whether this head acts in this pass; a change is logged once, as it happens. A backup
+        head about to take over asks again a moment later: one ping the primary missed under load
+        must not make two heads act."""
         lead = self.leader()
         before = self.leadership
+        if lead.takes_over and (before is None or not before.acting):
+            self.sleep(CONFIRM_SECONDS)
+            lead = self.leader()
         if before is None or (lead.acting, lead.controller) != (before.acting, before.controller):
             event = "leadership_acting" if lead.acting else "leadership_standby"
             level = log.info if lead.acting and lead.controller else log.warning
@@ -268,6 +296,7 @@ class Reconciler:
         if apply:
             outcome.leadership = self._lead()
         work = state if apply else state.model_copy(deep=True)
+        self.cluster_answers = {**work.cluster_login_groups, **self.cluster_answers}
         try:
             outcome.nodes = self.desired()
             outcome.groups_source = self.groups_source
@@ -283,6 +312,7 @@ class Reconciler:
                 outcome.errors.append(f"pass crashed: {type(exc).__name__}: {exc}")
         outcome.duration_seconds = self.clock() - started
         if apply:
+            work.cluster_login_groups = dict(self.cluster_answers)
             _record_pass(work, outcome, started_wall, self.wall())
         return outcome
 
@@ -530,26 +560,46 @@ class _Pass:
     # -- the platform -----------------------------------------------------------------------------
 
     def _platform(self) -> dict[str, str]:
-        """HyperPod's status of the login nodes (ListClusterNodes), asked at most once a pass and
-        only when some login node is not known in sync: it explains an unreachable node ("being
-        replaced: Pending") and keeps keys from an instance being shut down. Denied or unreachable:
-        as if it did not exist."""
-        hyperpod = self.rec.hyperpod
-        records = self.state.nodes
-        settled = all(
-            records[n.ip].key_state in (KeyState.IN_SYNC.value, KeyState.NOT_CHECKED.value)
-            and not records[n.ip].unreachable
-            and records[n.ip].instance_id == n.instance_id
+        """HyperPod's status of the login nodes (ListClusterNodes): it explains an unreachable
+        node ("being replaced: Pending") and keeps keys from an instance being shut down. Asked
+        only while some login node is not known in sync, and then again only when that set
+        changes or PLATFORM_SECONDS have passed (a node held for an admin must not cost a
+        listing every pass). Denied or unreachable: as if it did not exist."""
+        rec, records = self.rec, self.state.nodes
+        unsettled = frozenset(
+            n.ip
             for n in self.nodes
+            if records[n.ip].key_state not in (KeyState.IN_SYNC.value, KeyState.NOT_CHECKED.value)
+            or records[n.ip].unreachable
+            or records[n.ip].instance_id != n.instance_id
         )
-        if hyperpod is None or self.rec.keys is None or not self.nodes or settled:
+        if rec.hyperpod is None or rec.keys is None or not unsettled:
+            for record in records.values():  # nothing to explain: no stale word stays behind
+                record.platform_status = ""
             return {}  # with host keys off nothing is pushed, and nothing is probed
+        fresh = rec.platform_asked is not None and self.now - rec.platform_asked < PLATFORM_SECONDS
+        if not (fresh and unsettled == rec.platform_unsettled):
+            rec.platform_asked, rec.platform_unsettled = self.now, unsettled
+            rec.platform_statuses = self._list_cluster_nodes()
+        found = {
+            n.ip: rec.platform_statuses[n.instance_id]
+            for n in self.nodes
+            if n.instance_id in rec.platform_statuses
+        }
+        for ip, record in records.items():
+            record.platform_status = found.get(ip, "")
+        return found
+
+    def _list_cluster_nodes(self) -> dict[str, str]:
+        hyperpod = self.rec.hyperpod
+        assert hyperpod is not None
+        groups = {n.group for n in self.nodes}
         try:
             arn, _ = cluster_of(self.rec.config.cluster.resource_config)
             if not arn:
                 return {}
             self.beat()
-            statuses = hyperpod.node_statuses(arn)
+            return hyperpod.node_statuses(arn, groups.pop() if len(groups) == 1 else "")
         except (ClusterError, InventoryError) as exc:
             if not self.rec.platform_unknown:
                 self.rec.platform_unknown = True
@@ -559,10 +609,6 @@ class _Pass:
                     fix="grant sagemaker:ListClusterNodes to see why nodes are unreachable",
                 )
             return {}
-        found = {n.ip: statuses[n.instance_id] for n in self.nodes if n.instance_id in statuses}
-        for ip, status in found.items():
-            records[ip].platform_status = status
-        return found
 
     # -- host keys --------------------------------------------------------------------------------
 
@@ -813,6 +859,11 @@ class _Pass:
                     ours.add(action.ip)
                 elif action.kind is Kind.DEREGISTER:
                     ours.discard(action.ip)
+            if not self.act:  # what the acting head registered for login nodes is ours too, so
+                # that after a takeover with prune = false they can still be removed
+                ours |= {
+                    t.ip for t in self.views[arn].targets if t.registered and t.ip in self.by_ip
+                }
             s.registered_by_us[arn] = sorted(ours)
             s.absent[arn] = {
                 ip: AbsenceRecord(passes=a.passes, since=a.since, instance_id=a.instance_id)

@@ -163,6 +163,8 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
         out.append("No pass has run yet (no state file): run `hpodlb once` or start the service.")
     else:
         verdict = last.standby or ("converged" if last.ok else "NOT converged")
+        if last.standby and not last.standby.startswith("standby (controller: "):
+            verdict = f"NOT converged: {last.standby}"  # standing by because something is wrong
         out.append(f"Last pass {_when(last.finished_at, now)}: {verdict}: {last.summary}")
         out.append(health.headline(state, target_groups))
     header = ["IP", "INSTANCE", "NAME", "GROUP", "KEYS", "VERIFIED", "PUSH RETRY"]

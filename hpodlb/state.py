@@ -92,6 +92,9 @@ class State(BaseModel):
     nodes: dict[str, NodeRecord] = {}
     targets: dict[str, list[TargetRecord]] = {}
     target_errors: dict[str, str] = {}
+    # DescribeCluster's last answer, by cluster ARN: used while it cannot be asked, so that a
+    # denied or unreachable API never shrinks the login groups to a guess.
+    cluster_login_groups: dict[str, list[str]] = {}
     last_pass: PassRecord | None = None
 
 

@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def create_cluster(name: str = "ml-cluster", login_group: str = "login-a", sm: A
     return str(sm.create_cluster(
         ClusterName=name,
         InstanceGroups=[group("controller-machine", "Controller", 1), group(login_group, "Login", 3),
-                        group("compute-nodes", "Worker", 2)],
+                        group("compute-nodes", "Compute", 2)],
         VpcConfig={"SecurityGroupIds": ["sg-0123456789abcdef0"], "Subnets": ["subnet-0123456789abcdef0"]},
     )["ClusterArn"])
 
@@ -158,11 +159,17 @@ def test_the_platform_explains_an_unreachable_node_and_keeps_keys_from_one_going
 ) -> None:
     """Two login nodes that do not present the canonical keys: HyperPod says one is ShuttingDown
     (no push to it; it waits, saying why) and the other Pending (unreachable; status says it is
-    being replaced). Once the first is Running again, the next pass pushes to it and registers it."""
+    being replaced). ListClusterNodes is asked once, not again while the same nodes wait (until
+    5 minutes pass); then the first is Running, so it is pushed to and registered. Settled, the
+    cluster is not asked, and no stale word stays in status."""
     from moto.sagemaker.models import sagemaker_backends
 
+    from hpodlb.state import load_state, save_state
+    from hpodlb.wiring import build_reconciler
+
     env = sim_env
-    arn = create_cluster(name="sim-cluster", login_group="login-group", sm=env.aws.client("sagemaker"))
+    sm = env.aws.client("sagemaker")
+    arn = create_cluster(name="sim-cluster", login_group="login-group", sm=sm)
     going, pending = env.cluster.ip(2), env.cluster.ip(3)
     env.cluster.add_node(going, "login-group-0")  # its own keys: a push would be due
     env.cluster.add_node(pending, "login-group-1", start=False)  # nothing answers yet
@@ -175,10 +182,20 @@ def test_the_platform_explains_an_unreachable_node_and_keeps_keys_from_one_going
     nodes = sagemaker_backends["123456789012"][REGION].clusters["sim-cluster"].nodes  # moto has no
     nodes["login-group-0"].status = "ShuttingDown"  # API to change an instance's status: set it
     nodes["login-group-1"].status = "Pending"
+    rec = build_reconciler(env.config)
+    rec.hyperpod = HyperPod(lambda _arn: sm)
+    calls = counting(sm)
+    later = [0.0]
+    rec.clock = lambda: time.monotonic() + later[0]
 
-    outcome = env.run_pass()
-    assert [a.kind.value for a in outcome.applied] == []
-    assert outcome.plan is not None
+    def run_pass() -> Any:
+        state, _ = load_state(env.state_dir)
+        outcome = rec.run_pass(state, apply=True)
+        save_state(env.state_dir, state)
+        return outcome
+
+    outcome = run_pass()
+    assert outcome.applied == [] and outcome.plan is not None
     assert (going, "HyperPod is shutting this instance down: no key push") in [
         (w.node.ip, w.reason) for w in outcome.plan.waiting]
     state = env.state()
@@ -187,8 +204,46 @@ def test_the_platform_explains_an_unreachable_node_and_keeps_keys_from_one_going
             if line.split()[0] in (going, pending)}
     assert rows[pending].endswith("(being replaced: Pending)")
     assert env.registered() == set()
+    assert calls == ["ListClusterNodes"]
 
     nodes["login-group-0"].status = "Running"
-    again = env.run_pass()
+    assert run_pass().applied == [] and calls == ["ListClusterNodes"]  # the same nodes wait: not asked
+    later[0] = 301.0
+    again = run_pass()
     assert [a.kind.value for a in again.applied if a.ip == going] == ["push-keys", "register"]
-    assert env.registered() == {going}
+    assert env.registered() == {going} and calls == ["ListClusterNodes"] * 2
+
+    env.list_nodes([going])  # the Pending one leaves: every login node is in sync
+    run_pass()
+    assert calls == ["ListClusterNodes"] * 2 and env.state().nodes[going].platform_status == ""
+
+
+def test_describe_clusters_last_answer_is_kept_for_when_it_cannot_be_asked(
+    moto_env: None, build: Callable[..., tuple[Reconciler, list[str], str]], elb: Any, cluster_dir: Path,
+) -> None:
+    """Two Login groups, then DescribeCluster fails after a restart: its last answer (in the state
+    file) keeps both groups, so nothing is deregistered; it is not asked again every pass."""
+    sm = boto3.client("sagemaker", region_name=REGION)
+    arn = create_cluster()
+    sm_groups = sm.describe_cluster(ClusterName=arn)["InstanceGroups"]
+    assert [g["SlurmConfig"]["NodeType"] for g in sm_groups] == ["Controller", "Login", "Compute"]
+    api_configured(cluster_dir, arn)
+    rec, _, tg = build()
+    state = State()
+    assert rec.run_pass(state, apply=True).converged
+    assert state.cluster_login_groups == {arn: ["login-a"]}
+
+    from botocore.config import Config
+
+    dead = boto3.client("sagemaker", region_name=REGION, endpoint_url="http://127.0.0.1:9",
+                        config=Config(retries={"total_max_attempts": 1}))
+    calls = counting(dead)
+    broken = Reconciler(rec.config, rec.groups, keys=None, boot_id="b", hyperpod=HyperPod(lambda _arn: dead))
+    for _ in range(3):
+        outcome = broken.run_pass(state, apply=True)
+        assert outcome.converged and outcome.applied == []
+    assert calls == ["DescribeCluster"]  # once, then not before CLUSTER_RETRY_SECONDS
+    assert state.last_pass is not None
+    assert state.last_pass.login_groups.startswith(f"login-a (from DescribeCluster's last answer for {arn} (now: ")
+    registered = {d["Target"]["Id"] for d in elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]}
+    assert registered == LOGIN_IPS

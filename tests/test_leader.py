@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,14 @@ def test_the_first_controller_up_is_in_control_and_the_primary_when_none_is() ->
     assert not leader.decide(leader.controllers(BOTH_DOWN), {"head2"}).acting
     single = "Slurmctld(primary) at ip-10-1-33-120 is UP\n"
     assert leader.decide(leader.controllers(single), {"ip-10-1-33-120"}).acting
+    # A second backup, a controller slurm.conf calls localhost, several names in one entry.
+    three = BOTH_DOWN.replace("head2 is DOWN", "head2 is DOWN\nSlurmctld(backup2) at head3 is UP")
+    assert leader.decide(leader.controllers(three), {"head3"}).takes_over
+    assert leader.decide(leader.controllers("Slurmctld(primary) at localhost is UP\n"), {"h"}).acting
+    assert leader.decide(leader.controllers("Slurmctld(primary) at a,head1 is UP\n"), {"head1"}).acting
+    stranger = leader.decide(leader.controllers(BOTH_UP), {"login-1"})  # not a controller at all
+    assert (stranger.acting, stranger.sound) == (False, False)
+    assert stranger.label.startswith("standby (this host (login-1) is none of the controllers")
 
 
 def stand_in(tmp_path: Path, body: str) -> Path:
@@ -176,10 +185,12 @@ def test_with_a_real_slurmctld_only_the_head_in_control_acts(
     slurm(True)
     assert ping() == BOTH_UP  # the real output this file's stand-in copies
 
+    elb = aws.client("elbv2")
+    elb.register_targets(TargetGroupArn=arn, Targets=[{"Id": ip, "Port": 22} for ip in sorted(LOGIN_IPS)[:2]])
     standby = once_as("head2", config)
     assert standby.returncode == 0, standby.stderr
     assert standby.stdout.startswith("standby (controller: head1): observed only, changed nothing; ")
-    assert aws.targets(arn) == set()
+    assert {ip for ip, _ in aws.targets(arn)} == set(sorted(LOGIN_IPS)[:2])  # nothing written
     state_dir = load_config(config, {}).state.dir
     last = load_state(state_dir)[0].last_pass
     assert last is not None and last.standby == "standby (controller: head1)"
@@ -196,10 +207,12 @@ def test_with_a_real_slurmctld_only_the_head_in_control_acts(
 
     slurm(False)  # Slurm down on every head: the primary's head still keeps logins going
     assert ping() == BOTH_DOWN
-    aws.client("elbv2").register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.9.9", "Port": 22}])
+    gone = sorted(LOGIN_IPS)[0]
+    elb.deregister_targets(TargetGroupArn=arn, Targets=[{"Id": gone, "Port": 22}])
     assert "standby (controller: head1)" in once_as("head2", config).stdout
-    assert "10.1.9.9" in {ip for ip, _ in aws.targets(arn)}
-    assert once_as("head1", config).returncode == 1  # acts: the stray waits out its absence guard
+    assert gone not in {ip for ip, _ in aws.targets(arn)}
+    assert once_as("head1", config).returncode == 0
+    assert gone in {ip for ip, _ in aws.targets(arn)}
 
 
 def test_the_backup_head_takes_over_within_one_interval(
@@ -255,3 +268,79 @@ def _when(event: dict[str, str]) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def test_a_head_that_cannot_tell_stands_by_and_says_it_is_not_converged(
+    aws: FakeAws, arn: str, write_config: Callable[..., Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """scontrol failing (munge down, say): `once` writes nothing, exits 1 and says why; `status`
+    says NOT converged, not a calm standby."""
+    for key, value in aws.env().items():
+        monkeypatch.setenv(key, value)
+    failing = stand_in(tmp_path, 'echo "scontrol: error: Munge encode failed" >&2; exit 1')
+    monkeypatch.setenv("PATH", f"{failing}{os.pathsep}{os.environ['PATH']}")
+    config = write_config([{"arn": arn, "port": 22}], cluster={"leader": "slurmctld"})
+    done = once_as("head1", config)
+    assert done.returncode == 1
+    assert done.stdout.startswith("standby (cannot tell which head is in control: scontrol ping: "
+                                  "scontrol: error: Munge encode failed): observed only, changed nothing")
+    assert aws.targets(arn) == set()
+    status = subprocess.run([sys.executable, "-m", "hpodlb", "status", "--config", str(config)],
+                            capture_output=True, text=True, check=False).stdout
+    assert status.splitlines()[0].split(": ", 1)[1].startswith("NOT converged: standby (cannot tell")
+
+
+def test_a_backup_head_asks_twice_before_it_takes_over(
+    elb: Any, write_config: Callable[..., Path]
+) -> None:
+    """One answer saying the primary is down is not enough: the pass asks again CONFIRM_SECONDS
+    later and acts only if the backup is still the one in control."""
+    from hpodlb.reconcile import Reconciler
+    from hpodlb.state import State
+    from hpodlb.targets import TargetGroup
+    from tests.test_targets import make_group
+
+    answers = [BACKUP_IN_CONTROL, BOTH_UP, BACKUP_IN_CONTROL, BACKUP_IN_CONTROL]
+    asked: list[str] = []
+
+    def scontrol() -> leader.Leadership:
+        asked.append(answers[len(asked)])
+        return leader.decide(leader.controllers(asked[-1]), {"head2"})
+
+    tg = make_group(elb)
+    config = load_config(write_config([{"arn": tg, "port": 22}]), {})
+    rec = Reconciler(config, [TargetGroup(elb, tg, 22)], keys=None, boot_id="b", leader=scontrol)
+    slept: list[float] = []
+    rec.sleep = slept.append
+    blip = rec.run_pass(State(), apply=True)  # asked twice: the primary answered the second time
+    assert (blip.standby, blip.applied, slept) == ("standby (controller: head1)", [], [leader.CONFIRM_SECONDS])
+    moved = rec.run_pass(State(), apply=True)  # asked twice, the backup both times: it acts
+    assert moved.standby == "" and len(moved.applied) == 3 and len(asked) == 4
+
+
+def test_a_standby_head_logs_in_nowhere_and_learns_what_the_acting_head_registered(sim_env: Any) -> None:
+    """Host keys on, an empty store that would adopt, nodes with keys of their own: a standby pass
+    probes (observes) but adopts nothing, pushes nothing, logs in to no node and writes no target;
+    it counts the acting head's registrations of login nodes as hpodlb's (prune = false after a
+    takeover must still be able to remove them)."""
+    from hpodlb.keystore import KeyStore
+    from hpodlb.state import State
+    from hpodlb.wiring import build_reconciler
+    from tests.test_hostkeys import nodes
+
+    env = sim_env
+    ips = nodes(env, 2)
+    before = {ip: env.cluster.nodes[ip].keyscan() for ip in ips}
+    env.aws.client("elbv2").register_targets(TargetGroupArn=env.arn, Targets=[{"Id": ips[0], "Port": 22}])
+    rec = build_reconciler(env.config)
+    rec.leader = lambda: leader.Leadership(False, "head1", "slurmctld on head1 is in control", "head1")
+    state = State()
+    outcome = rec.run_pass(state, apply=True)
+    assert outcome.standby == "standby (controller: head1)" and outcome.applied == []
+    assert KeyStore(env.store, ("rsa", "ecdsa", "ed25519")).is_empty()
+    assert {ip: env.cluster.nodes[ip].keyscan() for ip in ips} == before
+    logins = sum((env.cluster.nodes[ip].dir / "sshd.log").read_text().count("Accepted publickey") for ip in ips)
+    assert logins == 0
+    assert env.registered() == {ips[0]}
+    assert state.registered_by_us[env.arn] == [ips[0]]

@@ -261,7 +261,7 @@ def test_cli_provision_takes_the_network_from_the_cluster(admin: Admin, server: 
     ec2 = server.client("ec2")
     vpc = ec2.create_vpc(CidrBlock="10.3.0.0/16")["Vpc"]["VpcId"]
     subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.3.{n * 64}.0/18", AvailabilityZone=f"us-west-2{z}")[
-        "Subnet"]["SubnetId"] for n, z in enumerate("ab")]
+        "Subnet"]["SubnetId"] for n, z in enumerate("aba")]  # two in one zone: an NLB takes one
     sg = ec2.create_security_group(GroupName="cluster", Description="hyperpod", VpcId=vpc)["GroupId"]
     arn = server.client("sagemaker").create_cluster(
         ClusterName="ml-cluster",
@@ -280,13 +280,16 @@ def test_cli_provision_takes_the_network_from_the_cluster(admin: Admin, server: 
     made = admin("provision", "--write-config")
     assert made.returncode == 0, made.stderr
     assert made.stdout.splitlines()[0] == (
-        f"network (cluster {arn}'s VpcConfig (DescribeCluster)): {vpc}, subnets {', '.join(subnets)}, "
+        f"network (cluster {arn}'s VpcConfig (DescribeCluster)): {vpc}, subnets {', '.join(subnets[:2])}, "
         f"security groups {sg}")
+    assert made.stdout.splitlines()[1].startswith("note: the NLB shares these security groups")
     lb = admin.elb.describe_load_balancers(Names=["smhp-login-node-lb"])["LoadBalancers"][0]
-    assert sorted(z["SubnetId"] for z in lb["AvailabilityZones"]) == sorted(subnets)
+    assert sorted(z["SubnetId"] for z in lb["AvailabilityZones"]) == sorted(subnets[:2])
     assert (lb["VpcId"], lb["Scheme"]) == (vpc, "internal")
     assert "now points at the target group" in made.stdout
 
     other = ec2.create_security_group(GroupName="nlb", Description="nlb", VpcId=vpc)["GroupId"]
     override = admin("provision", "--dry-run", "--security-group-id", other)
-    assert f"subnets {', '.join(subnets)}, security groups {other}" in override.stdout.splitlines()[0]
+    assert override.stdout.splitlines()[0].endswith(
+        f"(DescribeCluster), with --security-group-id): {vpc}, subnets {', '.join(subnets[:2])}, "
+        f"security groups {other}")
