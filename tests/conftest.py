@@ -114,6 +114,32 @@ def arn(aws: Any) -> str:
     return str(aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}"))
 
 
+def credentials_denied(action: str) -> dict[str, str]:
+    """In moto (in-process): an IAM user allowed everything but `action`; its access key."""
+    import json
+
+    import boto3
+
+    iam = boto3.client("iam", region_name="us-east-1")
+    iam.create_user(UserName="head-node")
+    policy = iam.create_policy(PolicyName="hpodlb", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "*", "Resource": "*"},
+            {"Effect": "Deny", "Action": action, "Resource": "*"}]}))
+    iam.attach_user_policy(UserName="head-node", PolicyArn=policy["Policy"]["Arn"])
+    key = iam.create_access_key(UserName="head-node")["AccessKey"]
+    return {"aws_access_key_id": key["AccessKeyId"], "aws_secret_access_key": key["SecretAccessKey"]}
+
+
+def enforce_iam(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on moto checks every call against IAM (it lets all through by default)."""
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
+
+
 # Figures the reliability suite measured, printed at the end of the run (the README quotes them).
 FIGURES: dict[str, str] = {}
 

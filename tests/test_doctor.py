@@ -26,6 +26,7 @@ from hpodlb.lock import InstanceLock
 from hpodlb.state import PassRecord, State, save_state
 from hpodlb.wiring import build_reconciler
 from sim.env import SimEnv
+from tests.conftest import credentials_denied, enforce_iam
 from tests.test_hostkeys import nodes
 
 REGION = "us-west-2"
@@ -248,22 +249,11 @@ def test_a_denied_read_is_named_and_what_depends_on_it_is_not_judged(
 ) -> None:
     """moto enforcing IAM, the head node's role denied ec2:DescribeSecurityGroups: one FAIL naming
     the permission and the policy file, and no verdict on any node's security groups."""
-    from moto import settings
-    from moto.core.authorization import ActionAuthenticatorMixin
-
     cloud = build_cloud()
-    iam = boto3.client("iam", region_name="us-east-1")
-    iam.create_user(UserName="head-node")
-    policy = iam.create_policy(PolicyName="hpodlb", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Action": "*", "Resource": "*"},
-            {"Effect": "Deny", "Action": "ec2:DescribeSecurityGroups", "Resource": "*"}]}))
-    iam.attach_user_policy(UserName="head-node", PolicyArn=policy["Policy"]["Arn"])
-    key = iam.create_access_key(UserName="head-node")["AccessKey"]
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
-    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # every call checked from now
-    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
+    key = credentials_denied("ec2:DescribeSecurityGroups")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["aws_secret_access_key"])
+    enforce_iam(monkeypatch)
     report = doctor(write_config, cloud)
     (denied,) = named(report, Status.FAIL, "security groups")
     assert denied.found.startswith("ec2:DescribeSecurityGroups: AccessDenied:")

@@ -26,6 +26,7 @@ from hpodlb.report import status_text
 from hpodlb.state import State
 from hpodlb.targets import TargetGroup
 from sim.env import SimEnv
+from tests.conftest import credentials_denied, enforce_iam
 from tests.test_targets import make_group
 
 REGION = "us-west-2"
@@ -118,26 +119,15 @@ def test_denied_describe_cluster_never_guesses_a_group_that_empties_the_target_g
     with no group called login-group in the resource config the pass changes nothing, targets
     registered before stay; once the admin names the group, it works."""
     from moto import settings
-    from moto.core.authorization import ActionAuthenticatorMixin
 
     arn = create_cluster()
     api_configured(cluster_dir, arn)
     rec, _, tg = build(cluster={"login_groups": ["login-a"]})
     assert rec.run_pass(State(), apply=True).converged  # registered while the group was named
-    iam = boto3.client("iam", region_name="us-east-1")
-    iam.create_user(UserName="head-node")
-    policy = iam.create_policy(PolicyName="hpodlb", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Action": "*", "Resource": "*"},
-            {"Effect": "Deny", "Action": "sagemaker:DescribeCluster", "Resource": "*"}]}))
-    iam.attach_user_policy(UserName="head-node", PolicyArn=policy["Policy"]["Arn"])
-    key = iam.create_access_key(UserName="head-node")["AccessKey"]
-    sm = boto3.client("sagemaker", region_name=REGION, aws_access_key_id=key["AccessKeyId"],
-                      aws_secret_access_key=key["SecretAccessKey"])
+    sm = boto3.client("sagemaker", region_name=REGION, **credentials_denied("sagemaker:DescribeCluster"))
     config = load_config(write_config([{"arn": tg, "port": 22}]), {})  # the group named nowhere
     denied = Reconciler(config, rec.groups, keys=None, boot_id="b", hyperpod=HyperPod(lambda _arn: sm))
-    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
-    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
+    enforce_iam(monkeypatch)
     log = io.StringIO()
     setup_logging(verbose=False, stream=log)
     state = State()
