@@ -357,8 +357,7 @@ class _Pass:
         for node in self.nodes:
             self.state.nodes.setdefault(node.ip, NodeRecord())
         self._observe_groups()
-        self.facts = self._key_facts()
-        self.facts = replace(self.facts, platform=self._platform())
+        self.facts = replace(self._key_facts(), platform=self._platform())
         pool = ThreadPoolExecutor(
             max_workers=max(1, min(self.rec.workers, len(self.nodes))),
             thread_name_prefix="hpodlb-node",
