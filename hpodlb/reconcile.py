@@ -278,7 +278,7 @@ class Reconciler:
             lead = self.leader()
         if before is None or (lead.acting, lead.controller) != (before.acting, before.controller):
             event = "leadership_acting" if lead.acting else "leadership_standby"
-            level = log.info if lead.acting and lead.controller else log.warning
+            level = log.info if lead.acting else log.warning
             level(event, controller=lead.controller, why=lead.why)
         self.leadership = lead
         return lead
