@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hpodlb.files import (
+    FileSignature,
     UntrustedPathError,
     UnusableFileError,
     file_signature,
@@ -85,11 +86,22 @@ def login_group_names(
     return (group,), f"{provisioning_parameters}: login_group"
 
 
+_cluster_seen: dict[Path, tuple[FileSignature, tuple[str, tuple[str, ...]]]] = {}
+
+
 def cluster_of(path: Path) -> tuple[str, tuple[str, ...]]:
     """The cluster's ARN (ClusterConfig.ClusterArn, "" if absent) and its instance group names, as
-    the resource config lists them: what a DescribeCluster answer is cached under."""
+    the resource config lists them: what a DescribeCluster answer is cached under. Read again only
+    when the file's signature changed: a pass already reads the (maybe 50 MB) file once."""
     _require_trusted(path)
-    return _cluster_unchanged(_read_settled(path), path)
+    signature = file_signature(path)
+    seen = _cluster_seen.get(path)
+    if signature is not None and seen is not None and seen[0] == signature:
+        return seen[1]
+    found = _cluster_unchanged(_read_settled(path), path)
+    if signature is not None:
+        _cluster_seen[path] = (signature, found)
+    return found
 
 
 @functools.lru_cache(maxsize=1)
