@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
+from hpodlb.identity import KEYS_SETTLED
 from hpodlb.planner import NOT_REGISTERED_STATES, Target
 from hpodlb.state import State, TargetRecord
 
@@ -144,7 +145,7 @@ def _in_every(
 def headline(state: State, groups: Sequence[str]) -> str:
     """`2/3 login nodes healthy (1 more registered, not healthy yet)`: healthy means verified keys
     and passing the NLB's health checks in every target group; the rest is still being checked."""
-    keys_ok = [ip for ip, r in state.nodes.items() if r.key_state in ("in-sync", "not checked")]
+    keys_ok = [ip for ip, r in state.nodes.items() if r.key_state in KEYS_SETTLED]
     serving = healthy_nodes(state.targets, groups, keys_ok)
     registered = registered_nodes(state.targets, groups, keys_ok)
     line = f"{len(serving)}/{len(state.nodes)} login nodes healthy"

@@ -37,6 +37,10 @@ class KeyState(str, enum.Enum):
     NOT_CHECKED = "not checked"  # host_keys.enabled = false
 
 
+# Recorded key states (as the state file keeps them) of a node whose identity is not in question.
+KEYS_SETTLED = frozenset({KeyState.IN_SYNC.value, KeyState.NOT_CHECKED.value})
+
+
 @dataclass(frozen=True)
 class Judgement:
     state: KeyState

@@ -33,7 +33,7 @@ from hpodlb.config import Config, target_group_name
 from hpodlb.files import UntrustedPathError, make_trusted_dir, write_atomically
 from hpodlb.hostkeys import HostKeys
 from hpodlb.hyperpod import ClusterError, HyperPod
-from hpodlb.identity import KeyState
+from hpodlb.identity import KEYS_SETTLED, KeyState
 from hpodlb.intents import Intents, IntentsError, load_intents, update_intents
 from hpodlb.inventory import (
     Answer,
@@ -568,7 +568,7 @@ class _Pass:
         unsettled = frozenset(
             n.ip
             for n in self.nodes
-            if records[n.ip].key_state not in (KeyState.IN_SYNC.value, KeyState.NOT_CHECKED.value)
+            if records[n.ip].key_state not in KEYS_SETTLED
             or records[n.ip].unreachable
             or records[n.ip].instance_id != n.instance_id
         )
