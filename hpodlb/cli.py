@@ -153,6 +153,62 @@ def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
     return report.exit_status
 
 
+def cmd_drain(config: Config, args: argparse.Namespace) -> int:
+    from hpodlb.drain import DrainError, Drains
+
+    drains = Drains(config)
+    try:
+        result = drains.drain(args.ip, args.reason, force=args.force)
+    except DrainError as exc:
+        _fail(str(exc))
+        return EXIT_PENDING
+    node = result.node
+    if result.restored:
+        print(f"intents.json was gone: restored the drains of {', '.join(result.restored)}")
+    print(
+        f"{node.label()} drained: {args.reason}. The daemon takes it out of rotation at its next "
+        f"pass (within {config.reconcile.interval_seconds:g}s) and keeps it out until "
+        f"`hpodlb undrain {node.ip}`; its host keys are still kept in step."
+    )
+    if result.note:
+        print(f"note: {result.note}")
+    if result.told:
+        print(f"warning: could not tell its users (wall): {result.told}")
+    else:
+        print("Its users were told (wall): new logins go to the other login nodes.")
+    if args.wait is None:
+        return EXIT_OK
+    none_left = drains.wait(node.ip, args.wait, print, time.monotonic)
+    still_in = drains.out_of_rotation(node.ip)
+    if still_in:
+        print(f"still registered in {', '.join(still_in)} (as of the daemon's last pass)")
+    if none_left:
+        print(f"{node.ip}: no SSH sessions left")
+        return EXIT_OK
+    print(f"{node.ip}: sessions still open after {args.wait:g}s")
+    return EXIT_PENDING
+
+
+def cmd_undrain(config: Config, args: argparse.Namespace) -> int:
+    from hpodlb.drain import DrainError, Drains
+
+    try:
+        was, restored = Drains(config).undrain(args.ip)
+    except DrainError as exc:
+        _fail(str(exc))
+        return EXIT_PENDING
+    if restored:
+        print(f"intents.json was gone: restored the drains of {', '.join(restored)}")
+    if was:
+        print(
+            f"{args.ip} undrained: back in rotation at the daemon's next pass, once its host keys "
+            "verify."
+        )
+    else:
+        print(f"{args.ip} is not drained: nothing to do")
+    return EXIT_OK
+
+
 def cmd_keys(config: Config, args: argparse.Namespace) -> int:
     from hpodlb import keyadmin
 
@@ -469,6 +525,46 @@ def _add_pass_commands(add: Adder) -> None:
         "FAIL, 2 could not evaluate (config invalid, or AWS not reachable at all).",
     )
     p.add_argument("--json", action="store_true", help="machine-readable checklist")
+    p = add(
+        "drain",
+        cmd_drain,
+        "take a login node out of rotation for maintenance",
+        "Take the login node at IP out of rotation until `hpodlb undrain IP`: recorded in the "
+        "state dir (intents.json; kept across restarts), applied by the daemon's next pass "
+        "within the guards (a drain that would leave fewer than min_in_service registered "
+        "targets is refused without --force). Its users get a wall notice; its host keys are "
+        "still kept in step. --wait counts its SSH sessions until none are left. Exit status: "
+        "0 drained (and, with --wait, no session left), 1 refused, not a login node, or "
+        "sessions still open when --wait ran out, 2 config or usage error.",
+    )
+    p.add_argument("ip", type=_ipv4, metavar="IP", help="the login node's IP")
+    p.add_argument(
+        "--reason",
+        type=_reason,
+        default="maintenance",
+        metavar="TEXT",
+        help="shown to its users and in status (one line; default: maintenance)",
+    )
+    p.add_argument(
+        "--wait",
+        type=_seconds,
+        metavar="SECONDS",
+        help="then report its remaining SSH sessions until none are left or SECONDS pass",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="drain even below min_in_service and past max_deregister_fraction",
+    )
+    p = add(
+        "undrain",
+        cmd_undrain,
+        "put a drained login node back in rotation",
+        "Forget the drain of the login node at IP: the daemon's next pass registers it again "
+        "once its host keys verify. Exit status: 0 undrained or not drained, 1 the intents "
+        "file cannot be changed, 2 config or usage error.",
+    )
+    p.add_argument("ip", type=_ipv4, metavar="IP", help="the login node's IP")
 
 
 def _add_aws_commands(add: Adder) -> None:
@@ -594,6 +690,34 @@ def _add_keys_commands(add: Adder) -> None:
     p.add_argument(
         "--port", type=_port, default=22, metavar="N", help="the NLB port users connect to"
     )
+
+
+def _ipv4(text: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
+
+
+def _reason(text: str) -> str:
+    from hpodlb.drain import check_reason
+
+    try:
+        return check_reason(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 7 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0..604800)")
+    return value
 
 
 def _port(text: str) -> int:

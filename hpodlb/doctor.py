@@ -22,8 +22,8 @@ from hpodlb import diagnose
 from hpodlb.checks import check_host_keys, check_inventory
 from hpodlb.config import Config
 from hpodlb.diagnose import Finding, Status, fail, passed, warn
-from hpodlb.files import UnusableFileError
 from hpodlb.inventory import InventoryError, LoginNode
+from hpodlb.keyadmin import vouched_keys
 from hpodlb.keystore import KeyStore, KeyStoreError
 from hpodlb.lock import lock_holder
 from hpodlb.reconcile import Reconciler
@@ -39,7 +39,6 @@ INVENTORY_FIX = (
     "is half-written is HyperPod rewriting it: run doctor again in a minute"
 )
 STALE_INTERVALS = 3  # no pass for this many intervals: the daemon is stuck or stopped
-KNOWN_HOSTS_MAX = 16 << 20  # the daemon's pins: a few hundred bytes a node
 
 
 @dataclass
@@ -411,36 +410,8 @@ def _start_node_checks(
     if reconciler.keys is None:
         return {}
     side = reconciler.keys.nodes
-    vouched = _vouched_keys(config, [n.ip for n in nodes])
+    vouched = vouched_keys(config, [n.ip for n in nodes])
     return {n.ip: pool.submit(_node_facts, side, n.ip, vouched[n.ip]) for n in nodes}
-
-
-def _vouched_keys(config: Config, ips: Sequence[str]) -> dict[str, frozenset[str]]:
-    """The keys a login may trust for each node: the canonical and previous sets, and what the
-    daemon pinned for it after verifying it (known_hosts in the state dir). Doctor never trusts a
-    node on first sight: it reports such a node, and sends it nothing."""
-    from hpodlb.files import read_regular_file
-    from hpodlb.sshnode import known_hosts_name
-
-    store = KeyStore(config.host_keys.store, config.host_keys.types)
-    sets: set[str] = set()
-    try:
-        sets |= {k.public for k in store.load().values()}
-        sets |= {k.public for k in store.load_previous().values()}
-    except (KeyStoreError, OSError):
-        pass
-    pinned: dict[str, set[str]] = {}
-    try:
-        text = read_regular_file(
-            config.state.dir / "known_hosts", KNOWN_HOSTS_MAX, follow_symlinks=False
-        )
-    except (OSError, UnusableFileError):
-        text = b""
-    for line in text.decode(errors="replace").splitlines():
-        host, _, key = line.partition(" ")
-        pinned.setdefault(host, set()).add(key.strip())
-    port = config.ssh.port
-    return {ip: frozenset(sets | pinned.get(known_hosts_name(ip, port), set())) for ip in ips}
 
 
 def _node_facts(side: Any, ip: str, vouched: frozenset[str]) -> _NodeFacts:

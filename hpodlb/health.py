@@ -143,12 +143,16 @@ def _in_every(
 
 
 def headline(state: State, groups: Sequence[str]) -> str:
-    """`2/3 login nodes healthy (1 more registered, not healthy yet)`: healthy means verified keys
-    and passing the NLB's health checks in every target group; the rest is still being checked."""
+    """`2/3 login nodes healthy (1 more registered, not healthy yet), 1 drained`: healthy means
+    verified keys and passing the NLB's health checks in every target group; the rest is still
+    being checked, or drained by an admin."""
     keys_ok = [ip for ip, r in state.nodes.items() if r.key_state in KEYS_SETTLED]
     serving = healthy_nodes(state.targets, groups, keys_ok)
     registered = registered_nodes(state.targets, groups, keys_ok)
     line = f"{len(serving)}/{len(state.nodes)} login nodes healthy"
     if registered - serving:
         line += f" ({len(registered - serving)} more registered, not healthy yet)"
+    drained = sum(1 for r in state.nodes.values() if r.drained)
+    if drained:
+        line += f", {drained} drained"
     return line

@@ -1,10 +1,14 @@
 """What an admin asked for that must outlive any pass: kept apart from the state cache.
 
-Today: `hpodlb keys trust IP` requests (accept, once, the keys a re-imaged instance presents now).
+Two kinds: `hpodlb keys trust IP` requests (accept, once, the keys a re-imaged instance presents
+now) and `hpodlb drain IP` (keep a login node out of rotation until `hpodlb undrain IP`).
 The state file is a cache that may be deleted at will; an admin's decision is not, so it lives in
-its own small file, changed only under its own lock (the daemon and a `keys trust` command may both
-touch it), and a request is bound to the instance and the exact keys it was made for: it can never
-approve anything else, and it is removed once that node verified with the canonical keys.
+its own small file, changed only under its own lock (the daemon and the commands may all touch it).
+A trust request is bound to the instance and the exact keys it was made for: it can never approve
+anything else, and it is removed once that node verified with the canonical keys. A drain is bound
+to the IP (a HyperPod replacement at that IP stays drained: the admin's word outlives instances)
+and is removed only by `undrain`. The daemon keeps a copy of the drains in its state, so that a
+lost intents file is noticed, said loudly, and never puts a drained node back by itself.
 """
 
 from __future__ import annotations
@@ -39,12 +43,26 @@ class TrustRequest(BaseModel):
     requested_at: float
 
 
+class DrainRequest(BaseModel):
+    reason: str
+    force: bool = False  # past min_in_service and max_deregister_fraction
+    instance_id: str = ""  # the instance at the IP when it was drained, for people
+    requested_at: float = 0
+    requested_by: str = ""
+
+
 class Intents(BaseModel):
     trust: dict[str, TrustRequest] = {}
+    drain: dict[str, DrainRequest] = {}
+
+
+def intents_path(state_dir: Path) -> Path:
+    return state_dir / INTENTS_FILE
 
 
 def load_intents(state_dir: Path) -> Intents:
-    path = state_dir / INTENTS_FILE
+    """The admin's intents; an empty set when the file does not exist (see `intents_path`)."""
+    path = intents_path(state_dir)
     try:
         raw = read_regular_file(path, MAX_BYTES, follow_symlinks=False)
     except FileNotFoundError:
@@ -65,7 +83,7 @@ def update_intents(state_dir: Path, change: Callable[[Intents], None]) -> Intent
         intents = load_intents(state_dir)
         change(intents)
         write_atomically(
-            state_dir / INTENTS_FILE, intents.model_dump_json(indent=1).encode(), mode=0o600
+            intents_path(state_dir), intents.model_dump_json(indent=1).encode(), mode=0o600
         )
         return intents
 

@@ -9,18 +9,22 @@ probe just saw; `trust` accepts exactly what a node presents now, for its curren
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hpodlb.config import Config
+from hpodlb.files import UnusableFileError, read_regular_file
 from hpodlb.hostkeys import known_hosts_lines
 from hpodlb.intents import Intents, TrustRequest, update_intents
 from hpodlb.inventory import InventoryError
 from hpodlb.keystore import KeySet, KeyStore, KeyStoreError, fingerprint, generate
 from hpodlb.logs import get_logger
-from hpodlb.sshnode import SshError
+from hpodlb.sshnode import SshError, known_hosts_name
 from hpodlb.wiring import build_reconciler, host_keys
 
 log = get_logger("hpodlb.keys")
+
+KNOWN_HOSTS_MAX = 16 << 20  # the daemon's pins: a few hundred bytes a node
 
 
 class KeyCommandError(Exception):
@@ -181,3 +185,28 @@ def _install(store: KeyStore, keys: KeySet, *, keep_previous: bool) -> None:
 
 def _prints(keys: KeySet) -> dict[str, str]:
     return {t: k.fingerprint for t, k in keys.items()}
+
+
+def vouched_keys(config: Config, ips: Sequence[str]) -> dict[str, frozenset[str]]:
+    """The keys a login may trust for each node: the canonical and previous sets, and what the
+    daemon pinned for it after verifying it (known_hosts in the state dir). Doctor never trusts a
+    node on first sight, nor does `drain`: such a node is reported, and sent nothing."""
+    store = store_of(config)
+    sets: set[str] = set()
+    try:
+        sets |= {k.public for k in store.load().values()}
+        sets |= {k.public for k in store.load_previous().values()}
+    except (KeyStoreError, OSError):
+        pass
+    pinned: dict[str, set[str]] = {}
+    try:
+        text = read_regular_file(
+            config.state.dir / "known_hosts", KNOWN_HOSTS_MAX, follow_symlinks=False
+        )
+    except (OSError, UnusableFileError):
+        text = b""
+    for line in text.decode(errors="replace").splitlines():
+        host, _, key = line.partition(" ")
+        pinned.setdefault(host, set()).add(key.strip())
+    port = config.ssh.port
+    return {ip: frozenset(sets | pinned.get(known_hosts_name(ip, port), set())) for ip in ips}

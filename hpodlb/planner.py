@@ -18,6 +18,9 @@ Rules, in the order an admin asks about them:
 - an absent target goes only after `absent_passes_before_deregister` consecutive passes, the first
   and the last at least (that - 1) x `interval_seconds` apart, as that many scheduled passes are
   (a burst of file-triggered passes does not shorten it);
+- a node an admin drained is deregistered (against the same guards, unless the drain was forced
+  past them) and never registered while drained; its keys are still judged and repaired, and it
+  is not waited for: being out of rotation is what was asked;
 - with `prune = false`, only targets hpodlb itself registered are ever removed;
 - only targets whose Id is an IP address at the configured port are ever touched;
 - a target group that failed its check (type, protocol, port) gets no action at all.
@@ -87,6 +90,15 @@ class Guards:
     absent_passes_before_deregister: int = 2
     min_in_service: int = 1
     min_absent_seconds: float = 0.0  # (absent_passes_before_deregister - 1) x interval_seconds
+
+
+@dataclass(frozen=True)
+class Drain:
+    """An admin's `hpodlb drain`: keep the node out of rotation; `force`: past min_in_service
+    and max_deregister_fraction (the admin took that on with --force)."""
+
+    reason: str
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,7 @@ class Plan:
     absent: Mapping[str, Mapping[str, Absence]] = field(default_factory=dict)
     judgements: Mapping[str, Judgement] = field(default_factory=dict)  # by IP
     problems: tuple[str, ...] = ()  # target groups that get no action, and why
+    drained: Mapping[str, Drain] = field(default_factory=dict)  # desired nodes kept out, by IP
 
     def runnable(self, kind: Kind | None = None) -> tuple[Action, ...]:
         return tuple(a for a in self.actions if not a.held and kind in (None, a.kind))
@@ -198,10 +211,13 @@ def plan_pass(
     guards: Guards,
     memory: Memory | None = None,
     now: float = 0.0,
+    drained: Mapping[str, Drain] | None = None,
 ) -> Plan:
     """Decide one pass. `nodes` in resource-config order (the first one is the adoption source);
-    `now` is monotonic seconds, compared only with `memory.absent` times."""
+    `now` is monotonic seconds, compared only with `memory.absent` times; `drained`: the admin's
+    drains by IP."""
     memory = memory or Memory()
+    drains = {n.ip: drained[n.ip] for n in nodes if drained and n.ip in drained}
     judgements, key_actions, key_waiting = _plan_keys(nodes, keys)
     by_ip = {n.ip: n for n in nodes}
     roles = {n.ip: _role(judgements[n.ip], _replaced(n, keys)) for n in nodes}
@@ -215,13 +231,17 @@ def plan_pass(
         if group.problem:
             problems.append(group.problem)
             continue
-        planned = _plan_group(group, by_ip, roles, judgements, pushing, guards, memory, now)
+        planned = _plan_group(group, by_ip, roles, judgements, pushing, drains, guards, memory, now)
         actions.extend(planned.actions)
         unmanaged.extend((group.arn, t) for t in planned.unmanaged)
         absent[group.arn] = planned.absent
 
     live = [g for g in groups if not g.problem]
-    waiting = [*key_waiting, *_unverified_waiting(nodes, roles, judgements, live)]
+    waiting = [
+        w
+        for w in (*key_waiting, *_unverified_waiting(nodes, roles, judgements, live))
+        if w.node.ip not in drains  # out of rotation on purpose: nothing to wait for
+    ]
     return Plan(
         actions=tuple(actions),
         waiting=tuple(waiting),
@@ -229,6 +249,7 @@ def plan_pass(
         absent=absent,
         judgements=judgements,
         problems=tuple(problems),
+        drained=drains,
     )
 
 
@@ -410,7 +431,13 @@ class _Ledger:
         self.remaining = registered
         self.floor = floor
 
-    def take(self) -> Guard | None:
+    def take(self, *, forced: bool = False) -> Guard | None:
+        """A deregistration's place in the budget, or the guard that holds it; a forced drain
+        passes both guards but still counts, so that nothing else leaves in its place."""
+        if forced:
+            self.budget -= 1
+            self.remaining -= 1
+            return None
         if self.budget <= 0:
             return Guard.FRACTION
         if self.remaining - 1 < self.floor:
@@ -426,6 +453,7 @@ def _plan_group(
     roles: Mapping[str, Role],
     judgements: Mapping[str, Judgement],
     pushing: set[str],
+    drains: Mapping[str, Drain],
     guards: Guards,
     memory: Memory,
     now: float,
@@ -448,7 +476,7 @@ def _plan_group(
 
     actions: list[Action] = []
     # Register eagerly, but only what is (or is about to be) verified.
-    for ip in sorted(set(by_ip) - registered):
+    for ip in sorted(set(by_ip) - registered - set(drains)):
         why = "draining target re-registered" if ip in live else "login node not registered"
         if roles[ip] is Role.SERVE:
             actions.append(act(Kind.REGISTER, ip, why))
@@ -471,8 +499,15 @@ def _plan_group(
         node = by_ip[ip]
         reason = f"{node.label()}: {_leave_reason(judgements[ip], roles[ip])}"
         actions.append(act(Kind.DEREGISTER, ip, reason, held))
-        if held is None and ip in pushing:
+        if held is None and ip in pushing and ip not in drains:
             actions.append(act(Kind.REGISTER, ip, "back in after its pushed host keys verify"))
+    # Then the admin's drains: out of rotation for maintenance, within the guards unless forced.
+    for ip in sorted(registered & set(drains)):
+        if roles[ip] in (Role.REPAIR, Role.HOLD, Role.LEAVE):
+            continue  # already leaving above, for its identity
+        drain = drains[ip]
+        reason = f"{by_ip[ip].label()}: drained by an admin: {drain.reason}"
+        actions.append(act(Kind.DEREGISTER, ip, reason, ledger.take(forced=drain.force)))
 
     ours = frozenset(memory.registered_by_us.get(group.arn, ()))
     strays = sorted(registered - set(by_ip))

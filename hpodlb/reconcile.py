@@ -30,11 +30,19 @@ from typing import Any
 
 from hpodlb import health
 from hpodlb.config import Config, target_group_name
+from hpodlb.drain import count_sessions
 from hpodlb.files import UntrustedPathError, make_trusted_dir, write_atomically
 from hpodlb.hostkeys import HostKeys
 from hpodlb.hyperpod import ClusterError, HyperPod
 from hpodlb.identity import KEYS_SETTLED, KeyState
-from hpodlb.intents import Intents, IntentsError, load_intents, update_intents
+from hpodlb.intents import (
+    DrainRequest,
+    Intents,
+    IntentsError,
+    intents_path,
+    load_intents,
+    update_intents,
+)
 from hpodlb.inventory import (
     Answer,
     InventoryError,
@@ -49,6 +57,7 @@ from hpodlb.logs import get_logger
 from hpodlb.planner import (
     Absence,
     Action,
+    Drain,
     GroupView,
     Guards,
     KeyFacts,
@@ -78,6 +87,7 @@ LINGER_SECONDS = 0.5  # a node ready to register waits this long for others to s
 GATHER_SECONDS = 0.05  # results that come in this close together make one re-plan, not several
 BEAT_SECONDS = 0.25  # a pass waiting on node jobs wakes this often, to say it is alive
 PROBE = "probe"
+SESSIONS = "sessions"  # counting a drained node's SSH connections
 CLUSTER_RETRY_SECONDS = 600.0  # DescribeCluster failed: asked again after this long
 PLATFORM_SECONDS = 300.0  # ListClusterNodes again after this long, if the same nodes still wait
 
@@ -136,8 +146,9 @@ class PassOutcome:
             return f"no change: {self.inventory_error}"
         plan = self.plan or Plan()
         done = Counter(a.kind for a in self.applied)
+        drained = f" ({len(plan.drained)} drained)" if plan.drained else ""
         return (
-            f"{len(self.nodes)} login nodes; registered {done[Kind.REGISTER]}, "
+            f"{len(self.nodes)} login nodes{drained}; registered {done[Kind.REGISTER]}, "
             f"deregistered {done[Kind.DEREGISTER]}, keys pushed {done[Kind.PUSH_KEYS]}; "
             f"{len(plan.held())} held back, {len(plan.waiting)} waiting, "
             f"{len(self.unhealthy)} unhealthy, {len(self.errors)} errors"
@@ -348,6 +359,8 @@ class _Pass:
         self.ready_since: dict[tuple[str, str], float] = {}  # (group, ip) ready to register
         self.keyset: KeySet = {}
         self.facts = KeyFacts()
+        self.intents = Intents()
+        self.drains: dict[str, DrainRequest] = {}  # the admin's drains in force this pass, by IP
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -356,6 +369,7 @@ class _Pass:
         _rebase(self.state, self.rec.boot_id, self.now)
         for node in self.nodes:
             self.state.nodes.setdefault(node.ip, NodeRecord())
+        self._read_intents()
         self._observe_groups()
         self.facts = replace(self._key_facts(), platform=self._platform())
         pool = ThreadPoolExecutor(
@@ -364,6 +378,7 @@ class _Pass:
         )
         try:
             self._start_probes(pool)
+            self._start_session_counts(pool)
             while True:
                 self.beat()
                 plan = self._plan()
@@ -401,8 +416,15 @@ class _Pass:
             start_registered=self.start_registered,
             spent=self.spent,
         )
+        drained = {ip: Drain(d.reason, d.force) for ip, d in self.drains.items()}
         return plan_pass(
-            self.nodes, list(self.views.values()), self.facts, self.rec.guards(), memory, self.now
+            self.nodes,
+            list(self.views.values()),
+            self.facts,
+            self.rec.guards(),
+            memory,
+            self.now,
+            drained,
         )
 
     def _act(self, plan: Plan, pool: ThreadPoolExecutor) -> bool:
@@ -463,6 +485,61 @@ class _Pass:
             return False
         oldest = min(self.ready_since.values())
         return not self.jobs or len(joining) >= BATCH_SIZE or now - oldest >= LINGER_SECONDS
+
+    # -- the admin's intents ----------------------------------------------------------------------
+
+    def _read_intents(self) -> None:
+        """Trust requests and drains. When intents.json cannot be read, or is gone while the last
+        pass had drains, the drains this state remembers stay in force and the pass says why:
+        a lost file must not put a node under maintenance back in front of users."""
+        state_dir = self.rec.config.state.dir
+        remembered = self.state.drains
+        try:
+            self.intents = load_intents(state_dir)
+        except IntentsError as exc:
+            self._error(str(exc))
+            log.error("intents_unusable", error=str(exc), action="drains kept as last known")
+            self.drains = dict(remembered)
+            return
+        self.drains = dict(self.intents.drain)
+        if remembered and not intents_path(state_dir).exists():
+            ips = ", ".join(sorted(remembered))
+            line = (
+                f"{intents_path(state_dir)} is gone, but the last pass had {ips} drained: kept out "
+                "of rotation as last known; `hpodlb drain IP` confirms a drain (and writes the "
+                "file again), `hpodlb undrain IP` puts a node back"
+            )
+            self._error(line)
+            log.error("drain_intents_lost", drained=sorted(remembered), error=line)
+            self.drains = dict(remembered)
+        if self.apply:
+            self.state.drains = dict(self.drains)
+
+    def _start_session_counts(self, pool: ThreadPoolExecutor) -> None:
+        """A drained node's open SSH connections, for `status` and `drain --wait` readers: counted
+        in a session pinned to the canonical keys (current or previous), never to anything else."""
+        side = self.rec.keys
+        if not self.apply:
+            return
+        pin = frozenset(self.facts.current.values()) | frozenset(self.facts.previous.values())
+        for ip in sorted(set(self.drains) & set(self.by_ip)):
+            record = self.state.nodes[ip]
+            if side is None or not pin:
+                record.sessions, record.sessions_at = None, None
+                record.sessions_error = "no canonical host keys to vouch for the node"
+                continue
+            job = partial(count_sessions, side.nodes.connector, ip, pin)
+            self._submit(pool, ip, job, what=SESSIONS)
+
+    def _counted(self, ip: str, result: int | Exception) -> None:
+        record, node = self.state.nodes[ip], self.by_ip[ip]
+        if isinstance(result, Exception):
+            record.sessions, record.sessions_error = None, _error_text(result, SESSIONS)
+        else:
+            if result != record.sessions:
+                log.info("drained_sessions", ip=ip, instance_id=node.instance_id, sessions=result)
+            record.sessions, record.sessions_error = result, ""
+        record.sessions_at = self.rec.wall()
 
     # -- target groups ----------------------------------------------------------------------------
 
@@ -624,12 +701,7 @@ class _Pass:
         except (KeyStoreError, OSError) as exc:
             unavailable = f"key store refused: {exc}"
             log.error("host_keys_unavailable", store=str(side.store.path), error=str(exc))
-        trusted: dict[str, tuple[str, frozenset[str]]] = {}
-        try:
-            for ip, req in load_intents(self.rec.config.state.dir).trust.items():
-                trusted[ip] = (req.instance_id, frozenset(req.keys))
-        except IntentsError as exc:
-            self._error(str(exc))
+        trusted = {ip: (r.instance_id, frozenset(r.keys)) for ip, r in self.intents.trust.items()}
         records = self.state.nodes
         return KeyFacts(
             enabled=True,
@@ -690,12 +762,19 @@ class _Pass:
         return partial(nodes.read_keys, action.ip, action.pin)
 
     def _submit(
-        self, pool: ThreadPoolExecutor, subject: Action | str, job: Callable[[], Any]
+        self,
+        pool: ThreadPoolExecutor,
+        subject: Action | str,
+        job: Callable[[], Any],
+        what: str = PROBE,
     ) -> None:
-        """Run a node's job on the pool; `subject` is the action, or the IP for a probe."""
+        """Run a node's job on the pool; `subject` is the action, or the IP for a probe (or for
+        what `what` names)."""
         assert self.rec.keys is not None
         t = self.rec.keys.timeout_seconds
-        if isinstance(subject, str):  # each type: a connect and a handshake, each within t
+        if isinstance(subject, str) and what == SESSIONS:  # a login, then one short command
+            ip, action, budget = subject, None, 2 * t + max(30.0, 3 * t) + 10
+        elif isinstance(subject, str):  # each type: a connect and a handshake, each within t
             types = len(self.rec.config.host_keys.types)
             what, ip, action, budget = PROBE, subject, None, 2 * t * types + 5
         else:
@@ -733,13 +812,18 @@ class _Pass:
             else:
                 continue
             del self.jobs[future]
-            if job.action is None:
-                self._probed(job.ip, result)
-            elif job.action.kind is Kind.PUSH_KEYS:
-                self._pushed(job.action, result)
-            else:
-                self._adopted(job.action, result)
+            self._take(job, result)
         self.facts = replace(self.facts, probes=dict(self.probes), backing_off=self._backing_off())
+
+    def _take(self, job: _Job, result: Any) -> None:
+        if job.what == SESSIONS:
+            self._counted(job.ip, result)
+        elif job.action is None:
+            self._probed(job.ip, result)
+        elif job.action.kind is Kind.PUSH_KEYS:
+            self._pushed(job.action, result)
+        else:
+            self._adopted(job.action, result)
 
     def _probed(self, ip: str, probe: Probe | Exception) -> None:
         if isinstance(probe, Exception):
@@ -892,7 +976,8 @@ class _Pass:
                 if record.ip in warned and record.state == health.HEALTHY:
                     log.info("target_healthy_again", ip=record.ip, target_group=group.name)
             window = health.window_seconds(group.info)
-            for record in health.overdue(records, self.by_ip, window, self.now):
+            serving = {ip: n for ip, n in self.by_ip.items() if ip not in self.drains}
+            for record in health.overdue(records, serving, window, self.now):
                 node = self.by_ip[record.ip]
                 line = (
                     f"{node.label()} on {group.name}: {health.describe(record)} for "
@@ -921,6 +1006,10 @@ class _Pass:
         for node in self.nodes:
             record = self.state.nodes[node.ip]
             record.instance_id, record.name, record.group = node.instance_id, node.name, node.group
+            drain = self.drains.get(node.ip)
+            record.drained = drain.reason if drain else ""
+            if drain is None:
+                record.sessions, record.sessions_at, record.sessions_error = None, None, ""
             j = final.judgements.get(node.ip)
             probe = self.probes.get(node.ip)
             if j is not None:

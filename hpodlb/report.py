@@ -94,6 +94,16 @@ def _health_cell(record: TargetRecord | None, now: float) -> str:
     return cell
 
 
+def _drained_cell(node: dict[str, Any], now: float) -> str:
+    """`kernel update, 2 sessions (40s ago)`: why it is out, and who is still on it."""
+    if node["sessions"] is not None:
+        count = f"{node['sessions']} sessions ({_when(node['sessions_at'], now)})"
+    else:
+        error = node["sessions_error"]
+        count = f"sessions unknown: {error}" if error else "sessions not counted yet"
+    return f"{node['drained']}, {count}"
+
+
 def _error_cell(error: str, platform: str) -> str:
     """The last error, with what HyperPod says of the instance when it is not simply running."""
     if platform and platform != "Running":
@@ -127,6 +137,10 @@ def status_doc(state: State, target_groups: Sequence[str], now: float) -> dict[s
                 "retry_at": rec.retry_at if (rec.retry_at or 0) > now else None,
                 "last_error": rec.last_error,
                 "platform_status": rec.platform_status,
+                "drained": rec.drained or None,
+                "sessions": rec.sessions,
+                "sessions_at": rec.sessions_at,
+                "sessions_error": rec.sessions_error,
                 "targets": {arn: r.state if r else "not registered" for arn, r in records.items()},
                 "health": {arn: _health_json(r) if r else None for arn, r in records.items()},
             }
@@ -195,6 +209,11 @@ def status_text(state: State, target_groups: Sequence[str], now: float) -> str:
         out.append(table(rows))
     for arn, err in doc["target_group_errors"].items():
         out.append(f"target group {target_group_name(arn)}: {err}")
+    out.extend(
+        f"drained: {n['ip']} ({n['instance_id']}): {_drained_cell(n, now)}"
+        for n in doc["nodes"]
+        if n["drained"]
+    )
     if last is not None:
         out.extend(f"held back: {h}" for h in last.held)
         out.extend(f"waiting: {w}" for w in last.waiting)

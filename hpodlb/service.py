@@ -12,7 +12,8 @@ runs. Three parties, and a wall-clock step (NTP, an admin, a VM resumed) stops n
 - the main thread never waits for a pass. It wakes twice a second (at once on a signal; signal
   handlers only set flags, kopf's pattern) and:
   - wants a pass at start, once the resource config has changed and been still for a moment (a
-    stat poll: no inotify dependency, cheap at 2 Hz), and after a reload;
+    stat poll: no inotify dependency, cheap at 2 Hz), as soon as the admin's intents change (a
+    `drain`, `undrain` or `keys trust` takes effect within a second), and after a reload;
   - SIGHUP: reads the config and builds its reconciler at once; the worker swaps them in before its
     next pass. An invalid config is refused and the running one stays in force; a new `state.dir`
     is locked at once (or the reload is refused) and the old dir's lock is let go at the swap, so
@@ -46,6 +47,7 @@ from typing import Any
 from hpodlb import health
 from hpodlb.config import Config, ConfigError, load_config
 from hpodlb.files import file_signature
+from hpodlb.intents import intents_path
 from hpodlb.lock import InstanceLock, LockedError
 from hpodlb.logs import get_logger
 from hpodlb.reconcile import PassOutcome, Reconciler, save_outcome
@@ -232,6 +234,7 @@ class Daemon:
             target_groups=[tg.name for tg in self.config.target_groups],
         )
         watched = file_signature(self.config.cluster.resource_config)
+        intents = file_signature(intents_path(self.config.state.dir))
         changed_at: float | None = None
         last_ping = 0.0
         offset = time.time() - time.monotonic()
@@ -244,6 +247,11 @@ class Daemon:
                 self._reload()
                 watched = file_signature(self.config.cluster.resource_config)
             now = time.monotonic()
+            asked = file_signature(intents_path(self.config.state.dir))
+            if asked != intents:  # written atomically by the commands: no need to let it settle
+                intents = asked
+                log.info("intents_changed", path=str(intents_path(self.config.state.dir)))
+                self._want("intents_changed")
             current = file_signature(self.config.cluster.resource_config)
             if current != watched:
                 watched, changed_at = current, now

@@ -28,6 +28,7 @@ from hpodlb.files import (
     require_trusted_dir,
     write_atomically,
 )
+from hpodlb.intents import DrainRequest
 
 # Re-exported (explicitly, for mypy) for provision.py until it imports it from hpodlb.files.
 
@@ -52,6 +53,10 @@ class NodeRecord(BaseModel):
     retry_at: float | None = None  # wall clock of the same, for people
     unreachable: bool = False  # the last probe failed: a node that answers again is retried now
     platform_status: str = ""  # HyperPod's InstanceStatus when last asked (to explain, not decide)
+    drained: str = ""  # the admin's reason while it is drained; empty: not drained
+    sessions: int | None = None  # drained: SSH connections still open on it (None: not counted)
+    sessions_at: float | None = None  # wall clock of that count
+    sessions_error: str = ""  # why it could not be counted
 
 
 class AbsenceRecord(BaseModel):
@@ -95,6 +100,9 @@ class State(BaseModel):
     # DescribeCluster's last answer, by cluster ARN: used while it cannot be asked, so that a
     # denied or unreachable API never shrinks the login groups to a guess.
     cluster_login_groups: dict[str, list[str]] = {}
+    # The drains in force at the last pass, copied from intents.json: if that file is lost, these
+    # keep the nodes out (and the pass says so) instead of putting them back by accident.
+    drains: dict[str, DrainRequest] = {}
     last_pass: PassRecord | None = None
 
 

@@ -7,8 +7,9 @@ only when the sshd answering at its address presents one of that node's own host
 Each node runs in its own mount namespace (`unshare -m`) with a private dir bind-mounted on
 `/etc/ssh`, so `sshd -t`, host-key files and the reload command behave per node exactly as on a
 login node. Each namespace also sees its own `/etc/passwd`, `/etc/shadow`, `/etc/group` and
-`/etc/sudoers` (the host's plus one login user with key auth and passwordless sudo), so nothing on the
-host changes. The login user's home (and `authorized_keys`) is shared by every node, as HyperPod's FSx
+`/etc/sudoers` (the host's plus one login user with key auth and passwordless sudo), and its own
+`/run` (a tmpfs: sshd's privsep dir and a utmp, so `wall` reaches this node's terminals only), so
+nothing on the host changes. The login user's home (and `authorized_keys`) is shared by every node, as HyperPod's FSx
 home is. Needs root.
 """
 
@@ -142,6 +143,11 @@ class SimNode:
                 f"mount --bind {c.etc / 'group'} /etc/group",
                 f"mount --bind {c.etc / 'shadow'} /etc/shadow",
                 f"mount --bind {self.dir / 'sudoers'} /etc/sudoers",
+                # Its own /run: sshd's privsep dir, and a utmp of its own, so that `who` and
+                # `wall` on this node see only the terminals of its own sessions.
+                "mount -t tmpfs -o mode=755,size=4m hpodlb-sim-run /run",
+                "mkdir -m 755 /run/sshd",
+                "install -m 664 /dev/null /run/utmp",
                 f"exec {SSHD} -D -e -f /etc/ssh/sshd_config",
             ]
         )

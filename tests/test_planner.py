@@ -10,6 +10,7 @@ from hpodlb.identity import KeyState
 from hpodlb.inventory import LoginNode
 from hpodlb.planner import (
     Absence,
+    Drain,
     GroupView,
     Guard,
     Guards,
@@ -444,3 +445,47 @@ def test_wrong_keys_still_respect_min_in_service() -> None:
     plan = plan_pass([a], [view(a.ip)], facts({a.ip: sees(own(a.ip))}, {a.ip: "i-old"}),
                      Guards(max_deregister_fraction=1.0))
     assert summary(plan) == {("push-keys", a.ip, None), ("deregister", a.ip, Guard.MIN_IN_SERVICE.value)}
+
+
+# -- drains -------------------------------------------------------------------------------------
+
+
+def test_a_drained_node_leaves_within_the_guards_and_is_never_registered() -> None:
+    a, b, c = node("10.1.0.1"), node("10.1.0.2"), node("10.1.0.3")
+    drained = {a.ip: Drain("kernel update"), c.ip: Drain("disk")}
+    plan = plan_pass([a, b, c], [view(a.ip, b.ip)], OFF, Guards(max_deregister_fraction=1.0), drained=drained)
+    assert summary(plan) == {("deregister", a.ip, None)}  # c is not registered, and stays out
+    (action,) = plan.actions
+    assert "drained by an admin: kernel update" in action.reason
+    assert set(plan.drained) == {a.ip, c.ip}
+    after = plan_pass([a, b, c], [view(b.ip)], OFF, Guards(), drained=drained)
+    assert after.settled  # out of rotation on purpose: nothing to do, nobody waits
+
+
+def test_an_unforced_drain_keeps_min_in_service_and_a_forced_one_counts_against_others() -> None:
+    a, b = node("10.1.0.1"), node("10.1.0.2")
+    guards = Guards(max_deregister_fraction=1.0, min_in_service=1)
+    both = {a.ip: Drain("x"), b.ip: Drain("y")}
+    plan = plan_pass([a, b], [view(a.ip, b.ip)], OFF, guards, drained=both)
+    assert summary(plan) == {("deregister", a.ip, None), ("deregister", b.ip, "min_in_service")}
+    forced = {a.ip: Drain("x", force=True), b.ip: Drain("y", force=True)}
+    plan = plan_pass([a, b], [view(a.ip, b.ip)], OFF, guards, drained=forced)
+    assert summary(plan) == {("deregister", a.ip, None), ("deregister", b.ip, None)}
+    # A forced drain uses the budget: an absent target in the same pass is held by the fraction.
+    stray = "10.1.0.9"
+    memory = Memory(absent={TG: {stray: Absence(passes=5, since=-1000)}})
+    plan = plan_pass([a, b], [view(a.ip, b.ip, stray)], OFF, Guards(max_deregister_fraction=0.34),
+                     memory, now=0, drained={a.ip: Drain("x", force=True)})
+    assert ("deregister", stray, "max_deregister_fraction") in summary(plan)
+
+
+def test_a_drained_node_is_still_pushed_keys_and_not_waited_for() -> None:
+    a, b = node("10.1.0.1"), node("10.1.0.2")
+    probes = {a.ip: sees(own(a.ip)), b.ip: sees(CANON)}
+    plan = plan_pass([a, b], [view(a.ip, b.ip)], facts(probes), Guards(), drained={a.ip: Drain("m")})
+    assert ("push-keys", a.ip, None) in summary(plan)
+    assert ("register", a.ip, None) not in summary(plan)  # not back in after the push
+    assert not plan.waiting
+    unreachable = {a.ip: Probe(error="connect: refused"), b.ip: sees(CANON)}
+    plan = plan_pass([a, b], [view(b.ip)], facts(unreachable), Guards(), drained={a.ip: Drain("m")})
+    assert plan.settled  # a node rebooting for maintenance is not a problem

@@ -531,6 +531,39 @@ def test_a_change_seen_while_a_pass_ends_is_never_lost(
     assert daemon.proc.wait(15) == 0
 
 
+def test_a_drain_and_an_undrain_are_acted_on_at_once(
+    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
+) -> None:
+    """`hpodlb drain` writes intents.json; the running daemon sees it within a second and passes,
+    instead of an interval (60 s) later; STATUS= says the node is drained; undrain likewise."""
+    config, arn = _config(write_config, aws)
+    daemon = start_daemon(config, watchdog_usec=0)
+    notify = daemon.notify
+    notify.wait_for("READY=1")
+    ips = sorted(ip for ip, _ in aws.targets(arn))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "AWS_"))}
+    env.update(aws.env())
+    drain = subprocess.run([sys.executable, "-m", "hpodlb", "--config", str(config), "drain", ips[0],
+                            "--reason", "firmware"], check=False, env=env, capture_output=True, text=True, timeout=60)
+    assert drain.returncode == 0, drain.stderr
+    assert "could not tell its users" in drain.stdout  # host keys off here: nobody to vouch for
+    deadline = time.monotonic() + 10
+    while (ips[0], 22) in aws.targets(arn):
+        assert time.monotonic() < deadline, daemon.log.read_text()[-2000:]
+        time.sleep(0.1)
+    daemon.wait_event("intents_changed")
+    deadline = time.monotonic() + 10
+    while not any(", 1 drained" in line for _, line in notify.fields("STATUS=")):
+        assert time.monotonic() < deadline, notify.messages
+        time.sleep(0.1)
+    undrain = subprocess.run([sys.executable, "-m", "hpodlb", "--config", str(config), "undrain",
+                              ips[0]], check=False, env=env, capture_output=True, text=True, timeout=60)
+    assert undrain.returncode == 0, undrain.stderr
+    _wait_registered(aws, arn, ips[0], daemon)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(15) == 0
+
+
 def test_verbose_logs_never_carry_aws_credentials(
     start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
 ) -> None:

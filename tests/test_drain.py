@@ -1,0 +1,262 @@
+"""`hpodlb drain` / `undrain` (issue 17) on real OpenSSH login nodes and a moto server: the node
+leaves every target group and stays out across passes and restarts, its users get a `wall` notice
+on their terminals, its SSH sessions are counted (real `ssh` sessions held open), the guards still
+apply, a lost intents file never puts a drained node back, and `undrain` brings it back."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from hpodlb.cli import main
+from hpodlb.intents import intents_path, load_intents
+from hpodlb.planner import Kind
+from hpodlb.report import status_text
+from sim.env import SimEnv
+from sim.nodes import SIM_USER, SimNode
+from tests.test_hostkeys import canonical, nodes
+
+pytestmark = pytest.mark.sshd
+
+
+@pytest.fixture
+def env(sim_env: SimEnv) -> SimEnv:
+    return sim_env
+
+
+class Held:
+    """Real `ssh -tt` sessions held open on a node, as users' terminals are."""
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]]) -> None:
+        self.procs = procs
+
+    def close(self, count: int | None = None) -> None:
+        for proc in self.procs[:count]:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(5)
+
+    def output(self) -> list[bytes]:
+        """What each terminal showed, without whitespace: wall breaks lines at 79 columns."""
+        self.close()
+        return [b"".join((p.stdout.read() if p.stdout else b"").split()) for p in self.procs]
+
+
+@contextmanager
+def sessions(env: SimEnv, node: SimNode, count: int) -> Iterator[Held]:
+    opts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "-i", str(env.cluster.client_key), "-p", str(env.cluster.port)]
+    procs = [
+        subprocess.Popen(["ssh", "-tt", *opts, f"{SIM_USER}@{node.ip}", "sleep 120"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(count)
+    ]
+    held = Held(procs)
+    try:
+        deadline = time.monotonic() + 10
+        while _logins(node) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the session's pty and utmp entry follow the login
+        yield held
+    finally:
+        held.close()
+
+
+def _logins(node: SimNode) -> int:
+    return (node.dir / "sshd.log").read_text().count("Accepted publickey")
+
+
+def cli(env: SimEnv, *args: str) -> int:
+    return main(["--config", str(env.config_path), *args])
+
+
+def converged(env: SimEnv, count: int) -> list[str]:
+    ips = nodes(env, count)
+    outcome = env.run_pass()
+    assert outcome.converged, outcome.errors
+    assert env.registered() == set(ips)
+    return ips
+
+
+def test_drain_takes_a_node_out_tells_its_users_and_undrain_brings_it_back(
+    env: SimEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, c = converged(env, 3)
+    node_a, node_b = env.cluster.nodes[a], env.cluster.nodes[b]
+    with sessions(env, node_a, 2) as on_a, sessions(env, node_b, 1) as on_b:
+        assert cli(env, "drain", a, "--reason", "kernel update 6.8") == 0
+        said = capsys.readouterr().out
+        assert "drained: kernel update 6.8" in said and "users were told" in said
+        intent = load_intents(env.state_dir).drain[a]
+        assert (intent.reason, intent.instance_id, intent.force) == ("kernel update 6.8", node_a.instance_id, False)
+
+        outcome = env.run_pass()
+        assert outcome.converged, outcome.errors
+        assert [(x.kind, x.ip) for x in outcome.applied] == [(Kind.DEREGISTER, a)]
+        assert "drained by an admin: kernel update 6.8" in outcome.applied[0].reason
+        assert env.registered() == {b, c}
+        state = env.state()
+        assert state.nodes[a].drained == "kernel update 6.8"
+        assert state.nodes[a].sessions == 2  # hpodlb's own connection is not counted
+        assert state.nodes[b].sessions is None  # only drained nodes are counted
+        shown = status_text(state, env.arns, time.time())
+        assert f"drained: {a} ({node_a.instance_id}): kernel update 6.8, 2 sessions" in shown
+        assert ", 1 drained" in shown.splitlines()[1]
+
+        # Kept out: pass after pass, and by a new reconciler (a restarted daemon).
+        for _ in range(2):
+            again = env.run_pass()
+            assert again.converged and not again.applied, again.errors
+        assert env.registered() == {b, c}
+
+        a_saw, b_saw = on_a.output(), on_b.output()
+    assert all(b"kernelupdate6.8" in out and b"drainedformaintenance" in out for out in a_saw)
+    assert all(b"kernelupdate6.8" not in out for out in b_saw)  # wall on a reaches a only
+
+    assert cli(env, "undrain", a) == 0
+    assert "undrained" in capsys.readouterr().out
+    back = env.run_pass()
+    assert back.converged, back.errors
+    assert env.registered() == {a, b, c}
+    assert env.state().nodes[a].drained == "" and env.state().nodes[a].sessions is None
+    assert cli(env, "undrain", a) == 0
+    assert "is not drained: nothing to do" in capsys.readouterr().out
+
+
+def test_drain_wait_reports_sessions_until_none_are_left(
+    env: SimEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, _ = converged(env, 2)
+    node = env.cluster.nodes[a]
+    with sessions(env, node, 2) as held:
+        # Time runs out with sessions open: 1.
+        assert cli(env, "drain", a, "--wait", "1") == 1
+        out = capsys.readouterr().out
+        assert f"{a}: 2 sessions open" in out and "sessions still open after 1s" in out
+
+        codes: list[int] = []
+        waiter = threading.Thread(target=lambda: codes.append(cli(env, "drain", a, "--wait", "60")))
+        started = time.monotonic()
+        waiter.start()
+        time.sleep(2)
+        held.close(1)
+        time.sleep(4)
+        held.close()
+        waiter.join(60)
+    assert codes == [0]
+    lines = [line for line in capsys.readouterr().out.splitlines() if "sessions open" in line]
+    counts = [int(line.split(": ")[1].split()[0]) for line in lines]
+    assert counts == [2, 1, 0], lines
+    assert time.monotonic() - started < 30
+
+
+def test_drain_below_min_in_service_is_refused_unless_forced(
+    env: SimEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (a,) = converged(env, 1)
+    assert cli(env, "drain", a) == 1
+    err = capsys.readouterr().err
+    assert "would leave 0 registered targets" in err and "min_in_service = 1" in err
+    assert "--force" in err
+    assert load_intents(env.state_dir).drain == {}
+    assert env.run_pass().converged and env.registered() == {a}
+
+    assert cli(env, "drain", a, "--force", "--reason", "replace the root volume") == 0
+    outcome = env.run_pass()
+    assert env.registered() == set()  # the admin said so, past min_in_service and the fraction
+    assert outcome.converged, outcome.errors
+
+
+def test_an_unforced_drain_is_still_held_by_the_guards_in_the_pass(
+    env: SimEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no pass on record the command cannot check min_in_service; the pass still keeps it."""
+    a, b = converged(env, 2)
+    env.write_config(reconcile={"max_deregister_fraction": 1.0})
+    (env.state_dir / "state.json").unlink()
+    assert cli(env, "drain", a) == 0
+    assert cli(env, "drain", b) == 0
+    assert "no pass has run yet" in capsys.readouterr().out
+    outcome = env.run_pass()
+    assert env.registered() == {b}
+    assert not outcome.converged
+    (held,) = env.state().last_pass.held  # type: ignore[union-attr]
+    assert held.startswith(f"deregister {b}") and "held by min_in_service" in held
+
+
+def test_a_lost_intents_file_keeps_drained_nodes_out_and_says_so(
+    env: SimEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, c, d = converged(env, 4)
+    assert cli(env, "drain", a, "--reason", "disk") == 0
+    assert cli(env, "drain", b, "--reason", "bios") == 0
+    env.run_pass()
+    assert env.registered() == {c, d}
+    intents_path(env.state_dir).unlink()
+
+    outcome = env.run_pass()
+    assert env.registered() == {c, d}  # not put back by accident
+    assert not outcome.converged
+    assert any("intents.json is gone" in e and a in e and b in e for e in outcome.errors)
+
+    capsys.readouterr()
+    assert cli(env, "undrain", a) == 0  # restores b's drain, forgets a's
+    out = capsys.readouterr().out
+    assert f"restored the drains of {b}" in out and f"{a} undrained" in out
+    assert set(load_intents(env.state_dir).drain) == {b}
+    assert load_intents(env.state_dir).drain[b].reason == "bios"
+    back = env.run_pass()
+    assert back.converged, back.errors
+    assert env.registered() == {a, c, d}
+
+
+def test_a_drained_node_still_gets_its_keys_repaired_but_is_not_registered(env: SimEnv) -> None:
+    a, _, _ = converged(env, 3)
+    assert cli(env, "drain", a) == 0
+    env.run_pass()
+    node = env.cluster.nodes[a]
+    node.replace("i-0replaced000000a")  # HyperPod replaced it during maintenance: new host keys
+    env.list_nodes(env.listed)
+    outcome = env.run_pass()
+    assert [x.kind for x in outcome.applied] == [Kind.PUSH_KEYS]
+    assert node.keyscan() == canonical(env)
+    assert a not in env.registered()
+    assert outcome.converged, outcome.errors
+
+
+def test_drain_refuses_what_is_not_a_login_node_and_bad_reasons(
+    env: SimEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    converged(env, 2)
+    stranger = env.cluster.ip(99)
+    assert cli(env, "drain", stranger) == 1
+    assert f"{stranger} is not a login node" in capsys.readouterr().err
+    for bad in ("two\nlines", "\x1b[31mred", "x" * 201, "  "):
+        with pytest.raises(SystemExit) as exc:
+            cli(env, "drain", env.listed[0], "--reason", bad)
+        assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        cli(env, "drain", "not-an-ip")
+    assert load_intents(env.state_dir).drain == {}
+
+
+def test_users_of_a_node_hpodlb_cannot_vouch_for_are_not_told(
+    env: SimEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Drain still records the intent, but sends nothing to a node presenting unknown keys."""
+    a, _, _ = converged(env, 3)
+    node = env.cluster.nodes[a]
+    node.stop()
+    node.new_host_keys()  # same instance, other keys: an impostor or a re-image
+    node.start()
+    before = _logins(node)
+    assert cli(env, "drain", a, "--reason", "suspicious") == 0
+    out = capsys.readouterr().out
+    assert "could not tell its users (wall): host-key:" in out
+    assert _logins(node) == before
+    assert a in load_intents(env.state_dir).drain
