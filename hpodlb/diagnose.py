@@ -186,10 +186,15 @@ def _group_attributes(area: str, attrs: Mapping[str, str]) -> list[Finding]:
 
 
 def login_targets(
-    area: str, health: Mapping[str, Any], nodes: Sequence[LoginNode], port: int
+    area: str,
+    health: Mapping[str, Any],
+    nodes: Sequence[LoginNode],
+    port: int,
+    drained: Mapping[str, str] | None = None,
 ) -> list[Finding]:
     """Each login node against the group's targets (DescribeTargetHealth): registered at the port,
-    and what the NLB's health checks say, with the likely fix."""
+    and what the NLB's health checks say, with the likely fix. A node an admin drained (IP ->
+    reason) is out on purpose: a warning, so that a drain nobody undid is still seen."""
     by_ip = {
         d["Target"]["Id"]: d.get("TargetHealth", {})
         for d in health.get("TargetHealthDescriptions", [])
@@ -197,6 +202,22 @@ def login_targets(
     }
     out: list[Finding] = []
     serving = 0
+    drained = drained or {}
+    for node in [n for n in nodes if n.ip in drained]:
+        state = by_ip.get(node.ip)
+        out_now = state is None or state.get("State") == "draining"
+        where = (
+            "out of rotation" if out_now else "still registered, leaving at the daemon's next pass"
+        )
+        out.append(
+            warn(
+                area,
+                f"login node {node.ip} ({node.instance_id}) is drained ({drained[node.ip]}): "
+                + where,
+                f"`hpodlb undrain {node.ip}` once its maintenance is done",
+            )
+        )
+    nodes = [n for n in nodes if n.ip not in drained]
     for node in nodes:
         state = by_ip.get(node.ip)
         if state is None or state.get("State") == "draining":

@@ -146,6 +146,7 @@ class _Aws:
         self.also_unanswered: list[str] = []
         self.idle_timeout: int | None = None
         self.findings: list[Finding] = []
+        self.drained = _drained(config)
 
     @property
     def reachable(self) -> bool:
@@ -257,7 +258,7 @@ class _Aws:
             return None
         info = reply["TargetGroups"][0]
         if health is not None:
-            self.findings += diagnose.login_targets(area, health, nodes, port)
+            self.findings += diagnose.login_targets(area, health, nodes, port, self.drained)
         enis = None if all_enis is None else self._in_vpc(all_enis, info.get("VpcId", ""))
         group_attrs = None if attrs is None else diagnose.attributes(attrs)
         vpcs = None if enis is None else [e["VpcId"] for e in enis.values() if e and "VpcId" in e]
@@ -520,6 +521,16 @@ def _ssh_fix(error: str, config: Config) -> str:
         "sudo": f"give {config.ssh.user} passwordless sudo on the node",
         "sshd-T": "sshd's own config check fails on the node: run `sshd -T` there",
     }.get(step, "see the error; `hpodlb status` shows the last pass's view of this node")
+
+
+def _drained(config: Config) -> dict[str, str]:
+    """The admin's drains (IP -> reason); an unusable intents file is the daemon's line to say."""
+    from hpodlb.intents import IntentsError, load_intents
+
+    try:
+        return {ip: d.reason for ip, d in load_intents(config.state.dir).drain.items()}
+    except IntentsError:
+        return {}
 
 
 def _key_sets(config: Config) -> tuple[dict[str, str], dict[str, str]]:

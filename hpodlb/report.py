@@ -27,7 +27,8 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 
 def plan_text(plan: Plan, nodes: Sequence[LoginNode]) -> str:
     if plan.settled and not plan.unmanaged:
-        return f"Nothing to do: {len(nodes)} login nodes in step with every target group."
+        drained = f" ({len(plan.drained)} drained, kept out)" if plan.drained else ""
+        return f"Nothing to do: {len(nodes)} login nodes{drained} in step with every target group."
     rows: list[list[str]] = [["ACTION", "TARGET GROUP", "IP", "INSTANCE", "WHY"]]
     for a in plan.actions:
         where = f"{target_group_name(a.target_group)}:{a.port}" if a.target_group else "-"

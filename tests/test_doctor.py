@@ -509,3 +509,26 @@ def test_login_nodes_not_registered_or_failing_health_checks_are_named(
     wrong = run_doctor(config, build_reconciler(config))
     assert named(wrong, Status.FAIL, "config")[0].fix == (
         "set aws.region to us-west-2, or leave it empty (each ARN's own region is used)")
+
+
+def test_a_drained_login_node_is_a_warning_not_a_failure(
+    moto_env: None, write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Out of rotation on purpose: said (so a drain nobody undid is seen), never a FAIL."""
+    from hpodlb.intents import DrainRequest, update_intents
+
+    cloud = build_cloud()
+    cloud.elb.deregister_targets(TargetGroupArn=cloud.tg, Targets=[{"Id": "10.1.72.45", "Port": 22}])
+
+    def drain(intents: Any) -> None:
+        intents.drain["10.1.72.45"] = DrainRequest(reason="bios update")
+        intents.drain["10.1.71.12"] = DrainRequest(reason="disk")
+
+    update_intents(tmp_path / "state", drain)
+    report = doctor(write_config, cloud)
+    assert not named(report, Status.FAIL, "target group")
+    warned = [f.found for f in named(report, Status.WARN, "target group")]
+    assert "login node 10.1.72.45 (i-0a1b2c3d4e5f60012) is drained (bios update): out of rotation" in warned
+    assert ("login node 10.1.71.12 (i-0a1b2c3d4e5f60011) is drained (disk): still registered, leaving "
+            "at the daemon's next pass") in warned
+    assert "1/1 login nodes registered and healthy" in [f.found for f in named(report, Status.PASS)]
