@@ -228,6 +228,13 @@ def cmd_keys(config: Config, args: argparse.Namespace) -> int:
         elif action == "known-hosts":
             print("\n".join(keyadmin.known_hosts(config, args.host, args.port)))
             return EXIT_OK
+        elif action == "ssh-config":
+            block = keyadmin.ssh_config(config, args.host, args.port, args.dns_name)
+            print(block.text)
+            if block.missing:
+                _fail(block.missing)
+                return EXIT_PENDING
+            return EXIT_OK
         listing = keyadmin.show(config)
     except keyadmin.KeyCommandError as exc:
         _fail(str(exc))
@@ -690,6 +697,53 @@ def _add_keys_commands(add: Adder) -> None:
     p.add_argument(
         "--port", type=_port, default=22, metavar="N", help="the NLB port users connect to"
     )
+
+    p = add(
+        "ssh-config",
+        cmd_keys,
+        "a ~/.ssh/config block for users: the NLB and one alias per login node",
+        "A block for users' ~/.ssh/config: Host NAME at the DNS name of the first target group's "
+        "load balancer on port N, and Host NAME-1, NAME-2, ... at each login node's IP and "
+        "ssh.port, in the resource config's order, all with the HostKeyAlias that the lines of "
+        "`keys known-hosts --host NAME --port N` match. Without the login nodes it still prints "
+        "the NLB block. Exit status: 0 printed, 1 no canonical keys, no load balancer, AWS "
+        "denied or unreachable, or the login nodes unreadable (the NLB block only), 2 config or "
+        "usage error.",
+    )
+    p.add_argument(
+        "--host",
+        required=True,
+        type=_ssh_name,
+        metavar="NAME",
+        help="the short name users type, e.g. hpod-login (lowercase)",
+    )
+    p.add_argument(
+        "--port", type=_port, default=22, metavar="N", help="the NLB port users connect to"
+    )
+    p.add_argument(
+        "--dns-name",
+        type=_dns_name,
+        metavar="DNS",
+        help="the NLB's DNS name (default: asked of AWS, from the first target group)",
+    )
+
+
+def _ssh_name(text: str) -> str:
+    from hpodlb.sshconfig import check_name
+
+    try:
+        return check_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dns_name(text: str) -> str:
+    from hpodlb.sshconfig import check_dns_name
+
+    try:
+        return check_dns_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _ipv4(text: str) -> str:

@@ -1,4 +1,4 @@
-"""The key commands an admin runs: show, generate, adopt, rotate, trust, known-hosts.
+"""The key commands an admin runs: show, generate, adopt, rotate, trust, known-hosts, ssh-config.
 
 They change the canonical identity users trust, so each one refuses what would silently break
 logins: replacing a store in use is a rotation (the old set stays valid until every node presents
@@ -19,7 +19,9 @@ from hpodlb.intents import Intents, TrustRequest, update_intents
 from hpodlb.inventory import InventoryError
 from hpodlb.keystore import KeySet, KeyStore, KeyStoreError, fingerprint, generate
 from hpodlb.logs import get_logger
+from hpodlb.sshconfig import render
 from hpodlb.sshnode import SshError, known_hosts_name
+from hpodlb.targets import TargetGroup, TargetsError
 from hpodlb.wiring import build_reconciler, host_keys
 
 log = get_logger("hpodlb.keys")
@@ -57,6 +59,59 @@ def known_hosts(config: Config, host: str, port: int) -> list[str]:
         lines.append("# previous keys: still presented by some nodes until `keys rotate` is done")
         lines += known_hosts_lines(listing.previous, host, port)
     return lines
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """The block users paste, and why part of it is missing ("" when it is whole)."""
+
+    text: str
+    missing: str = ""
+
+
+def ssh_config(config: Config, host: str, port: int, dns_name: str | None = None) -> ClientConfig:
+    """A `~/.ssh/config` block for the NLB (as `host`, on `port`) and one alias per login node.
+
+    Refused (KeyCommandError) when there are no canonical keys: the block tells ssh to expect the
+    keys `known-hosts` prints, and without them there is nothing to print. The NLB's DNS name comes
+    from the first configured target group's load balancer (an NLB target group belongs to one
+    load balancer; `[[target_groups]]` after the first serve other listeners or pools, and users
+    need one name), unless the admin passes it. When the login nodes cannot be read, the NLB block
+    is still given (most users need only it) and `missing` says why the aliases are not.
+    """
+    try:
+        show(config)  # what `known-hosts` needs to print the lines this block relies on
+    except KeyCommandError as exc:
+        raise KeyCommandError(f"no host keys for users to trust: {exc}") from None
+    reconciler = build_reconciler(config)
+    dns_name = dns_name or nlb_dns_name(reconciler.groups[0])
+    try:
+        nodes = reconciler.desired()
+    except InventoryError as exc:
+        return ClientConfig(
+            render(host, port, dns_name, (), config.ssh.port),
+            f"per-node aliases left out: the login nodes cannot be read: {exc}",
+        )
+    return ClientConfig(render(host, port, dns_name, nodes, config.ssh.port))
+
+
+def nlb_dns_name(group: TargetGroup) -> str:
+    """The DNS name of the load balancer `group` belongs to; KeyCommandError saying the fix."""
+    try:
+        balancers = group.load_balancers()
+    except TargetsError as exc:
+        raise KeyCommandError(
+            f"cannot find the NLB's DNS name: {exc}; the head node needs "
+            "elasticloadbalancing:DescribeTargetGroups and DescribeLoadBalancers "
+            "(config/iam-policy.json), or pass the name with --dns-name"
+        ) from None
+    if not balancers:
+        raise KeyCommandError(
+            f"{group.name}: no load balancer forwards to this target group, so users have no "
+            "NLB name to reach; add a listener that forwards to it (`hpodlb provision`), or pass "
+            "the name with --dns-name"
+        )
+    return str(balancers[0]["DNSName"])
 
 
 def generate_keys(config: Config, *, force: bool) -> KeySet:

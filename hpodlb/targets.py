@@ -136,6 +136,15 @@ class TargetGroup:
             )
         return groups[0]
 
+    def load_balancers(self) -> list[dict[str, Any]]:
+        """The load balancers the group is attached to (a listener forwards to it), [] if none.
+        Read only by admin commands (the pass never needs them)."""
+        arns = self.describe().get("LoadBalancerArns", [])
+        if not arns:
+            return []
+        reply = self._call("DescribeLoadBalancers", LoadBalancerArns=arns)
+        return list(reply.get("LoadBalancers", []))
+
     def problem(self, now: float) -> str | None:
         """Why this group must not be written to (None: it may), checked at most every
         CHECK_SECONDS unless a refused write asked for it again. TargetsError if AWS cannot say."""

@@ -67,6 +67,7 @@ EXIT_STATUSES = {
     "check-config": {0, 1, 2}, "provision": {0, 1, 2}, "teardown": {0, 1, 2},
     "doctor": {0, 1, 2}, "keys show": {0, 1, 2}, "keys generate": {0, 1, 2}, "keys adopt": {0, 1, 2},
     "keys known-hosts": {0, 1, 2}, "keys rotate": {0, 1, 2}, "keys trust": {0, 1, 2},
+    "keys ssh-config": {0, 1, 2},
 }
 
 
@@ -77,7 +78,7 @@ def test_help_lists_the_commands(hpodlb: Callable[..., subprocess.CompletedProce
     assert listed_commands(top.stdout) == [
         "run", "once", "plan", "status", "check-config", "doctor", "provision", "teardown", "keys"]
     assert listed_commands(hpodlb("keys", "--help").stdout) == [
-        "show", "generate", "adopt", "rotate", "trust", "known-hosts"]
+        "show", "generate", "adopt", "rotate", "trust", "known-hosts", "ssh-config"]
 
 
 @pytest.mark.parametrize("command", sorted(EXIT_STATUSES))
@@ -119,6 +120,7 @@ def test_config_and_verbose_go_before_or_after_the_command(
 @pytest.mark.parametrize("args", [
     ("keys", "known-hosts", "--host", "nlb.example", "--port", "0"),
     ("keys", "known-hosts", "--host", "nlb.example", "--port", "65536"),
+    ("keys", "ssh-config", "--host", "hpod-login", "--port", "0"),
     ("provision", "--vpc-id", "vpc-1", "--subnet-id", "s-1", "--security-group-id", "sg-1", "--port", "70000"),
 ])
 def test_ports_out_of_range_are_usage_errors(
