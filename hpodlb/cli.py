@@ -167,7 +167,7 @@ def cmd_drain(config: Config, args: argparse.Namespace) -> int:
         print(f"intents.json was gone: restored the drains of {', '.join(result.restored)}")
     print(
         f"{node.label()} drained: {args.reason}. The daemon takes it out of rotation at its next "
-        f"pass (within {config.reconcile.interval_seconds:g}s) and keeps it out until "
+        "pass (it sees this within a second), within its guards, and keeps it out until "
         f"`hpodlb undrain {node.ip}`; its host keys are still kept in step."
     )
     if result.note:
@@ -178,14 +178,10 @@ def cmd_drain(config: Config, args: argparse.Namespace) -> int:
         print("Its users were told (wall): new logins go to the other login nodes.")
     if args.wait is None:
         return EXIT_OK
-    none_left = drains.wait(node.ip, args.wait, print, time.monotonic)
-    still_in = drains.out_of_rotation(node.ip)
-    if still_in:
-        print(f"still registered in {', '.join(still_in)} (as of the daemon's last pass)")
-    if none_left:
-        print(f"{node.ip}: no SSH sessions left")
+    if drains.wait(node.ip, result.request.requested_at, args.wait, print, time.monotonic):
+        print(f"{node.ip}: out of rotation, and no SSH session left")
         return EXIT_OK
-    print(f"{node.ip}: sessions still open after {args.wait:g}s")
+    print(f"{node.ip}: not empty and out of rotation after {args.wait:g}s (see above)")
     return EXIT_PENDING
 
 

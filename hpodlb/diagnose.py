@@ -217,6 +217,15 @@ def login_targets(
                 f"`hpodlb undrain {node.ip}` once its maintenance is done",
             )
         )
+    if out and len(out) == len(nodes):
+        return [
+            *out,
+            fail(
+                area,
+                "every login node is drained: the NLB has no login node to send users to",
+                "`hpodlb undrain IP` for a node whose maintenance is done",
+            ),
+        ]
     nodes = [n for n in nodes if n.ip not in drained]
     for node in nodes:
         state = by_ip.get(node.ip)

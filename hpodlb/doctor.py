@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -74,7 +74,7 @@ def run_doctor(
         aws = _Aws(config, reconciler)
         report.findings += aws.check(nodes)
         report.evaluated = aws.reachable
-        report.findings += _judge_nodes(config, nodes, ssh, aws.idle_timeout)
+        report.findings += _judge_nodes(config, nodes, ssh, aws.idle_timeout, aws.drained)
     report.findings += _key_store(config)
     report.findings.append(_leadership(config))
     report.findings += _daemon(config, wall())
@@ -463,6 +463,7 @@ def _judge_nodes(
     nodes: Sequence[LoginNode],
     ssh: dict[str, Future[_NodeFacts]],
     idle_timeout: int | None,
+    drained: Mapping[str, str],
 ) -> Iterator[Finding]:
     if not ssh:
         if nodes:
@@ -480,6 +481,13 @@ def _judge_nodes(
             facts = ssh[node.ip].result()
         except Exception as exc:  # a bug in gathering: this node's line, not the report's end
             yield fail(area, f"not checked: {type(exc).__name__}: {exc}", "run again with -v")
+            continue
+        if facts.offered is None and node.ip in drained:
+            yield warn(
+                area,
+                f"drained, and unreachable: {facts.error}",
+                f"expected while its maintenance lasts; `hpodlb undrain {node.ip}` once it is done",
+            )
             continue
         if facts.offered is None:
             yield fail(area, f"unreachable: {facts.error}", _ssh_fix(facts.error, config))
@@ -524,13 +532,16 @@ def _ssh_fix(error: str, config: Config) -> str:
 
 
 def _drained(config: Config) -> dict[str, str]:
-    """The admin's drains (IP -> reason); an unusable intents file is the daemon's line to say."""
-    from hpodlb.intents import IntentsError, load_intents
+    """The admin's drains (IP -> reason); when intents.json is gone or unusable, the daemon's copy
+    in the state file, which it keeps in force then (the daemon's line says why)."""
+    from hpodlb.intents import IntentsError, intents_path, load_intents
 
     try:
-        return {ip: d.reason for ip, d in load_intents(config.state.dir).drain.items()}
+        if intents_path(config.state.dir).exists():
+            return {ip: d.reason for ip, d in load_intents(config.state.dir).drain.items()}
     except IntentsError:
-        return {}
+        pass
+    return {ip: d.reason for ip, d in load_state(config.state.dir)[0].drains.items()}
 
 
 def _key_sets(config: Config) -> tuple[dict[str, str], dict[str, str]]:

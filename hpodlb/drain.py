@@ -35,22 +35,32 @@ log = get_logger("hpodlb.drain")
 MAX_REASON = 200
 POLL_SECONDS = 3.0  # `--wait`: how often the sessions are counted
 
-# Our own connection is the `[priv]` process above this shell; its parent is the listener this
-# node's users come through; every other `[priv]` child of that listener is someone's session.
-SESSIONS_SCRIPT = rb"""ps -ww -eo pid=,ppid=,args= | awk -v me="$$" '
-function priv(p) { return args[p] ~ /^sshd(-session)?: [^ ]+ \[priv\]$/ }
+# Every `USER [priv]` process (sshd's monitor of one logged-in connection; `unknown [priv]` has
+# not said who it is yet) in this node's mount namespace, except hpodlb's own: those whose
+# session runs hpodlb's script (`sudo -n sh -s` or `sh -s`: pushes, counts, doctor, from this or
+# another hpodlb). Not only the listener's children: sessions outlive an sshd restart (apt
+# upgrades do that), and are reparented away from the new listener. The mount namespace keeps
+# the count to this node where one kernel hosts several (the simulated login nodes).
+SESSIONS_SCRIPT = rb"""mine=$(readlink /proc/$$/ns/mnt)
+ps -ww -eo pid=,ppid=,args= | awk '
+function priv(p) {
+  return args[p] ~ /^sshd(-session)?: [^ ]+ \[priv\]$/ && args[p] !~ /: unknown \[priv\]$/
+}
 { pid = $1; parent[pid] = $2; $1 = ""; $2 = ""; sub(/^ +/, ""); args[pid] = $0 }
 END {
-  p = me; mine = ""
-  while ((p in parent) && p > 1) {
-    if (priv(p)) { mine = p; break }
-    p = parent[p]
+  for (q in args) if (args[q] ~ /^(sudo -n )?sh -s$/) {
+    p = q
+    while ((p in parent) && p > 1) { if (priv(p)) { ours[p] = 1; break }; p = parent[p] }
   }
-  if (mine == "") { print "hpodlb-sessions unknown"; exit }
-  n = 0
-  for (q in parent) if (parent[q] == parent[mine] && q != mine && priv(q)) n++
-  print "hpodlb-sessions " n
-}'
+  for (q in args) if (priv(q) && !(q in ours)) print q
+}' | {
+  n=0
+  while read -r p; do
+    ns=$(readlink "/proc/$p/ns/mnt" 2>/dev/null)
+    if [ -z "$ns" ] || [ "$ns" = "$mine" ]; then n=$((n + 1)); fi
+  done
+  echo "hpodlb-sessions $n"
+}
 """
 
 
@@ -111,7 +121,7 @@ class DrainResult:
 
 
 class Drains:
-    """The admin's side, for one config: record, undo, notify and count."""
+    """The admin's side, for one config: record, undo, notify, and watch the node empty."""
 
     def __init__(self, config: Config) -> None:
         from hpodlb.wiring import build_reconciler, host_keys
@@ -137,7 +147,12 @@ class Drains:
     def drain(self, ip: str, reason: str, *, force: bool) -> DrainResult:
         node = self.login_node(ip)
         state = self._state()
-        note = "" if force else self._guard(ip, state)
+        if state.last_pass is not None and state.last_pass.standby:
+            raise DrainError(
+                f"this head is on {state.last_pass.standby}: each head keeps its own drains, and "
+                "only the acting head applies them; run `hpodlb drain` on the head whose "
+                "slurmctld is in control"
+            )
         request = DrainRequest(
             reason=reason,
             force=force,
@@ -145,10 +160,12 @@ class Drains:
             requested_at=time.time(),
             requested_by=_who(),
         )
-        restored: list[str] = []
+        restored = self._lost(state, ip)
+        notes: list[str] = []
 
         def add(intents: Intents) -> None:
-            restored.extend(self._restore_lost(intents, state))
+            if not force:  # under the intents lock: two drains at once cannot both pass
+                notes.append(self._guard(ip, state, set(intents.drain) | set(state.drains)))
             intents.drain[ip] = request
 
         self._update(add)
@@ -161,7 +178,7 @@ class Drains:
             by=request.requested_by,
             action="the daemon takes it out of rotation at its next pass",
         )
-        result = DrainResult(node, request, restored, note=note)
+        result = DrainResult(node, request, restored, note="".join(notes))
         try:
             tell_users(self.connector, ip, self._pin(ip), notice(node, reason))
         except SshError as exc:
@@ -171,15 +188,9 @@ class Drains:
 
     def undrain(self, ip: str) -> tuple[bool, list[str]]:
         """(whether it was drained, drains restored after an intents.json loss)."""
-        state = self._state()
+        restored = self._lost(self._state(), ip)
         was: list[bool] = []
-        restored: list[str] = []
-
-        def remove(intents: Intents) -> None:
-            restored.extend(r for r in self._restore_lost(intents, state) if r != ip)
-            was.append(intents.drain.pop(ip, None) is not None)
-
-        self._update(remove)
+        self._update(lambda intents: was.append(intents.drain.pop(ip, None) is not None))
         if was[0]:
             log.warning(
                 "node_undrained",
@@ -192,10 +203,17 @@ class Drains:
     def sessions(self, ip: str) -> int:
         return count_sessions(self.connector, ip, self._pin(ip))
 
-    def out_of_rotation(self, ip: str) -> list[str]:
-        """Target groups the daemon's last pass still saw the node registered in."""
+    def rotation(self, ip: str, since: float) -> tuple[bool, str]:
+        """(out of every target group, what the daemon's passes say of it): from a pass that
+        started after `since` (the drain), so an older pass cannot answer for it."""
         state = self._state()
-        return [
+        last = state.last_pass
+        if last is None or last.started_at < since:
+            return False, "waiting for the daemon's next pass (is `hpodlb run` active?)"
+        held = [h for h in last.held if h.startswith(f"deregister {ip} ")]
+        if held:
+            return False, f"still in rotation: {held[0]}"
+        still = [
             target_group_name(tg.arn)
             for tg in self.config.target_groups
             if any(
@@ -203,60 +221,74 @@ class Drains:
                 for t in state.targets.get(tg.arn, [])
             )
         ]
+        if still:
+            return False, f"still registered in {', '.join(still)}"
+        return True, "out of rotation in every target group"
 
     def wait(
-        self, ip: str, seconds: float, say: Callable[[str], Any], clock: Callable[[], float]
+        self,
+        ip: str,
+        since: float,
+        seconds: float,
+        say: Callable[[str], Any],
+        clock: Callable[[], float],
     ) -> bool:
-        """Count the node's sessions until none are left or `seconds` have passed; True: none."""
+        """Until the node is out of rotation and none of its SSH sessions is left, or `seconds`
+        have passed; says each change. True: out, and empty."""
         deadline = clock() + seconds
-        last: int | str | None = None
+        said: tuple[str, str] = ("", "")
         while True:
+            out, where = self.rotation(ip, since)
             try:
-                count: int | str = self.sessions(ip)
+                count = self.sessions(ip)
+                open_now = f"{count} sessions open"
             except SshError as exc:
-                count = str(exc)
+                count, open_now = -1, f"sessions unknown ({exc})"
             left = max(deadline - clock(), 0)
-            if count != last:
-                what = f"{count} sessions open" if isinstance(count, int) else f"cannot: {count}"
-                say(f"{ip}: {what} ({left:.0f}s left to wait)")
-                last = count
-            if count == 0:
+            if (where, open_now) != said:
+                say(f"{ip}: {where}; {open_now} ({left:.0f}s left to wait)")
+                said = (where, open_now)
+            if out and count == 0:
                 return True
             if left <= 0:
                 return False
             time.sleep(min(POLL_SECONDS, left))
 
-    def _guard(self, ip: str, state: State) -> str:
-        """Refuse a drain that would take a group below min_in_service (as the last pass saw the
-        groups); the planner holds such a drain anyway, this says it before anything changes."""
+    def _guard(self, ip: str, state: State, drained: set[str]) -> str:
+        """Refuse a drain the guards would hold (as the last pass saw the groups): below
+        min_in_service, or where max_deregister_fraction lets nothing leave. The planner holds such
+        a drain anyway; this says so before anything changes. What it cannot see, it says."""
         if state.last_pass is None:
             return "no pass has run yet: the daemon's guards decide when it leaves"
-        floor = self.config.reconcile.min_in_service
-        others = set(state.drains) | {ip}
+        rc = self.config.reconcile
         for tg in self.config.target_groups:
             registered = {
                 t.ip
                 for t in state.targets.get(tg.arn, [])
                 if t.port == tg.port and t.state not in NOT_REGISTERED_STATES
             }
-            if ip in registered and len(registered - others) < floor:
+            if ip not in registered:
+                continue
+            left = len(registered - drained - {ip})
+            if left < rc.min_in_service:
                 raise DrainError(
-                    f"draining {ip} would leave {len(registered - others)} registered targets in "
-                    f"{tg.name} (reconcile.min_in_service = {floor}); add --force to drain it "
+                    f"draining {ip} would leave {left} registered targets in {tg.name} "
+                    f"(reconcile.min_in_service = {rc.min_in_service}); add --force to drain it "
                     "anyway (users may find no login node)"
+                )
+            if int(rc.max_deregister_fraction * len(registered)) < 1:
+                raise DrainError(
+                    f"{tg.name} has {len(registered)} registered targets and "
+                    f"reconcile.max_deregister_fraction = {rc.max_deregister_fraction:g} lets "
+                    "none leave in a pass; add --force to drain it anyway"
                 )
         return ""
 
-    def _restore_lost(self, intents: Intents, state: State) -> list[str]:
-        """intents.json is gone but the last pass had drains: put them back before changing it,
-        so that one undrain does not undrain every lost drain."""
-        if intents_path(self.state_dir).exists() or not state.drains:
+    def _lost(self, state: State, ip: str) -> list[str]:
+        """Drains that intents.json lost and the next write puts back (from the daemon's copy)."""
+        if intents_path(self.state_dir).exists():
             return []
-        lost = sorted(set(state.drains) - set(intents.drain))
-        for lost_ip in lost:
-            intents.drain[lost_ip] = state.drains[lost_ip]
-        log.warning("drain_intents_restored", drained=lost, source="the state file")
-        return lost
+        return sorted(set(state.drains) - {ip})
 
     def _update(self, change: Callable[[Intents], None]) -> None:
         from hpodlb.intents import IntentsError

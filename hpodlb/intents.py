@@ -78,14 +78,32 @@ def load_intents(state_dir: Path) -> Intents:
 
 
 def update_intents(state_dir: Path, change: Callable[[Intents], None]) -> Intents:
-    """Read, change and write the intents under their lock; returns what was written."""
+    """Read, change and write the intents under their lock; returns what was written. When the
+    file is gone but the daemon's last pass had drains, they are put back first: whoever writes
+    the file next (a drain, an undrain, a `keys trust`, the daemon) must not erase them."""
     with _locked(state_dir):
         intents = load_intents(state_dir)
+        if not intents_path(state_dir).exists():
+            _restore_drains(state_dir, intents)
         change(intents)
         write_atomically(
             intents_path(state_dir), intents.model_dump_json(indent=1).encode(), mode=0o600
         )
         return intents
+
+
+def _restore_drains(state_dir: Path, intents: Intents) -> None:
+    from hpodlb.logs import get_logger
+    from hpodlb.state import load_state  # the state file holds the daemon's copy of the drains
+
+    remembered = load_state(state_dir)[0].drains
+    if remembered:
+        intents.drain.update(remembered)
+        get_logger("hpodlb.intents").warning(
+            "drain_intents_restored",
+            drained=sorted(remembered),
+            source="the state file's copy (intents.json was gone)",
+        )
 
 
 @contextlib.contextmanager

@@ -495,7 +495,7 @@ def _plan_group(
     for ip in sorted(registered & set(by_ip)):
         if roles[ip] not in (Role.REPAIR, Role.HOLD, Role.LEAVE):
             continue
-        held = ledger.take()
+        held = ledger.take(forced=ip in drains and drains[ip].force)
         node = by_ip[ip]
         reason = f"{node.label()}: {_leave_reason(judgements[ip], roles[ip])}"
         actions.append(act(Kind.DEREGISTER, ip, reason, held))

@@ -519,7 +519,7 @@ class _Pass:
         """A drained node's open SSH connections, for `status` and `drain --wait` readers: counted
         in a session pinned to the canonical keys (current or previous), never to anything else."""
         side = self.rec.keys
-        if not self.apply:
+        if not (self.apply and self.act):  # a dry run, or a standby head: no logins for this
             return
         pin = frozenset(self.facts.current.values()) | frozenset(self.facts.previous.values())
         for ip in sorted(set(self.drains) & set(self.by_ip)):

@@ -148,6 +148,8 @@ class SimNode:
                 "mount -t tmpfs -o mode=755,size=4m hpodlb-sim-run /run",
                 "mkdir -m 755 /run/sshd",
                 "install -m 664 /dev/null /run/utmp",
+                # Holds the namespace for `restart_sshd` (sessions outlive their listener).
+                f"{{ sleep 2147483647 & echo $! > {self.dir / 'keeper.pid'}; }}",
                 f"exec {SSHD} -D -e -f /etc/ssh/sshd_config",
             ]
         )
@@ -161,7 +163,37 @@ class SimNode:
         log.close()
         self.wait_ready()
 
+    def restart_sshd(self) -> None:
+        """What `systemctl restart ssh` does (an openssh-server upgrade): a new listener in the
+        same namespace; logged-in sessions keep running, no longer children of the listener."""
+        self._end_listener()
+        keeper = (self.dir / "keeper.pid").read_text().strip()
+        log = (self.dir / "sshd.log").open("ab")
+        self.proc = subprocess.Popen(
+            [
+                "nsenter",
+                f"--mount=/proc/{keeper}/ns/mnt",
+                SSHD,
+                "-D",
+                "-e",
+                "-f",
+                "/etc/ssh/sshd_config",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        self.wait_ready()
+
     def stop(self) -> None:
+        self._end_listener()
+        keeper = self.dir / "keeper.pid"
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(keeper.read_text()), signal.SIGKILL)
+            keeper.unlink()
+
+    def _end_listener(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:

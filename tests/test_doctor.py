@@ -532,3 +532,13 @@ def test_a_drained_login_node_is_a_warning_not_a_failure(
     assert ("login node 10.1.71.12 (i-0a1b2c3d4e5f60011) is drained (disk): still registered, leaving "
             "at the daemon's next pass") in warned
     assert "1/1 login nodes registered and healthy" in [f.found for f in named(report, Status.PASS)]
+    from hpodlb.intents import update_intents as update
+
+    def all_of_them(intents: Any) -> None:
+        for ip in LOGIN_IPS:
+            intents.drain[ip] = DrainRequest(reason="cluster upgrade")
+
+    update(tmp_path / "state", all_of_them)
+    everything = doctor(write_config, cloud)
+    assert [f.found for f in named(everything, Status.FAIL, "target group")] == [
+        "every login node is drained: the NLB has no login node to send users to"]

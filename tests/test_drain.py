@@ -51,6 +51,7 @@ class Held:
 def sessions(env: SimEnv, node: SimNode, count: int) -> Iterator[Held]:
     opts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "LogLevel=ERROR", "-i", str(env.cluster.client_key), "-p", str(env.cluster.port)]
+    before = _logins(node)
     procs = [
         subprocess.Popen(["ssh", "-tt", *opts, f"{SIM_USER}@{node.ip}", "sleep 120"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -59,7 +60,7 @@ def sessions(env: SimEnv, node: SimNode, count: int) -> Iterator[Held]:
     held = Held(procs)
     try:
         deadline = time.monotonic() + 10
-        while _logins(node) < count and time.monotonic() < deadline:
+        while _logins(node) < before + count and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # the session's pty and utmp entry follow the login
         yield held
@@ -128,31 +129,78 @@ def test_drain_takes_a_node_out_tells_its_users_and_undrain_brings_it_back(
     assert "is not drained: nothing to do" in capsys.readouterr().out
 
 
-def test_drain_wait_reports_sessions_until_none_are_left(
+@contextmanager
+def passes(env: SimEnv) -> Iterator[None]:
+    """The daemon's part, played in the background: a pass every half second."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            env.run_pass()
+            stop.wait(0.5)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
+
+
+def test_drain_wait_reports_rotation_and_sessions_until_out_and_empty(
     env: SimEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    a, _ = converged(env, 2)
+    a, _, _ = converged(env, 3)
     node = env.cluster.nodes[a]
     with sessions(env, node, 2) as held:
-        # Time runs out with sessions open: 1.
+        # No pass since the drain (no daemon): the node is still in rotation, whatever its sessions.
         assert cli(env, "drain", a, "--wait", "1") == 1
         out = capsys.readouterr().out
-        assert f"{a}: 2 sessions open" in out and "sessions still open after 1s" in out
+        assert "waiting for the daemon's next pass" in out and "2 sessions open" in out
+        assert "not empty and out of rotation after 1s" in out
 
         codes: list[int] = []
-        waiter = threading.Thread(target=lambda: codes.append(cli(env, "drain", a, "--wait", "60")))
-        started = time.monotonic()
-        waiter.start()
-        time.sleep(2)
-        held.close(1)
-        time.sleep(4)
-        held.close()
-        waiter.join(60)
+        with passes(env):
+            waiter = threading.Thread(target=lambda: codes.append(cli(env, "drain", a, "--wait", "60")))
+            waiter.start()
+            time.sleep(3)
+            held.close(1)
+            time.sleep(4)
+            held.close()
+            waiter.join(60)
     assert codes == [0]
-    lines = [line for line in capsys.readouterr().out.splitlines() if "sessions open" in line]
-    counts = [int(line.split(": ")[1].split()[0]) for line in lines]
-    assert counts == [2, 1, 0], lines
-    assert time.monotonic() - started < 30
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{a}: ")]
+    counts = [int(line.split("; ")[1].split()[0]) for line in lines if "sessions open" in line]
+    assert counts[-3:] == [2, 1, 0], lines
+    assert "out of rotation in every target group" in lines[-2]
+    assert env.registered() == set(env.listed) - {a}
+
+
+def test_sessions_are_counted_across_an_sshd_restart_and_hpodlbs_own_are_not(env: SimEnv) -> None:
+    """An openssh-server upgrade restarts sshd: the sessions it had are still users on the node.
+    hpodlb's other connections (a push, doctor, the daemon's count) are not users."""
+    from hpodlb.drain import Drains, count_sessions
+
+    a, b = converged(env, 2)
+    node = env.cluster.nodes[a]
+    drains = Drains(env.config)
+    with sessions(env, node, 2), sessions(env, env.cluster.nodes[b], 1):
+        assert drains.sessions(a) == 2
+        node.restart_sshd()
+        assert drains.sessions(a) == 2
+        pin = frozenset(canonical(env))
+        busy = threading.Thread(target=lambda: _run_in_session(drains, a, pin))
+        busy.start()
+        time.sleep(1)
+        assert count_sessions(drains.connector, a, pin) == 2
+        busy.join(30)
+        assert drains.sessions(b) == 1
+
+
+def _run_in_session(drains: object, ip: str, pin: frozenset[str]) -> None:
+    with drains.connector.session(ip, pin) as session:  # type: ignore[attr-defined]
+        session.run_root(b"sleep 3")
 
 
 def test_drain_below_min_in_service_is_refused_unless_forced(
@@ -187,6 +235,37 @@ def test_an_unforced_drain_is_still_held_by_the_guards_in_the_pass(
     assert not outcome.converged
     (held,) = env.state().last_pass.held  # type: ignore[union-attr]
     assert held.startswith(f"deregister {b}") and "held by min_in_service" in held
+    from hpodlb.drain import Drains
+
+    out, where = Drains(env.config).rotation(b, since=0)
+    assert not out and where.startswith(f"still in rotation: deregister {b}")
+
+
+def test_the_guard_check_counts_drains_no_pass_has_applied_yet(
+    env: SimEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = converged(env, 2)
+    assert cli(env, "drain", a) == 0
+    assert cli(env, "drain", b) == 1  # a is not out yet, but it will be: b would be the last
+    assert "would leave 0 registered targets" in capsys.readouterr().err
+    env.write_config(reconcile={"max_deregister_fraction": 0.4})
+    assert cli(env, "undrain", a) == 0
+    assert cli(env, "drain", a) == 1  # 0.4 x 2 registered: nothing may leave in a pass
+    assert "lets none leave in a pass" in capsys.readouterr().err
+
+
+def test_a_standby_head_refuses_to_drain(env: SimEnv, capsys: pytest.CaptureFixture[str]) -> None:
+    from hpodlb.state import save_state
+
+    a, _ = converged(env, 2)
+    state = env.state()
+    assert state.last_pass is not None
+    state.last_pass.standby = "standby (controller: head2)"
+    save_state(env.state_dir, state)
+    assert cli(env, "drain", a) == 1
+    err = capsys.readouterr().err
+    assert "standby (controller: head2)" in err and "acting head" in err
+    assert load_intents(env.state_dir).drain == {}
 
 
 def test_a_lost_intents_file_keeps_drained_nodes_out_and_says_so(
@@ -213,6 +292,21 @@ def test_a_lost_intents_file_keeps_drained_nodes_out_and_says_so(
     back = env.run_pass()
     assert back.converged, back.errors
     assert env.registered() == {a, c, d}
+
+
+def test_any_writer_of_a_lost_intents_file_keeps_the_drains(env: SimEnv) -> None:
+    """Not only drain/undrain: a `keys trust`, or the daemon consuming one, writes the file too."""
+    from hpodlb.intents import update_intents
+
+    a, _, _ = converged(env, 3)
+    assert cli(env, "drain", a, "--reason", "disk") == 0
+    env.run_pass()
+    intents_path(env.state_dir).unlink()
+    update_intents(env.state_dir, lambda intents: None)  # what any other writer does
+    assert load_intents(env.state_dir).drain[a].reason == "disk"
+    outcome = env.run_pass()
+    assert outcome.converged, outcome.errors
+    assert a not in env.registered()
 
 
 def test_a_drained_node_still_gets_its_keys_repaired_but_is_not_registered(env: SimEnv) -> None:

@@ -489,3 +489,15 @@ def test_a_drained_node_is_still_pushed_keys_and_not_waited_for() -> None:
     unreachable = {a.ip: Probe(error="connect: refused"), b.ip: sees(CANON)}
     plan = plan_pass([a, b], [view(b.ip)], facts(unreachable), Guards(), drained={a.ip: Drain("m")})
     assert plan.settled  # a node rebooting for maintenance is not a problem
+
+
+def test_a_forced_drain_of_a_node_leaving_for_its_identity_passes_the_guards_too() -> None:
+    a = node("10.1.0.1")
+    guards = Guards(max_deregister_fraction=1.0, min_in_service=1)
+    for probe, verified in ((sees(own(a.ip)), {a.ip: a.instance_id}), (sees(own(a.ip)), {})):
+        keys = facts({a.ip: probe}, verified)  # unknown keys (held), or a new instance (repair)
+        held = plan_pass([a], [view(a.ip)], keys, guards, drained={a.ip: Drain("x")})
+        assert ("deregister", a.ip, "min_in_service") in summary(held)
+        forced = plan_pass([a], [view(a.ip)], keys, guards, drained={a.ip: Drain("x", force=True)})
+        assert ("deregister", a.ip, None) in summary(forced)
+        assert ("register", a.ip, None) not in summary(forced)
