@@ -543,7 +543,7 @@ def _add_pass_commands(add: Adder) -> None:
     p.add_argument("ip", type=_ipv4, metavar="IP", help="the login node's IP")
     p.add_argument(
         "--reason",
-        type=_reason,
+        type=_checked("hpodlb.drain", "check_reason"),
         default="maintenance",
         metavar="TEXT",
         help="shown to its users and in status (one line; default: maintenance)",
@@ -709,7 +709,7 @@ def _add_keys_commands(add: Adder) -> None:
     p.add_argument(
         "--host",
         required=True,
-        type=_ssh_name,
+        type=_checked("hpodlb.sshconfig", "check_name"),
         metavar="NAME",
         help="the short name users type, e.g. hpod-login (lowercase)",
     )
@@ -718,28 +718,25 @@ def _add_keys_commands(add: Adder) -> None:
     )
     p.add_argument(
         "--dns-name",
-        type=_dns_name,
+        type=_checked("hpodlb.sshconfig", "check_dns_name"),
         metavar="DNS",
         help="the NLB's DNS name (default: asked of AWS, from the first target group)",
     )
 
 
-def _ssh_name(text: str) -> str:
-    from hpodlb.sshconfig import check_name
+def _checked(module: str, check: str) -> Callable[[str], str]:
+    """An argparse type from `module.check(text) -> text` (ValueError saying why), imported only
+    when the option is used, so `--help` stays fast."""
 
-    try:
-        return check_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    def convert(text: str) -> str:
+        import importlib
 
+        try:
+            return str(getattr(importlib.import_module(module), check)(text))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-def _dns_name(text: str) -> str:
-    from hpodlb.sshconfig import check_dns_name
-
-    try:
-        return check_dns_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
 def _ipv4(text: str) -> str:
@@ -749,15 +746,6 @@ def _ipv4(text: str) -> str:
         return str(ipaddress.IPv4Address(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
-
-
-def _reason(text: str) -> str:
-    from hpodlb.drain import check_reason
-
-    try:
-        return check_reason(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _seconds(text: str) -> float:

@@ -462,7 +462,8 @@ class _Pass:
             for action in joining:
                 start(action)
             did = self._write(Kind.REGISTER, joining) or did
-        if not self.jobs:  # last, with what is left of the budget
+        if all(job.what == SESSIONS for job in self.jobs.values()):  # last, with what is left
+            # of the budget, once no probe or push can claim it (a session count cannot)
             strays = [a for a in fresh(Kind.DEREGISTER) if a.ip not in self.by_ip]
             for action in strays:
                 start(action)
