@@ -96,6 +96,10 @@ class State(BaseModel):
     # denied or unreachable API never shrinks the login groups to a guess.
     cluster_login_groups: dict[str, list[str]] = {}
     last_pass: PassRecord | None = None
+    # Wall clock of the last pass that converged (or stood by soundly), kept apart from last_pass
+    # so that "not converged for 10 minutes" survives restarts and passes that did not converge.
+    last_converged_at: float | None = None
+    first_pass_at: float | None = None  # wall clock: "not converged since" when none ever did
 
 
 def state_path(state_dir: Path) -> Path:
