@@ -1,5 +1,5 @@
 """Prometheus metrics: a real `hpodlb run` scraped over HTTP, node_exporter's textfile, the config's
-[metrics] keys.
+[metrics] keys, and the README's rules and the Grafana dashboard against the metrics that exist.
 
 Every exposition is read with prometheus_client's own parser, as Prometheus would read it.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import hpodlb
@@ -474,3 +475,65 @@ def test_a_target_group_no_longer_configured_leaves_the_exposition() -> None:
     text = metrics.exposition().decode()
     assert "second-tg" not in text
     assert value(parse(text), "hpodlb_targets", target_group="smhp-login-node-tg", health="healthy") == 3
+
+
+# -- the README's rules and the dashboard only name metrics that exist ---------------------------
+
+
+def known_names() -> set[str]:
+    names = set()
+    for family in Metrics().registry.collect():
+        names |= {s.name for s in family.samples}
+        if family.type == "gauge":
+            names.add(family.name)  # a labelled gauge with no series yet
+    return names
+
+
+def referenced(expr: str) -> set[str]:
+    return set(re.findall(r"\bhpodlb_[a-z0-9_]+\b", expr))
+
+
+def readme_metrics_section() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("\n## Metrics\n")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
+
+
+def test_the_readme_alert_rules_use_only_existing_metrics() -> None:
+    """The README's three alert rules parse as Prometheus rule YAML and name real metrics; its
+    scrape job scrapes /metrics at the example config's address; its table lists every family."""
+    section = readme_metrics_section()
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    docs = [yaml.safe_load(b) for b in blocks]
+    rules = [r for d in docs if "groups" in d for g in d["groups"] for r in g["rules"]]
+    assert len(rules) == 3
+    names = known_names()
+    for rule in rules:
+        used = referenced(rule["expr"])
+        assert used, rule
+        assert used <= names, used - names
+        assert rule["alert"] and rule["annotations"]["summary"]
+    jobs = [j for d in docs if "scrape_configs" in d for j in d["scrape_configs"]]
+    assert jobs[0]["job_name"] == "hpodlb"
+    assert jobs[0]["static_configs"] == [{"targets": ["127.0.0.1:9818"]}]
+    families = {f.name for f in Metrics().registry.collect()}
+    for family in families:
+        shown = family + "_total" if family in ("hpodlb_passes", "hpodlb_aws_calls", "hpodlb_key_pushes") else family
+        shown = "hpodlb_info" if family == "hpodlb" else shown
+        assert f"`{shown}" in section, f"{shown} missing from the README's table"
+
+
+def test_the_grafana_dashboard_queries_only_existing_metrics() -> None:
+    """config/grafana-dashboard.json is a dashboard whose every panel query names real metrics."""
+    dashboard = json.loads((REPO / "config" / "grafana-dashboard.json").read_text())
+    assert dashboard["title"] and dashboard["panels"] and dashboard["schemaVersion"] >= 30
+    names = known_names()
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 5
+    for expr in exprs:
+        used = referenced(expr)
+        assert used, expr
+        assert used <= names, used - names
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(set(ids)) == len(ids)
