@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -510,4 +511,117 @@ def doctor(quick: bool = False) -> list[Row]:
          ok(median < 5 and not fails)),
         ("  ... checks run / FAIL (besides the daemon, not running here)", f"{len(checks)} / {len(fails)}",
          "", ""),
+    ]
+
+
+# -- 8. metrics -----------------------------------------------------------------------------------
+
+
+class _Pair:
+    """The two daemons of `metrics`, metrics off and on, on one simulated head node."""
+
+    def __init__(self, env: SimEnv) -> None:
+        self.env = env
+        textdir = env.workdir / "node-exporter"
+        textdir.mkdir(mode=0o755)
+        self.sections: dict[str, dict[str, Any]] = {
+            "off": {},
+            "on": {"listen": "127.0.0.1:0", "textfile": str(textdir / "hpodlb.prom")},
+        }
+        self.daemons: dict[str, Daemon] = {}
+        self.address = ""
+        self.scrapes: list[float] = []
+        self.size = 0
+
+    def configure(self, interval: float) -> dict[str, Path]:
+        paths = {}
+        for label, section in self.sections.items():
+            path = self.env.write_config(reconcile={"interval_seconds": interval}, host_keys={"enabled": False},
+                                         state={"dir": str(self.env.workdir / f"state-{label}")}, metrics=section)
+            paths[label] = path.rename(path.with_name(f"config-{label}.toml"))
+        return paths
+
+    def start(self, interval: float) -> None:
+        self.daemons = {label: Daemon(path) for label, path in self.configure(interval).items()}
+        for daemon in self.daemons.values():
+            daemon.wait_passes(2)  # registered, then healthy: idle from here
+        self.address = self.daemons["on"].events("metrics_listening")[0]["address"]
+
+    def scrape(self) -> None:
+        began = time.perf_counter()
+        with urllib.request.urlopen(f"http://{self.address}/metrics", timeout=5) as reply:
+            self.size = len(reply.read())
+        self.scrapes.append(time.perf_counter() - began)
+
+    def cpu(self) -> dict[str, float]:
+        return {k: d.cpu_seconds() for k, d in self.daemons.items()}
+
+    def passes(self) -> dict[str, int]:
+        return {k: len(d.events("pass_finished")) for k, d in self.daemons.items()}
+
+    def per_pass(self, passes: int) -> dict[str, float]:
+        """CPU seconds per pass over the next `passes` passes, scraping once a pass."""
+        cpu0, passes0 = self.cpu(), self.passes()
+        seen = passes0["on"]
+        while min(n - passes0[k] for k, n in self.passes().items()) < passes:
+            if self.passes()["on"] > seen:
+                seen = self.passes()["on"]
+                self.scrape()
+            time.sleep(0.02)
+        cpu1, passes1 = self.cpu(), self.passes()
+        return {k: (cpu1[k] - cpu0[k]) / (passes1[k] - passes0[k]) for k in self.daemons}
+
+    def per_hour(self, interval: float, window: float) -> dict[str, float]:
+        """Reloaded to `interval`: CPU seconds an hour, over `window` s, scraping every 30 s."""
+        self.configure(interval)
+        before = self.passes()
+        for daemon in self.daemons.values():
+            daemon.proc.send_signal(signal.SIGHUP)
+        for label, daemon in self.daemons.items():
+            daemon.wait_passes(before[label] + 1)  # the pass a reload asks for
+        time.sleep(1)
+        cpu0, began = self.cpu(), time.monotonic()
+        next_scrape = began
+        while time.monotonic() < began + window:
+            if time.monotonic() >= next_scrape:
+                self.scrape()
+                next_scrape += 30
+            time.sleep(0.1)
+        elapsed = time.monotonic() - began
+        return {k: (v - cpu0[k]) / elapsed * 3600 for k, v in self.cpu().items()}
+
+    def stop(self) -> None:
+        for daemon in self.daemons.values():
+            daemon.stop()
+
+
+def metrics(quick: bool = False) -> list[Row]:
+    """The idle cost of [metrics]: two daemons side by side on the same 3 login nodes and target
+    group, one with metrics off, one with the endpoint and the textfile on; CPU from /proc over the
+    same windows. First passes 0.5 s apart, the endpoint scraped once a pass (the cost per pass);
+    then, reloaded to the default 30 s interval, a few minutes as deployed (scraped every 30 s;
+    this also counts the endpoint's own idle wake-ups between passes)."""
+    passes = 10 if quick else 40
+    window = 60.0 if quick else 180.0
+    with world(3) as (env, _):
+        pair = _Pair(env)
+        try:
+            pair.start(0.5)
+            per_pass = pair.per_pass(passes)
+            per_hour = pair.per_hour(30.0, window)
+            rss = {k: d.rss_mb() for k, d in pair.daemons.items()}
+        finally:
+            pair.stop()
+    extra = per_pass["on"] - per_pass["off"]
+    hourly = per_hour["on"] - per_hour["off"]
+    return [
+        ("CPU per idle pass, metrics off / on (scraped once a pass, textfile)",
+         f"{per_pass['off'] * 1000:.1f} / {per_pass['on'] * 1000:.1f} ms", "", ""),
+        ("  ... metrics' cost per idle pass", f"{extra * 1000:.1f} ms", "< 5 ms", ok(extra < 0.005)),
+        (f"CPU s/hour at a 30 s interval, off / on (measured over {window:.0f} s)",
+         f"{per_hour['off']:.2f} / {per_hour['on']:.2f} s", "", ""),
+        ("  ... metrics' cost per hour as deployed", f"{hourly:.2f} s", "< 1 s", ok(hourly < 1)),
+        ("daemon RSS, metrics off / on", f"{rss['off']:.0f} / {rss['on']:.0f} MB", "", ""),
+        (f"scrape of /metrics ({pair.size} bytes), median wall",
+         f"{statistics.median(pair.scrapes) * 1000:.1f} ms", "", ""),
     ]

@@ -69,8 +69,13 @@ def cmd_once(config: Config, args: argparse.Namespace) -> int:
             _log().warning("state_rebuilt", warning=warning)
         from hpodlb.wiring import build_reconciler
 
-        outcome = build_reconciler(config).run_pass(state, apply=True)
+        reconciler = build_reconciler(config)
+        outcome = reconciler.run_pass(state, apply=True)
         save_outcome(config.state.dir, state, outcome)
+    if config.metrics.textfile is not None:  # for passes run from cron; no endpoint
+        from hpodlb.metrics import write_once
+
+        write_once(config, state, outcome, reconciler)
     _log().info(
         "pass_finished",
         converged=outcome.converged,

@@ -170,6 +170,72 @@ class StateConfig(_Section):
     dir: Path = Path("/var/lib/hpodlb")
 
 
+class MetricsConfig(_Section):
+    listen: str = ""
+    """`HOST:PORT` where `hpodlb run` serves Prometheus' /metrics (HOST an IP address, `[v6]` or
+    localhost; PORT 0: any free port, named in the `metrics_listening` event); empty: off.
+    Off by default: an open port is an admin's decision (the example config turns it on for
+    localhost)."""
+    textfile: Path | None = None
+    """node_exporter's textfile collector file (`DIR/hpodlb.prom`), rewritten atomically after
+    each pass of `run` and `once`; empty: off. DIR must exist and be trusted like the config
+    (root-owned, not writable by others, all the way up): we write there as root."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        if value:
+            listen_address(value)  # ValueError names the problem
+        return value
+
+    @field_validator("textfile", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("textfile")
+    @classmethod
+    def _textfile_dir(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_absolute():
+            raise ValueError(f"{str(value)!r} is not an absolute path")
+        if value.suffix != ".prom":
+            raise ValueError(f"{str(value)!r}: node_exporter reads only files named *.prom")
+        if not value.parent.is_dir():
+            raise ValueError(f"{value.parent}: no such directory (create it, root-owned, 0755)")
+        if value.is_dir():
+            raise ValueError(f"{value}: a directory, not a file name")
+        try:
+            require_trusted(value.parent)
+        except UntrustedPathError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """`127.0.0.1:9818` -> ("127.0.0.1", 9818); `[::1]:9818` -> ("::1", 9818). ValueError if it is
+    not an IP address (or localhost) and a port: a host name would be resolved, and could move."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        version = 6
+    else:
+        version = 4
+    problem = f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9818, 0.0.0.0:9818, [::1]:9818)"
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(problem)
+    if host == "localhost" and version == 4:
+        return "127.0.0.1", int(port)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(problem) from None
+    if address.version != version:
+        raise ValueError(problem)
+    return host, int(port)
+
+
 class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     target_groups: tuple[TargetGroupConfig, ...]
@@ -178,6 +244,7 @@ class Config(_Section):
     ssh: SshConfig = SshConfig()
     host_keys: HostKeysConfig = HostKeysConfig()
     state: StateConfig = StateConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @field_validator("target_groups")
     @classmethod

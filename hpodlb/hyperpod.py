@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from hpodlb.awscalls import CallTally
+
 LOGIN = "Login"
 PAGE_LIMIT = 100  # ListClusterNodes pages; a cluster of thousands of nodes is a handful of calls
 MAX_PAGES = 100
@@ -33,6 +35,7 @@ class HyperPod:
     def __init__(self, client: Callable[[str], Any]) -> None:
         self._make = client  # called with the cluster's ARN: its region is the API's
         self._client: Any = None
+        self.calls = CallTally()  # for the metrics
 
     def describe(self, cluster: str) -> dict[str, Any]:
         reply: dict[str, Any] = self._call(
@@ -73,15 +76,19 @@ class HyperPod:
         try:
             if self._client is None:
                 self._client = self._make(kwargs["ClusterName"])
-            return getattr(self._client, method)(**kwargs)
+            reply = getattr(self._client, method)(**kwargs)
         except ClientError as exc:
             error = exc.response.get("Error", {})
+            self.calls.failed(operation, error.get("Code", "Unknown"))
             message = " ".join(str(error.get("Message", "")).split())[:300]
             raise ClusterError(
                 f"sagemaker:{operation}: {error.get('Code', 'Unknown')}: {message}"
             ) from None
         except BotoCoreError as exc:
+            self.calls.unreachable(operation)
             raise ClusterError(f"sagemaker:{operation}: {type(exc).__name__}: {exc}") from None
+        self.calls.ok(operation)
+        return reply
 
 
 def sagemaker_client(region: str) -> Callable[[str], Any]:

@@ -127,6 +127,8 @@ class PassOutcome:
     groups_source: str = ""  # `login-a (from ...)`
     unhealthy: list[str] = field(default_factory=list)  # login nodes' targets unhealthy too long
     duration_seconds: float = 0.0
+    crashed: bool = False  # a bug cost this pass (it is in `errors` too)
+    push_failures: int = 0  # key pushes that failed (the pushes that worked are in `applied`)
 
     @property
     def standby(self) -> str:
@@ -140,6 +142,17 @@ class PassOutcome:
         if self.inventory_error or self.errors or self.unhealthy or self.plan is None:
             return False
         return self.plan.settled
+
+    @property
+    def result(self) -> str:
+        """`converged`, `standby` (another head is in control and nothing failed: what `once`
+        exits 0 for), `crashed` or `not_converged`: hpodlb_passes_total's label."""
+        if self.crashed:
+            return "crashed"
+        if self.leadership is not None and not self.leadership.acting:
+            sound = self.leadership.sound and not self.errors and not self.inventory_error
+            return "standby" if sound else "not_converged"
+        return "converged" if self.converged else "not_converged"
 
     def summary(self) -> str:
         if self.inventory_error:
@@ -321,6 +334,7 @@ class Reconciler:
             except Exception as exc:  # a bug must cost one pass, and the pass must say so
                 log.exception("pass_crashed")
                 outcome.errors.append(f"pass crashed: {type(exc).__name__}: {exc}")
+                outcome.crashed = True
         outcome.duration_seconds = self.clock() - started
         if apply:
             work.cluster_login_groups = dict(self.cluster_answers)
@@ -851,6 +865,7 @@ class _Pass:
         ip = action.ip
         node, record = self.by_ip[ip], self.state.nodes[ip]
         if isinstance(result, Exception):
+            self.outcome.push_failures += 1
             self._node_failed(ip, _error_text(result, "push"), backoff=True)
         else:
             self.probes[ip] = Probe(offered=result)
@@ -1144,6 +1159,10 @@ def _record_pass(state: State, outcome: PassOutcome, started: float, finished: f
         waiting=[f"{w.node.label()}: {w.reason}" for w in plan.waiting],
         unhealthy=list(outcome.unhealthy),
     )
+    if state.first_pass_at is None:
+        state.first_pass_at = started
+    if outcome.result in ("converged", "standby"):
+        state.last_converged_at = finished
 
 
 def save_outcome(state_dir: Path, state: State, outcome: PassOutcome) -> None:

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpodlb import health
 from hpodlb.config import Config, ConfigError, load_config
@@ -53,6 +53,9 @@ from hpodlb.logs import get_logger
 from hpodlb.reconcile import PassOutcome, Reconciler, save_outcome
 from hpodlb.sdnotify import Notifier
 from hpodlb.state import State, load_state
+
+if TYPE_CHECKING:
+    from hpodlb.metrics import Exporter
 
 log = get_logger("hpodlb.service")
 
@@ -155,6 +158,9 @@ class Daemon:
         self.last_summary = summary_line(self.state, None, config)
         self.passes = 0
         self.scheduler: Any = None
+        # Metrics: built the first time a config asks for them (prometheus_client is not imported
+        # otherwise); then only the worker touches them, after each pass.
+        self.exporter: Exporter | None = None
 
     # -- the pass worker ----------------------------------------------------------------------------
 
@@ -179,6 +185,7 @@ class Daemon:
         generation = self._take_next()
         config = generation.config
         outcome: PassOutcome | None = None
+        started = time.monotonic()
         try:
             outcome = generation.reconciler.run_pass(self.state, apply=True, beat=self._beat)
             save_outcome(config.state.dir, self.state, outcome)
@@ -186,6 +193,12 @@ class Daemon:
             log.exception("pass_crashed")
         self.passes += 1
         line = summary_line(self.state, outcome, config)
+        exporter = self._metrics(config)
+        if exporter is not None:
+            seconds = time.monotonic() - started
+            exporter.after_pass(config, self.state, outcome, seconds, generation.reconciler)
+            if exporter.problem:  # systemctl status says what is off
+                line = f"{line}; metrics: {exporter.problem}"
         self.last_summary = line
         if outcome is not None:
             log.info(
@@ -202,6 +215,14 @@ class Daemon:
 
     def _beat(self) -> None:
         self.pass_beat = time.monotonic()
+
+    def _metrics(self, config: Config) -> Exporter | None:
+        if self.exporter is None and (config.metrics.listen or config.metrics.textfile):
+            from hpodlb.metrics import Exporter
+
+            self.exporter = Exporter()
+            self.exporter.start(config, self.state)
+        return self.exporter
 
     def _take_next(self) -> _Generation:
         """The generation this pass runs with: a reload's, if one is waiting; then only the lock
@@ -220,6 +241,7 @@ class Daemon:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         self.flags.install()
+        self._metrics(self.config)  # the endpoint answers during a long first pass too
         worker = threading.Thread(target=self._work, name="hpodlb-pass", daemon=True)
         self._want("start")
         worker.start()

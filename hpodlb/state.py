@@ -104,6 +104,10 @@ class State(BaseModel):
     # keep the nodes out (and the pass says so) instead of putting them back by accident.
     drains: dict[str, DrainRequest] = {}
     last_pass: PassRecord | None = None
+    # Wall clock of the last pass that converged (or stood by soundly), kept apart from last_pass
+    # so that "not converged for 10 minutes" survives restarts and passes that did not converge.
+    last_converged_at: float | None = None
+    first_pass_at: float | None = None  # wall clock: "not converged since" when none ever did
 
 
 def state_path(state_dir: Path) -> Path:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hpodlb.awscalls import CallTally
 from hpodlb.config import ConfigError, target_group_name
 from hpodlb.planner import GroupView, Target
 
@@ -112,6 +113,7 @@ class TargetGroup:
         self.port = port
         self._checked: tuple[float, str | None] | None = None  # (monotonic time, problem)
         self.info: dict[str, Any] = {}  # the last DescribeTargetGroups entry (health checks, ...)
+        self.calls = CallTally()  # for the metrics
 
     @property
     def name(self) -> str:
@@ -196,11 +198,14 @@ class TargetGroup:
             reply: dict[str, Any] = method(**kwargs)
         except ClientError as exc:
             error = exc.response.get("Error", {})
+            self.calls.failed(operation, error.get("Code", "Unknown"))
             raise TargetsError(
                 self.arn, operation, error.get("Code", "Unknown"), error.get("Message", str(exc))
             ) from None
         except BotoCoreError as exc:
+            self.calls.unreachable(operation)
             raise TargetsError(self.arn, operation, type(exc).__name__, str(exc)) from None
+        self.calls.ok(operation)
         return reply
 
 

@@ -69,3 +69,21 @@ def test_unit_contract() -> None:
     assert service["StateDirectory"] == ["hpodlb"]
     assert service["ConfigurationDirectory"] == ["hpodlb hpodlb/host_keys"]
     assert "MemoryDenyWriteExecute" not in service
+
+
+def test_unit_lets_the_metrics_endpoint_listen_and_the_textfile_be_written() -> None:
+    """[metrics]: nothing in the hardening blocks a listening TCP socket (no IPAddressDeny or
+    PrivateNetwork, AF_INET and AF_INET6 allowed, the network syscalls of @system-service), and
+    ProtectSystem=strict leaves node_exporter's textfile dir writable, without failing where there
+    is none."""
+    service = unit_settings(UNIT.read_text())["Service"]
+    for blocking in ("IPAddressDeny", "IPAddressAllow", "PrivateNetwork", "SocketBindDeny",
+                     "SocketBindAllow", "RestrictNetworkInterfaces"):
+        assert blocking not in service, blocking
+    families = " ".join(service["RestrictAddressFamilies"]).split()
+    assert {"AF_INET", "AF_INET6"} <= set(families)
+    assert "@system-service" in service["SystemCallFilter"]  # bind, listen, accept are in it
+    denied = " ".join(v[1:] for v in service["SystemCallFilter"] if v.startswith("~")).split()
+    assert "@network-io" not in denied
+    assert service["ProtectSystem"] == ["strict"]
+    assert "-/var/lib/prometheus/node-exporter" in service["ReadWritePaths"]
