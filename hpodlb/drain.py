@@ -40,7 +40,8 @@ POLL_SECONDS = 3.0  # `--wait`: how often the sessions are counted
 # session runs hpodlb's script (`sudo -n sh -s` or `sh -s`: pushes, counts, doctor, from this or
 # another hpodlb). Not only the listener's children: sessions outlive an sshd restart (apt
 # upgrades do that), and are reparented away from the new listener. The mount namespace keeps
-# the count to this node where one kernel hosts several (the simulated login nodes).
+# the count to this node where one kernel hosts several (the simulated login nodes). A connection
+# of hpodlb's caught before its script starts or after it ends is counted: one poll's worth.
 SESSIONS_SCRIPT = rb"""mine=$(readlink /proc/$$/ns/mnt)
 ps -ww -eo pid=,ppid=,args= | awk '
 function priv(p) {

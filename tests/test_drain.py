@@ -172,7 +172,10 @@ def test_drain_wait_reports_rotation_and_sessions_until_out_and_empty(
     assert codes == [0]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{a}: ")]
     counts = [int(line.split("; ")[1].split()[0]) for line in lines if "sessions open" in line]
-    assert counts[-3:] == [2, 1, 0], lines
+    # In order, with perhaps a count between them: a connection hpodlb (the background passes
+    # here, the daemon for real) is just opening or closing as the count is taken is counted once.
+    rest = iter(counts)
+    assert all(any(c == want for c in rest) for want in (2, 1, 0)) and counts[-1] == 0, lines
     assert "out of rotation in every target group" in lines[-2]
     assert env.registered() == set(env.listed) - {a}
 
