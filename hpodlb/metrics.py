@@ -246,12 +246,13 @@ class Metrics:
 
 def node_states(state: State, outcome: PassOutcome | None, config: Config) -> dict[str, str]:
     """Each login node's one state for `hpodlb_login_nodes`, by IP (the IPs stay here: only the
-    counts are exported). The first that applies: standby (this head only observes), drained,
-    held (keys nobody vouches for, or an action of hpodlb's held back by a guard), in_service
-    (verified keys, healthy in every target group), waiting (anything else: a probe, a push or
-    health checks pending, or failing).
+    counts are exported). The first that applies: standby (this head only observes), held (an
+    action held back by a guard, a drain's deregistration included: it is still in rotation),
+    drained (by an admin, and out), held (keys nobody vouches for), in_service (verified keys,
+    healthy in every target group), waiting (anything else: a probe, a push or health checks
+    pending, or failing).
 
-    The one place a node's state is decided for the metrics: drains are wired in here."""
+    The one place a node's state is decided for the metrics."""
     if outcome is not None and not outcome.inventory_error:
         ips: Iterable[str] = [node.ip for node in outcome.nodes]
     else:  # no word on the desired set this pass: the nodes the last good pass knew
@@ -259,7 +260,7 @@ def node_states(state: State, outcome: PassOutcome | None, config: Config) -> di
     standby = (
         outcome is not None and outcome.leadership is not None and not outcome.leadership.acting
     )
-    drained: frozenset[str] = frozenset()  # drain intents (`hpodlb drain IP`): not wired yet
+    drained = {ip for ip, record in state.nodes.items() if record.drained}  # as the pass kept them
     plan = outcome.plan if outcome is not None else None
     held_back = {a.ip for a in plan.held()} if plan is not None else set()
     arns = [tg.arn for tg in config.target_groups]
@@ -270,9 +271,11 @@ def node_states(state: State, outcome: PassOutcome | None, config: Config) -> di
         record = state.nodes.get(ip)
         if standby:
             out[ip] = "standby"
+        elif ip in held_back:
+            out[ip] = "held"
         elif ip in drained:
             out[ip] = "drained"
-        elif ip in held_back or (record is not None and record.key_state in HELD_FOR_ADMIN):
+        elif record is not None and record.key_state in HELD_FOR_ADMIN:
             out[ip] = "held"
         elif ip in serving:
             out[ip] = "in_service"

@@ -177,6 +177,18 @@ def test_a_running_daemon_serves_what_an_admin_alerts_on(
     assert now - value(written, "hpodlb_last_pass_timestamp_seconds") < 10
     assert not DOTTED_QUAD.search(textfile.read_text())
 
+    # A drain: the node counts as drained once the daemon (woken by intents.json) took it out.
+    from hpodlb.cli import main
+
+    assert main(["--config", str(config), "drain", ips[1], "--reason", "metrics test"]) == 0
+    deadline = time.monotonic() + 15
+    while value(parse(scrape(address)), "hpodlb_login_nodes", state="drained") != 1:
+        assert time.monotonic() < deadline, daemon.log.read_text()[-2000:]
+        time.sleep(0.2)
+    drained = parse(scrape(address))
+    assert value(drained, "hpodlb_login_nodes", state="in_service") == 1
+    assert value(drained, "hpodlb_targets", target_group=group, health="healthy") == 1
+
     # SIGHUP moves the endpoint and drops the textfile: the old port stops answering, and the
     # old file goes, so node_exporter does not export stale numbers as current.
     moved = f"127.0.0.1:{free_port()}"
@@ -420,6 +432,14 @@ def test_each_login_node_has_one_state() -> None:
     outcome = PassOutcome(nodes=nodes, plan=Plan(actions=(held,)), leadership=Leadership(True))
     assert node_states(state, outcome, config) == {
         NODES[0]: "in_service", NODES[1]: "held", NODES[2]: "held", NODES[3]: "waiting"}
+    state.nodes[NODES[3]].drained = "kernel update"  # out, by an admin (its keys in question too)
+    state.nodes[NODES[2]].drained = "disk"
+    assert node_states(state, outcome, config)[NODES[3]] == "drained"
+    assert node_states(state, outcome, config)[NODES[2]] == "drained"
+    state.nodes[NODES[1]].drained = "bios"  # its deregistration held: still in rotation
+    assert node_states(state, outcome, config)[NODES[1]] == "held"
+    for ip in NODES:
+        state.nodes[ip].drained = ""
     outcome.leadership = Leadership(False, controller="head2")
     assert set(node_states(state, outcome, config).values()) == {"standby"}
 
