@@ -72,10 +72,10 @@ def cmd_once(config: Config, args: argparse.Namespace) -> int:
         reconciler = build_reconciler(config)
         outcome = reconciler.run_pass(state, apply=True)
         save_outcome(config.state.dir, state, outcome)
-    if config.metrics.textfile is not None:  # for passes run from cron; no endpoint
-        from hpodlb.metrics import write_once
+        if config.metrics.textfile is not None:  # under the lock: a daemon may own the file
+            from hpodlb.metrics import write_once
 
-        write_once(config, state, outcome, reconciler)
+            write_once(config, state, outcome, reconciler)
     _log().info(
         "pass_finished",
         converged=outcome.converged,

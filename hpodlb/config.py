@@ -179,7 +179,9 @@ class MetricsConfig(_Section):
     textfile: Path | None = None
     """node_exporter's textfile collector file (`DIR/hpodlb.prom`), rewritten atomically after
     each pass of `run` and `once`; empty: off. DIR must exist and be trusted like the config
-    (root-owned, not writable by others, all the way up): we write there as root."""
+    (root-owned, not writable by others, all the way up): we write there as root. That is checked
+    at each write, not here: a textfile dir someone changed must cost the metrics (logged, and in
+    STATUS=), never the daemon's start, a reload or every command."""
 
     @field_validator("listen")
     @classmethod
@@ -202,14 +204,6 @@ class MetricsConfig(_Section):
             raise ValueError(f"{str(value)!r} is not an absolute path")
         if value.suffix != ".prom":
             raise ValueError(f"{str(value)!r}: node_exporter reads only files named *.prom")
-        if not value.parent.is_dir():
-            raise ValueError(f"{value.parent}: no such directory (create it, root-owned, 0755)")
-        if value.is_dir():
-            raise ValueError(f"{value}: a directory, not a file name")
-        try:
-            require_trusted(value.parent)
-        except UntrustedPathError as exc:
-            raise ValueError(str(exc)) from None
         return value
 
 

@@ -125,6 +125,13 @@ def healthy_nodes(
     return _in_every(targets, groups, ips, serving)
 
 
+def taking_users(state: State, groups: Sequence[str]) -> set[str]:
+    """Login nodes whose keys are not in question and that pass the NLB's health checks in every
+    group: what STATUS= and the metrics call healthy."""
+    keys_ok = [ip for ip, r in state.nodes.items() if r.key_state in KEYS_SETTLED]
+    return healthy_nodes(state.targets, groups, keys_ok)
+
+
 def registered_nodes(
     targets: Mapping[str, Sequence[TargetRecord]], groups: Sequence[str], ips: Iterable[str]
 ) -> set[str]:
@@ -146,8 +153,8 @@ def headline(state: State, groups: Sequence[str]) -> str:
     """`2/3 login nodes healthy (1 more registered, not healthy yet), 1 drained`: healthy means
     verified keys and passing the NLB's health checks in every target group; the rest is still
     being checked, or drained by an admin."""
+    serving = taking_users(state, groups)
     keys_ok = [ip for ip, r in state.nodes.items() if r.key_state in KEYS_SETTLED]
-    serving = healthy_nodes(state.targets, groups, keys_ok)
     registered = registered_nodes(state.targets, groups, keys_ok)
     line = f"{len(serving)}/{len(state.nodes)} login nodes healthy"
     if registered - serving:

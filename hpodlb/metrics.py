@@ -23,7 +23,7 @@ from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from socketserver import ThreadingMixIn
-from threading import Thread
+from threading import BoundedSemaphore, Thread
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -42,7 +42,7 @@ from hpodlb import __version__, health
 from hpodlb.awscalls import OUTCOMES
 from hpodlb.config import Config, MetricsConfig, listen_address
 from hpodlb.files import UntrustedPathError, require_trusted_dir, write_atomically
-from hpodlb.identity import KEYS_SETTLED, KeyState
+from hpodlb.identity import KeyState
 from hpodlb.logs import get_logger
 from hpodlb.planner import Guard, Kind
 
@@ -71,6 +71,11 @@ TEXTFILE_MODE = 0o644  # node_exporter runs as its own user and must read it
 # start_http_server wakes every 0.5 s: 0.9 CPU s an hour of an idle daemon's, for nothing. The
 # price of 5 s: a reload that moves the endpoint waits up to that long, after its pass.
 SERVE_POLL_SECONDS = 5.0
+# A scrape renders in a few ms: a client that connects and says nothing is dropped after this
+# long, and no more than this many are answered at once (the others are closed at once). Without
+# both, anyone who can reach the port could hold a thread each until the daemon has none left.
+SCRAPE_TIMEOUT_SECONDS = 10.0
+MAX_SCRAPES = 4
 
 
 class Metrics:
@@ -169,6 +174,7 @@ class Metrics:
         for outcome in ("ok", "failed"):
             self.key_pushes.labels(outcome)
         self._target_labels: set[tuple[str, str]] = set()
+        self._since = time.time()
 
     def start(self, config: Config, state: State, now: float) -> None:
         """Before the first pass: the config, and the times the state file remembers (a restart
@@ -176,6 +182,7 @@ class Metrics:
         self._config(config)
         last = state.last_pass.finished_at if state.last_pass else 0.0
         self.last_pass.set(last or now)
+        self._since = now  # with no convergence on record: not converged since this start
         self.last_converged.set(state.last_converged_at or state.first_pass_at or now)
         self._targets(config, state)
 
@@ -199,7 +206,7 @@ class Metrics:
         if result in ("converged", "standby"):
             self.last_converged.set(finished)
         else:
-            self.last_converged.set(state.last_converged_at or state.first_pass_at or finished)
+            self.last_converged.set(state.last_converged_at or state.first_pass_at or self._since)
         for (operation, how), count in aws_calls.items():
             self.aws_calls.labels(operation, how).inc(count)
         if outcome is not None:
@@ -217,8 +224,7 @@ class Metrics:
         for name in NODE_STATES:
             self.login_nodes.labels(name).set(states[name])
         arns = [tg.arn for tg in config.target_groups]
-        settled = [ip for ip, r in state.nodes.items() if r.key_state in KEYS_SETTLED]
-        self.healthy.set(len(health.healthy_nodes(state.targets, arns, settled)))
+        self.healthy.set(len(health.taking_users(state, arns)))
         self._targets(config, state)
 
     def exposition(self) -> bytes:
@@ -264,8 +270,7 @@ def node_states(state: State, outcome: PassOutcome | None, config: Config) -> di
     plan = outcome.plan if outcome is not None else None
     held_back = {a.ip for a in plan.held()} if plan is not None else set()
     arns = [tg.arn for tg in config.target_groups]
-    settled = [ip for ip, r in state.nodes.items() if r.key_state in KEYS_SETTLED]
-    serving = health.healthy_nodes(state.targets, arns, settled)
+    serving = health.taking_users(state, arns)
     out: dict[str, str] = {}
     for ip in ips:
         record = state.nodes.get(ip)
@@ -434,9 +439,25 @@ class Exporter:
 
 
 class _Server(ThreadingMixIn, WSGIServer):
-    """prometheus_client's ThreadingWSGIServer: a thread per scrape, none waited for at exit."""
+    """A thread per scrape (none waited for at exit), at most MAX_SCRAPES at once."""
 
     daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # busy: this one is closed, not queued
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Server6(_Server):
@@ -444,7 +465,9 @@ class _Server6(_Server):
 
 
 class _Quiet(WSGIRequestHandler):
-    """No line on stderr per scrape: the journal is for events."""
+    """No line on stderr per scrape: the journal is for events. A silent client is dropped."""
+
+    timeout = SCRAPE_TIMEOUT_SECONDS
 
     def log_message(self, format: str, *args: Any) -> None:
         return
@@ -455,6 +478,7 @@ def write_once(config: Config, state: State, outcome: PassOutcome, reconciler: R
     ends). Its counters count this one pass; the gauges and timestamps are what to alert on."""
     if config.metrics.textfile is None:
         return
+    config = config.model_copy(update={"metrics": config.metrics.model_copy(update={"listen": ""})})
     exporter = Exporter()
     exporter.metrics.start(config, state, time.time())
     exporter.after_pass(config, state, outcome, outcome.duration_seconds, reconciler)

@@ -354,15 +354,13 @@ def test_good_listen_addresses_load(tmp_path: Path, listen: str) -> None:
 
 
 def test_textfile_problems_name_file_key_and_problem(tmp_path: Path) -> None:
-    """A missing dir, an untrusted dir, a relative path, a name node_exporter ignores: each is one
-    line naming the file and metrics.textfile."""
+    """A relative path, a name node_exporter ignores: each is one line naming the file and
+    metrics.textfile. A missing or untrusted dir is not a config error (it would stop the daemon
+    and every command): the write says it, and the metrics carry the problem."""
+    from hpodlb.metrics import Exporter
+
     path = tmp_path / "c.toml"
-    open_dir = tmp_path / "open"
-    open_dir.mkdir()
-    open_dir.chmod(0o777)
     cases = {
-        str(tmp_path / "missing" / "hpodlb.prom"): "no such directory",
-        str(open_dir / "hpodlb.prom"): "is writable by group or others (mode 0777); refusing to trust it",
         "hpodlb.prom": "is not an absolute path",
         str(tmp_path / "hpodlb.txt"): "node_exporter reads only files named *.prom",
     }
@@ -370,10 +368,21 @@ def test_textfile_problems_name_file_key_and_problem(tmp_path: Path) -> None:
         path.write_text(f'[metrics]\ntextfile = "{textfile}"\n[[target_groups]]\narn = "{TG_ARN}"\n')
         with pytest.raises(ConfigError) as err:
             load_config(path, {})
-        line = str(err.value)
-        assert line.startswith(f"{path}: metrics.textfile: "), line
-        assert problem in line
-        assert len(line.splitlines()) == 1
+        assert str(err.value).startswith(f"{path}: metrics.textfile: ") and problem in str(err.value)
+        assert len(str(err.value).splitlines()) == 1
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    for textfile, problem in {
+        tmp_path / "missing" / "hpodlb.prom": "No such file or directory",
+        open_dir / "hpodlb.prom": "is writable by group or others (mode 0777)",
+    }.items():
+        path.write_text(f'[metrics]\ntextfile = "{textfile}"\n[[target_groups]]\narn = "{TG_ARN}"\n')
+        assert load_config(path, {}).metrics.textfile == textfile
+        exporter = Exporter()
+        exporter.write_textfile(textfile)
+        assert problem in exporter.problem and str(textfile) in exporter.problem
+        assert not textfile.exists()
 
 
 def test_the_environment_overrides_metrics_keys(write_config: Callable[..., Path]) -> None:
@@ -536,7 +545,8 @@ def test_the_readme_alert_rules_use_only_existing_metrics() -> None:
         assert rule["alert"] and rule["annotations"]["summary"]
     jobs = [j for d in docs if "scrape_configs" in d for j in d["scrape_configs"]]
     assert jobs[0]["job_name"] == "hpodlb"
-    assert jobs[0]["static_configs"] == [{"targets": ["127.0.0.1:9818"]}]
+    assert jobs[0]["static_configs"][0]["targets"] == ["127.0.0.1:9818"]
+    assert set(jobs[0]["static_configs"][0]["labels"]) == {"cluster", "head"}  # heads apart
     families = {f.name for f in Metrics().registry.collect()}
     for family in families:
         shown = family + "_total" if family in ("hpodlb_passes", "hpodlb_aws_calls", "hpodlb_key_pushes") else family
@@ -557,3 +567,56 @@ def test_the_grafana_dashboard_queries_only_existing_metrics() -> None:
         assert used <= names, used - names
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(set(ids)) == len(ids)
+
+
+def test_idle_connections_cannot_take_the_daemons_threads() -> None:
+    """Anyone who can reach the port may open connections and say nothing: at most MAX_SCRAPES
+    threads answer at once (the rest are closed), each silent one is dropped after a timeout,
+    and scrapes are answered again as soon as they go."""
+    import threading
+
+    from hpodlb.config import MetricsConfig
+    from hpodlb.metrics import MAX_SCRAPES, Exporter
+
+    exporter = Exporter()
+    exporter.follow(MetricsConfig(listen="127.0.0.1:0"))
+    try:
+        host, port = exporter.address.rsplit(":", 1)
+        before = threading.active_count()
+        idle = [socket.create_connection((host, int(port))) for _ in range(50)]
+        time.sleep(1)
+        assert threading.active_count() - before <= MAX_SCRAPES
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert value(parse(scrape(exporter.address)), "hpodlb_info", version=hpodlb.__version__) == 1
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+    finally:
+        exporter.close()
+
+
+def test_once_never_opens_the_endpoint(tmp_path: Path) -> None:
+    """`once` writes the textfile and exits: a listen address in the same config is the
+    daemon's, not something `once` opens for the moment it lives."""
+    import threading
+
+    from hpodlb.metrics import write_once
+
+    config, state = _world()
+    directory = metrics_dir(tmp_path)
+    config = config.model_copy(update={"metrics": config.metrics.model_copy(
+        update={"listen": "127.0.0.1:0", "textfile": directory / "hpodlb.prom"})})
+    outcome = PassOutcome(plan=Plan(), leadership=Leadership(True))
+
+    class NoAdapters:
+        groups: tuple[Any, ...] = ()
+        hyperpod = None
+
+    write_once(config, state, outcome, NoAdapters())  # type: ignore[arg-type]
+    assert (directory / "hpodlb.prom").exists()
+    assert not [t for t in threading.enumerate() if t.name == "hpodlb-metrics"]
