@@ -541,9 +541,10 @@ def _add_pass_commands(add: Adder) -> None:
         "state dir (intents.json; kept across restarts), applied by the daemon's next pass "
         "within the guards (a drain that would leave fewer than min_in_service registered "
         "targets is refused without --force). Its users get a wall notice; its host keys are "
-        "still kept in step. --wait counts its SSH sessions until none are left. Exit status: "
-        "0 drained (and, with --wait, no session left), 1 refused, not a login node, or "
-        "sessions still open when --wait ran out, 2 config or usage error.",
+        "still kept in step. --wait then follows the daemon's passes and the node's SSH sessions "
+        "until it is out of rotation and empty. A standby head refuses (drains are per head). "
+        "Exit status: 0 drained (with --wait: out and empty), 1 refused, not a login node, or "
+        "not out and empty when --wait ran out, 2 config or usage error.",
     )
     p.add_argument("ip", type=_ipv4, metavar="IP", help="the login node's IP")
     p.add_argument(
@@ -557,7 +558,8 @@ def _add_pass_commands(add: Adder) -> None:
         "--wait",
         type=_seconds,
         metavar="SECONDS",
-        help="then report its remaining SSH sessions until none are left or SECONDS pass",
+        help="then report whether it is out of rotation and its SSH sessions, until it is out "
+        "and none is left, or SECONDS pass",
     )
     p.add_argument(
         "--force",
