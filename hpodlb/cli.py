@@ -167,26 +167,29 @@ def cmd_drain(config: Config, args: argparse.Namespace) -> int:
     except DrainError as exc:
         _fail(str(exc))
         return EXIT_PENDING
-    node = result.node
+    node, reason = result.node, result.request.reason
     if result.restored:
         print(f"intents.json was gone: restored the drains of {', '.join(result.restored)}")
-    print(
-        f"{node.label()} drained: {args.reason}. The daemon takes it out of rotation at its next "
-        "pass (it sees this within a second), within its guards, and keeps it out until "
-        f"`hpodlb undrain {node.ip}`; its host keys are still kept in step."
-    )
-    if result.note:
-        print(f"note: {result.note}")
-    if result.told:
-        print(f"warning: could not tell its users (wall): {result.told}")
+    if result.unchanged:
+        print(f"{node.label()} is drained already ({reason}): nothing changed")
     else:
-        print("Its users were told (wall): new logins go to the other login nodes.")
+        print(
+            f"{node.label()} drained: {reason}. The daemon takes it out of rotation at its next "
+            "pass (it sees this within a second), within its guards, and keeps it out until "
+            f"`hpodlb undrain {node.ip}`; its host keys are still kept in step."
+        )
+        if result.note:
+            print(f"note: {result.note}")
+        if result.told:
+            print(f"warning: could not tell its users (wall): {result.told}")
+        else:
+            print("Its users were told (wall): new logins go to the other login nodes.")
     if args.wait is None:
         return EXIT_OK
     if drains.wait(node.ip, result.request.requested_at, args.wait, print, time.monotonic):
         print(f"{node.ip}: out of rotation, and no SSH session left")
         return EXIT_OK
-    print(f"{node.ip}: not empty and out of rotation after {args.wait:g}s (see above)")
+    print(f"{node.ip}: not yet both out of rotation and empty after {args.wait:g}s")
     return EXIT_PENDING
 
 
@@ -550,9 +553,9 @@ def _add_pass_commands(add: Adder) -> None:
     p.add_argument(
         "--reason",
         type=_checked("hpodlb.drain", "check_reason"),
-        default="maintenance",
         metavar="TEXT",
-        help="shown to its users and in status (one line; default: maintenance)",
+        help="shown to its users and in status (one line; default: the reason it is drained "
+        "for already, else maintenance)",
     )
     p.add_argument(
         "--wait",

@@ -33,6 +33,7 @@ from hpodlb.state import State, load_state
 log = get_logger("hpodlb.drain")
 
 MAX_REASON = 200
+DEFAULT_REASON = "maintenance"
 POLL_SECONDS = 3.0  # `--wait`: how often the sessions are counted
 
 # Every `USER [priv]` process (sshd's monitor of one logged-in connection; `unknown [priv]` has
@@ -119,6 +120,7 @@ class DrainResult:
     restored: list[str] = field(default_factory=list)  # drains put back after intents.json loss
     told: str = ""  # why the users could not be told; empty: they were
     note: str = ""  # what the guard check could not see
+    unchanged: bool = False  # drained already, just so: nothing recorded, nobody told again
 
 
 class Drains:
@@ -145,7 +147,10 @@ class Drains:
             )
         return node
 
-    def drain(self, ip: str, reason: str, *, force: bool) -> DrainResult:
+    def drain(self, ip: str, reason: str | None, *, force: bool) -> DrainResult:
+        """Record the drain (`reason` None: the one it has, else "maintenance") and tell the
+        node's users. Draining a drained node again changes only what was asked: its reason (its
+        users are told again), or --force; otherwise nothing, and `since` stays the first one."""
         node = self.login_node(ip)
         state = self._state()
         if state.last_pass is not None and state.last_pass.standby:
@@ -154,38 +159,48 @@ class Drains:
                 "only the acting head applies them; run `hpodlb drain` on the head whose "
                 "slurmctld is in control"
             )
-        request = DrainRequest(
-            reason=reason,
-            force=force,
-            instance_id=node.instance_id,
-            requested_at=time.time(),
-            requested_by=_who(),
-        )
         restored = self._lost(state, ip)
         notes: list[str] = []
+        result: list[DrainResult] = []
 
         def add(intents: Intents) -> None:
-            if not force:  # under the intents lock: two drains at once cannot both pass
+            old = intents.drain.get(ip)
+            why = reason or (old.reason if old else DEFAULT_REASON)
+            if old is not None and old.reason == why and (old.force or not force):
+                result.append(DrainResult(node, old, restored, unchanged=True))
+                return
+            if not force and old is None:  # under the intents lock: two drains cannot both pass
                 notes.append(self._guard(ip, state, set(intents.drain) | set(state.drains)))
+            request = DrainRequest(
+                reason=why,
+                force=force or bool(old and old.force),
+                instance_id=node.instance_id,
+                requested_at=old.requested_at if old else time.time(),
+                requested_by=_who(),
+            )
             intents.drain[ip] = request
+            result.append(DrainResult(node, request, restored, note="".join(notes)))
 
         self._update(add)
+        done = result[0]
+        if done.unchanged:
+            return done
+        request = done.request
         log.warning(
             "node_drained",
             ip=ip,
             instance_id=node.instance_id,
-            reason=reason,
-            force=force,
+            reason=request.reason,
+            force=request.force,
             by=request.requested_by,
             action="the daemon takes it out of rotation at its next pass",
         )
-        result = DrainResult(node, request, restored, note="".join(notes))
         try:
-            tell_users(self.connector, ip, self._pin(ip), notice(node, reason))
+            tell_users(self.connector, ip, self._pin(ip), notice(node, request.reason))
         except SshError as exc:
-            result.told = str(exc)
+            done.told = str(exc)
             log.warning("drain_notice_failed", ip=ip, instance_id=node.instance_id, error=str(exc))
-        return result
+        return done
 
     def undrain(self, ip: str) -> tuple[bool, list[str]]:
         """(whether it was drained, drains restored after an intents.json loss)."""

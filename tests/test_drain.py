@@ -158,7 +158,7 @@ def test_drain_wait_reports_rotation_and_sessions_until_out_and_empty(
         assert cli(env, "drain", a, "--wait", "1") == 1
         out = capsys.readouterr().out
         assert "waiting for the daemon's next pass" in out and "2 sessions open" in out
-        assert "not empty and out of rotation after 1s" in out
+        assert "not yet both out of rotation and empty after 1s" in out
 
         codes: list[int] = []
         with passes(env):
@@ -357,3 +357,23 @@ def test_users_of_a_node_hpodlb_cannot_vouch_for_are_not_told(
     assert "could not tell its users (wall): host-key:" in out
     assert _logins(node) == before
     assert a in load_intents(env.state_dir).drain
+
+
+def test_draining_again_changes_only_what_was_asked(
+    env: SimEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`drain IP --wait N` on a drained node (to watch it) keeps its reason and its start, and
+    tells nobody again; a new reason is recorded and told."""
+    a, _, _ = converged(env, 3)
+    node = env.cluster.nodes[a]
+    assert cli(env, "drain", a, "--reason", "kernel 6.8") == 0
+    first = load_intents(env.state_dir).drain[a]
+    logins = _logins(node)
+    assert cli(env, "drain", a) == 0
+    assert "is drained already (kernel 6.8): nothing changed" in capsys.readouterr().out
+    assert load_intents(env.state_dir).drain[a] == first
+    assert _logins(node) == logins  # no second wall
+    assert cli(env, "drain", a, "--reason", "kernel 6.9") == 0
+    again = load_intents(env.state_dir).drain[a]
+    assert (again.reason, again.requested_at) == ("kernel 6.9", first.requested_at)
+    assert _logins(node) == logins + 1  # told the new reason
