@@ -1,16 +1,15 @@
 """Draining a login node for maintenance: `hpodlb drain IP` and `hpodlb undrain IP`.
 
 The command only records the admin's word (intents.json, beside but apart from the state cache),
-tells the node's users, and counts their sessions; the daemon's next pass does the rest (the
+tells the node's users, and watches the node empty; the daemon's next pass does the rest (the
 planner takes a drained node out of every target group within the guards, keeps it out, and keeps
-its host keys in step). So a drain survives restarts, works the same on a standby head, and never
-races the daemon for an AWS write.
+its host keys in step). So a drain survives restarts and never races the daemon for an AWS write.
+Each head keeps its own intents, and only the acting head applies them: a standby head refuses.
 
 On the node, two short root scripts, each in a session pinned to keys hpodlb can vouch for (the
 canonical or previous set, or the daemon's own pin for that node): `wall` with the notice, and a
-count of the node's authenticated SSH connections (sshd's per-connection `[priv]` processes under
-the listener this session came through), hpodlb's own connection excepted. A session count
-includes scp, VS Code and other non-terminal connections, which `who` would miss.
+count of the node's logged-in SSH connections (see SESSIONS_SCRIPT). The count includes scp,
+VS Code and other connections without a terminal, which `who` would miss.
 """
 
 from __future__ import annotations
