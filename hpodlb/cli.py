@@ -698,7 +698,11 @@ def _add_keys_commands(add: Adder) -> None:
         "Exit status: 0 printed, 1 store missing or unsafe, 2 config or usage error.",
     )
     p.add_argument(
-        "--host", required=True, metavar="NAME", help="the NLB DNS name users connect to"
+        "--host",
+        required=True,
+        type=_checked("hpodlb.sshconfig", "check_name"),
+        metavar="NAME",
+        help="the NLB DNS name users connect to (lowercase, as ssh matches it)",
     )
     p.add_argument(
         "--port", type=_port, default=22, metavar="N", help="the NLB port users connect to"

@@ -136,6 +136,19 @@ def test_ports_out_of_range_are_usage_errors(
         f"{prog}: error: argument --port: '{args[-1]}' is not a port (1..65535)")
 
 
+@pytest.mark.parametrize("host", ["NLB.Example", "nlb example", "nlb.*", "-oProxyCommand=x"])
+def test_known_hosts_names_users_cannot_type_are_usage_errors(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    host: str,
+) -> None:
+    """ssh lowercases the name users type and matches known_hosts against it: a line for a name
+    with capitals, spaces or patterns would never match (or match too much)."""
+    out = hpodlb("keys", "known-hosts", "--host", host, "--config", str(write_config()))
+    assert out.returncode == 2
+    assert "argument --host:" in out.stderr.splitlines()[-1]
+
+
 def test_plan_once_status_round_trip(
     hpodlb: Callable[..., subprocess.CompletedProcess[str]],
     write_config: Callable[..., Path],
