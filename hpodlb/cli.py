@@ -697,16 +697,7 @@ def _add_keys_commands(add: Adder) -> None:
         "([NAME]:N when N is not 22); during a rotation the previous keys too, after a comment. "
         "Exit status: 0 printed, 1 store missing or unsafe, 2 config or usage error.",
     )
-    p.add_argument(
-        "--host",
-        required=True,
-        type=_checked("hpodlb.sshconfig", "check_name"),
-        metavar="NAME",
-        help="the NLB DNS name users connect to (lowercase, as ssh matches it)",
-    )
-    p.add_argument(
-        "--port", type=_port, default=22, metavar="N", help="the NLB port users connect to"
-    )
+    _nlb_name_options(p, "the NLB DNS name users connect to (lowercase, as ssh matches it)")
 
     p = add(
         "ssh-config",
@@ -720,21 +711,27 @@ def _add_keys_commands(add: Adder) -> None:
         "denied or unreachable, or the login nodes unreadable (the NLB block only), 2 config or "
         "usage error.",
     )
-    p.add_argument(
-        "--host",
-        required=True,
-        type=_checked("hpodlb.sshconfig", "check_name"),
-        metavar="NAME",
-        help="the short name users type, e.g. hpod-login (lowercase)",
-    )
-    p.add_argument(
-        "--port", type=_port, default=22, metavar="N", help="the NLB port users connect to"
-    )
+    _nlb_name_options(p, "the short name users type, e.g. hpod-login (lowercase)")
     p.add_argument(
         "--dns-name",
         type=_checked("hpodlb.sshconfig", "check_dns_name"),
         metavar="DNS",
         help="the NLB's DNS name (default: asked of AWS, from the first target group)",
+    )
+
+
+def _nlb_name_options(p: argparse.ArgumentParser, host_help: str) -> None:
+    """--host NAME and --port N of the commands whose output users' ssh matches by that name
+    (known-hosts and ssh-config must agree on both, or the lines would not match the block)."""
+    p.add_argument(
+        "--host",
+        required=True,
+        type=_checked("hpodlb.sshconfig", "check_name"),
+        metavar="NAME",
+        help=host_help,
+    )
+    p.add_argument(
+        "--port", type=_port, default=22, metavar="N", help="the NLB port users connect to"
     )
 
 

@@ -37,7 +37,7 @@ from hpodlb.state import NodeRecord, State, TargetRecord
 from sim.aws import FakeAws
 from sim.env import SimEnv
 from tests.conftest import TG_ARN
-from tests.test_service import Daemon, NotifySocket
+from tests.test_service import Daemon, spawn_daemon, stop_daemons
 
 REPO = Path(__file__).resolve().parent.parent
 DOTTED_QUAD = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
@@ -65,29 +65,16 @@ def scrape(address: str) -> str:
 
 @pytest.fixture
 def run_daemon(tmp_path: Path, fresh_env: None) -> Iterator[Callable[..., Daemon]]:
-    """`hpodlb run` as a process, its JSON log in a file, a stand-in for systemd's notify socket;
-    AWS as this process's environment (or `env`) says."""
+    """`hpodlb run` (see spawn_daemon), with AWS as this process's environment (or `env`) says."""
     started: list[Daemon] = []
 
     def start(config: Path, env: dict[str, str] | None = None) -> Daemon:
-        n = len(started)
-        notify = NotifySocket(tmp_path / f"notify{n}.sock")
-        log = tmp_path / f"daemon{n}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "NOTIFY", "WATCHDOG"))}
-        full_env.update(env or {}, NOTIFY_SOCKET=str(notify.path))
-        with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "hpodlb", "run", "--config", str(config)],
-                                    stdout=out, stderr=subprocess.STDOUT, env=full_env)
-        daemon = Daemon(proc, log, notify)
-        started.append(daemon)
-        return daemon
+        full_env.update(env or {})
+        return spawn_daemon(tmp_path, started, config, full_env)
 
     yield start
-    for d in started:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
-        d.notify.close()
+    stop_daemons(started)
 
 
 def wait_converged_passes(daemon: Daemon, count: int, timeout: float = 60) -> None:

@@ -128,35 +128,47 @@ class Daemon:
         raise AssertionError(f"no {name} event within {timeout}s:\n{self.log.read_text()[-3000:]}")
 
 
+def spawn_daemon(tmp_path: Path, started: list[Daemon], config: Path, env: dict[str, str],
+                 args: Sequence[str] = (), *, journal: bool = False) -> Daemon:
+    """`hpodlb run` as a process with `env` (the caller decides which AWS it sees), its JSON log in
+    a file, a stand-in for systemd's notify socket; added to `started` for `stop_daemons`."""
+    n = len(started)
+    notify = NotifySocket(tmp_path / f"notify{n}.sock")
+    log = tmp_path / f"daemon{n}.log"
+    out = log.open("wb")
+    full_env = {**env, "NOTIFY_SOCKET": str(notify.path)}
+    if journal:
+        st = os.fstat(out.fileno())
+        full_env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    proc = subprocess.Popen([sys.executable, "-m", "hpodlb", "run", *args, "--config", str(config)],
+                            stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    out.close()
+    daemon = Daemon(proc, log, notify)
+    started.append(daemon)
+    return daemon
+
+
+def stop_daemons(started: list[Daemon]) -> None:
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        d.notify.close()
+
+
 @pytest.fixture
 def start_daemon(aws: FakeAws, tmp_path: Path, fresh_env: None) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
     def start(config: Path, *, watchdog_usec: int = 1_000_000, journal: bool = False,
               args: Sequence[str] = (), env: dict[str, str] | None = None) -> Daemon:
-        n = len(started)
-        notify = NotifySocket(tmp_path / f"notify{n}.sock")
-        log = tmp_path / f"daemon{n}.log"
-        out = log.open("wb")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "AWS_", "NOTIFY", "WATCHDOG", "JOURNAL"))}
-        full_env.update(aws.env(), NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC=str(watchdog_usec))
+        full_env.update(aws.env(), WATCHDOG_USEC=str(watchdog_usec))
         full_env.update(env or {})
-        if journal:
-            st = os.fstat(out.fileno())
-            full_env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-        proc = subprocess.Popen([sys.executable, "-m", "hpodlb", "run", *args, "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, env=full_env)
-        out.close()
-        daemon = Daemon(proc, log, notify)
-        started.append(daemon)
-        return daemon
+        return spawn_daemon(tmp_path, started, config, full_env, args, journal=journal)
 
     yield start
-    for d in started:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
-        d.notify.close()
+    stop_daemons(started)
 
 
 def _config(write_config: Callable[..., Path], aws: FakeAws, **sections: dict[str, Any]) -> tuple[Path, str]:
