@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpodlb.config import Config, target_group_name
+from hpodlb.config import Config, TargetGroupConfig
 from hpodlb.intents import DrainRequest, Intents, intents_path, update_intents
 from hpodlb.inventory import InventoryError, LoginNode
 from hpodlb.logs import get_logger
@@ -228,14 +228,7 @@ class Drains:
         held = [h for h in last.held if h.startswith(f"deregister {ip} ")]
         if held:
             return False, f"still in rotation: {held[0]}"
-        still = [
-            target_group_name(tg.arn)
-            for tg in self.config.target_groups
-            if any(
-                t.ip == ip and t.port == tg.port and t.state not in NOT_REGISTERED_STATES
-                for t in state.targets.get(tg.arn, [])
-            )
-        ]
+        still = [tg.name for tg in self.config.target_groups if ip in _registered(state, tg)]
         if still:
             return False, f"still registered in {', '.join(still)}"
         return True, "out of rotation in every target group"
@@ -277,11 +270,7 @@ class Drains:
             return "no pass has run yet: the daemon's guards decide when it leaves"
         rc = self.config.reconcile
         for tg in self.config.target_groups:
-            registered = {
-                t.ip
-                for t in state.targets.get(tg.arn, [])
-                if t.port == tg.port and t.state not in NOT_REGISTERED_STATES
-            }
+            registered = _registered(state, tg)
             if ip not in registered:
                 continue
             left = len(registered - drained - {ip})
@@ -323,6 +312,15 @@ class Drains:
         from hpodlb.keyadmin import vouched_keys
 
         return vouched_keys(self.config, [ip])[ip]
+
+
+def _registered(state: State, tg: TargetGroupConfig) -> set[str]:
+    """The IPs registered at the group's port as the daemon's last pass read them."""
+    return {
+        t.ip
+        for t in state.targets.get(tg.arn, [])
+        if t.port == tg.port and t.state not in NOT_REGISTERED_STATES
+    }
 
 
 def _who() -> str:
