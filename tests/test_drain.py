@@ -161,16 +161,22 @@ def test_drain_wait_reports_rotation_and_sessions_until_out_and_empty(
         assert "not yet both out of rotation and empty after 1s" in out
 
         codes: list[int] = []
+        said = ""
         with passes(env):
-            waiter = threading.Thread(target=lambda: codes.append(cli(env, "drain", a, "--wait", "60")))
+            waiter = threading.Thread(target=lambda: codes.append(cli(env, "drain", a, "--wait", "90")))
             waiter.start()
-            time.sleep(3)
-            held.close(1)
-            time.sleep(4)
-            held.close()
-            waiter.join(60)
+            # Each session closes only once the waiter has said the count before it: on a loaded
+            # machine one poll can take longer than any fixed sleep (CI once missed the 1).
+            for closing, seen in ((1, "; 2 sessions open"), (None, "; 1 sessions open")):
+                deadline = time.monotonic() + 45
+                while seen not in said and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    said += capsys.readouterr().out
+                held.close(closing)
+            waiter.join(90)
     assert codes == [0]
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{a}: ")]
+    said += capsys.readouterr().out
+    lines = [line for line in said.splitlines() if line.startswith(f"{a}: ")]
     counts = [int(line.split("; ")[1].split()[0]) for line in lines if "sessions open" in line]
     # In order, with perhaps a count between them: a connection hpodlb (the background passes
     # here, the daemon for real) is just opening or closing as the count is taken is counted once.
