@@ -199,9 +199,13 @@ def test_sessions_are_counted_across_an_sshd_restart_and_hpodlbs_own_are_not(env
         node.restart_sshd()
         assert drains.sessions(a) == 2
         pin = frozenset(canonical(env))
+        logged_in = _logins(node)
         busy = threading.Thread(target=lambda: _run_in_session(drains, a, pin))
         busy.start()
-        time.sleep(1)
+        deadline = time.monotonic() + 20
+        while _logins(node) == logged_in and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1)  # from login to its `sh -s`: the count is taken inside the 5 s the script runs
         assert count_sessions(drains.connector, a, pin) == 2
         busy.join(30)
         assert drains.sessions(b) == 1
@@ -209,7 +213,7 @@ def test_sessions_are_counted_across_an_sshd_restart_and_hpodlbs_own_are_not(env
 
 def _run_in_session(drains: object, ip: str, pin: frozenset[str]) -> None:
     with drains.connector.session(ip, pin) as session:  # type: ignore[attr-defined]
-        session.run_root(b"sleep 3")
+        session.run_root(b"sleep 5")
 
 
 def test_drain_below_min_in_service_is_refused_unless_forced(
