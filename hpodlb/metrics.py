@@ -21,9 +21,10 @@ import socket
 import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from pathlib import Path
 from socketserver import ThreadingMixIn
-from threading import BoundedSemaphore, Thread
+from threading import Condition, Thread
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -71,11 +72,14 @@ TEXTFILE_MODE = 0o644  # node_exporter runs as its own user and must read it
 # start_http_server wakes every 0.5 s: 0.9 CPU s an hour of an idle daemon's, for nothing. The
 # price of 5 s: a reload that moves the endpoint waits up to that long, after its pass.
 SERVE_POLL_SECONDS = 5.0
-# A scrape renders in a few ms: a client that connects and says nothing is dropped after this
-# long, and no more than this many are answered at once (the others are closed at once). Without
-# both, anyone who can reach the port could hold a thread each until the daemon has none left.
+# A scrape renders in a few ms: a connection still open after this long is cut (one that says
+# nothing, or a header line every few seconds), no more than MAX_SCRAPES are answered at once and
+# no more than MAX_SCRAPES_PER_CLIENT from one address (the others are closed at once). Without
+# them, anyone who can reach the port could hold a thread each until the daemon has none left, or
+# keep every slot busy and blind the monitoring to the alerts that matter.
 SCRAPE_TIMEOUT_SECONDS = 10.0
 MAX_SCRAPES = 4
+MAX_SCRAPES_PER_CLIENT = 2
 
 
 class Metrics:
@@ -439,25 +443,63 @@ class Exporter:
 
 
 class _Server(ThreadingMixIn, WSGIServer):
-    """A thread per scrape (none waited for at exit), at most MAX_SCRAPES at once."""
+    """A thread per scrape (none waited for at exit), at most MAX_SCRAPES at once and
+    MAX_SCRAPES_PER_CLIENT from one address, each cut SCRAPE_TIMEOUT_SECONDS after it was accepted
+    (one thread for all the deadlines, asleep while no scrape is open: a timer per scrape would
+    double the threads, a polling loop would wake an idle daemon for nothing)."""
 
     daemon_threads = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._slots = BoundedSemaphore(MAX_SCRAPES)
+        self._changed = Condition()
+        # -> (client address, deadline; None once cut: its slot is freed when its thread ends)
+        self._open: dict[socket.socket, tuple[str, float | None]] = {}
+        self._closing = False
         super().__init__(*args, **kwargs)
+        Thread(target=self._cut_late, name="hpodlb-metrics-deadlines", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # busy: this one is closed, not queued
-            return
-        super().process_request(request, client_address)
+        host = client_address[0]
+        with self._changed:
+            mine = sum(1 for who, _ in self._open.values() if who == host)
+            if len(self._open) >= MAX_SCRAPES or mine >= MAX_SCRAPES_PER_CLIENT:
+                self.shutdown_request(request)  # busy: this one is closed, not queued
+                return
+            self._open[request] = (host, time.monotonic() + SCRAPE_TIMEOUT_SECONDS)
+            self._changed.notify()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread for it: the socketserver closes it, the slot is free
+            self._forget(request)
+            raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._forget(request)
+
+    def server_close(self) -> None:
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        super().server_close()
+
+    def _forget(self, request: socket.socket) -> None:
+        with self._changed:
+            self._open.pop(request, None)
+
+    def _cut_late(self) -> None:
+        with self._changed:
+            while not self._closing:
+                now = time.monotonic()
+                for sock, (host, deadline) in list(self._open.items()):
+                    if deadline is not None and deadline <= now:
+                        with suppress(OSError):  # closed meanwhile
+                            sock.shutdown(socket.SHUT_RDWR)  # its thread's read or write ends now
+                        self._open[sock] = (host, None)
+                soonest = min((d for _, d in self._open.values() if d is not None), default=None)
+                self._changed.wait(None if soonest is None else max(soonest - now, 0.05))
 
 
 class _Server6(_Server):

@@ -6,6 +6,7 @@ Every exposition is read with prometheus_client's own parser, as Prometheus woul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -584,6 +585,60 @@ def test_idle_connections_cannot_take_the_daemons_threads() -> None:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
     finally:
+        exporter.close()
+
+
+def _scrape_from(address: str, source: str) -> str:
+    """A scrape from another loopback address than urllib's (a second client, as far as the
+    endpoint can tell)."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5, source_address=(source, 0)) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head[:100]
+    return body.decode()
+
+
+def test_slow_clients_are_cut_and_one_address_cannot_take_every_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slowloris: a header line every second keeps each read short of the read timeout, so only
+    a deadline for the whole request ends it; and while one address holds its share of slots,
+    a scrape from another is still answered."""
+    import threading
+
+    from hpodlb import metrics
+    from hpodlb.config import MetricsConfig
+
+    monkeypatch.setattr(metrics, "SCRAPE_TIMEOUT_SECONDS", 3.0)
+    exporter = metrics.Exporter()
+    exporter.follow(MetricsConfig(listen="127.0.0.1:0"))
+    stop = threading.Event()
+    try:
+        host, port = exporter.address.rsplit(":", 1)
+        slow = [socket.create_connection((host, int(port))) for _ in range(metrics.MAX_SCRAPES)]
+        for sock in slow:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+
+        def drip() -> None:
+            while not stop.wait(1.0):
+                for sock in slow:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"X-Slow: 1\r\n")
+
+        dripping = threading.Thread(target=drip)
+        dripping.start()
+        time.sleep(0.5)
+        # 127.0.0.1 has its MAX_SCRAPES_PER_CLIENT; the other address is answered all the same.
+        assert value(parse(_scrape_from(exporter.address, "127.0.0.2")), "hpodlb_info",
+                     version=hpodlb.__version__) == 1
+        for sock in slow:
+            sock.settimeout(20)  # never cut: TimeoutError
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1024) == b""  # cut (or refused at once: no slot for it)
+    finally:
+        stop.set()
         exporter.close()
 
 
