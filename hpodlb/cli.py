@@ -21,11 +21,13 @@ from hpodlb import __version__
 
 if TYPE_CHECKING:
     from hpodlb.config import Config
+    from hpodlb.drain import Drains
     from hpodlb.provision import Network, Provisioner, Report, Spec
 
 EXIT_OK, EXIT_PENDING, EXIT_UNUSABLE = 0, 1, 2
 # Killed by SIGPIPE, as a shell reports it: what `yes | head -1` leaves in PIPESTATUS.
 EXIT_READER_GONE = 128 + signal.SIGPIPE
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 Command = Callable[["Config", argparse.Namespace], int]
 
@@ -172,6 +174,8 @@ def cmd_drain(config: Config, args: argparse.Namespace) -> int:
         print(f"intents.json was gone: restored the drains of {', '.join(result.restored)}")
     if result.unchanged:
         print(f"{node.label()} is drained already ({reason}): nothing changed")
+    elif result.forced_now:
+        print(f"{node.label()} is drained already ({reason}): now with --force (past the guards)")
     else:
         print(
             f"{node.label()} drained: {reason}. The daemon takes it out of rotation at its next "
@@ -186,11 +190,25 @@ def cmd_drain(config: Config, args: argparse.Namespace) -> int:
             print("Its users were told (wall): new logins go to the other login nodes.")
     if args.wait is None:
         return EXIT_OK
-    if drains.wait(node.ip, result.request.requested_at, args.wait, print, time.monotonic):
-        print(f"{node.ip}: out of rotation, and no SSH session left")
-        return EXIT_OK
-    print(f"{node.ip}: not yet both out of rotation and empty after {args.wait:g}s")
-    return EXIT_PENDING
+    return _wait_drained(drains, node.ip, result.request.requested_at, args.wait)
+
+
+def _wait_drained(drains: Drains, ip: str, since: float, seconds: float) -> int:
+    from hpodlb.drain import NO_LOGINS
+
+    try:
+        done = drains.wait(ip, since, seconds, print, time.monotonic)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {ip} stays drained (`hpodlb undrain {ip}` to undo)")
+        return EXIT_INTERRUPTED
+    if not done:
+        print(f"{ip}: not yet both out of rotation and empty after {seconds:g}s")
+        return EXIT_PENDING
+    if drains.counts_sessions:
+        print(f"{ip}: out of rotation, and no SSH session left")
+    else:
+        print(f"{ip}: out of rotation (its sessions are not counted: {NO_LOGINS})")
+    return EXIT_OK
 
 
 def cmd_undrain(config: Config, args: argparse.Namespace) -> int:
@@ -803,6 +821,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _reader_gone(sys.stdout) and not _reader_gone(sys.stderr):
             return _unexpected(exc, verbose=verbose)  # a socket's EPIPE is no closed pipe of ours
         return _quiet_after_reader_gone()
+    except KeyboardInterrupt:  # Ctrl-C: what was running stops where it was, no traceback
+        _fail("interrupted")
+        return EXIT_INTERRUPTED
     except Exception as exc:  # the boundary: anything left becomes one line and exit 2
         return _unexpected(exc, verbose=verbose)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import getpass
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,14 +34,17 @@ log = get_logger("hpodlb.drain")
 MAX_REASON = 200
 DEFAULT_REASON = "maintenance"
 POLL_SECONDS = 3.0  # `--wait`: how often the sessions are counted
+# Without host keys hpodlb has nothing to pin a session to, so it logs in to no node.
+NO_LOGINS = "host_keys.enabled = false: hpodlb logs in to no node"
 
 # Every `USER [priv]` process (sshd's monitor of one logged-in connection; `unknown [priv]` has
 # not said who it is yet) in this node's mount namespace, except hpodlb's own: those whose
-# session runs hpodlb's script (`sudo -n sh -s` or `sh -s`: pushes, counts, doctor, from this or
-# another hpodlb). Not only the listener's children: sessions outlive an sshd restart (apt
-# upgrades do that), and are reparented away from the new listener. The mount namespace keeps
-# the count to this node where one kernel hosts several (the simulated login nodes). A connection
-# of hpodlb's caught before its script starts or after it ends is counted: one poll's worth.
+# session runs hpodlb's root shell (`sh -s hpodlb`, perhaps under `sudo -n`: pushes, counts,
+# doctor, from this or another hpodlb; a user's own `ssh node sh -s` is counted). Not only the
+# listener's children: sessions outlive an sshd restart (apt upgrades do that), and are
+# reparented away from the new listener. The mount namespace keeps the count to this node where
+# one kernel hosts several (the simulated login nodes). A connection of hpodlb's caught before
+# its script starts or after it ends is counted: one poll's worth.
 SESSIONS_SCRIPT = rb"""mine=$(readlink /proc/$$/ns/mnt)
 ps -ww -eo pid=,ppid=,args= | awk '
 function priv(p) {
@@ -49,7 +52,7 @@ function priv(p) {
 }
 { pid = $1; parent[pid] = $2; $1 = ""; $2 = ""; sub(/^ +/, ""); args[pid] = $0 }
 END {
-  for (q in args) if (args[q] ~ /^(sudo -n )?sh -s$/) {
+  for (q in args) if (args[q] ~ /^(sudo -n )?sh -s hpodlb$/) {
     p = q
     while ((p in parent) && p > 1) { if (priv(p)) { ours[p] = 1; break }; p = parent[p] }
   }
@@ -120,6 +123,7 @@ class DrainResult:
     told: str = ""  # why the users could not be told; empty: they were
     note: str = ""  # what the guard check could not see
     unchanged: bool = False  # drained already, just so: nothing recorded, nobody told again
+    forced_now: bool = False  # only --force was added: recorded, users not told again
 
 
 class Drains:
@@ -132,6 +136,7 @@ class Drains:
         self.reconciler = build_reconciler(config)
         self.connector = host_keys(config).connector
         self.state_dir = config.state.dir
+        self.counts_sessions = config.host_keys.enabled
 
     def login_node(self, ip: str) -> LoginNode:
         try:
@@ -149,7 +154,8 @@ class Drains:
     def drain(self, ip: str, reason: str | None, *, force: bool) -> DrainResult:
         """Record the drain (`reason` None: the one it has, else "maintenance") and tell the
         node's users. Draining a drained node again changes only what was asked: its reason (its
-        users are told again), or --force; otherwise nothing, and `since` stays the first one."""
+        users are told again), or --force (recorded, nobody told again); otherwise nothing, and
+        `since` stays the first one."""
         node = self.login_node(ip)
         state = self._state()
         if state.last_pass is not None and state.last_pass.standby:
@@ -178,7 +184,10 @@ class Drains:
                 requested_by=_who(),
             )
             intents.drain[ip] = request
-            result.append(DrainResult(node, request, restored, note="".join(notes)))
+            forced_now = old is not None and old.reason == why
+            result.append(
+                DrainResult(node, request, restored, "".join(notes), forced_now=forced_now)
+            )
 
         self._update(add)
         done = result[0]
@@ -194,6 +203,11 @@ class Drains:
             by=request.requested_by,
             action="the daemon takes it out of rotation at its next pass",
         )
+        if done.forced_now:
+            return done
+        if not self.counts_sessions:
+            done.told = NO_LOGINS
+            return done
         try:
             tell_users(self.connector, ip, self._pin(ip), notice(node, request.reason))
         except SshError as exc:
@@ -228,6 +242,9 @@ class Drains:
         held = [h for h in last.held if h.startswith(f"deregister {ip} ")]
         if held:
             return False, f"still in rotation: {held[0]}"
+        unread = _unread(state, self.config.target_groups)
+        if unread:
+            return False, f"not known to be out: {unread}"
         still = [tg.name for tg in self.config.target_groups if ip in _registered(state, tg)]
         if still:
             return False, f"still registered in {', '.join(still)}"
@@ -242,14 +259,18 @@ class Drains:
         clock: Callable[[], float],
     ) -> bool:
         """Until the node is out of rotation and none of its SSH sessions is left, or `seconds`
-        have passed; says each change. True: out, and empty."""
+        have passed; says each change. True: out, and empty (without host keys, where sessions
+        cannot be counted: out)."""
         deadline = clock() + seconds
         said: tuple[str, str] = ("", "")
         while True:
             out, where = self.rotation(ip, since)
             try:
-                count = self.sessions(ip)
-                open_now = f"{count} sessions open"
+                if not self.counts_sessions:
+                    count, open_now = 0, f"sessions not counted ({NO_LOGINS})"
+                else:
+                    count = self.sessions(ip)
+                    open_now = f"{count} sessions open"
             except SshError as exc:
                 count, open_now = -1, f"sessions unknown ({exc})"
             left = max(deadline - clock(), 0)
@@ -270,6 +291,8 @@ class Drains:
             return "no pass has run yet: the daemon's guards decide when it leaves"
         rc = self.config.reconcile
         for tg in self.config.target_groups:
+            if _unread(state, [tg]):
+                continue  # said below
             registered = _registered(state, tg)
             if ip not in registered:
                 continue
@@ -286,7 +309,8 @@ class Drains:
                     f"reconcile.max_deregister_fraction = {rc.max_deregister_fraction:g} lets "
                     "none leave in a pass; add --force to drain it anyway"
                 )
-        return ""
+        unread = _unread(state, self.config.target_groups)
+        return f"{unread}: the daemon's guards decide when the node leaves it" if unread else ""
 
     def _lost(self, state: State, ip: str) -> list[str]:
         """Drains that intents.json lost and the next write puts back (from the daemon's copy)."""
@@ -300,7 +324,10 @@ class Drains:
         try:
             update_intents(self.state_dir, change)
         except IntentsError as exc:
-            raise DrainError(f"{exc}; fix or remove it (drains in it are then lost)") from None
+            raise DrainError(
+                f"{exc}; fix or remove it (the drains the daemon has applied are kept and put "
+                "back; one recorded since its last pass must be given again)"
+            ) from None
         except OSError as exc:
             raise DrainError(f"{intents_path(self.state_dir)}: cannot write ({exc})") from None
 
@@ -321,6 +348,16 @@ def _registered(state: State, tg: TargetGroupConfig) -> set[str]:
         for t in state.targets.get(tg.arn, [])
         if t.port == tg.port and t.state not in NOT_REGISTERED_STATES
     }
+
+
+def _unread(state: State, groups: Sequence[TargetGroupConfig]) -> str:
+    """A target group the last pass could not read (or none ever read): nothing is known of it."""
+    for tg in groups:
+        if tg.arn in state.target_errors:
+            return f"the last pass could not read {tg.name} ({state.target_errors[tg.arn]})"
+        if tg.arn not in state.targets:
+            return f"no pass has read {tg.name} yet"
+    return ""
 
 
 def _who() -> str:

@@ -73,7 +73,7 @@ def load_intents(state_dir: Path) -> Intents:
         raise IntentsError(f"{path}: cannot read ({exc.strerror})") from None
     try:
         return Intents.model_validate(json.loads(raw))
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, ValidationError, RecursionError) as exc:  # deep nesting: json recurses
         raise IntentsError(f"{path}: unusable ({str(exc).splitlines()[0]})") from None
 
 

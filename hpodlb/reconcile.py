@@ -30,7 +30,7 @@ from typing import Any
 
 from hpodlb import health
 from hpodlb.config import Config, target_group_name
-from hpodlb.drain import count_sessions
+from hpodlb.drain import NO_LOGINS, count_sessions
 from hpodlb.files import UntrustedPathError, make_trusted_dir, write_atomically
 from hpodlb.hostkeys import HostKeys
 from hpodlb.hyperpod import ClusterError, HyperPod
@@ -541,7 +541,9 @@ class _Pass:
             record = self.state.nodes[ip]
             if side is None or not pin:
                 record.sessions, record.sessions_at = None, None
-                record.sessions_error = "no canonical host keys to vouch for the node"
+                record.sessions_error = (
+                    NO_LOGINS if side is None else "no canonical host keys to vouch for the node"
+                )
                 continue
             job = partial(count_sessions, side.nodes.connector, ip, pin)
             self._submit(pool, ip, job, what=SESSIONS)

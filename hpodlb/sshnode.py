@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import paramiko
 
 OUTPUT_CAP_BYTES = 256 * 1024
+ROOT_SHELL = "sh -s hpodlb"  # how hpodlb runs its scripts on a node (see _ParamikoSession.run_root)
 
 
 class SshError(Exception):
@@ -211,8 +212,10 @@ class _ParamikoSession:
         return key_line(transport.get_remote_server_key())
 
     def run_root(self, script: bytes) -> tuple[int, str, str]:
-        """`sh -s` as root (through `sudo -n` when configured), the script on stdin only."""
-        command = "sudo -n sh -s" if self.settings.sudo else "sh -s"
+        """`sh -s hpodlb` as root (through `sudo -n` when configured), the script on stdin only.
+        The `hpodlb` argument ($1, unused) marks the process, so that counting a node's users
+        can leave out hpodlb's own connections without leaving out a user's `ssh node sh -s`."""
+        command = f"sudo -n {ROOT_SHELL}" if self.settings.sudo else ROOT_SHELL
         limit = self.settings.command_deadline
         transport = self.client.get_transport()
         if transport is None:

@@ -5,11 +5,13 @@ apply, a lost intents file never puts a drained node back, and `undrain` brings 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -48,12 +50,12 @@ class Held:
 
 
 @contextmanager
-def sessions(env: SimEnv, node: SimNode, count: int) -> Iterator[Held]:
+def sessions(env: SimEnv, node: SimNode, count: int, command: str = "sleep 120") -> Iterator[Held]:
     opts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "LogLevel=ERROR", "-i", str(env.cluster.client_key), "-p", str(env.cluster.port)]
     before = _logins(node)
     procs = [
-        subprocess.Popen(["ssh", "-tt", *opts, f"{SIM_USER}@{node.ip}", "sleep 120"],
+        subprocess.Popen(["ssh", "-tt", *opts, f"{SIM_USER}@{node.ip}", command],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for _ in range(count)
     ]
@@ -188,13 +190,14 @@ def test_drain_wait_reports_rotation_and_sessions_until_out_and_empty(
 
 def test_sessions_are_counted_across_an_sshd_restart_and_hpodlbs_own_are_not(env: SimEnv) -> None:
     """An openssh-server upgrade restarts sshd: the sessions it had are still users on the node.
-    hpodlb's other connections (a push, doctor, the daemon's count) are not users."""
+    hpodlb's other connections (a push, doctor, the daemon's count) are not users; a user's own
+    `ssh node sh -s` is."""
     from hpodlb.drain import Drains, count_sessions
 
     a, b = converged(env, 2)
     node = env.cluster.nodes[a]
     drains = Drains(env.config)
-    with sessions(env, node, 2), sessions(env, env.cluster.nodes[b], 1):
+    with sessions(env, node, 1), sessions(env, node, 1, "sh -s"), sessions(env, env.cluster.nodes[b], 1):
         assert drains.sessions(a) == 2
         node.restart_sshd()
         assert drains.sessions(a) == 2
@@ -205,7 +208,7 @@ def test_sessions_are_counted_across_an_sshd_restart_and_hpodlbs_own_are_not(env
         deadline = time.monotonic() + 20
         while _logins(node) == logged_in and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(1)  # from login to its `sh -s`: the count is taken inside the 5 s the script runs
+        time.sleep(1)  # from login to its `sh -s hpodlb`: the count is taken inside the 5 s the script runs
         assert count_sessions(drains.connector, a, pin) == 2
         busy.join(30)
         assert drains.sessions(b) == 1
@@ -387,3 +390,99 @@ def test_draining_again_changes_only_what_was_asked(
     again = load_intents(env.state_dir).drain[a]
     assert (again.reason, again.requested_at) == ("kernel 6.9", first.requested_at)
     assert _logins(node) == logins + 1  # told the new reason
+    assert cli(env, "drain", a, "--force") == 0  # adding --force is recorded, nobody told again
+    assert "now with --force" in capsys.readouterr().out
+    assert load_intents(env.state_dir).drain[a].force
+    assert load_intents(env.state_dir).drain[a].reason == "kernel 6.9"
+    assert _logins(node) == logins + 1
+
+
+def test_an_unusable_intents_file_keeps_drains_as_last_known(
+    env: SimEnv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Half-written, hostile or odd intents.json: no pass crashes (deep nesting made json recurse
+    past Python's limit), the drained node stays out, and `drain` names the file in one line."""
+    a, b, c, d = converged(env, 4)
+    assert cli(env, "drain", a, "--reason", "disk") == 0
+    env.run_pass()
+    path = intents_path(env.state_dir)
+    good = path.read_bytes()
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_bytes(good)
+    bad: dict[str, Callable[[], None]] = {
+        "half-written": lambda: path.write_bytes(good[: len(good) // 2]),
+        "deeply nested": lambda: path.write_text('{"drain":' + "[" * 100_000 + "]" * 100_000 + "}"),
+        "wrong types": lambda: path.write_text('{"drain": {"10.0.0.1": {"reason": 5}}}'),
+        "over 1 MiB": lambda: path.write_text(" " * (2 << 20) + "{}"),
+        "a FIFO": lambda: os.mkfifo(path),
+        "a symlink": lambda: path.symlink_to(elsewhere),
+    }
+    for what, make in bad.items():
+        path.unlink()
+        make()
+        outcome = env.run_pass()
+        assert not outcome.crashed and not outcome.converged, what
+        assert any(str(path) in e for e in outcome.errors), (what, outcome.errors)
+        assert env.registered() == {b, c, d}, what
+        assert cli(env, "drain", b) == 1, what
+        said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hpodlb: ")]
+        assert len(said) == 1 and str(path) in said[0] and "fix or remove it" in said[0], said
+    path.unlink()
+    path.write_bytes(good)
+    assert env.run_pass().converged
+    assert env.registered() == {b, c, d}
+
+
+def test_wait_does_not_call_a_node_out_of_a_group_no_pass_could_read(env: SimEnv) -> None:
+    """A target group no pass could read (just added, and not found; or a deleted state cache,
+    then AWS unreachable): nothing is known of it, so the node is not "out of rotation"."""
+    from hpodlb.drain import Drains
+
+    a, _, _ = converged(env, 3)
+    assert cli(env, "drain", a) == 0
+    since = load_intents(env.state_dir).drain[a].requested_at
+    env.arns = [env.arn, env.arn.rsplit("/", 1)[0] + "/0123456789abcdef"]
+    env.write_config()
+    outcome = env.run_pass()
+    assert a not in env.registered()
+    assert any("TargetGroupNotFound" in e for e in outcome.errors), outcome.errors
+    out, why = Drains(env.config).rotation(a, since)
+    assert not out and "could not read" in why, why
+
+
+def test_without_host_keys_drain_says_it_cannot_tell_or_count_and_waits_on_rotation(
+    env: SimEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, _, _ = converged(env, 3)
+    node = env.cluster.nodes[a]
+    env.write_config(host_keys={"enabled": False})
+    logins = _logins(node)
+    with passes(env):
+        assert cli(env, "drain", a, "--wait", "60") == 0
+    out = capsys.readouterr().out
+    assert "could not tell its users (wall): host_keys.enabled = false" in out
+    assert "sessions not counted (host_keys.enabled = false" in out
+    assert f"{a}: out of rotation (its sessions are not counted" in out
+    assert _logins(node) == logins  # no login at all
+    assert a not in env.registered()
+    assert "host_keys.enabled = false" in env.state().nodes[a].sessions_error
+
+
+def test_ctrl_c_during_wait_keeps_the_drain_and_says_so(env: SimEnv) -> None:
+    import signal
+    import sys
+
+    a, _, _ = converged(env, 3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpodlb", "--config", str(env.config_path), "drain", a, "--wait", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env.aws.env()},
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the drain is recorded before it starts waiting
+    while "left to wait" not in first and first:
+        first = proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (out, err)
+    assert f"interrupted: {a} stays drained" in out and "Traceback" not in err, (out, err)
+    assert a in load_intents(env.state_dir).drain

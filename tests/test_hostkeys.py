@@ -273,7 +273,7 @@ def test_no_key_material_in_logs_command_lines_status_or_tmp(
     main(["keys", "show", "--config", str(env.config_path)])
     out = capsys.readouterr().out
     secrets = _secret_fragments(KeyStore(env.store, TYPES).load())
-    assert any("sudo -n sh -s" in c for c in seen_cmdlines)  # the sampler did see the remote shell
+    assert any("sudo -n sh -s hpodlb" in c for c in seen_cmdlines)  # the sampler did see the remote shell
     for text in (log.getvalue(), out, *seen_cmdlines):
         assert not any(s in text for s in secrets)
     for path in _files_changed_since(Path("/tmp"), started, skip=(env.cluster.base, env.workdir)):
