@@ -480,8 +480,11 @@ class _Server(ThreadingMixIn, WSGIServer):
             self._forget(request)
 
     def server_close(self) -> None:
+        """Also cuts the scrapes still open: with the deadline thread gone, nothing else would."""
         with self._changed:
             self._closing = True
+            for sock in self._open:
+                _cut(sock)
             self._changed.notify()
         super().server_close()
 
@@ -495,11 +498,16 @@ class _Server(ThreadingMixIn, WSGIServer):
                 now = time.monotonic()
                 for sock, (host, deadline) in list(self._open.items()):
                     if deadline is not None and deadline <= now:
-                        with suppress(OSError):  # closed meanwhile
-                            sock.shutdown(socket.SHUT_RDWR)  # its thread's read or write ends now
+                        _cut(sock)
                         self._open[sock] = (host, None)
                 soonest = min((d for _, d in self._open.values() if d is not None), default=None)
                 self._changed.wait(None if soonest is None else max(soonest - now, 0.05))
+
+
+def _cut(sock: socket.socket) -> None:
+    """Its handler thread's read or write ends at once; the thread then closes it."""
+    with suppress(OSError):  # closed meanwhile
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Server6(_Server):

@@ -558,9 +558,9 @@ def test_the_grafana_dashboard_queries_only_existing_metrics() -> None:
 
 
 def test_idle_connections_cannot_take_the_daemons_threads() -> None:
-    """Anyone who can reach the port may open connections and say nothing: at most MAX_SCRAPES
-    threads answer at once (the rest are closed), each silent one is dropped after a timeout,
-    and scrapes are answered again as soon as they go."""
+    """Anyone who can reach the port may open connections and say nothing, from several addresses:
+    at most MAX_SCRAPES threads answer at once (the rest are closed), each silent one is dropped
+    after a timeout, and scrapes are answered again as soon as they go."""
     import threading
 
     from hpodlb.config import MetricsConfig
@@ -571,7 +571,8 @@ def test_idle_connections_cannot_take_the_daemons_threads() -> None:
     try:
         host, port = exporter.address.rsplit(":", 1)
         before = threading.active_count()
-        idle = [socket.create_connection((host, int(port))) for _ in range(50)]
+        idle = [socket.create_connection((host, int(port)), source_address=(f"127.0.0.{1 + n % 6}", 0))
+                for n in range(60)]
         time.sleep(1)
         assert threading.active_count() - before <= MAX_SCRAPES
         for sock in idle:
@@ -637,6 +638,45 @@ def test_slow_clients_are_cut_and_one_address_cannot_take_every_slot(
             sock.settimeout(20)  # never cut: TimeoutError
             with contextlib.suppress(ConnectionResetError):
                 assert sock.recv(1024) == b""  # cut (or refused at once: no slot for it)
+        # Their slots are free again: the same address is answered.
+        assert value(parse(scrape(exporter.address)), "hpodlb_info", version=hpodlb.__version__) == 1
+    finally:
+        stop.set()
+        exporter.close()
+
+
+def test_a_moved_endpoint_cuts_the_scrapes_the_old_one_had_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reload that moves the endpoint closes the old server; a dripping client of the old one
+    must not keep its thread (nothing would cut it once the old server's deadlines are gone)."""
+    from hpodlb import metrics
+    from hpodlb.config import MetricsConfig
+
+    monkeypatch.setattr(metrics, "SCRAPE_TIMEOUT_SECONDS", 120.0)  # not what cuts it here
+    import threading
+
+    exporter = metrics.Exporter()
+    exporter.follow(MetricsConfig(listen="127.0.0.1:0"))
+    stop = threading.Event()
+    try:
+        host, port = exporter.address.rsplit(":", 1)
+        client = socket.create_connection((host, int(port)))
+        client.sendall(b"GET /metrics HTTP/1.1\r\n")
+
+        def drip() -> None:  # the per-read timeout (10 s) never ends it
+            while not stop.wait(1.0):
+                with contextlib.suppress(OSError):
+                    client.sendall(b"X-Slow: 1\r\n")
+
+        dripping = threading.Thread(target=drip)
+        dripping.start()
+        time.sleep(0.3)
+        exporter.follow(MetricsConfig(listen="127.0.0.2:0"))
+        assert exporter.address.startswith("127.0.0.2:")
+        client.settimeout(30)  # never cut: TimeoutError
+        with contextlib.suppress(ConnectionResetError):
+            assert client.recv(1024) == b""
     finally:
         stop.set()
         exporter.close()
