@@ -821,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _reader_gone(sys.stdout) and not _reader_gone(sys.stderr):
             return _unexpected(exc, verbose=verbose)  # a socket's EPIPE is no closed pipe of ours
         return _quiet_after_reader_gone()
-    except KeyboardInterrupt:  # Ctrl-C: what was running stops where it was, no traceback
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback
         _fail("interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:  # the boundary: anything left becomes one line and exit 2

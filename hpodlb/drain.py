@@ -26,7 +26,7 @@ from hpodlb.intents import DrainRequest, Intents, intents_path, update_intents
 from hpodlb.inventory import InventoryError, LoginNode
 from hpodlb.logs import get_logger
 from hpodlb.planner import NOT_REGISTERED_STATES
-from hpodlb.sshnode import SshConnector, SshError
+from hpodlb.sshnode import ROOT_SHELL, SshConnector, SshError
 from hpodlb.state import State, load_state
 
 log = get_logger("hpodlb.drain")
@@ -39,8 +39,9 @@ NO_LOGINS = "host_keys.enabled = false: hpodlb logs in to no node"
 
 # Every `USER [priv]` process (sshd's monitor of one logged-in connection; `unknown [priv]` has
 # not said who it is yet) in this node's mount namespace, except hpodlb's own: those whose
-# session runs hpodlb's root shell (`sh -s hpodlb`, perhaps under `sudo -n`: pushes, counts,
-# doctor, from this or another hpodlb; a user's own `ssh node sh -s` is counted). Not only the
+# session runs hpodlb's root shell (ROOT_SHELL, perhaps under `sudo -n`: pushes, counts, doctor,
+# from this or another hpodlb of this build or later; a user's own `ssh node sh -s` is counted,
+# and so is an older hpodlb's, which ran `sh -s` alone). Not only the
 # listener's children: sessions outlive an sshd restart (apt upgrades do that), and are
 # reparented away from the new listener. The mount namespace keeps the count to this node where
 # one kernel hosts several (the simulated login nodes). A connection of hpodlb's caught before
@@ -52,7 +53,7 @@ function priv(p) {
 }
 { pid = $1; parent[pid] = $2; $1 = ""; $2 = ""; sub(/^ +/, ""); args[pid] = $0 }
 END {
-  for (q in args) if (args[q] ~ /^(sudo -n )?sh -s hpodlb$/) {
+  for (q in args) if (args[q] ~ /^(sudo -n )?@ROOT_SHELL@$/) {
     p = q
     while ((p in parent) && p > 1) { if (priv(p)) { ours[p] = 1; break }; p = parent[p] }
   }
@@ -65,7 +66,7 @@ END {
   done
   echo "hpodlb-sessions $n"
 }
-"""
+""".replace(b"@ROOT_SHELL@", ROOT_SHELL.encode())
 
 
 class DrainError(Exception):
