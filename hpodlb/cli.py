@@ -565,7 +565,8 @@ def _add_pass_commands(add: Adder) -> None:
         "still kept in step. --wait then follows the daemon's passes and the node's SSH sessions "
         "until it is out of rotation and empty. A standby head refuses (drains are per head). "
         "Exit status: 0 drained (with --wait: out and empty), 1 refused, not a login node, or "
-        "not out and empty when --wait ran out, 2 config or usage error.",
+        "not out and empty when --wait ran out, 2 config or usage error, 130 interrupted "
+        "(the drain stays).",
     )
     p.add_argument("ip", type=_ipv4, metavar="IP", help="the login node's IP")
     p.add_argument(
