@@ -61,8 +61,9 @@ def sessions(env: SimEnv, node: SimNode, count: int, command: str = "sleep 120")
     ]
     held = Held(procs)
     try:
-        deadline = time.monotonic() + 10
-        while _logins(node) < before + count and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while _logins(node) < before + count:
+            assert time.monotonic() < deadline, f"{count} ssh sessions to {node.ip} did not log in"
             time.sleep(0.05)
         time.sleep(0.3)  # the session's pty and utmp entry follow the login
         yield held
@@ -171,7 +172,8 @@ def test_drain_wait_reports_rotation_and_sessions_until_out_and_empty(
             # machine one poll can take longer than any fixed sleep (CI once missed the 1).
             for closing, seen in ((1, "; 2 sessions open"), (None, "; 1 sessions open")):
                 deadline = time.monotonic() + 45
-                while seen not in said and time.monotonic() < deadline:
+                while seen not in said:
+                    assert time.monotonic() < deadline, (seen, said)
                     time.sleep(0.2)
                     said += capsys.readouterr().out
                 held.close(closing)
@@ -202,21 +204,24 @@ def test_sessions_are_counted_across_an_sshd_restart_and_hpodlbs_own_are_not(env
         node.restart_sshd()
         assert drains.sessions(a) == 2
         pin = frozenset(canonical(env))
-        logged_in = _logins(node)
-        busy = threading.Thread(target=lambda: _run_in_session(drains, a, pin))
+        running, done = env.workdir / "script-running", env.workdir / "count-taken"
+        busy = threading.Thread(target=lambda: _run_in_session(drains, a, pin, running, done))
         busy.start()
-        deadline = time.monotonic() + 20
-        while _logins(node) == logged_in and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while not running.exists():  # hpodlb's own session is inside its `sh -s hpodlb`
+            assert time.monotonic() < deadline and busy.is_alive()
             time.sleep(0.05)
-        time.sleep(1)  # from login to its `sh -s hpodlb`: the count is taken inside the 5 s the script runs
         assert count_sessions(drains.connector, a, pin) == 2
+        done.touch()
         busy.join(30)
         assert drains.sessions(b) == 1
 
 
-def _run_in_session(drains: object, ip: str, pin: frozenset[str]) -> None:
+def _run_in_session(drains: object, ip: str, pin: frozenset[str], running: Path, done: Path) -> None:
+    """A script of hpodlb's that runs until the test has counted (at most 20 s)."""
+    script = f"touch '{running}'; i=0; while [ ! -e '{done}' ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done"
     with drains.connector.session(ip, pin) as session:  # type: ignore[attr-defined]
-        session.run_root(b"sleep 5")
+        session.run_root(script.encode())
 
 
 def test_drain_below_min_in_service_is_refused_unless_forced(
