@@ -41,11 +41,11 @@ NO_LOGINS = "host_keys.enabled = false: hpodlb logs in to no node"
 # not said who it is yet) in this node's mount namespace, except hpodlb's own: those whose
 # session runs hpodlb's root shell (ROOT_SHELL, perhaps under `sudo -n`: pushes, counts, doctor,
 # from this or another hpodlb of this build or later; a user's own `ssh node sh -s` is counted,
-# and so is an older hpodlb's, which ran `sh -s` alone). Not only the
-# listener's children: sessions outlive an sshd restart (apt upgrades do that), and are
-# reparented away from the new listener. The mount namespace keeps the count to this node where
-# one kernel hosts several (the simulated login nodes). A connection of hpodlb's caught before
-# its script starts or after it ends is counted: one poll's worth.
+# and so is an older hpodlb's, which ran `sh -s` alone). Not only the listener's children:
+# sessions outlive an sshd restart (apt upgrades do that), and are reparented away from the new
+# listener. The mount namespace keeps the count to this node where one kernel hosts several (the
+# simulated login nodes). A connection of hpodlb's caught before its script starts or after it
+# ends is counted: one poll's worth.
 SESSIONS_SCRIPT = rb"""mine=$(readlink /proc/$$/ns/mnt)
 ps -ww -eo pid=,ppid=,args= | awk '
 function priv(p) {
@@ -186,9 +186,8 @@ class Drains:
             )
             intents.drain[ip] = request
             forced_now = old is not None and old.reason == why
-            result.append(
-                DrainResult(node, request, restored, "".join(notes), forced_now=forced_now)
-            )
+            note = "".join(notes)
+            result.append(DrainResult(node, request, restored, note=note, forced_now=forced_now))
 
         self._update(add)
         done = result[0]
@@ -291,9 +290,12 @@ class Drains:
         if state.last_pass is None:
             return "no pass has run yet: the daemon's guards decide when it leaves"
         rc = self.config.reconcile
+        unread = ""
         for tg in self.config.target_groups:
-            if _unread(state, [tg]):
-                continue  # said below
+            why = _unread(state, [tg])
+            if why:
+                unread = unread or why
+                continue
             registered = _registered(state, tg)
             if ip not in registered:
                 continue
@@ -310,7 +312,6 @@ class Drains:
                     f"reconcile.max_deregister_fraction = {rc.max_deregister_fraction:g} lets "
                     "none leave in a pass; add --force to drain it anyway"
                 )
-        unread = _unread(state, self.config.target_groups)
         return f"{unread}: the daemon's guards decide when the node leaves it" if unread else ""
 
     def _lost(self, state: State, ip: str) -> list[str]:

@@ -438,12 +438,14 @@ def test_an_unusable_intents_file_keeps_drains_as_last_known(
     assert env.registered() == {b, c, d}
 
 
-def test_wait_does_not_call_a_node_out_of_a_group_no_pass_could_read(env: SimEnv) -> None:
+def test_wait_does_not_call_a_node_out_of_a_group_no_pass_could_read(
+    env: SimEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A target group no pass could read (just added, and not found; or a deleted state cache,
     then AWS unreachable): nothing is known of it, so the node is not "out of rotation"."""
     from hpodlb.drain import Drains
 
-    a, _, _ = converged(env, 3)
+    a, b, _ = converged(env, 3)
     assert cli(env, "drain", a) == 0
     since = load_intents(env.state_dir).drain[a].requested_at
     env.arns = [env.arn, env.arn.rsplit("/", 1)[0] + "/0123456789abcdef"]
@@ -453,6 +455,10 @@ def test_wait_does_not_call_a_node_out_of_a_group_no_pass_could_read(env: SimEnv
     assert any("TargetGroupNotFound" in e for e in outcome.errors), outcome.errors
     out, why = Drains(env.config).rotation(a, since)
     assert not out and "could not read" in why, why
+    capsys.readouterr()
+    assert cli(env, "drain", b) == 0  # the group it can see allows it; of the other it says so
+    said = capsys.readouterr().out
+    assert "note: the last pass could not read" in said and "could not tell" not in said, said
 
 
 def test_without_host_keys_drain_says_it_cannot_tell_or_count_and_waits_on_rotation(
