@@ -209,14 +209,14 @@ def test_daemon_lifecycle(
         "STATUS=0/3 login nodes healthy (3 more registered, not healthy yet), 0 pending")
     notify.wait_for("WATCHDOG=1", count=3)
 
-    # The resource config changes: the node is registered long before the 60 s interval.
+    # The resource config changes: the node is registered long before the 60 s interval (the
+    # first pass was just now: within 30 s of the change, only the change can have woken it).
     changed = time.monotonic()
     _add_login_node(cluster_dir, "10.1.74.4")
-    deadline = changed + 10
+    deadline = changed + 30
     while ("10.1.74.4", 22) not in aws.targets(arn):
         assert time.monotonic() < deadline, daemon.log.read_text()[-2000:]
         time.sleep(0.1)
-    assert time.monotonic() - changed < 5
     daemon.wait_event("resource_config_changed")
 
     # A broken config on SIGHUP is refused; the daemon keeps going on the old one.
@@ -308,10 +308,10 @@ def test_a_pass_waiting_on_a_silent_node_keeps_the_watchdog_fed(
         assert len(extends) >= len(pings) - 1, (extends, pings)
         assert not [t for t, _ in daemon.notify.fields("EXTEND_TIMEOUT_USEC=") if t > ready_at + 0.5]
         # The main loop pings every 0.5 s (its tick) while the pass beats; before, pings stopped
-        # for the whole 4 s wait. The bound leaves a busy 2-core CI room for one late tick.
-        assert pings and pings[-1] > ready_at - 1.0, pings
+        # for the whole 4 s wait. The bounds leave a busy 2-core CI room for a few late ticks.
+        assert pings and pings[-1] > ready_at - 2.5, pings
         gaps = [b - a for a, b in itertools.pairwise(pings)]
-        assert max(gaps) < 1.5, gaps
+        assert max(gaps) < 3.0, gaps
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(15) == 0
     finally:
