@@ -196,8 +196,11 @@ def cmd_drain(config: Config, args: argparse.Namespace) -> int:
 def _wait_drained(drains: Drains, ip: str, since: float, seconds: float) -> int:
     from hpodlb.drain import NO_LOGINS
 
+    def say(line: str) -> None:  # each change as it happens, also into a pipe (`| tee`) or a file
+        print(line, flush=True)
+
     try:
-        done = drains.wait(ip, since, seconds, print, time.monotonic)
+        done = drains.wait(ip, since, seconds, say, time.monotonic)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {ip} stays drained (`hpodlb undrain {ip}` to undo)")
         return EXIT_INTERRUPTED

@@ -484,9 +484,12 @@ def test_ctrl_c_during_wait_keeps_the_drain_and_says_so(env: SimEnv) -> None:
     import sys
 
     a, _, _ = converged(env, 3)
+    # Into a pipe, as `| tee` would read it: Python buffers a pipe unless told otherwise, and
+    # --wait's lines must arrive as they are said.
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "hpodlb", "--config", str(env.config_path), "drain", a, "--wait", "120"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env.aws.env()},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**environ, **env.aws.env()},
     )
     assert proc.stdout is not None
     first = proc.stdout.readline()  # the drain is recorded before it starts waiting
