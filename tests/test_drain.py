@@ -487,9 +487,12 @@ def test_ctrl_c_during_wait_keeps_the_drain_and_says_so(env: SimEnv) -> None:
     # Into a pipe, as `| tee` would read it: Python buffers a pipe unless told otherwise, and
     # --wait's lines must arrive as they are said.
     environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    # As from a terminal: a suite run as a background job of a non-interactive shell (`./.ci/run &`)
+    # ignores SIGINT, and an ignored signal stays ignored across exec (Python then leaves it so).
     proc = subprocess.Popen(
         [sys.executable, "-m", "hpodlb", "--config", str(env.config_path), "drain", a, "--wait", "120"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**environ, **env.aws.env()},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
     )
     assert proc.stdout is not None
     first = proc.stdout.readline()  # the drain is recorded before it starts waiting
