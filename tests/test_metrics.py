@@ -605,47 +605,65 @@ def _scrape_from(address: str, source: str) -> str:
     return body.decode()
 
 
+@contextlib.contextmanager
+def dripping(address: str, count: int) -> Iterator[list[socket.socket]]:
+    """Slowloris clients: each sends a request line, then a header line every second (each read
+    short of the per-read timeout), until the block ends."""
+    import threading
+
+    host, port = address.rsplit(":", 1)
+    socks = [socket.create_connection((host, int(port))) for _ in range(count)]
+    stop = threading.Event()
+
+    def drip() -> None:
+        while not stop.wait(1.0):
+            for sock in socks:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X-Slow: 1\r\n")
+
+    for sock in socks:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+    thread = threading.Thread(target=drip)
+    thread.start()
+    try:
+        yield socks
+    finally:
+        stop.set()
+        thread.join()
+        for sock in socks:
+            sock.close()
+
+
+def assert_cut(sock: socket.socket, within: float) -> None:
+    """The endpoint closed it (or refused it at once: no slot for it); never cut: TimeoutError."""
+    sock.settimeout(within)
+    with contextlib.suppress(ConnectionResetError):
+        assert sock.recv(1024) == b""
+
+
 def test_slow_clients_are_cut_and_one_address_cannot_take_every_slot(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Slowloris: a header line every second keeps each read short of the read timeout, so only
     a deadline for the whole request ends it; and while one address holds its share of slots,
     a scrape from another is still answered."""
-    import threading
-
     from hpodlb import metrics
     from hpodlb.config import MetricsConfig
 
     monkeypatch.setattr(metrics, "SCRAPE_TIMEOUT_SECONDS", 3.0)
     exporter = metrics.Exporter()
     exporter.follow(MetricsConfig(listen="127.0.0.1:0"))
-    stop = threading.Event()
     try:
-        host, port = exporter.address.rsplit(":", 1)
-        slow = [socket.create_connection((host, int(port))) for _ in range(metrics.MAX_SCRAPES)]
-        for sock in slow:
-            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
-
-        def drip() -> None:
-            while not stop.wait(1.0):
-                for sock in slow:
-                    with contextlib.suppress(OSError):
-                        sock.sendall(b"X-Slow: 1\r\n")
-
-        dripping = threading.Thread(target=drip)
-        dripping.start()
-        time.sleep(0.5)
-        # 127.0.0.1 has its MAX_SCRAPES_PER_CLIENT; the other address is answered all the same.
-        assert value(parse(_scrape_from(exporter.address, "127.0.0.2")), "hpodlb_info",
-                     version=hpodlb.__version__) == 1
-        for sock in slow:
-            sock.settimeout(20)  # never cut: TimeoutError
-            with contextlib.suppress(ConnectionResetError):
-                assert sock.recv(1024) == b""  # cut (or refused at once: no slot for it)
+        with dripping(exporter.address, metrics.MAX_SCRAPES) as slow:
+            time.sleep(0.5)
+            # 127.0.0.1 has its MAX_SCRAPES_PER_CLIENT; the other address is answered all the same.
+            assert value(parse(_scrape_from(exporter.address, "127.0.0.2")), "hpodlb_info",
+                         version=hpodlb.__version__) == 1
+            for sock in slow:
+                assert_cut(sock, 20)
         # Their slots are free again (once their threads have ended): the same address is answered.
         assert value(parse(scrape_when_free(exporter.address)), "hpodlb_info", version=hpodlb.__version__) == 1
     finally:
-        stop.set()
         exporter.close()
 
 
@@ -658,31 +676,15 @@ def test_a_moved_endpoint_cuts_the_scrapes_the_old_one_had_open(
     from hpodlb.config import MetricsConfig
 
     monkeypatch.setattr(metrics, "SCRAPE_TIMEOUT_SECONDS", 120.0)  # not what cuts it here
-    import threading
-
     exporter = metrics.Exporter()
     exporter.follow(MetricsConfig(listen="127.0.0.1:0"))
-    stop = threading.Event()
     try:
-        host, port = exporter.address.rsplit(":", 1)
-        client = socket.create_connection((host, int(port)))
-        client.sendall(b"GET /metrics HTTP/1.1\r\n")
-
-        def drip() -> None:  # the per-read timeout (10 s) never ends it
-            while not stop.wait(1.0):
-                with contextlib.suppress(OSError):
-                    client.sendall(b"X-Slow: 1\r\n")
-
-        dripping = threading.Thread(target=drip)
-        dripping.start()
-        time.sleep(0.3)
-        exporter.follow(MetricsConfig(listen="127.0.0.2:0"))
-        assert exporter.address.startswith("127.0.0.2:")
-        client.settimeout(30)  # never cut: TimeoutError
-        with contextlib.suppress(ConnectionResetError):
-            assert client.recv(1024) == b""
+        with dripping(exporter.address, 1) as (client,):  # the per-read timeout (10 s) never ends it
+            time.sleep(0.3)
+            exporter.follow(MetricsConfig(listen="127.0.0.2:0"))
+            assert exporter.address.startswith("127.0.0.2:")
+            assert_cut(client, 30)
     finally:
-        stop.set()
         exporter.close()
 
 
