@@ -9,7 +9,10 @@ Each node runs in its own mount namespace (`unshare -m`) with a private dir bind
 login node. Each namespace also sees its own `/etc/passwd`, `/etc/shadow`, `/etc/group` and
 `/etc/sudoers` (the host's plus one login user with key auth and passwordless sudo), and its own
 `/run` (a tmpfs: sshd's privsep dir and a utmp, so `wall` reaches this node's terminals only), so
-nothing on the host changes. The login user's home (and `authorized_keys`) is shared by every node, as HyperPod's FSx
+nothing on the host changes. Those files live in a private `/etc` (a directory mounted over the
+host's, every other entry a symlink to the host's own): a bind mount of a single file is detached
+when the host renames a new file over it (any `useradd`), which made the login user vanish from
+running nodes. The login user's home (and `authorized_keys`) is shared by every node, as HyperPod's FSx
 home is. Needs root.
 """
 
@@ -138,10 +141,11 @@ class SimNode:
         c = self.cluster
         script = " && ".join(
             [
+                # The host's /etc stays reachable for the private /etc's symlinks; both are
+                # directory mounts, which nothing the host does to a file in /etc detaches.
+                f"mount --bind /etc {c.host_etc}",
+                f"mount --bind {c.etc} /etc",
                 f"mount --bind {self.etc_ssh} /etc/ssh",
-                f"mount --bind {c.etc / 'passwd'} /etc/passwd",
-                f"mount --bind {c.etc / 'group'} /etc/group",
-                f"mount --bind {c.etc / 'shadow'} /etc/shadow",
                 f"mount --bind {self.dir / 'sudoers'} /etc/sudoers",
                 # Its own /run: sshd's privsep dir, and a utmp of its own, so that `who` and
                 # `wall` on this node see only the terminals of its own sessions.
@@ -278,6 +282,7 @@ class SimCluster:
         self.block = AddressBlock()
         self.port = self.block.port
         self.etc = base / "etc"
+        self.host_etc = base / "host-etc"
         self.home = base / "home" / SIM_USER
         self.client_key = base / "client" / "id_ed25519"
         self.nodes: dict[str, SimNode] = {}
@@ -292,6 +297,7 @@ class SimCluster:
         self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o755)  # the login user must reach its home below it
         self.etc.mkdir(parents=True)
+        self._link_host_etc()
         passwd = Path("/etc/passwd").read_text()
         (self.etc / "passwd").write_text(
             passwd + f"{SIM_USER}:x:{SIM_UID}:{SIM_UID}::{self.home}:/bin/sh\n"
@@ -322,6 +328,23 @@ class SimCluster:
         shutil.copy(self.client_key.with_suffix(".pub"), ssh_dir / "authorized_keys")
         for path in (self.home, ssh_dir, ssh_dir / "authorized_keys"):
             os.chown(path, SIM_UID, SIM_UID)
+
+    def _link_host_etc(self) -> None:
+        """The private /etc: a symlink to the host's entry for everything but what the nodes
+        own (the user database, sudoers, /etc/ssh), so a file the host replaces is still seen."""
+        self.host_etc.mkdir(mode=0o755)
+        (self.etc / "ssh").mkdir(mode=0o755)
+        (self.etc / "sudoers").touch(mode=0o440)
+        own = {"passwd", "group", "shadow", "sudoers", "ssh"}
+        for entry in Path("/etc").iterdir():
+            if entry.name in own:
+                continue
+            if entry.is_symlink():  # e.g. mtab -> ../proc/self/mounts: kept, made absolute
+                target = os.path.normpath(Path("/etc") / os.readlink(entry))
+            else:
+                target = str(self.host_etc / entry.name)
+            (self.etc / entry.name).symlink_to(target)
+        self.etc.chmod(0o755)
 
     def add_node(
         self,
