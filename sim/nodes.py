@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import random
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -122,16 +124,17 @@ class SimNode:
         )
 
     def new_host_keys(self) -> None:
-        """What a re-imaged root volume brings: a fresh set of host keys."""
+        """What a re-imaged root volume brings: a set of host keys no other node of this cluster
+        has held (made once per process and reused by later clusters: ssh-keygen's RSA-3072 costs
+        about half a CPU-second, and the tests need keys that differ, not keys never seen)."""
         fresh = self.dir / "fresh-keys"
         shutil.rmtree(fresh, ignore_errors=True)
         fresh.mkdir(mode=0o700)
-        for t in KEY_TYPES:
+        for t, (private, public) in self.cluster.next_keyset().items():
             name = f"ssh_host_{t}_key"
-            subprocess.run(
-                ["ssh-keygen", "-q", "-t", t, "-N", "", "-C", self.ip, "-f", str(fresh / name)],
-                check=True,
-            )
+            (fresh / name).write_bytes(private)
+            (fresh / name).chmod(0o600)
+            (fresh / f"{name}.pub").write_bytes(public)
             # Renamed into place: a push still running on the node cannot make ssh-keygen prompt.
             for suffix in (".pub", ""):
                 (fresh / f"{name}{suffix}").replace(self.etc_ssh / f"{name}{suffix}")
@@ -274,6 +277,27 @@ class SimNode:
         }
 
 
+_KEYSETS: list[dict[str, tuple[bytes, bytes]]] = []
+_KEYSETS_LOCK = threading.Lock()
+
+
+def _keyset(n: int) -> dict[str, tuple[bytes, bytes]]:
+    """The n-th host key set of this process ((private, public) per type), made on first use."""
+    with _KEYSETS_LOCK:
+        while len(_KEYSETS) <= n:
+            made: dict[str, tuple[bytes, bytes]] = {}
+            with tempfile.TemporaryDirectory(prefix="hpodlb-sim-keys-") as tmp:
+                for t in KEY_TYPES:
+                    key = Path(tmp) / t
+                    subprocess.run(
+                        ["ssh-keygen", "-q", "-t", t, "-N", "", "-C", "hpodlb-sim", "-f", str(key)],
+                        check=True,
+                    )
+                    made[t] = (key.read_bytes(), key.with_suffix(".pub").read_bytes())
+            _KEYSETS.append(made)
+        return _KEYSETS[n]
+
+
 class SimCluster:
     """A set of login nodes sharing one login user and home, under `base` (a temp dir)."""
 
@@ -287,6 +311,11 @@ class SimCluster:
         self.client_key = base / "client" / "id_ed25519"
         self.nodes: dict[str, SimNode] = {}
         self._silent: list[socket.socket] = []
+        self._keysets = itertools.count()
+
+    def next_keyset(self) -> dict[str, tuple[bytes, bytes]]:
+        """A host key set that no node of this cluster has been given before."""
+        return _keyset(next(self._keysets))
 
     def ip(self, n: int) -> str:
         """The n-th loopback address of this cluster's own block (1..254)."""
@@ -340,7 +369,7 @@ class SimCluster:
             if entry.name in own:
                 continue
             if entry.is_symlink():  # e.g. mtab -> ../proc/self/mounts: kept, made absolute
-                target = os.path.normpath(Path("/etc") / os.readlink(entry))
+                target = os.path.normpath(Path("/etc") / entry.readlink())
             else:
                 target = str(self.host_etc / entry.name)
             (self.etc / entry.name).symlink_to(target)

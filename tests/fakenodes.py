@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 
 from hpodlb.keystore import (
     HostKey,
@@ -26,6 +27,26 @@ from hpodlb.keystore import (
 from hpodlb.sshnode import SshError
 
 TYPES = ("rsa", "ecdsa", "ed25519")
+
+
+@cache
+def _premade(n: int) -> dict[str, HostKey]:
+    return {t: generate(t) for t in TYPES}
+
+
+class KeySets:
+    """Distinct key sets for one test, made once per session and shared by every test after:
+    an RSA-3072 key costs ~0.5 s to make, and what these tests need is only that keys differ."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def take(self) -> dict[str, HostKey]:
+        self._next += 1
+        return dict(_premade(self._next - 1))
+
+    def key(self, key_type: str) -> HostKey:
+        return self.take()[key_type]
 
 
 @dataclass
@@ -41,8 +62,8 @@ class FakeNode:
     sessions: int = 0
 
     @classmethod
-    def fresh(cls, **kw: object) -> FakeNode:
-        return cls(keys={t: generate(t) for t in TYPES}, **kw)  # type: ignore[arg-type]
+    def fresh(cls, keysets: KeySets, **kw: object) -> FakeNode:
+        return cls(keys=keysets.take(), **kw)  # type: ignore[arg-type]
 
     def presents(self, key_type: str) -> str | None:
         return self.keys[key_type].public if key_type in self.offered else None

@@ -20,13 +20,13 @@ from moto import mock_aws
 from hpodlb.config import Config, load_config
 from hpodlb.hostkeys import HostKeys
 from hpodlb.intents import TrustRequest, load_intents, update_intents
-from hpodlb.keystore import KeyStore, generate
+from hpodlb.keystore import KeyStore
 from hpodlb.planner import Kind
 from hpodlb.reconcile import PassOutcome, Reconciler, backoff_seconds, key_side
 from hpodlb.sshnode import SshError
 from hpodlb.state import State
 from hpodlb.targets import TargetGroup, boto_config
-from tests.fakenodes import TYPES, FakeConnector, FakeNode
+from tests.fakenodes import TYPES, FakeConnector, FakeNode, KeySets
 from tests.test_targets import Clock, make_group
 
 IPS = ("10.1.71.12", "10.1.72.45", "10.1.70.201")  # the fixture's login nodes, in file order
@@ -37,7 +37,8 @@ class World:
 
     def __init__(self, config: Config, elb: Any, arn: str) -> None:
         self.config, self.elb, self.arn = config, elb, arn
-        self.nodes = {ip: FakeNode.fresh() for ip in IPS}
+        self.keysets = KeySets()
+        self.nodes = {ip: FakeNode.fresh(self.keysets) for ip in IPS}
         self.connector = FakeConnector(self.nodes)
         self.clock = Clock()
         self.state = State()
@@ -96,7 +97,7 @@ def test_first_pass_adopts_the_first_node_and_pushes_to_the_others(world: World)
 def test_nothing_is_sent_to_an_endpoint_other_than_the_one_probed(world: World) -> None:
     """A proxy that answers the push session with another host: no script reaches it, the node
     is held (with a backoff) and the error names both fingerprints."""
-    impostor = FakeNode.fresh()
+    impostor = FakeNode.fresh(world.keysets)
     victim = world.nodes[IPS[2]]
     victim.answered_by = impostor
     outcome = world.run_pass()
@@ -113,7 +114,7 @@ def test_a_known_instance_with_unknown_keys_gets_no_session_until_trusted(world:
     accepts exactly its current keys once, and the next pass repairs it."""
     assert world.run_pass().converged
     node = world.nodes[IPS[1]]
-    node.keys = {t: generate(t) for t in TYPES}  # same instance id, new keys
+    node.keys = world.keysets.take()  # same instance id, new keys
     before = node.sessions
     for _ in range(3):
         outcome = world.run_pass()
@@ -135,9 +136,9 @@ def test_a_trust_request_covers_nothing_but_the_keys_it_names(world: World) -> N
     """An admin's request for one set of keys does not let a node with other keys through."""
     assert world.run_pass().converged
     node = world.nodes[IPS[1]]
-    node.keys = {t: generate(t) for t in TYPES}
+    node.keys = world.keysets.take()
     stale = TrustRequest(instance_id=world.state.nodes[IPS[1]].instance_id,
-                         keys=[generate("ed25519").public], requested_at=0)
+                         keys=[world.keysets.key("ed25519").public], requested_at=0)
     update_intents(world.config.state.dir, lambda i: i.trust.__setitem__(IPS[1], stale))
     sessions = node.sessions
     world.run_pass()
@@ -151,7 +152,7 @@ def test_a_rotation_updates_every_node_in_place(world: World) -> None:
     assert world.run_pass().converged
     world.writes.clear()
     store = world.store()
-    store.install({t: generate(t) for t in TYPES}, keep_previous=True)
+    store.install(world.keysets.take(), keep_previous=True)
     assert store.is_rotating()
     outcome = world.run_pass()
     assert outcome.converged, outcome.errors
@@ -166,7 +167,7 @@ def test_a_rotation_waits_for_a_node_that_cannot_be_reached(world: World) -> Non
     """The previous set stays valid while some node may still present it."""
     assert world.run_pass().converged
     store = world.store()
-    store.install({t: generate(t) for t in TYPES}, keep_previous=True)
+    store.install(world.keysets.take(), keep_previous=True)
     world.nodes[IPS[2]].probe_error = OSError("no route to host")
     world.run_pass()
     assert store.is_rotating()
