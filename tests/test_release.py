@@ -54,3 +54,21 @@ def test_example_prints_the_shipped_file(name: str) -> None:
 def test_every_shipped_file_is_tested() -> None:
     """The command offers exactly the files this test compares."""
     assert set(EXAMPLES) == set(SHIPPED)
+
+
+def test_constraints_pin_every_runtime_dependency() -> None:
+    """constraints.txt pins each dependency pyproject.toml names (for this Python) to a version
+    its specifier allows: a new dependency, or a raised floor, means `./dev constraints` again."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for req in map(Requirement, project["dependencies"]):
+        if req.marker is None or req.marker.evaluate():
+            assert canonicalize_name(req.name) in pins, req.name
+            assert req.specifier.contains(pins[canonicalize_name(req.name)]), (req, pins[canonicalize_name(req.name)])
