@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,12 @@ def test_constraints_pin_every_runtime_dependency() -> None:
         if req.marker is None or req.marker.evaluate():
             assert canonicalize_name(req.name) in pins, req.name
             assert req.specifier.contains(pins[canonicalize_name(req.name)]), (req, pins[canonicalize_name(req.name)])
+
+
+def test_the_changelogs_top_entry_is_this_version() -> None:
+    """CHANGELOG.md's first `## [X.Y.Z] - DATE` entry is pyproject.toml's version: what an admin
+    reads about a release is the version they install."""
+    entries = re.findall(r"^## \[([^\]]+)\] - \d{4}-\d{2}-\d{2}$", (REPO / "CHANGELOG.md").read_text(), re.M)
+    assert entries, "no version entry"
+    assert entries[0] == project_version() == hpodlb.__version__
+    assert len(set(entries)) == len(entries)
