@@ -17,8 +17,6 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from hpodlb import __version__
-
 if TYPE_CHECKING:
     from hpodlb.config import Config
     from hpodlb.drain import Drains
@@ -380,6 +378,25 @@ def cmd_teardown(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# `hpodlb example NAME`: the files an admin installs, shipped inside the package (hpodlb/examples/
+# links to systemd/ and config/, resolved when the wheel is built), so a wheel alone installs it.
+EXAMPLES = {
+    "unit": "hpodlb.service",
+    "config": "hpodlb.toml",
+    "iam-policy": "iam-policy.json",
+    "alerts": "alerts.yml",
+    "dashboard": "grafana-dashboard.json",
+}
+
+
+def cmd_example(config: Config | None, args: argparse.Namespace) -> int:
+    """Print one shipped file exactly as shipped. Reads no config: it is how the config starts."""
+    from importlib.resources import files
+
+    sys.stdout.write((files("hpodlb") / "examples" / EXAMPLES[args.name]).read_text())
+    return EXIT_OK
+
+
 class _UsageError(Exception):
     pass
 
@@ -444,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         "file is invalid, on a usage error, or on an unexpected error (one line; -v adds the "
         "traceback).",
     )
-    parser.add_argument("--version", action="version", version=f"hpodlb {__version__}")
+    parser.add_argument("--version", action=_Version, help="print hpodlb's version and exit")
     add = _subcommands(parser, common, dest="command", metavar="COMMAND")
     _add_pass_commands(add)
     _add_aws_commands(add)
@@ -455,7 +472,32 @@ def build_parser() -> argparse.ArgumentParser:
         "The canonical SSH host keys every login node must present, kept in host_keys.store.",
     )
     _add_keys_commands(_subcommands(keys, common, dest="keys_command", metavar="ACTION"))
+    p = add(
+        "example",
+        cmd_example,
+        "print a file hpodlb ships: the systemd unit, example config, IAM policy, alert rules",
+        "Print a file that ships inside the package, exactly as shipped, so that the package "
+        "alone is enough to install hpodlb: unit (the systemd unit, for "
+        "/etc/systemd/system/hpodlb.service), config (the example config, every key with its "
+        "default and why, for /etc/hpodlb/config.toml), iam-policy (the head node's IAM "
+        "policy), alerts (Prometheus alert rules), dashboard (a Grafana dashboard). Reads no "
+        "config. Exit status: 0 printed, 2 usage error.",
+    )
+    p.add_argument("name", choices=list(EXAMPLES), metavar="NAME", help=", ".join(EXAMPLES))
     return parser
+
+
+class _Version(argparse.Action):
+    """--version: the installed package's version, read from its metadata only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from hpodlb import __version__
+
+        print(f"hpodlb {__version__}")
+        parser.exit()
 
 
 # add(name, func, summary for the command list, description for its own --help) -> its parser
@@ -833,10 +875,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load_config_and_run(args: argparse.Namespace) -> int:
+    func: Command = args.func
+    if func is cmd_example:  # what ships in the package, for an admin who has no config yet
+        return cmd_example(None, args)
     from hpodlb.config import ConfigError, config_path, load_config
 
     path = config_path(getattr(args, "config", None))
-    func: Command = args.func
     try:
         return func(load_config(path, os.environ), args)
     except ConfigError as exc:  # the file, an override, or a setting read later (AWS_MAX_ATTEMPTS)

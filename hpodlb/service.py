@@ -44,6 +44,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+import hpodlb
 from hpodlb import health
 from hpodlb.config import Config, ConfigError, load_config
 from hpodlb.files import file_signature
@@ -250,6 +251,7 @@ class Daemon:
         self.scheduler.start()
         log.info(
             "daemon_started",
+            version=hpodlb.__version__,
             config=str(self.config_path),
             pid=os.getpid(),
             interval_seconds=self.config.reconcile.interval_seconds,

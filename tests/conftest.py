@@ -140,7 +140,7 @@ def enforce_iam(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
 
 
-# Figures the reliability suite measured, printed at the end of the run (the README quotes them).
+# Figures the reliability suite measured, printed at the end of the run (docs/design.md quotes them).
 FIGURES: dict[str, str] = {}
 
 

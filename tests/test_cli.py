@@ -67,7 +67,7 @@ EXIT_STATUSES = {
     "check-config": {0, 1, 2}, "provision": {0, 1, 2}, "teardown": {0, 1, 2},
     "doctor": {0, 1, 2}, "keys show": {0, 1, 2}, "keys generate": {0, 1, 2}, "keys adopt": {0, 1, 2},
     "keys known-hosts": {0, 1, 2}, "keys rotate": {0, 1, 2}, "keys trust": {0, 1, 2},
-    "keys ssh-config": {0, 1, 2}, "drain": {0, 1, 2}, "undrain": {0, 1, 2},
+    "keys ssh-config": {0, 1, 2}, "drain": {0, 1, 2}, "undrain": {0, 1, 2}, "example": {0, 2},
 }
 
 
@@ -77,7 +77,7 @@ def test_help_lists_the_commands(hpodlb: Callable[..., subprocess.CompletedProce
     assert top.returncode == 0
     assert listed_commands(top.stdout) == [
         "run", "once", "plan", "status", "check-config", "doctor", "drain", "undrain", "provision",
-        "teardown", "keys"]
+        "teardown", "keys", "example"]
     assert listed_commands(hpodlb("keys", "--help").stdout) == [
         "show", "generate", "adopt", "rotate", "trust", "known-hosts", "ssh-config"]
 

@@ -1,5 +1,5 @@
 """Prometheus metrics: a real `hpodlb run` scraped over HTTP, node_exporter's textfile, the config's
-[metrics] keys, and the README's rules and the Grafana dashboard against the metrics that exist.
+[metrics] keys; the alert rules, docs/metrics.md and the Grafana dashboard name only real metrics.
 
 Every exposition is read with prometheus_client's own parser, as Prometheus would read it.
 """
@@ -505,7 +505,7 @@ def test_a_target_group_no_longer_configured_leaves_the_exposition() -> None:
     assert value(parse(text), "hpodlb_targets", target_group="smhp-login-node-tg", health="healthy") == 3
 
 
-# -- the README's rules and the dashboard only name metrics that exist ---------------------------
+# -- the alert rules, docs/metrics.md and the dashboard only name metrics that exist -------------
 
 
 def known_names() -> set[str]:
@@ -521,20 +521,15 @@ def referenced(expr: str) -> set[str]:
     return set(re.findall(r"\bhpodlb_[a-z0-9_]+\b", expr))
 
 
-def readme_metrics_section() -> str:
-    text = (REPO / "README.md").read_text()
-    start = text.index("\n## Metrics\n")
-    end = text.index("\n## ", start + 1)
-    return text[start:end]
-
-
-def test_the_readme_alert_rules_use_only_existing_metrics() -> None:
-    """The README's three alert rules parse as Prometheus rule YAML and name real metrics; its
-    scrape job scrapes /metrics at the example config's address; its table lists every family."""
-    section = readme_metrics_section()
+def test_the_alert_rules_use_only_existing_metrics() -> None:
+    """config/alerts.yml's three rules parse as Prometheus rule YAML and name real metrics;
+    docs/metrics.md's scrape job scrapes /metrics at the example config's address, and its table
+    lists every family."""
+    section = (REPO / "docs" / "metrics.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
     docs = [yaml.safe_load(b) for b in blocks]
-    rules = [r for d in docs if "groups" in d for g in d["groups"] for r in g["rules"]]
+    alerts = yaml.safe_load((REPO / "config" / "alerts.yml").read_text())
+    rules = [r for g in alerts["groups"] for r in g["rules"]]
     assert len(rules) == 3
     names = known_names()
     for rule in rules:
@@ -550,7 +545,7 @@ def test_the_readme_alert_rules_use_only_existing_metrics() -> None:
     for family in families:
         shown = family + "_total" if family in ("hpodlb_passes", "hpodlb_aws_calls", "hpodlb_key_pushes") else family
         shown = "hpodlb_info" if family == "hpodlb" else shown
-        assert f"`{shown}" in section, f"{shown} missing from the README's table"
+        assert f"`{shown}" in section, f"{shown} missing from docs/metrics.md's table"
 
 
 def test_the_grafana_dashboard_queries_only_existing_metrics() -> None:

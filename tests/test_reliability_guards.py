@@ -1,7 +1,7 @@
 """Never a wrong AWS action (issue 10), proved through a real HTTP moto server and the real
 `hpodlb` process: a target group of another kind, a malformed inventory that looks like a
 shrink, a mass key change under the fraction guard, ownership under any hash seed, one bad
-target in a batch, and the number of AWS attempts the README promises.
+target in a batch, and the number of AWS attempts docs/reference.md promises.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def test_one_refused_target_does_not_keep_the_others_out(
 def test_aws_calls_are_tried_as_often_as_documented(
     aws: FakeAws, setting: str | None, attempts: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A call that always fails with 503 is tried 5 times in all (the README's figure), or
+    """A call that always fails with 503 is tried 5 times in all (docs/reference.md's figure), or
     AWS_MAX_ATTEMPTS times, counting the first."""
     arn = aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}")
     if setting is None:

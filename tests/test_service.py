@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import hpodlb
 from hpodlb.keystore import KeyStore, generate
 from sim.aws import FakeAws
 from tests.conftest import FIGURES
@@ -253,7 +254,8 @@ def test_daemon_lifecycle(
 def test_journal_lines_carry_priority_and_are_json(
     start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws, cluster_dir: Path
 ) -> None:
-    """With stdout on the journal, every line is `<N>` + one JSON event, N matching the level."""
+    """With stdout on the journal, every line is `<N>` + one JSON event, N matching the level; the
+    start event names the version that runs."""
     config, _ = _config(write_config, aws)
     (cluster_dir / "resource_config.json").write_text("{")  # an error to log at priority 3
     daemon = start_daemon(config, journal=True)
@@ -268,6 +270,8 @@ def test_journal_lines_carry_priority_and_are_json(
         event = json.loads(line[3:])
         assert levels[event["level"]] == line[:3]
     assert any(line.startswith("<3>") and "inventory_invalid" in line for line in lines)
+    started = [json.loads(line[3:]) for line in lines if '"daemon_started"' in line]
+    assert [e["version"] for e in started] == [hpodlb.__version__]
 
 
 def test_a_pass_waiting_on_a_silent_node_keeps_the_watchdog_fed(

@@ -29,7 +29,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def test_unit_exposure_is_below_2_5(tmp_path: Path) -> None:
-    """`systemd-analyze security --offline=true` scores the unit below 2.5 (README quotes it)."""
+    """`systemd-analyze security --offline=true` scores the unit below 2.5 (docs/design.md quotes it)."""
     done = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", str(_installed_copy(tmp_path))],
         capture_output=True, text=True, check=False,
