@@ -1,4 +1,10 @@
-"""Shared fixtures: config files written the way an admin writes them, and fixture inventories."""
+"""Shared fixtures (config files written the way an admin writes them, fixture inventories, moto,
+the simulated login nodes) and the layers: a test's directory says what it may need.
+
+- `tests/unit`: no sshd, no process of the daemon; moto in-process at most. `./dev test fast`.
+- `tests/adapters`: one adapter against its real part (moto over HTTP, a few real sshd nodes).
+- `tests/e2e`: the daemon or a command as a process, many sshd nodes, a real slurmctld.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from sim.env import render_config
-
-FIXTURES = Path(__file__).parent / "fixtures"
-TG_ARN = "arn:aws:elasticloadbalancing:us-west-2:123456789012:targetgroup/smhp-login-node-tg/0123456789abcdef"
+from tests.support.aws import TG_ARN
+from tests.support.data import FIGURES, FIXTURES
 
 
 @pytest.fixture
@@ -114,38 +120,42 @@ def arn(aws: Any) -> str:
     return str(aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}"))
 
 
-def credentials_denied(action: str) -> dict[str, str]:
-    """In moto (in-process): an IAM user allowed everything but `action`; its access key."""
-    import json
-
-    import boto3
-
-    iam = boto3.client("iam", region_name="us-east-1")
-    iam.create_user(UserName="head-node")
-    policy = iam.create_policy(PolicyName="hpodlb", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Action": "*", "Resource": "*"},
-            {"Effect": "Deny", "Action": action, "Resource": "*"}]}))
-    iam.attach_user_policy(UserName="head-node", PolicyArn=policy["Policy"]["Arn"])
-    key = iam.create_access_key(UserName="head-node")["AccessKey"]
-    return {"aws_access_key_id": key["AccessKeyId"], "aws_secret_access_key": key["SecretAccessKey"]}
-
-
-def enforce_iam(monkeypatch: pytest.MonkeyPatch) -> None:
-    """From now on moto checks every call against IAM (it lets all through by default)."""
-    from moto import settings
-    from moto.core.authorization import ActionAuthenticatorMixin
-
-    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
-    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
-
 
 # Figures the reliability suite measured, printed at the end of the run (docs/design.md quotes them).
-FIGURES: dict[str, str] = {}
-
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if FIGURES:
+    if FIGURES:  # under xdist each worker prints its own at its end; `-p no:xdist` to see them here
         terminalreporter.section("reliability figures")
         for name, value in FIGURES.items():
             terminalreporter.write_line(f"{name}: {value}")
+
+
+# `./dev test fast` loads the "fast" profile: the generated-input tests then try a few hundred
+# inputs instead of ten thousand (the full suite always runs them whole).
+settings.register_profile("fast", max_examples=50)
+
+LAYERS = ("unit", "adapters", "e2e")
+# Fixtures that start real sshd login nodes or a real slurmctld, whatever the test's layer.
+SSHD_FIXTURES = {"sim_env", "cluster"}
+SLURM_FIXTURES = {"slurm"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers from where a test lives and what it starts, so `-m` selections never depend on a
+    file remembering its `pytestmark`; a unit test that starts sshd is an error, not a slow unit.
+    Slow tests go first: run 4 at once, the suite then ends soon after its longest test."""
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(Path(__file__).parent).parts
+        layer = parts[0] if parts[0] in LAYERS else None
+        if layer is None:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/adapters or tests/e2e")
+        item.add_marker(getattr(pytest.mark, layer))
+        fixtures = set(getattr(item, "fixturenames", ()))
+        sshd = bool(fixtures & SSHD_FIXTURES) or item.get_closest_marker("sshd") is not None
+        if sshd and item.get_closest_marker("sshd") is None:
+            item.add_marker(pytest.mark.sshd)
+        if fixtures & SLURM_FIXTURES:
+            item.add_marker(pytest.mark.slurmctld)
+        if layer == "unit" and (sshd or fixtures & SLURM_FIXTURES):
+            raise pytest.UsageError(f"{item.nodeid}: a unit test starts no sshd or slurmctld; move it to tests/adapters or tests/e2e")
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -26,8 +26,7 @@ from hpodlb.report import status_text
 from hpodlb.state import State
 from hpodlb.targets import TargetGroup
 from sim.env import SimEnv
-from tests.conftest import credentials_denied, enforce_iam
-from tests.test_targets import make_group
+from tests.support.aws import credentials_denied, enforce_iam, make_group
 
 REGION = "us-west-2"
 LOGIN_IPS = {"10.1.71.12", "10.1.72.45", "10.1.70.201"}

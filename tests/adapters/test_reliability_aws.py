@@ -25,7 +25,7 @@ from hpodlb.state import State
 from hpodlb.targets import TargetGroup, boto_config
 from sim.aws import FakeAws, moto_server
 from sim.faultproxy import FaultPlan, fault_proxy
-from tests.conftest import FIGURES
+from tests.support.data import FIGURES
 
 pytestmark = pytest.mark.reliability
 
@@ -47,6 +47,7 @@ def write_inventory(path: Path, ips: list[str]) -> None:
     path.write_text(json.dumps({"InstanceGroups": [group]}))
 
 
+@pytest.mark.slow
 def test_aws_faults_cause_no_wrong_action_and_converge(
     aws: FakeAws, write_config: Callable[..., Path], cluster_dir: Path
 ) -> None:

@@ -33,13 +33,14 @@ from hpodlb.planner import (
     Target,
     plan_pass,
 )
-from tests.conftest import FIGURES, FIXTURES, TG_ARN
-from tests.test_inventory import PATH, PRIVATE, config_like
-from tests.test_planner import keyset
+from tests.support.aws import TG_ARN
+from tests.support.data import FIGURES, FIXTURES
+from tests.unit.test_inventory import PATH, PRIVATE, config_like
+from tests.unit.test_planner import keyset
 
 pytestmark = pytest.mark.reliability
 
-EXAMPLES = 10_000
+EXAMPLES = 10_000 if settings.get_current_profile_name() != "fast" else 200
 COUNTS: dict[str, int] = {"resource configs": 0, "config files": 0, "plans": 0}
 
 
@@ -47,6 +48,7 @@ def _record() -> None:
     FIGURES["generated inputs tried"] = ", ".join(f"{v} {k}" for k, v in COUNTS.items())
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(config_like)
 def test_generated_resource_configs(data: Any) -> None:
@@ -89,6 +91,7 @@ config_text = st.lists(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(config_text)
 def test_generated_config_files(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
@@ -133,6 +136,7 @@ plan_inputs = st.fixed_dictionaries({
 })
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(plan_inputs)
 def test_no_plan_breaks_a_guard_or_a_trust_rule(x: dict[str, Any]) -> None:

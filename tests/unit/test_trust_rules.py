@@ -26,8 +26,8 @@ from hpodlb.reconcile import PassOutcome, Reconciler, backoff_seconds, key_side
 from hpodlb.sshnode import SshError
 from hpodlb.state import State
 from hpodlb.targets import TargetGroup, boto_config
-from tests.fakenodes import TYPES, FakeConnector, FakeNode, KeySets
-from tests.test_targets import Clock, make_group
+from tests.support.aws import Clock, make_group
+from tests.support.fakenodes import TYPES, FakeConnector, FakeNode, KeySets
 
 IPS = ("10.1.71.12", "10.1.72.45", "10.1.70.201")  # the fixture's login nodes, in file order
 

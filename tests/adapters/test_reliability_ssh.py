@@ -10,8 +10,8 @@ import pytest
 
 from hpodlb.keystore import KeyStore
 from sim.env import SimEnv
-from tests.conftest import FIGURES
-from tests.test_hostkeys import run_pass_later
+from tests.support.data import FIGURES
+from tests.support.lab import run_pass_later
 
 pytestmark = [pytest.mark.reliability, pytest.mark.sshd]
 TYPES = ("rsa", "ecdsa", "ed25519")

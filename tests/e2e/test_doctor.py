@@ -26,8 +26,8 @@ from hpodlb.lock import InstanceLock
 from hpodlb.state import PassRecord, State, save_state
 from hpodlb.wiring import build_reconciler
 from sim.env import SimEnv
-from tests.conftest import credentials_denied, enforce_iam
-from tests.test_hostkeys import nodes
+from tests.support.aws import credentials_denied, enforce_iam
+from tests.support.lab import nodes
 
 REGION = "us-west-2"
 LOGIN_IPS = ["10.1.71.12", "10.1.72.45", "10.1.70.201"]  # the fixture resource config's

@@ -259,7 +259,7 @@ def test_the_backup_head_takes_over_within_one_interval(
     # The pass in flight when control moved may still observe; the next one acts.
     assert after.index("") <= 1, after
     assert [e["controller"] for e in events if e["event"] == "leadership_acting"] == ["head2"]
-    from tests.conftest import FIGURES
+    from tests.support.data import FIGURES
 
     FIGURES["control moved to this head -> login nodes registered (interval 1 s)"] = f"{took:.2f} s"
 
@@ -299,7 +299,7 @@ def test_a_backup_head_asks_twice_before_it_takes_over(
     from hpodlb.reconcile import Reconciler
     from hpodlb.state import State
     from hpodlb.targets import TargetGroup
-    from tests.test_targets import make_group
+    from tests.support.aws import make_group
 
     answers = [BACKUP_IN_CONTROL, BOTH_UP, BACKUP_IN_CONTROL, BACKUP_IN_CONTROL]
     asked: list[str] = []
@@ -327,7 +327,7 @@ def test_a_standby_head_logs_in_nowhere_and_learns_what_the_acting_head_register
     from hpodlb.keystore import KeyStore
     from hpodlb.state import State
     from hpodlb.wiring import build_reconciler
-    from tests.test_hostkeys import nodes
+    from tests.support.lab import nodes
 
     env = sim_env
     ips = nodes(env, 2)

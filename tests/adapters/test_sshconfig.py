@@ -22,11 +22,11 @@ from hpodlb.inventory import LoginNode
 from hpodlb.sshconfig import render
 from sim.env import SimEnv
 from sim.nodes import SIM_USER
-from tests.conftest import credentials_denied, enforce_iam
-from tests.test_hostkeys import nodes
+from tests.support.aws import credentials_denied, enforce_iam
+from tests.support.lab import nodes
 
 REGION = "us-west-2"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The fixture resource config's login nodes, in its order.
 LOGIN_IPS = ["10.1.71.12", "10.1.72.45", "10.1.70.201"]
 

@@ -25,8 +25,8 @@ from hpodlb.state import load_state, save_state
 from hpodlb.wiring import ssh_settings
 from sim.env import SimEnv
 from sim.nodes import SimCluster
-from tests.conftest import FIGURES
-from tests.test_hostkeys import run_pass_later
+from tests.support.data import FIGURES
+from tests.support.lab import run_pass_later
 
 pytestmark = [pytest.mark.reliability, pytest.mark.sshd]
 
@@ -84,6 +84,7 @@ def _stage(stderr: str) -> str:
     return STAGES.get(last, f"after {last}")
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_one_clean_pass_converges(env: SimEnv) -> None:
     """50 SIGKILLs spread over a pass's stages, then one clean pass: groups = nodes, one identity."""
     cluster: SimCluster = env.cluster

@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # What `hpodlb example NAME` prints, and the file in the repository it must equal.
 SHIPPED = {
     "unit": "systemd/hpodlb.service",

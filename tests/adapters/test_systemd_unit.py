@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-UNIT = Path(__file__).resolve().parent.parent / "systemd" / "hpodlb.service"
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "hpodlb.service"
 
 
 def _installed_copy(tmp_path: Path) -> Path:

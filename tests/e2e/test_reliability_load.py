@@ -18,7 +18,7 @@ from hpodlb.state import State
 from hpodlb.wiring import build_reconciler
 from sim.env import SimEnv
 from sim.nodes import SimCluster
-from tests.conftest import FIGURES
+from tests.support.data import FIGURES
 
 pytestmark = [pytest.mark.reliability, pytest.mark.sshd, pytest.mark.slow]
 NODES = 200

@@ -27,7 +27,7 @@ from hpodlb.service import summary_line
 from hpodlb.state import NodeRecord, State, TargetRecord, load_state
 from hpodlb.targets import TargetGroup
 from sim.aws import FakeAws, nlb_health
-from tests.test_targets import Clock
+from tests.support.aws import Clock
 
 NODES = ["10.1.70.201", "10.1.71.12", "10.1.72.45"]  # the fixture's login nodes
 FAILING = ("unhealthy", "Target.FailedHealthChecks", "Health checks failed")

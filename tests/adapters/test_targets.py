@@ -15,14 +15,7 @@ from hpodlb.planner import Kind
 from hpodlb.reconcile import Reconciler
 from hpodlb.state import AbsenceRecord, State, load_state, save_state
 from hpodlb.targets import BATCH_SIZE, TargetGroup, TargetsError
-
-
-def make_group(elb: Any, name: str = "smhp-login-node-tg") -> str:
-    ec2 = boto3.client("ec2", region_name="us-west-2")
-    vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
-    return str(elb.create_target_group(
-        Name=name, Protocol="TCP", Port=22, VpcId=vpc, TargetType="ip"
-    )["TargetGroups"][0]["TargetGroupArn"])
+from tests.support.aws import Clock, make_group
 
 
 def ips_in(elb: Any, arn: str) -> set[str]:
@@ -58,18 +51,6 @@ def test_missing_target_group_is_named_with_its_error_code(elb: Any) -> None:
     assert str(err.value).startswith("smhp-login-node-tg: ")
     assert "DescribeTargetHealth" in str(err.value)
 
-
-class Clock:
-    """A monotonic clock the test moves by hand (intervals pass without sleeping)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -27,16 +27,13 @@ from hpodlb.logs import setup_logging
 from hpodlb.planner import Kind
 from hpodlb.reconcile import PassOutcome
 from hpodlb.sshnode import ParamikoConnector
-from hpodlb.state import load_state, save_state
-from hpodlb.wiring import build_reconciler, ssh_settings
+from hpodlb.wiring import ssh_settings
 from sim.aws import FakeAws
 from sim.env import SimEnv
 from sim.nodes import SIM_USER, SimCluster, sim_cluster
+from tests.support.lab import TYPES, canonical, nodes, run_pass_later
 
 pytestmark = pytest.mark.sshd
-
-TYPES = ("rsa", "ecdsa", "ed25519")
-
 
 
 @pytest.fixture
@@ -53,28 +50,6 @@ def env(aws: FakeAws, cluster: SimCluster, tmp_path: Path, fresh_env: None,
         monkeypatch.setenv(key, value)
     return SimEnv(aws, cluster, tmp_path)
 
-
-def nodes(env: SimEnv, count: int, **kw: bool) -> list[str]:
-    ips = [env.cluster.ip(i) for i in range(2, 2 + count)]
-    for ip in ips:
-        env.cluster.add_node(ip, f"i-{ip.split('.')[-1]:0>17}", **kw)
-    env.list_nodes(ips)
-    return ips
-
-
-def run_pass_later(env: SimEnv, seconds: float) -> PassOutcome:
-    """A pass as if `seconds` had gone by (past every backoff), without sleeping; negative: as if
-    it ran that much earlier."""
-    state, _ = load_state(env.state_dir)
-    rec = build_reconciler(env.config)
-    rec.clock = lambda: time.monotonic() + seconds
-    outcome = rec.run_pass(state, apply=True)
-    save_state(env.state_dir, state)
-    return outcome
-
-
-def canonical(env: SimEnv) -> set[str]:
-    return {k.public for k in KeyStore(env.store, TYPES).load().values()}
 
 
 def test_adopt_then_push_gives_every_node_one_identity(env: SimEnv) -> None:

@@ -37,10 +37,10 @@ from hpodlb.reconcile import PassOutcome
 from hpodlb.state import NodeRecord, State, TargetRecord
 from sim.aws import FakeAws
 from sim.env import SimEnv
-from tests.conftest import TG_ARN
-from tests.test_service import Daemon, spawn_daemon, stop_daemons
+from tests.support.aws import TG_ARN
+from tests.support.daemon import Daemon, spawn_daemon, stop_daemons
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOTTED_QUAD = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

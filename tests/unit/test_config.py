@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from hpodlb.config import ConfigError, config_path, load_config
-from tests.conftest import TG_ARN
+from tests.support.aws import TG_ARN
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_example_config_is_valid_and_equals_the_defaults() -> None:

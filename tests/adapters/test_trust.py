@@ -24,7 +24,7 @@ from hpodlb.logs import setup_logging
 from hpodlb.planner import Kind
 from sim.env import SimEnv
 from sim.nodes import SimNode
-from tests.test_hostkeys import TYPES, canonical, nodes, run_pass_later
+from tests.support.lab import TYPES, canonical, nodes, run_pass_later
 
 pytestmark = pytest.mark.sshd
 

@@ -19,7 +19,7 @@ from hpodlb.inventory import (
     parse_login_nodes,
     read_login_nodes,
 )
-from tests.conftest import FIXTURES
+from tests.support.data import FIXTURES
 
 PRIVATE = tuple(
     ipaddress.IPv4Network(c) for c in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")

@@ -21,7 +21,7 @@ from hpodlb.planner import Kind
 from hpodlb.report import status_text
 from sim.env import SimEnv
 from sim.nodes import SIM_USER, SimNode
-from tests.test_hostkeys import canonical, nodes
+from tests.support.lab import canonical, nodes
 
 pytestmark = pytest.mark.sshd
 

@@ -28,7 +28,7 @@ from hpodlb.sshnode import ParamikoConnector, SshError
 from hpodlb.state import load_state, save_state
 from hpodlb.wiring import build_reconciler, ssh_settings
 from sim.env import SimEnv
-from tests.test_hostkeys import canonical, nodes
+from tests.support.lab import canonical, nodes
 
 pytestmark = pytest.mark.sshd
 

@@ -20,7 +20,7 @@ from hpodlb.config import load_config
 from hpodlb.provision import Provisioner, ProvisionError, Spec, add_target_group_to_config
 from sim.aws import FakeAws, moto_server
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from hpodlb.targets import TargetGroup, TargetsError, boto_config
 from sim.aws import FakeAws, moto_server
 from sim.env import SimEnv
 from sim.faultproxy import FaultPlan, fault_proxy
-from tests.conftest import FIGURES
-from tests.test_hostkeys import nodes
+from tests.support.data import FIGURES
+from tests.support.lab import nodes
 
 pytestmark = pytest.mark.reliability
 
