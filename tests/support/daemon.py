@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -13,14 +14,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# SO_TIMESTAMPNS (asm-generic/socket.h; Python's socket module does not name it).
+SO_TIMESTAMPNS = 35
+
+
+def _sent_at(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """When the kernel queued the datagram (the daemon's send), on this process's monotonic clock:
+    not when the reader thread got to it, which a starved CPU delays."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            sec, nsec = struct.unpack("qq", data[:16])
+            return sec + nsec / 1e9 - (time.time() - time.monotonic())
+    return time.monotonic()
+
 
 class NotifySocket:
-    """Stands in for systemd's notify socket: records every datagram with its arrival time."""
+    """Stands in for systemd's notify socket: records every datagram with the time the daemon sent
+    it (the kernel's stamp), so timing assertions judge the daemon, not the test's reader thread."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.sock.settimeout(0.2)
         self.messages: list[tuple[float, str]] = []
         self._stop = threading.Event()
@@ -34,13 +50,14 @@ class NotifySocket:
             if not self._reading.wait(0.2):
                 continue
             try:
-                data = self.sock.recv(4096)
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16))
             except TimeoutError:
                 continue
             except OSError:
                 return
+            sent = _sent_at(ancillary)
             for field in data.decode().split("\n"):
-                self.messages.append((time.monotonic(), field))
+                self.messages.append((sent, field))
 
     def fields(self, prefix: str) -> list[tuple[float, str]]:
         return [(t, f) for t, f in self.messages if f.startswith(prefix)]
