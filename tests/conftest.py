@@ -8,6 +8,7 @@ the simulated login nodes) and the layers: a test's directory says what it may n
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -123,10 +124,22 @@ def arn(aws: Any) -> str:
 
 # Figures the reliability suite measured, printed at the end of the run (docs/design.md quotes them).
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In an xdist worker: hand this worker's figures to the controller, which prints them all."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["figures"] = json.dumps(FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    FIGURES.update(json.loads(getattr(node, "workeroutput", {}).get("figures", "{}")))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if FIGURES:  # under xdist each worker prints its own at its end; `-p no:xdist` to see them here
+    if FIGURES:
         terminalreporter.section("reliability figures")
-        for name, value in FIGURES.items():
+        for name, value in sorted(FIGURES.items()):
             terminalreporter.write_line(f"{name}: {value}")
 
 
