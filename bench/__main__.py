@@ -1,4 +1,4 @@
-"""`python -m bench [idle|latency|push|scale|isolation|idle200|startup|doctor|metrics|all]`: what hpodlb costs, measured side by side.
+"""`python -m bench [idle|latency|push|scale|isolation|idle200|startup|doctor|metrics|memory|all]`: what hpodlb costs, measured side by side.
 
 Run by hand as root on a quiet machine (`./dev bench all`); each measurement prints a table with
 the goal beside the figure. Medians of several runs; ratios are measured in the same run. A run
@@ -31,6 +31,7 @@ MEASURES = {
     "startup": measures.startup,
     "doctor": measures.doctor,
     "metrics": measures.metrics,
+    "memory": measures.memory,
 }
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "benchmarks.md"

@@ -458,6 +458,30 @@ def idle200(quick: bool = False) -> list[Row]:
     return rows
 
 
+def memory(quick: bool = False) -> list[Row]:
+    """The daemon's RSS over 1,000 passes at 200 login nodes and 3 target groups, host keys on with
+    the default probe interval: growth from pass 100 to the last must stay under 5 MB."""
+    nodes = 40 if quick else 200
+    last = 300 if quick else 1000
+    with world(nodes) as (env, _):
+        env.arns += [env.aws.create_login_nlb(name=f"m{n}{os.getpid()}") for n in range(2)]
+        env.write_config(ssh={"connect_timeout_seconds": 10}, reconcile={"interval_seconds": 0.02},
+                         host_keys={"probe_interval_seconds": 240})
+        daemon = Daemon(env.config_path)
+        try:
+            daemon.wait_passes(100, timeout=1200)
+            at100 = daemon.rss_mb()
+            daemon.wait_passes(last, timeout=3600)
+            at_last = daemon.rss_mb()
+        finally:
+            daemon.stop()
+    growth = at_last - at100
+    return [
+        (f"daemon RSS at pass 100 / {last} ({nodes} nodes, 3 groups)", f"{at100:.0f} / {at_last:.0f} MB", "", ""),
+        (f"RSS growth, pass 100 to {last}", f"{growth:.1f} MB", "< 5 MB", ok(growth < 5)),
+    ]
+
+
 # -- 6. startup -----------------------------------------------------------------------------------
 
 
