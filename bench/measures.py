@@ -306,8 +306,9 @@ def push(quick: bool = False) -> list[Row]:
 
 def scale(quick: bool = False) -> list[Row]:
     """1, 100, 1,000 targets (NLB's per-group limit) against the moto server, host keys off."""
+    from hpodlb.guards import Guards
     from hpodlb.inventory import LoginNode
-    from hpodlb.planner import GroupView, Guards, KeyFacts, Target, plan_pass
+    from hpodlb.planner import GroupView, KeyFacts, Target, plan_pass
 
     rows: list[Row] = []
     with world(1, through_proxy=True) as (env, plan):

@@ -22,6 +22,7 @@ from typing import Any
 
 from hpodlb.health import likely_fix
 from hpodlb.inventory import LoginNode
+from hpodlb.targetstate import is_registered, is_serving
 
 NLB_IDLE_TIMEOUT_DEFAULT = 350  # seconds: an NLB TCP listener's default
 LONG_SESSION_DELAY = 60  # a deregistration delay shorter than this cuts users' sessions early
@@ -205,7 +206,7 @@ def login_targets(
     drained = drained or {}
     for node in [n for n in nodes if n.ip in drained]:
         state = by_ip.get(node.ip)
-        out_now = state is None or state.get("State") == "draining"
+        out_now = state is None or not is_registered(state.get("State", ""))
         where = (
             "out of rotation" if out_now else "still registered, leaving at the daemon's next pass"
         )
@@ -229,7 +230,7 @@ def login_targets(
     nodes = [n for n in nodes if n.ip not in drained]
     for node in nodes:
         state = by_ip.get(node.ip)
-        if state is None or state.get("State") == "draining":
+        if state is None or not is_registered(state.get("State", "")):
             out.append(
                 fail(
                     area,
@@ -240,7 +241,7 @@ def login_targets(
             )
             continue
         code, reason = state.get("State", "?"), state.get("Reason", "")
-        if code == "healthy" or reason == "Target.HealthCheckDisabled":
+        if is_serving(code, reason):
             serving += 1
         elif code == "initial":
             out.append(

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hpodlb.config import Config, TargetGroupConfig
+from hpodlb.guards import Ledger, guards_of
 from hpodlb.intents import DrainRequest, Intents, intents_path, update_intents
 from hpodlb.inventory import InventoryError, LoginNode
 from hpodlb.logs import get_logger
-from hpodlb.planner import NOT_REGISTERED_STATES
 from hpodlb.sshnode import ROOT_SHELL, SshConnector, SshError
 from hpodlb.state import State, load_state
+from hpodlb.targetstate import registered_ips
 
 log = get_logger("hpodlb.drain")
 
@@ -299,14 +300,17 @@ class Drains:
             registered = _registered(state, tg)
             if ip not in registered:
                 continue
-            left = len(registered - drained - {ip})
-            if left < rc.min_in_service:
+            # The other drains leave too; the share is of every registered target, as the pass
+            # counts it.
+            staying = registered - (drained - {ip})
+            ledger = Ledger(guards_of(rc), registered=len(staying), base=len(registered))
+            if ledger.at_floor:
                 raise DrainError(
-                    f"draining {ip} would leave {left} registered targets in {tg.name} "
-                    f"(reconcile.min_in_service = {rc.min_in_service}); add --force to drain it "
-                    "anyway (users may find no login node)"
+                    f"draining {ip} would leave {len(staying) - 1} registered targets in "
+                    f"{tg.name} (reconcile.min_in_service = {rc.min_in_service}); add --force to "
+                    "drain it anyway (users may find no login node)"
                 )
-            if int(rc.max_deregister_fraction * len(registered)) < 1:
+            if ledger.fraction_spent:
                 raise DrainError(
                     f"{tg.name} has {len(registered)} registered targets and "
                     f"reconcile.max_deregister_fraction = {rc.max_deregister_fraction:g} lets "
@@ -345,11 +349,7 @@ class Drains:
 
 def _registered(state: State, tg: TargetGroupConfig) -> set[str]:
     """The IPs registered at the group's port as the daemon's last pass read them."""
-    return {
-        t.ip
-        for t in state.targets.get(tg.arn, [])
-        if t.port == tg.port and t.state not in NOT_REGISTERED_STATES
-    }
+    return registered_ips(state.targets.get(tg.arn, []), tg.port)
 
 
 def _unread(state: State, groups: Sequence[TargetGroupConfig]) -> str:

@@ -43,9 +43,10 @@ from hpodlb import __version__, health
 from hpodlb.awscalls import OUTCOMES
 from hpodlb.config import Config, MetricsConfig, listen_address
 from hpodlb.files import UntrustedPathError, require_trusted_dir, write_atomically
+from hpodlb.guards import DEREGISTRATION_GUARDS
 from hpodlb.identity import KeyState
 from hpodlb.logs import get_logger
-from hpodlb.planner import Guard, Kind
+from hpodlb.planner import Kind
 
 if TYPE_CHECKING:
     from hpodlb.reconcile import PassOutcome, Reconciler
@@ -170,7 +171,7 @@ class Metrics:
             self.login_nodes.labels(state)
         for result in PASS_RESULTS:
             self.passes.labels(result)
-        for guard in Guard:
+        for guard in DEREGISTRATION_GUARDS:
             self.held.labels(guard.value)
         for operation in AWS_OPERATIONS:
             for outcome in OUTCOMES:
@@ -222,7 +223,7 @@ class Metrics:
                 for a in (outcome.plan.held() if outcome.plan else ())
                 if a.kind is Kind.DEREGISTER and a.held_by is not None
             )
-            for guard in Guard:
+            for guard in DEREGISTRATION_GUARDS:
                 self.held.labels(guard.value).set(held[guard.value])
         states = Tally(node_states(state, outcome, config).values())
         for name in NODE_STATES:

@@ -31,18 +31,15 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from hpodlb.guards import Guard, Guards, Ledger
 from hpodlb.identity import Judgement, KeyState, judge
 from hpodlb.inventory import LoginNode
+from hpodlb.targetstate import is_registered, registered_ips
 
 SHUTTING_DOWN = "ShuttingDown"  # HyperPod's InstanceStatus of an instance on its way out
-# NLB states in which a target is on its way out or gone: it does not count as registered.
-# (`unhealthy.draining` is not one: that target is registered, failing its health checks, and
-# only its existing connections are being drained.)
-NOT_REGISTERED_STATES = frozenset({"draining"})
 
 
 class Kind(str, enum.Enum):
@@ -51,13 +48,6 @@ class Kind(str, enum.Enum):
     REGISTER = "register"
     DEREGISTER = "deregister"
     RETIRE_PREVIOUS = "retire-previous-keys"
-
-
-class Guard(str, enum.Enum):
-    ABSENCE = "absent_passes_before_deregister"
-    FRACTION = "max_deregister_fraction"
-    MIN_IN_SERVICE = "min_in_service"
-    BACKOFF = "backoff"
 
 
 @dataclass(frozen=True)
@@ -70,7 +60,7 @@ class Target:
 
     @property
     def registered(self) -> bool:
-        return self.state not in NOT_REGISTERED_STATES
+        return is_registered(self.state)
 
 
 @dataclass(frozen=True)
@@ -81,15 +71,6 @@ class GroupView:
     port: int
     targets: tuple[Target, ...]
     problem: str = ""
-
-
-@dataclass(frozen=True)
-class Guards:
-    prune: bool = True
-    max_deregister_fraction: float = 0.5
-    absent_passes_before_deregister: int = 2
-    min_in_service: int = 1
-    min_absent_seconds: float = 0.0  # (absent_passes_before_deregister - 1) x interval_seconds
 
 
 @dataclass(frozen=True)
@@ -393,7 +374,9 @@ def _unverified_waiting(
     """Nodes not (or not verifiably) serving as they should, with what is true of them. Nodes
     with a push to come are not listed: their action says it, and a held push says why."""
     out: list[Waiting] = []
-    in_every = set.intersection(*(_registered(g) for g in groups)) if groups else set()
+    in_every = (
+        set.intersection(*(registered_ips(g.targets, g.port) for g in groups)) if groups else set()
+    )
     for node in nodes:
         role, j = roles[node.ip], judgements[node.ip]
         if role in (Role.SERVE, Role.IN_PLACE, Role.REPAIR):
@@ -421,30 +404,6 @@ class _GroupPlan:
     actions: list[Action]
     absent: dict[str, Absence]
     unmanaged: list[Target]
-
-
-class _Ledger:
-    """The deregistration budget of one group in this pass: fraction and min_in_service."""
-
-    def __init__(self, budget: int, registered: int, floor: int) -> None:
-        self.budget = budget
-        self.remaining = registered
-        self.floor = floor
-
-    def take(self, *, forced: bool = False) -> Guard | None:
-        """A deregistration's place in the budget, or the guard that holds it; a forced drain
-        passes both guards but still counts, so that nothing else leaves in its place."""
-        if forced:
-            self.budget -= 1
-            self.remaining -= 1
-            return None
-        if self.budget <= 0:
-            return Guard.FRACTION
-        if self.remaining - 1 < self.floor:
-            return Guard.MIN_IN_SERVICE
-        self.budget -= 1
-        self.remaining -= 1
-        return None
 
 
 def _plan_group(
@@ -483,13 +442,11 @@ def _plan_group(
         elif roles[ip] in (Role.IN_PLACE, Role.REPAIR) and ip in pushing:
             actions.append(act(Kind.REGISTER, ip, f"{why}; after its pushed host keys verify"))
 
-    ledger = _Ledger(
-        math.floor(
-            guards.max_deregister_fraction * memory.start_registered.get(group.arn, len(registered))
-        )
-        - memory.spent.get(group.arn, 0),
-        len(registered),
-        guards.min_in_service,
+    ledger = Ledger(
+        guards,
+        registered=len(registered),
+        base=memory.start_registered.get(group.arn, len(registered)),
+        spent=memory.spent.get(group.arn, 0),
     )
     # Wrong identity first: it is serving users a host key they were not told about, right now.
     for ip in sorted(registered & set(by_ip)):
@@ -555,10 +512,6 @@ def _leave_reason(j: Judgement, role: Role) -> str:
     if role is Role.LEAVE:
         return f"replaced (new instance) and its host keys are unverified ({j.detail})"
     return j.detail or "presents host keys other than the canonical ones"
-
-
-def _registered(group: GroupView) -> set[str]:
-    return {t.ip for t in group.targets if t.port == group.port and t.registered}
 
 
 @functools.lru_cache(maxsize=8192)

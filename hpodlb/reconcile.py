@@ -32,6 +32,7 @@ from hpodlb import health
 from hpodlb.config import Config, target_group_name
 from hpodlb.drain import NO_LOGINS, count_sessions
 from hpodlb.files import UntrustedPathError, make_trusted_dir, write_atomically
+from hpodlb.guards import Guards, guards_of
 from hpodlb.hostkeys import HostKeys
 from hpodlb.hyperpod import ClusterError, HyperPod
 from hpodlb.identity import KEYS_SETTLED, KeyState
@@ -59,7 +60,6 @@ from hpodlb.planner import (
     Action,
     Drain,
     GroupView,
-    Guards,
     KeyFacts,
     Kind,
     Memory,
@@ -77,6 +77,7 @@ from hpodlb.state import (
     save_state,
 )
 from hpodlb.targets import BATCH_SIZE, TargetGroup, TargetsError
+from hpodlb.targetstate import HEALTHY, registered_ips
 
 log = get_logger("hpodlb.pass")
 
@@ -263,15 +264,7 @@ class Reconciler:
         return tuple(groups), f"DescribeCluster's last answer for {arn} (now: {error})"
 
     def guards(self) -> Guards:
-        cfg = self.config.reconcile
-        return Guards(
-            prune=cfg.prune,
-            max_deregister_fraction=cfg.max_deregister_fraction,
-            absent_passes_before_deregister=cfg.absent_passes_before_deregister,
-            min_in_service=cfg.min_in_service,
-            # N scheduled passes are N - 1 intervals apart; a burst of passes is not.
-            min_absent_seconds=(cfg.absent_passes_before_deregister - 1) * cfg.interval_seconds,
-        )
+        return guards_of(self.config.reconcile)
 
     def observe_health(self, state: State) -> None:
         """Ask AWS now for every group's targets and fold them into `state` (for `status --live`):
@@ -583,9 +576,7 @@ class _Pass:
                 view = replace(view, problem=problem)
             self.state.target_errors.pop(group.arn, None)
             self.views[group.arn] = view
-            self.start_registered[group.arn] = sum(
-                1 for t in view.targets if t.port == view.port and t.registered
-            )
+            self.start_registered[group.arn] = len(registered_ips(view.targets, view.port))
 
     def _write(self, kind: Kind, actions: Sequence[Action]) -> bool:
         """Apply registrations or deregistrations, one call per group (batched by the adapter)."""
@@ -991,7 +982,7 @@ class _Pass:
             group = groups[arn]
             warned = {r.ip for r in before if r.warned}
             for record in records:
-                if record.ip in warned and record.state == health.HEALTHY:
+                if record.ip in warned and record.state == HEALTHY:
                     log.info("target_healthy_again", ip=record.ip, target_group=group.name)
             window = health.window_seconds(group.info)
             serving = {ip: n for ip, n in self.by_ip.items() if ip not in self.drains}
