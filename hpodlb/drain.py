@@ -23,7 +23,8 @@ from typing import Any
 
 from hpodlb.config import Config, TargetGroupConfig
 from hpodlb.guards import Ledger, guards_of
-from hpodlb.intents import DrainRequest, Intents, intents_path, update_intents
+from hpodlb.intentmodel import DrainRequest, Intents
+from hpodlb.intents import IntentsError, intents_path, update_intents
 from hpodlb.inventory import InventoryError, LoginNode
 from hpodlb.logs import get_logger
 from hpodlb.sshnode import ROOT_SHELL, SshConnector, SshError
@@ -325,8 +326,6 @@ class Drains:
         return sorted(set(state.drains) - {ip})
 
     def _update(self, change: Callable[[Intents], None]) -> None:
-        from hpodlb.intents import IntentsError
-
         try:
             update_intents(self.state_dir, change)
         except IntentsError as exc:

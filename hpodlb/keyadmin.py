@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from hpodlb.config import Config
 from hpodlb.files import UnusableFileError, read_regular_file
 from hpodlb.hostkeys import known_hosts_lines
-from hpodlb.intents import Intents, TrustRequest, update_intents
+from hpodlb.intentmodel import Intents, TrustRequest
+from hpodlb.intents import update_intents
 from hpodlb.inventory import InventoryError
 from hpodlb.keystore import KeySet, KeyStore, KeyStoreError, fingerprint, generate
 from hpodlb.logs import get_logger

@@ -36,14 +36,8 @@ from hpodlb.guards import Guards, guards_of
 from hpodlb.hostkeys import HostKeys
 from hpodlb.hyperpod import ClusterError, HyperPod
 from hpodlb.identity import KEYS_SETTLED, KeyState
-from hpodlb.intents import (
-    DrainRequest,
-    Intents,
-    IntentsError,
-    intents_path,
-    load_intents,
-    update_intents,
-)
+from hpodlb.intentmodel import DrainRequest, Intents
+from hpodlb.intents import IntentsError, intents_path, load_intents, update_intents
 from hpodlb.inventory import (
     Answer,
     InventoryError,

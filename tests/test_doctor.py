@@ -515,7 +515,8 @@ def test_a_drained_login_node_is_a_warning_not_a_failure(
     moto_env: None, write_config: Callable[..., Path], tmp_path: Path
 ) -> None:
     """Out of rotation on purpose: said (so a drain nobody undid is seen), never a FAIL."""
-    from hpodlb.intents import DrainRequest, update_intents
+    from hpodlb.intentmodel import DrainRequest
+    from hpodlb.intents import update_intents
 
     cloud = build_cloud()
     cloud.elb.deregister_targets(TargetGroupArn=cloud.tg, Targets=[{"Id": "10.1.72.45", "Port": 22}])

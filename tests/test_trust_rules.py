@@ -19,7 +19,8 @@ from moto import mock_aws
 
 from hpodlb.config import Config, load_config
 from hpodlb.hostkeys import HostKeys
-from hpodlb.intents import TrustRequest, load_intents, update_intents
+from hpodlb.intentmodel import TrustRequest
+from hpodlb.intents import load_intents, update_intents
 from hpodlb.keystore import KeyStore, generate
 from hpodlb.planner import Kind
 from hpodlb.reconcile import PassOutcome, Reconciler, backoff_seconds, key_side
