@@ -194,7 +194,7 @@ def cmd_drain(config: Config, args: argparse.Namespace) -> int:
 
 
 def _wait_drained(drains: Drains, ip: str, since: float, seconds: float) -> int:
-    from hpodlb.drain import NO_LOGINS
+    from hpodlb.sessions import NO_LOGINS
 
     def say(line: str) -> None:  # each change as it happens, also into a pipe (`| tee`) or a file
         print(line, flush=True)

@@ -30,7 +30,6 @@ from typing import Any
 
 from hpodlb import health
 from hpodlb.config import Config, target_group_name
-from hpodlb.drain import NO_LOGINS, count_sessions
 from hpodlb.files import UntrustedPathError, make_trusted_dir, write_atomically
 from hpodlb.guards import Guards, guards_of
 from hpodlb.hostkeys import HostKeys
@@ -62,6 +61,7 @@ from hpodlb.planner import (
     Target,
     plan_pass,
 )
+from hpodlb.sessions import NO_LOGINS, count_seconds, count_sessions
 from hpodlb.sshnode import SshError, known_hosts_name
 from hpodlb.state import (
     AbsenceRecord,
@@ -775,7 +775,7 @@ class _Pass:
         assert self.rec.keys is not None
         t = self.rec.keys.timeout_seconds
         if isinstance(subject, str) and what == SESSIONS:  # a login, then one short command
-            ip, action, budget = subject, None, 2 * t + max(30.0, 3 * t) + 10
+            ip, action, budget = subject, None, count_seconds(t)
         elif isinstance(subject, str):  # each type: a connect and a handshake, each within t
             types = len(self.rec.config.host_keys.types)
             what, ip, action, budget = PROBE, subject, None, 2 * t * types + 5
