@@ -57,7 +57,8 @@ def cmd_plan(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_once(config: Config, args: argparse.Namespace) -> int:
     from hpodlb.lock import InstanceLock, LockedError
-    from hpodlb.reconcile import save_outcome
+    from hpodlb.outcome import log_finished
+    from hpodlb.record import save_outcome
     from hpodlb.state import load_state
 
     try:
@@ -78,13 +79,7 @@ def cmd_once(config: Config, args: argparse.Namespace) -> int:
             from hpodlb.metrics import write_once
 
             write_once(config, state, outcome, reconciler)
-    _log().info(
-        "pass_finished",
-        converged=outcome.converged,
-        standby=outcome.standby,
-        summary=outcome.summary(),
-        seconds=round(outcome.duration_seconds, 3),
-    )
+    log_finished(outcome)
     if outcome.inventory_error:
         _fail(outcome.inventory_error)
         return EXIT_UNUSABLE
@@ -125,9 +120,13 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     state, warning = load_state(config.state.dir)
     arns = [tg.arn for tg in config.target_groups]
     if args.live:
-        from hpodlb.wiring import build_reconciler
+        from hpodlb.context import read_boot_id
+        from hpodlb.record import record_live_health
+        from hpodlb.wiring import Adapters
 
-        build_reconciler(config).observe_health(state)  # a copy: the state file is not written
+        # Into the state as read: the state file is not written.
+        groups = Adapters(config).groups
+        record_live_health(groups, state, read_boot_id(), time.monotonic(), time.time())
     if args.json:
         doc = report.status_doc(state, arns, time.time())
         doc["state_warning"] = warning
@@ -141,10 +140,10 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     from hpodlb.checks import run_checks
-    from hpodlb.wiring import build_reconciler
+    from hpodlb.wiring import Adapters
 
     problems = 0
-    for ok, line in run_checks(config, build_reconciler(config)):
+    for ok, line in run_checks(config, Adapters(config)):
         print(f"{'ok  ' if ok else 'FAIL'}  {line}")
         problems += not ok
     print(f"{problems} problem(s) found" if problems else "configuration is usable")
@@ -153,9 +152,9 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
     from hpodlb.doctor import render_json, render_text, run_doctor
-    from hpodlb.wiring import build_reconciler
+    from hpodlb.wiring import Adapters
 
-    report = run_doctor(config, build_reconciler(config))
+    report = run_doctor(config, Adapters(config))
     print(render_json(report) if args.json else render_text(report))
     return report.exit_status
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpodlb import diagnose
 from hpodlb.checks import check_host_keys, check_inventory
@@ -26,8 +26,10 @@ from hpodlb.inventory import InventoryError, LoginNode
 from hpodlb.keyadmin import vouched_keys
 from hpodlb.keystore import KeyStore, KeyStoreError
 from hpodlb.lock import lock_holder
-from hpodlb.reconcile import Reconciler
 from hpodlb.state import load_state
+
+if TYPE_CHECKING:
+    from hpodlb.wiring import CommandAdapters
 
 WORKERS = 8
 FILTER_VALUES = 200  # EC2 takes at most this many values in one filter
@@ -54,24 +56,24 @@ class Report:
 
 
 def run_doctor(
-    config: Config, reconciler: Reconciler, wall: Callable[[], float] = time.time
+    config: Config, adapters: CommandAdapters, wall: Callable[[], float] = time.time
 ) -> Report:
     report = Report([passed("config", "the config file is valid")])
     report.findings += [
         passed("config", line) if ok else fail("config", line, INVENTORY_FIX)
-        for ok, line in check_inventory(config, reconciler)
+        for ok, line in check_inventory(config, adapters)
     ]
     report.findings += _regions(config)
     try:
-        nodes = reconciler.desired()
+        nodes = adapters.desired()
     except InventoryError:
         nodes = ()  # said above
         report.findings.append(
             warn("nodes", "not checked: the login nodes could not be read", "see the config lines")
         )
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="hpodlb-doctor") as pool:
-        ssh = _start_node_checks(pool, config, reconciler, nodes)
-        aws = _Aws(config, reconciler)
+        ssh = _start_node_checks(pool, config, adapters, nodes)
+        aws = _Aws(config, adapters)
         report.findings += aws.check(nodes)
         report.evaluated = aws.reachable
         report.findings += _judge_nodes(config, nodes, ssh, aws.idle_timeout, aws.drained)
@@ -130,14 +132,13 @@ class _Aws:
     """AWS's side of the path, read once per doctor run. A read that fails is its own FAIL, and
     what depended on it is not judged (rather than judged on a guess)."""
 
-    def __init__(self, config: Config, reconciler: Reconciler) -> None:
+    def __init__(self, config: Config, adapters: CommandAdapters) -> None:
         import boto3
 
         from hpodlb.targets import boto_config
 
-        self.groups = reconciler.groups
-        tgs = config.target_groups
-        self.region = config.aws.region or (tgs[0].region if tgs else "")
+        self.groups = adapters.groups
+        self.region = config.region_for()
         session = boto3.session.Session()
         self.ec2 = session.client("ec2", region_name=self.region, config=boto_config())
         self.sts = session.client("sts", region_name=self.region, config=boto_config())
@@ -406,11 +407,11 @@ class _NodeFacts:
 
 
 def _start_node_checks(
-    pool: ThreadPoolExecutor, config: Config, reconciler: Reconciler, nodes: Sequence[LoginNode]
+    pool: ThreadPoolExecutor, config: Config, adapters: CommandAdapters, nodes: Sequence[LoginNode]
 ) -> dict[str, Future[_NodeFacts]]:
-    if reconciler.keys is None:
+    if adapters.keys is None:
         return {}
-    side = reconciler.keys.nodes
+    side = adapters.keys.nodes
     vouched = vouched_keys(config, [n.ip for n in nodes])
     return {n.ip: pool.submit(_node_facts, side, n.ip, vouched[n.ip]) for n in nodes}
 

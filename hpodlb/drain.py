@@ -27,9 +27,10 @@ from hpodlb.intents import IntentsError, intents_path, update_intents
 from hpodlb.inventory import InventoryError, LoginNode
 from hpodlb.logs import get_logger
 from hpodlb.sessions import NO_LOGINS, count_sessions, tell_users
-from hpodlb.sshnode import SshError
+from hpodlb.sshnode import SshConnector, SshError
 from hpodlb.state import State, load_state
 from hpodlb.targetstate import registered_ips
+from hpodlb.wiring import Adapters
 
 log = get_logger("hpodlb.drain")
 
@@ -76,24 +77,25 @@ class Drains:
     """The admin's side, for one config: record, undo, notify, and watch the node empty."""
 
     def __init__(self, config: Config) -> None:
-        from hpodlb.wiring import build_reconciler, host_keys
-
         self.config = config
-        self.reconciler = build_reconciler(config)
-        self.connector = host_keys(config).connector
+        self.adapters = Adapters(config)  # reads files; AWS only if the login groups need it
         self.state_dir = config.state.dir
         self.counts_sessions = config.host_keys.enabled
 
+    @property
+    def connector(self) -> SshConnector:
+        return self.adapters.host_keys.connector
+
     def login_node(self, ip: str) -> LoginNode:
         try:
-            nodes = self.reconciler.desired()
+            nodes = self.adapters.desired()
         except InventoryError as exc:
             raise DrainError(str(exc)) from None
         node = next((n for n in nodes if n.ip == ip), None)
         if node is None:
             raise DrainError(
                 f"{ip} is not a login node in {self.config.cluster.resource_config} "
-                f"(login groups: {self.reconciler.groups_source})"
+                f"(login groups: {self.adapters.groups_source})"
             )
         return node
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import socket
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from contextlib import suppress
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -42,14 +42,14 @@ from prometheus_client import (
 from hpodlb import __version__, health
 from hpodlb.awscalls import OUTCOMES
 from hpodlb.config import Config, MetricsConfig, listen_address
-from hpodlb.files import UntrustedPathError, require_trusted_dir, write_atomically
+from hpodlb.files import UntrustedPathError, os_reason, require_trusted_dir, write_atomically
 from hpodlb.guards import DEREGISTRATION_GUARDS
-from hpodlb.identity import KeyState
 from hpodlb.logs import get_logger
+from hpodlb.outcome import SOUND_RESULTS, NodeState, PassOutcome, node_states
 from hpodlb.planner import Kind
 
 if TYPE_CHECKING:
-    from hpodlb.reconcile import PassOutcome, Reconciler
+    from hpodlb.reconcile import Reconciler
     from hpodlb.state import State
 
 log = get_logger("hpodlb.metrics")
@@ -57,7 +57,6 @@ log = get_logger("hpodlb.metrics")
 # `_created` samples would double the counters' series, and no alert or panel reads them.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
-NODE_STATES = ("in_service", "waiting", "held", "drained", "standby")
 PASS_RESULTS = ("converged", "not_converged", "crashed", "standby")
 # The NLB's TargetHealth.State values: each group shows all of them, 0 included, so that a panel
 # or an alert never meets a series that is missing because nothing was in that state.
@@ -67,7 +66,6 @@ TARGET_HEALTH = ("initial", "healthy", "unhealthy", "unhealthy.draining", "unuse
 PASS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 AWS_OPERATIONS = ("DescribeTargetHealth", "DescribeTargetGroups", "RegisterTargets",
                   "DeregisterTargets", "DescribeCluster", "ListClusterNodes")  # fmt: skip
-HELD_FOR_ADMIN = frozenset({KeyState.UNKNOWN_KEYS.value, KeyState.NO_KEY_TYPE.value})
 TEXTFILE_MODE = 0o644  # node_exporter runs as its own user and must read it
 # The endpoint's accept loop wakes this often to see whether it should stop. prometheus_client's
 # start_http_server wakes every 0.5 s: 0.9 CPU s an hour of an idle daemon's, for nothing. The
@@ -167,8 +165,8 @@ class Metrics:
             "The configured reconcile.min_in_service (for the 'too few healthy' alert).",
             registry=r,
         )
-        for state in NODE_STATES:
-            self.login_nodes.labels(state)
+        for node_state in NodeState:
+            self.login_nodes.labels(node_state.value)
         for result in PASS_RESULTS:
             self.passes.labels(result)
         for guard in DEREGISTRATION_GUARDS:
@@ -208,7 +206,7 @@ class Metrics:
         self.passes.labels(result).inc()
         self.duration.observe(seconds)  # the whole pass, saving the state included
         self.last_pass.set(finished)
-        if result in ("converged", "standby"):
+        if result in SOUND_RESULTS:
             self.last_converged.set(finished)
         else:
             self.last_converged.set(state.last_converged_at or state.first_pass_at or self._since)
@@ -226,8 +224,8 @@ class Metrics:
             for guard in DEREGISTRATION_GUARDS:
                 self.held.labels(guard.value).set(held[guard.value])
         states = Tally(node_states(state, outcome, config).values())
-        for name in NODE_STATES:
-            self.login_nodes.labels(name).set(states[name])
+        for node_state in NodeState:
+            self.login_nodes.labels(node_state.value).set(states[node_state.value])
         arns = [tg.arn for tg in config.target_groups]
         self.healthy.set(len(health.taking_users(state, arns)))
         self._targets(config, state)
@@ -253,45 +251,6 @@ class Metrics:
         for labels in self._target_labels - set(counts):
             self.targets.remove(*labels)
         self._target_labels = set(counts)
-
-
-def node_states(state: State, outcome: PassOutcome | None, config: Config) -> dict[str, str]:
-    """Each login node's one state for `hpodlb_login_nodes`, by IP (the IPs stay here: only the
-    counts are exported). The first that applies: standby (this head only observes), held (an
-    action held back by a guard, a drain's deregistration included: it is still in rotation),
-    drained (by an admin, and out), held (keys nobody vouches for), in_service (verified keys,
-    healthy in every target group), waiting (anything else: a probe, a push or health checks
-    pending, or failing).
-
-    The one place a node's state is decided for the metrics."""
-    if outcome is not None and not outcome.inventory_error:
-        ips: Iterable[str] = [node.ip for node in outcome.nodes]
-    else:  # no word on the desired set this pass: the nodes the last good pass knew
-        ips = list(state.nodes)
-    standby = (
-        outcome is not None and outcome.leadership is not None and not outcome.leadership.acting
-    )
-    drained = {ip for ip, record in state.nodes.items() if record.drained}  # as the pass kept them
-    plan = outcome.plan if outcome is not None else None
-    held_back = {a.ip for a in plan.held()} if plan is not None else set()
-    arns = [tg.arn for tg in config.target_groups]
-    serving = health.taking_users(state, arns)
-    out: dict[str, str] = {}
-    for ip in ips:
-        record = state.nodes.get(ip)
-        if standby:
-            out[ip] = "standby"
-        elif ip in held_back:
-            out[ip] = "held"
-        elif ip in drained:
-            out[ip] = "drained"
-        elif record is not None and record.key_state in HELD_FOR_ADMIN:
-            out[ip] = "held"
-        elif ip in serving:
-            out[ip] = "in_service"
-        else:
-            out[ip] = "waiting"
-    return out
 
 
 def take_aws_calls(reconciler: Reconciler) -> Tally[tuple[str, str]]:
@@ -372,7 +331,7 @@ class Exporter:
             require_trusted_dir(path.parent)
             write_atomically(path, self.metrics.exposition(), TEXTFILE_MODE)
         except (OSError, UntrustedPathError) as exc:
-            error = f"cannot write {path}: {_reason(exc)}"
+            error = f"cannot write {path}: {os_reason(exc)}"
             if error != self._textfile_error:
                 log.error(
                     "metrics_textfile_unwritable",
@@ -401,7 +360,7 @@ class Exporter:
                 handler_class=_Quiet,
             )
         except OSError as exc:
-            error = f"cannot listen on {listen}: {_reason(exc)}"
+            error = f"cannot listen on {listen}: {os_reason(exc)}"
             if error != self._listen_error:
                 log.error(
                     "metrics_listen_failed",
@@ -438,7 +397,7 @@ class Exporter:
         try:
             path.unlink(missing_ok=True)  # unlink never follows a symlink
         except OSError as exc:
-            log.warning("metrics_textfile_left", path=str(path), error=_reason(exc))
+            log.warning("metrics_textfile_left", path=str(path), error=os_reason(exc))
         else:
             log.info("metrics_textfile_removed", path=str(path), why="no longer configured")
 
@@ -533,9 +492,3 @@ def write_once(config: Config, state: State, outcome: PassOutcome, reconciler: R
     exporter = Exporter()
     exporter.metrics.start(config, state, time.time())
     exporter.after_pass(config, state, outcome, outcome.duration_seconds, reconciler)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)

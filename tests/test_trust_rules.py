@@ -22,11 +22,14 @@ from hpodlb.hostkeys import HostKeys
 from hpodlb.intentmodel import TrustRequest
 from hpodlb.intents import load_intents, update_intents
 from hpodlb.keystore import KeyStore, generate
+from hpodlb.outcome import PassOutcome
 from hpodlb.planner import Kind
-from hpodlb.reconcile import PassOutcome, Reconciler, backoff_seconds, key_side
+from hpodlb.reconcile import Reconciler
+from hpodlb.record import backoff_seconds
 from hpodlb.sshnode import SshError
 from hpodlb.state import State
 from hpodlb.targets import TargetGroup, boto_config
+from hpodlb.wiring import key_side
 from tests.fakenodes import TYPES, FakeConnector, FakeNode
 from tests.test_targets import Clock, make_group
 
