@@ -46,7 +46,6 @@ class KeySide:
     nodes: HostKeys
     adopt: bool
     probe_interval_seconds: float
-    ssh_port: int
     timeout_seconds: float
 
 

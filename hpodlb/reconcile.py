@@ -196,7 +196,7 @@ class _Pass:
                 reason=action.reason,
             )
         if ctx.apply:
-            record.remember(ctx, known, final, self.rec.groups, side)
+            record.remember(ctx, known, final, self.rec.groups)
 
     def _plan(self) -> Plan:
         s, known = self.ctx.state, self.known

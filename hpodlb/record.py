@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hpodlb import health
 from hpodlb.config import target_group_name
-from hpodlb.context import KeySide, Known, PassContext, log
+from hpodlb.context import Known, PassContext, log
 from hpodlb.files import UntrustedPathError, make_trusted_dir, os_reason, write_atomically
 from hpodlb.identity import KeyState
 from hpodlb.intentmodel import Intents
@@ -121,13 +121,7 @@ def node_failed(ctx: PassContext, ip: str, error: str, *, backoff: bool) -> None
 # -- at the end of the pass -------------------------------------------------------------------
 
 
-def remember(
-    ctx: PassContext,
-    known: Known,
-    final: Plan,
-    groups: Sequence[TargetGroup],
-    side: KeySide | None,
-) -> None:
+def remember(ctx: PassContext, known: Known, final: Plan, groups: Sequence[TargetGroup]) -> None:
     """Everything the next pass and `status` need from this one (applying passes only)."""
     s = ctx.state
     _remember_health(ctx, known, groups)
@@ -154,8 +148,8 @@ def remember(
             del table[arn]
     _remember_nodes(ctx, known, final)
     s.boot_id = ctx.boot_id
-    if side is not None and known.keyset:
-        _write_known_hosts(ctx, known, side)
+    if known.keyset:  # none with host keys off
+        _write_known_hosts(ctx, known)
 
 
 def _remember_health(ctx: PassContext, known: Known, groups: Sequence[TargetGroup]) -> None:
@@ -243,10 +237,10 @@ def _remember_nodes(ctx: PassContext, known: Known, final: Plan) -> None:
             ctx.error(f"cannot update {ctx.config.state.dir}/intents.json: {exc}")
 
 
-def _write_known_hosts(ctx: PassContext, known: Known, side: KeySide) -> None:
+def _write_known_hosts(ctx: PassContext, known: Known) -> None:
     """The head node's own pins: verified nodes and the canonical keys, for an admin's ssh."""
     lines = [
-        f"{known_hosts_name(n.ip, side.ssh_port)} {k.public}"
+        f"{known_hosts_name(n.ip, ctx.config.ssh.port)} {k.public}"
         for n in ctx.nodes
         if ctx.state.nodes[n.ip].verified_instance_id == n.instance_id
         for k in known.keyset.values()

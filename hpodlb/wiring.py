@@ -60,7 +60,6 @@ def key_side(config: Config, host_keys: HostKeys) -> KeySide:
         nodes=host_keys,
         adopt=hk.adopt_from_first_node,
         probe_interval_seconds=hk.probe_interval_seconds,
-        ssh_port=config.ssh.port,
         timeout_seconds=config.ssh.connect_timeout_seconds,
     )
 
