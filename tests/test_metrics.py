@@ -31,7 +31,7 @@ from hpodlb.config import ConfigError, load_config, target_group_name
 from hpodlb.identity import KeyState
 from hpodlb.inventory import LoginNode
 from hpodlb.leader import Leadership
-from hpodlb.metrics import Metrics
+from hpodlb.metricfamilies import Metrics
 from hpodlb.outcome import PassOutcome, node_states
 from hpodlb.planner import Action, Guard, Kind, Plan
 from hpodlb.state import NodeRecord, State, TargetRecord
