@@ -1,4 +1,4 @@
-"""`python -m bench [idle|latency|push|scale|isolation|idle200|startup|doctor|metrics|memory|all]`: what hpodlb costs, measured side by side.
+"""`python -m bench [idle|latency|push|scale|isolation|idle200|cold200|startup|doctor|metrics|memory|all]`: what hpodlb costs, measured side by side.
 
 Run by hand as root on a quiet machine (`./dev bench all`); each measurement prints a table with
 the goal beside the figure. Medians of several runs; ratios are measured in the same run. A run
@@ -28,6 +28,7 @@ MEASURES = {
     "scale": measures.scale,
     "isolation": measures.isolation,
     "idle200": measures.idle200,
+    "cold200": measures.cold200,
     "startup": measures.startup,
     "doctor": measures.doctor,
     "metrics": measures.metrics,

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -306,8 +307,9 @@ def push(quick: bool = False) -> list[Row]:
 
 def scale(quick: bool = False) -> list[Row]:
     """1, 100, 1,000 targets (NLB's per-group limit) against the moto server, host keys off."""
+    from hpodlb.guards import Guards
     from hpodlb.inventory import LoginNode
-    from hpodlb.planner import GroupView, Guards, KeyFacts, Target, plan_pass
+    from hpodlb.planner import GroupView, KeyFacts, Target, plan_pass
 
     rows: list[Row] = []
     with world(1, through_proxy=True) as (env, plan):
@@ -479,6 +481,66 @@ def memory(quick: bool = False) -> list[Row]:
     return [
         (f"daemon RSS at pass 100 / {last} ({nodes} nodes, 3 groups)", f"{at100:.0f} / {at_last:.0f} MB", "", ""),
         (f"RSS growth, pass 100 to {last}", f"{growth:.1f} MB", "< 5 MB", ok(growth < 5)),
+    ]
+
+
+# -- 5b. a cold pass at 200 nodes ------------------------------------------------------------------
+
+
+def cold200(quick: bool = False) -> list[Row]:
+    """A first pass over 200 login nodes (60 with --quick) from nothing: no state, an empty key
+    store, every node presenting keys of its own (the first is adopted, the other 199 are pushed
+    to). `hpodlb once` as a process: how soon the first node is registered and when the last is,
+    from the pass's start, against what the steps allow; and hpodlb's CPU per node.
+
+    The steps are timed alone on the first node before the pass (a probe, reading its keys, and a
+    push of its own keys back to it). The critical path of the first registration is a probe, the
+    adoption, one push, and the linger that lets nodes ready together share one AWS call; all of
+    them cannot be registered sooner than the jobs' total time spread over the workers."""
+    from hpodlb.act import LINGER_SECONDS
+    from hpodlb.reconcile import Reconciler
+    from hpodlb.wiring import host_keys
+
+    nodes = 60 if quick else 200
+    with world(nodes) as (env, _):
+        env.write_config(ssh={"connect_timeout_seconds": 10})
+        first = env.listed[0]
+        side = host_keys(env.config)
+        probes = []
+        for _ in range(3):
+            started = time.monotonic()
+            offered = side.probe(first).offered
+            probes.append(time.monotonic() - started)
+        assert offered, f"{first} does not answer"
+        pin = frozenset(offered.values())
+        started = time.monotonic()
+        keys = side.read_keys(first, pin)
+        read = time.monotonic() - started
+        started = time.monotonic()
+        side.push(first, keys, pin)  # its own keys back: a whole push, nothing changed
+        push = time.monotonic() - started
+        probe = statistics.median(probes)
+        workers = Reconciler(env.config, [], None).workers
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run([sys.executable, "-m", "hpodlb", "-v", "once", "--config", str(env.config_path)],
+                              capture_output=True, text=True, check=False)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        events = [json.loads(x) for x in done.stderr.splitlines() if x.startswith("{")]
+        begun = min(_ts(e) for e in events if e["event"] == "pass_started")
+        joined = sorted(_ts(e) - begun for e in events if e["event"] == "registered")
+        converged = done.returncode == 0 and env.registered() == set(env.listed)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    critical = probe + read + push + LINGER_SECONDS
+    work = (nodes * probe + read + (nodes - 1) * push) / workers
+    first_at = joined[0] if joined else float("inf")
+    last_at = joined[-1] if joined else float("inf")
+    return [
+        (f"cold pass, {nodes} nodes: first node registered (from the pass's start)", f"{first_at:.1f} s", "", ""),
+        ("  ... its critical path: probe + adoption + push + linger",
+         f"{critical:.1f} s ({probe:.2f} + {read:.2f} + {push:.2f} + {LINGER_SECONDS})", "", ""),
+        (f"cold pass, {nodes} nodes: all registered", f"{last_at:.1f} s", "", ok(converged)),
+        (f"  ... the jobs' total time over {workers} workers", f"{work:.1f} s", "", ""),
+        ("hpodlb CPU per node (the whole `once` process)", f"{cpu / nodes * 1000:.0f} ms", "", ""),
     ]
 
 

@@ -7,43 +7,46 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from hpodlb.config import Config
 from hpodlb.inventory import InventoryError
 from hpodlb.keystore import KeyStore, KeyStoreError
-from hpodlb.reconcile import Reconciler
 from hpodlb.targets import TargetsError, check_group
+
+if TYPE_CHECKING:
+    from hpodlb.wiring import CommandAdapters
 
 Check = tuple[bool, str]
 
 
-def run_checks(config: Config, reconciler: Reconciler) -> Iterator[Check]:
-    yield from check_inventory(config, reconciler)
-    yield from _check_target_groups(reconciler)
+def run_checks(config: Config, adapters: CommandAdapters) -> Iterator[Check]:
+    yield from check_inventory(config, adapters)
+    yield from _check_target_groups(adapters)
     yield _check_state_dir(config)
     if config.host_keys.enabled:
         yield from check_host_keys(config)
 
 
-def check_inventory(config: Config, reconciler: Reconciler) -> Iterator[Check]:
+def check_inventory(config: Config, adapters: CommandAdapters) -> Iterator[Check]:
     cluster = config.cluster
     try:
-        groups, source = reconciler.login_groups()
+        groups, source = adapters.login_groups()
     except InventoryError as exc:
         yield False, f"login groups: {exc}"
         return
     yield True, f"login groups {', '.join(groups)} (from {source})"
     try:
-        nodes = reconciler.desired()
+        nodes = adapters.desired()
     except InventoryError as exc:
         yield False, f"resource config: {exc}"
         return
     yield True, f"resource config {cluster.resource_config}: {len(nodes)} login node(s)"
 
 
-def _check_target_groups(reconciler: Reconciler) -> Iterator[Check]:
+def _check_target_groups(adapters: CommandAdapters) -> Iterator[Check]:
     """The same check a pass makes before any write (type ip, TCP, the configured port)."""
-    for group in reconciler.groups:
+    for group in adapters.groups:
         try:
             info = group.describe()
             view = group.observe()

@@ -240,6 +240,14 @@ class Config(_Section):
     state: StateConfig = StateConfig()
     metrics: MetricsConfig = MetricsConfig()
 
+    def region_for(self, tg: TargetGroupConfig | None = None) -> str:
+        """Where AWS calls for `tg` go (the first target group's when none is named): aws.region
+        when set, else the group ARN's own region, the only one its API answers in."""
+        if self.aws.region:
+            return self.aws.region
+        tg = tg or (self.target_groups[0] if self.target_groups else None)
+        return tg.region if tg else ""
+
     @field_validator("target_groups")
     @classmethod
     def _some_target_groups(

@@ -6,10 +6,9 @@ planner takes a drained node out of every target group within the guards, keeps 
 its host keys in step). So a drain survives restarts and never races the daemon for an AWS write.
 Each head keeps its own intents, and only the acting head applies them: a standby head refuses.
 
-On the node, two short root scripts, each in a session pinned to keys hpodlb can vouch for (the
-canonical or previous set, or the daemon's own pin for that node): `wall` with the notice, and a
-count of the node's logged-in SSH connections (see SESSIONS_SCRIPT). The count includes scp,
-VS Code and other connections without a terminal, which `who` would miss.
+On the node, two short root scripts (`sessions.py`), each in a session pinned to keys hpodlb can
+vouch for (the canonical or previous set, or the daemon's own pin for that node): `wall` with the
+notice, and a count of the node's logged-in SSH connections.
 """
 
 from __future__ import annotations
@@ -22,51 +21,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hpodlb.config import Config, TargetGroupConfig
-from hpodlb.intents import DrainRequest, Intents, intents_path, update_intents
+from hpodlb.guards import Ledger, guards_of
+from hpodlb.intentmodel import DrainRequest, Intents
+from hpodlb.intents import IntentsError, intents_path, update_intents
 from hpodlb.inventory import InventoryError, LoginNode
 from hpodlb.logs import get_logger
-from hpodlb.planner import NOT_REGISTERED_STATES
-from hpodlb.sshnode import ROOT_SHELL, SshConnector, SshError
+from hpodlb.sessions import NO_LOGINS, count_sessions, tell_users
+from hpodlb.sshnode import SshConnector, SshError
 from hpodlb.state import State, load_state
+from hpodlb.targetstate import registered_ips
+from hpodlb.wiring import Adapters
 
 log = get_logger("hpodlb.drain")
 
 MAX_REASON = 200
 DEFAULT_REASON = "maintenance"
 POLL_SECONDS = 3.0  # `--wait`: how often the sessions are counted
-# Without host keys hpodlb has nothing to pin a session to, so it logs in to no node.
-NO_LOGINS = "host_keys.enabled = false: hpodlb logs in to no node"
-
-# Every `USER [priv]` process (sshd's monitor of one logged-in connection; `unknown [priv]` has
-# not said who it is yet) in this node's mount namespace, except hpodlb's own: those whose
-# session runs hpodlb's root shell (ROOT_SHELL, perhaps under `sudo -n`: pushes, counts, doctor,
-# from this or another hpodlb of this build or later; a user's own `ssh node sh -s` is counted,
-# and so is an older hpodlb's, which ran `sh -s` alone). Not only the listener's children:
-# sessions outlive an sshd restart (apt upgrades do that), and are reparented away from the new
-# listener. The mount namespace keeps the count to this node where one kernel hosts several (the
-# simulated login nodes). A connection of hpodlb's caught before its script starts or after it
-# ends is counted: one poll's worth.
-SESSIONS_SCRIPT = rb"""mine=$(readlink /proc/$$/ns/mnt)
-ps -ww -eo pid=,ppid=,args= | awk '
-function priv(p) {
-  return args[p] ~ /^sshd(-session)?: [^ ]+ \[priv\]$/ && args[p] !~ /: unknown \[priv\]$/
-}
-{ pid = $1; parent[pid] = $2; $1 = ""; $2 = ""; sub(/^ +/, ""); args[pid] = $0 }
-END {
-  for (q in args) if (args[q] ~ /^(sudo -n )?@ROOT_SHELL@$/) {
-    p = q
-    while ((p in parent) && p > 1) { if (priv(p)) { ours[p] = 1; break }; p = parent[p] }
-  }
-  for (q in args) if (priv(q) && !(q in ours)) print q
-}' | {
-  n=0
-  while read -r p; do
-    ns=$(readlink "/proc/$p/ns/mnt" 2>/dev/null)
-    if [ -z "$ns" ] || [ "$ns" = "$mine" ]; then n=$((n + 1)); fi
-  done
-  echo "hpodlb-sessions $n"
-}
-""".replace(b"@ROOT_SHELL@", ROOT_SHELL.encode())
 
 
 class DrainError(Exception):
@@ -92,30 +62,6 @@ def notice(node: LoginNode, reason: str) -> str:
     )
 
 
-def count_sessions(connector: SshConnector, ip: str, pin: frozenset[str]) -> int:
-    """Authenticated SSH connections on the node, hpodlb's own excepted; SshError if unknown."""
-    with connector.session(ip, pin) as session:
-        rc, out, err = session.run_root(SESSIONS_SCRIPT)
-    words = out.split()
-    if rc != 0 or len(words) != 2 or words[0] != "hpodlb-sessions" or not words[1].isdigit():
-        why = (err.strip().splitlines() or out.strip().splitlines() or [f"exit status {rc}"])[0]
-        raise SshError(
-            "sessions", f"cannot count them ({why[:200]}; needs ps, awk and a privsep sshd)"
-        )
-    return int(words[1])
-
-
-def tell_users(connector: SshConnector, ip: str, pin: frozenset[str], message: str) -> None:
-    """`wall` on the node. The message is one printable line (check_reason), so the quoted
-    here-document cannot end early and nothing in it reaches a shell."""
-    script = f"wall <<'HPODLB_NOTICE'\n{message}\nHPODLB_NOTICE\necho hpodlb-wall-ok\n".encode()
-    with connector.session(ip, pin) as session:
-        rc, out, err = session.run_root(script)
-    if rc != 0 or "hpodlb-wall-ok" not in out:
-        why = (err.strip().splitlines() or [f"exit status {rc}"])[0]
-        raise SshError("wall", why[:200])
-
-
 @dataclass
 class DrainResult:
     node: LoginNode
@@ -131,24 +77,25 @@ class Drains:
     """The admin's side, for one config: record, undo, notify, and watch the node empty."""
 
     def __init__(self, config: Config) -> None:
-        from hpodlb.wiring import build_reconciler, host_keys
-
         self.config = config
-        self.reconciler = build_reconciler(config)
-        self.connector = host_keys(config).connector
+        self.adapters = Adapters(config)  # reads files; AWS only if the login groups need it
         self.state_dir = config.state.dir
         self.counts_sessions = config.host_keys.enabled
 
+    @property
+    def connector(self) -> SshConnector:
+        return self.adapters.host_keys.connector
+
     def login_node(self, ip: str) -> LoginNode:
         try:
-            nodes = self.reconciler.desired()
+            nodes = self.adapters.desired()
         except InventoryError as exc:
             raise DrainError(str(exc)) from None
         node = next((n for n in nodes if n.ip == ip), None)
         if node is None:
             raise DrainError(
                 f"{ip} is not a login node in {self.config.cluster.resource_config} "
-                f"(login groups: {self.reconciler.groups_source})"
+                f"(login groups: {self.adapters.groups_source})"
             )
         return node
 
@@ -299,14 +246,17 @@ class Drains:
             registered = _registered(state, tg)
             if ip not in registered:
                 continue
-            left = len(registered - drained - {ip})
-            if left < rc.min_in_service:
+            # The other drains leave too; the share is of every registered target, as the pass
+            # counts it.
+            staying = registered - (drained - {ip})
+            ledger = Ledger(guards_of(rc), registered=len(staying), base=len(registered))
+            if ledger.at_floor:
                 raise DrainError(
-                    f"draining {ip} would leave {left} registered targets in {tg.name} "
-                    f"(reconcile.min_in_service = {rc.min_in_service}); add --force to drain it "
-                    "anyway (users may find no login node)"
+                    f"draining {ip} would leave {len(staying) - 1} registered targets in "
+                    f"{tg.name} (reconcile.min_in_service = {rc.min_in_service}); add --force to "
+                    "drain it anyway (users may find no login node)"
                 )
-            if int(rc.max_deregister_fraction * len(registered)) < 1:
+            if ledger.fraction_spent:
                 raise DrainError(
                     f"{tg.name} has {len(registered)} registered targets and "
                     f"reconcile.max_deregister_fraction = {rc.max_deregister_fraction:g} lets "
@@ -321,8 +271,6 @@ class Drains:
         return sorted(set(state.drains) - {ip})
 
     def _update(self, change: Callable[[Intents], None]) -> None:
-        from hpodlb.intents import IntentsError
-
         try:
             update_intents(self.state_dir, change)
         except IntentsError as exc:
@@ -345,11 +293,7 @@ class Drains:
 
 def _registered(state: State, tg: TargetGroupConfig) -> set[str]:
     """The IPs registered at the group's port as the daemon's last pass read them."""
-    return {
-        t.ip
-        for t in state.targets.get(tg.arn, [])
-        if t.port == tg.port and t.state not in NOT_REGISTERED_STATES
-    }
+    return registered_ips(state.targets.get(tg.arn, []), tg.port)
 
 
 def _unread(state: State, groups: Sequence[TargetGroupConfig]) -> str:

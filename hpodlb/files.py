@@ -44,6 +44,15 @@ class UnusableFileError(Exception):
     """Not a regular file, a symlink where none may be, or too large; the message names the file."""
 
 
+def os_reason(exc: BaseException) -> str:
+    """Why a file could not be used, for a message that already names it: the OS's words
+    (`Permission denied`, `No space left on device`), else the exception's own message (ours
+    name the path and what is wrong with it)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
 def require_trusted(path: Path) -> None:
     """Raise UntrustedPathError unless only root (or we) could have changed `path`.
 

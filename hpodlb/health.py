@@ -14,14 +14,10 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from hpodlb.identity import KEYS_SETTLED
-from hpodlb.planner import NOT_REGISTERED_STATES, Target
+from hpodlb.planner import Target
 from hpodlb.state import State, TargetRecord
+from hpodlb.targetstate import is_registered, is_serving
 
-HEALTHY = "healthy"
-# States in which a target is expected not to serve: on its way out.
-LEAVING = NOT_REGISTERED_STATES
-# With health checks off, AWS says `unavailable` and sends traffic anyway: not a failure.
-CHECKS_OFF = "Target.HealthCheckDisabled"
 # NLB defaults, for a group whose description is not known yet.
 DEFAULT_INTERVAL_SECONDS = 30
 DEFAULT_HEALTHY_THRESHOLD = 5
@@ -95,15 +91,15 @@ def overdue(
         for r in records
         if r.ip in login_ips
         and not serving(r)
-        and r.state not in LEAVING
+        and is_registered(r.state)
         and r.since_mono is not None
         and now - r.since_mono > window
     ]
 
 
 def serving(record: TargetRecord) -> bool:
-    """The NLB sends it users: healthy, or health checks are off (AWS then sends to every target)."""
-    return record.state == HEALTHY or record.reason == CHECKS_OFF
+    """The NLB sends it users (see `targetstate.is_serving`)."""
+    return is_serving(record.state, record.reason)
 
 
 def likely_fix(reason: str) -> str:
@@ -136,7 +132,7 @@ def registered_nodes(
     targets: Mapping[str, Sequence[TargetRecord]], groups: Sequence[str], ips: Iterable[str]
 ) -> set[str]:
     """The login nodes registered (healthy or not, but not leaving) in every configured group."""
-    return _in_every(targets, groups, ips, lambda r: r.state not in LEAVING)
+    return _in_every(targets, groups, ips, lambda r: is_registered(r.state))
 
 
 def _in_every(

@@ -42,6 +42,24 @@ class HostKeys:
         self.reload_command = reload_command
         self.settle_seconds = settle_seconds  # how long sshd may take to listen again after reload
 
+    # How long each step may take in all, given the connector's per-step `timeout`: the pass
+    # gives a node's job this long (counted from when a worker took it) before it counts the job
+    # as that node's failure. Each step bounds its own calls; these only catch a hang none of
+    # them caught, so they leave room for every call the step makes.
+
+    def probe_seconds(self, timeout: float) -> float:
+        """A connect and a handshake per configured type, each within `timeout`."""
+        return 2 * timeout * len(self.types) + 5
+
+    def push_seconds(self, timeout: float) -> float:
+        """A login and the push script; probes until sshd listens again after its reload; and,
+        when the new keys do not verify, a second login and the restoring script."""
+        return 16 * timeout + 90
+
+    def read_keys_seconds(self, timeout: float) -> float:
+        """A login and the script that prints the keys (an adoption)."""
+        return 12 * timeout + 40
+
     def probe(self, ip: str, known: Mapping[str, str] | None = None) -> Probe:
         """One handshake per configured type, no login: what the node offers, or why not known.
         `known`: types already seen in a pinned session of this moment, not asked again."""

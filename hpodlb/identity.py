@@ -39,6 +39,8 @@ class KeyState(str, enum.Enum):
 
 # Recorded key states (as the state file keeps them) of a node whose identity is not in question.
 KEYS_SETTLED = frozenset({KeyState.IN_SYNC.value, KeyState.NOT_CHECKED.value})
+# ... and of a node held out of rotation until an admin acts (nothing is pushed to it).
+KEYS_HELD = frozenset({KeyState.UNKNOWN_KEYS.value, KeyState.NO_KEY_TYPE.value})
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,16 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from hpodlb.files import (
     UnusableFileError,
     read_regular_file,
     write_atomically,
 )
+from hpodlb.intentmodel import Intents
+from hpodlb.logs import get_logger
+from hpodlb.state import load_state
 
 INTENTS_FILE = "intents.json"
 LOCK_FILE = "intents.lock"
@@ -35,25 +38,6 @@ MAX_BYTES = 1024 * 1024
 
 class IntentsError(Exception):
     """The intents file exists but cannot be used; the message names it."""
-
-
-class TrustRequest(BaseModel):
-    instance_id: str
-    keys: list[str]  # the `algo base64` lines the node presented when the admin accepted them
-    requested_at: float
-
-
-class DrainRequest(BaseModel):
-    reason: str
-    force: bool = False  # past min_in_service and max_deregister_fraction
-    instance_id: str = ""  # the instance at the IP when it was drained, for people
-    requested_at: float = 0
-    requested_by: str = ""
-
-
-class Intents(BaseModel):
-    trust: dict[str, TrustRequest] = {}
-    drain: dict[str, DrainRequest] = {}
 
 
 def intents_path(state_dir: Path) -> Path:
@@ -93,9 +77,7 @@ def update_intents(state_dir: Path, change: Callable[[Intents], None]) -> Intent
 
 
 def _restore_drains(state_dir: Path, intents: Intents) -> None:
-    from hpodlb.logs import get_logger
-    from hpodlb.state import load_state  # the state file holds the daemon's copy of the drains
-
+    """The daemon's copy of the drains, kept in the state file, back into `intents`."""
     remembered = load_state(state_dir)[0].drains
     if remembered:
         intents.drain.update(remembered)

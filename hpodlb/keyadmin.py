@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from hpodlb.config import Config
 from hpodlb.files import UnusableFileError, read_regular_file
 from hpodlb.hostkeys import known_hosts_lines
-from hpodlb.intents import Intents, TrustRequest, update_intents
+from hpodlb.intentmodel import Intents, TrustRequest
+from hpodlb.intents import update_intents
 from hpodlb.inventory import InventoryError
 from hpodlb.keystore import KeySet, KeyStore, KeyStoreError, fingerprint, generate
 from hpodlb.logs import get_logger
 from hpodlb.sshconfig import render
 from hpodlb.sshnode import SshError, known_hosts_name
 from hpodlb.targets import TargetGroup, TargetsError
-from hpodlb.wiring import build_reconciler, host_keys
+from hpodlb.wiring import Adapters, host_keys
 
 log = get_logger("hpodlb.keys")
 
@@ -83,10 +84,10 @@ def ssh_config(config: Config, host: str, port: int, dns_name: str | None = None
         show(config)  # what `known-hosts` needs to print the lines this block relies on
     except KeyCommandError as exc:
         raise KeyCommandError(f"no host keys for users to trust: {exc}") from None
-    reconciler = build_reconciler(config)
-    dns_name = dns_name or nlb_dns_name(reconciler.groups[0])
+    adapters = Adapters(config)
+    dns_name = dns_name or nlb_dns_name(adapters.groups[0])
     try:
-        nodes = reconciler.desired()
+        nodes = adapters.desired()
     except InventoryError as exc:
         return ClientConfig(
             render(host, port, dns_name, (), config.ssh.port),
@@ -165,14 +166,15 @@ def rotate_keys(config: Config, from_ip: str | None = None) -> KeySet:
 
 def trust_node(config: Config, ip: str) -> TrustRequest:
     """Accept, once, the keys the node at `ip` presents now, for its current instance."""
+    adapters = Adapters(config)  # reads files; AWS only if the login groups need it
     try:
-        nodes = build_reconciler(config).desired()
+        nodes = adapters.desired()
     except InventoryError as exc:
         raise KeyCommandError(str(exc)) from None
     node = next((n for n in nodes if n.ip == ip), None)
     if node is None:
         raise KeyCommandError(f"{ip} is not a login node in {config.cluster.resource_config}")
-    probe = host_keys(config).probe(ip)
+    probe = adapters.host_keys.probe(ip)
     if probe.offered is None:
         raise KeyCommandError(f"{node.label()}: cannot see its host keys: {probe.error}")
     if not probe.offered:

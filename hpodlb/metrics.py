@@ -1,18 +1,13 @@
-"""Prometheus metrics: what an admin alerts on, as `prometheus_client` exposes it.
+"""Prometheus metrics served: what an admin alerts on, as `prometheus_client` exposes it.
 
-Each `Metrics` has its own CollectorRegistry (never the library's global one: several daemons run
-in one test process, and `once` must not export what some import registered). The families are
-defined once, in `Metrics.__init__`; `Metrics.record` sets them from a finished pass (the state,
-the pass's outcome, the config) and does no I/O. Nothing in the core imports this module: the AWS
-calls are tallied by the adapters (`awscalls.py`) and everything else is read from the outcome.
+What the families are and what a pass sets them to is `metricfamilies.py`'s (`Metrics`). Nothing
+in the core imports either module: the AWS calls are tallied by the adapters (`awscalls.py`) and
+everything else is read from the outcome.
 
 `Exporter` is the edge: the `/metrics` endpoint of `hpodlb run` (`[metrics] listen`) and
 node_exporter's textfile (`[metrics] textfile`), rewritten atomically after each pass of `run` and
 `once`. Metrics never cost a pass: an address in use, or a textfile that cannot be written, is
 logged once (with what happens next) and retried after each pass; reconciling goes on.
-
-No label ever carries an IP address or an instance id: login nodes are counted by state, targets
-by target group (its name, as every log line names it) and health.
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ from __future__ import annotations
 import socket
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -28,45 +22,20 @@ from threading import Condition, Thread
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import prometheus_client
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    generate_latest,
-    make_wsgi_app,
-)
+from prometheus_client import make_wsgi_app
 
-from hpodlb import __version__, health
-from hpodlb.awscalls import OUTCOMES
 from hpodlb.config import Config, MetricsConfig, listen_address
-from hpodlb.files import UntrustedPathError, require_trusted_dir, write_atomically
-from hpodlb.identity import KeyState
+from hpodlb.files import UntrustedPathError, os_reason, require_trusted_dir, write_atomically
 from hpodlb.logs import get_logger
-from hpodlb.planner import Guard, Kind
+from hpodlb.metricfamilies import Metrics
+from hpodlb.outcome import PassOutcome
 
 if TYPE_CHECKING:
-    from hpodlb.reconcile import PassOutcome, Reconciler
+    from hpodlb.reconcile import Reconciler
     from hpodlb.state import State
 
 log = get_logger("hpodlb.metrics")
 
-# `_created` samples would double the counters' series, and no alert or panel reads them.
-prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-
-NODE_STATES = ("in_service", "waiting", "held", "drained", "standby")
-PASS_RESULTS = ("converged", "not_converged", "crashed", "standby")
-# The NLB's TargetHealth.State values: each group shows all of them, 0 included, so that a panel
-# or an alert never meets a series that is missing because nothing was in that state.
-TARGET_HEALTH = ("initial", "healthy", "unhealthy", "unhealthy.draining", "unused", "draining",
-                 "unavailable")  # fmt: skip
-# An idle pass over a few nodes takes 0.1 s; 200 nodes behind a dead AZ, several minutes.
-PASS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-AWS_OPERATIONS = ("DescribeTargetHealth", "DescribeTargetGroups", "RegisterTargets",
-                  "DeregisterTargets", "DescribeCluster", "ListClusterNodes")  # fmt: skip
-HELD_FOR_ADMIN = frozenset({KeyState.UNKNOWN_KEYS.value, KeyState.NO_KEY_TYPE.value})
 TEXTFILE_MODE = 0o644  # node_exporter runs as its own user and must read it
 # The endpoint's accept loop wakes this often to see whether it should stop. prometheus_client's
 # start_http_server wakes every 0.5 s: 0.9 CPU s an hour of an idle daemon's, for nothing. The
@@ -80,217 +49,6 @@ SERVE_POLL_SECONDS = 5.0
 SCRAPE_TIMEOUT_SECONDS = 10.0
 MAX_SCRAPES = 4
 MAX_SCRAPES_PER_CLIENT = 2
-
-
-class Metrics:
-    """The families, in one registry of their own."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.info = Info("hpodlb", "hpodlb's version.", registry=r)
-        self.info.info({"version": __version__})
-        self.login_nodes = Gauge(
-            "hpodlb_login_nodes",
-            "Login nodes in the resource config, by state: in_service (verified keys, healthy in "
-            "every target group), waiting (probe, push or health checks pending, or failing), "
-            "held (for an admin, or by a guard), drained (by an admin), standby (another head "
-            "acts).",
-            ["state"],
-            registry=r,
-        )
-        self.healthy = Gauge(
-            "hpodlb_login_nodes_healthy",
-            "Login nodes taking users now: verified keys, healthy in every target group (what "
-            "STATUS= counts); observed on a standby head too.",
-            registry=r,
-        )
-        self.targets = Gauge(
-            "hpodlb_targets",
-            "Targets of each configured target group by NLB health state, as the last pass read "
-            "them.",
-            ["target_group", "health"],
-            registry=r,
-        )
-        self.held = Gauge(
-            "hpodlb_deregistrations_held",
-            "Deregistrations the last pass held back, by the guard that held them.",
-            ["guard"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "hpodlb_pass_duration_seconds",
-            "How long each pass took.",
-            buckets=PASS_BUCKETS,
-            registry=r,
-        )
-        self.passes = Counter(
-            "hpodlb_passes",
-            "Passes by result: converged, not_converged, crashed, standby (another head acts, "
-            "nothing failed).",
-            ["result"],
-            registry=r,
-        )
-        self.last_pass = Gauge(
-            "hpodlb_last_pass_timestamp_seconds",
-            "When the last pass ended (Unix time), whatever its result.",
-            registry=r,
-        )
-        self.last_converged = Gauge(
-            "hpodlb_last_converged_timestamp_seconds",
-            "When the last pass that converged (or stood by soundly) ended (Unix time), kept in "
-            "the state file across restarts; with none yet, when the first pass with this state "
-            "file started.",
-            registry=r,
-        )
-        self.aws_calls = Counter(
-            "hpodlb_aws_calls",
-            "AWS API calls (after botocore's retries) by operation and outcome: ok, throttled, "
-            "denied, invalid, unreachable, error.",
-            ["operation", "outcome"],
-            registry=r,
-        )
-        self.key_pushes = Counter(
-            "hpodlb_key_pushes",
-            "Host-key pushes to login nodes by outcome: ok (installed and verified), failed.",
-            ["outcome"],
-            registry=r,
-        )
-        self.interval = Gauge(
-            "hpodlb_interval_seconds",
-            "The configured reconcile.interval_seconds (for the 'no pass' alert).",
-            registry=r,
-        )
-        self.min_in_service = Gauge(
-            "hpodlb_min_in_service",
-            "The configured reconcile.min_in_service (for the 'too few healthy' alert).",
-            registry=r,
-        )
-        for state in NODE_STATES:
-            self.login_nodes.labels(state)
-        for result in PASS_RESULTS:
-            self.passes.labels(result)
-        for guard in Guard:
-            self.held.labels(guard.value)
-        for operation in AWS_OPERATIONS:
-            for outcome in OUTCOMES:
-                self.aws_calls.labels(operation, outcome)
-        for outcome in ("ok", "failed"):
-            self.key_pushes.labels(outcome)
-        self._target_labels: set[tuple[str, str]] = set()
-        self._since = time.time()
-
-    def start(self, config: Config, state: State, now: float) -> None:
-        """Before the first pass: the config, and the times the state file remembers (a restart
-        is not a pass, nor a convergence)."""
-        self._config(config)
-        last = state.last_pass.finished_at if state.last_pass else 0.0
-        self.last_pass.set(last or now)
-        self._since = now  # with no convergence on record: not converged since this start
-        self.last_converged.set(state.last_converged_at or state.first_pass_at or now)
-        self._targets(config, state)
-
-    def record(
-        self,
-        config: Config,
-        state: State,
-        outcome: PassOutcome | None,
-        *,
-        seconds: float,
-        finished: float,
-        aws_calls: Mapping[tuple[str, str], int],
-    ) -> None:
-        """Everything a finished pass changes. `outcome` None: the pass crashed before it had one.
-        `seconds`: how long it took, as its caller measured it; `finished`: wall clock."""
-        self._config(config)
-        result = outcome.result if outcome is not None else "crashed"
-        self.passes.labels(result).inc()
-        self.duration.observe(seconds)  # the whole pass, saving the state included
-        self.last_pass.set(finished)
-        if result in ("converged", "standby"):
-            self.last_converged.set(finished)
-        else:
-            self.last_converged.set(state.last_converged_at or state.first_pass_at or self._since)
-        for (operation, how), count in aws_calls.items():
-            self.aws_calls.labels(operation, how).inc(count)
-        if outcome is not None:
-            pushed = sum(1 for a in outcome.applied if a.kind is Kind.PUSH_KEYS)
-            self.key_pushes.labels("ok").inc(pushed)
-            self.key_pushes.labels("failed").inc(outcome.push_failures)
-            held = Tally(
-                a.held_by.value
-                for a in (outcome.plan.held() if outcome.plan else ())
-                if a.kind is Kind.DEREGISTER and a.held_by is not None
-            )
-            for guard in Guard:
-                self.held.labels(guard.value).set(held[guard.value])
-        states = Tally(node_states(state, outcome, config).values())
-        for name in NODE_STATES:
-            self.login_nodes.labels(name).set(states[name])
-        arns = [tg.arn for tg in config.target_groups]
-        self.healthy.set(len(health.taking_users(state, arns)))
-        self._targets(config, state)
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
-
-    def _config(self, config: Config) -> None:
-        self.interval.set(config.reconcile.interval_seconds)
-        self.min_in_service.set(config.reconcile.min_in_service)
-
-    def _targets(self, config: Config, state: State) -> None:
-        """Set every (group, health) first, then drop the series of groups no longer configured:
-        a scrape in between never sees a configured group missing."""
-        counts: Tally[tuple[str, str]] = Tally()
-        for tg in config.target_groups:
-            for health_state in TARGET_HEALTH:
-                counts[tg.name, health_state] += 0
-            for record in state.targets.get(tg.arn, []):
-                counts[tg.name, record.state] += 1
-        for labels, count in counts.items():
-            self.targets.labels(*labels).set(count)
-        for labels in self._target_labels - set(counts):
-            self.targets.remove(*labels)
-        self._target_labels = set(counts)
-
-
-def node_states(state: State, outcome: PassOutcome | None, config: Config) -> dict[str, str]:
-    """Each login node's one state for `hpodlb_login_nodes`, by IP (the IPs stay here: only the
-    counts are exported). The first that applies: standby (this head only observes), held (an
-    action held back by a guard, a drain's deregistration included: it is still in rotation),
-    drained (by an admin, and out), held (keys nobody vouches for), in_service (verified keys,
-    healthy in every target group), waiting (anything else: a probe, a push or health checks
-    pending, or failing).
-
-    The one place a node's state is decided for the metrics."""
-    if outcome is not None and not outcome.inventory_error:
-        ips: Iterable[str] = [node.ip for node in outcome.nodes]
-    else:  # no word on the desired set this pass: the nodes the last good pass knew
-        ips = list(state.nodes)
-    standby = (
-        outcome is not None and outcome.leadership is not None and not outcome.leadership.acting
-    )
-    drained = {ip for ip, record in state.nodes.items() if record.drained}  # as the pass kept them
-    plan = outcome.plan if outcome is not None else None
-    held_back = {a.ip for a in plan.held()} if plan is not None else set()
-    arns = [tg.arn for tg in config.target_groups]
-    serving = health.taking_users(state, arns)
-    out: dict[str, str] = {}
-    for ip in ips:
-        record = state.nodes.get(ip)
-        if standby:
-            out[ip] = "standby"
-        elif ip in held_back:
-            out[ip] = "held"
-        elif ip in drained:
-            out[ip] = "drained"
-        elif record is not None and record.key_state in HELD_FOR_ADMIN:
-            out[ip] = "held"
-        elif ip in serving:
-            out[ip] = "in_service"
-        else:
-            out[ip] = "waiting"
-    return out
 
 
 def take_aws_calls(reconciler: Reconciler) -> Tally[tuple[str, str]]:
@@ -371,7 +129,7 @@ class Exporter:
             require_trusted_dir(path.parent)
             write_atomically(path, self.metrics.exposition(), TEXTFILE_MODE)
         except (OSError, UntrustedPathError) as exc:
-            error = f"cannot write {path}: {_reason(exc)}"
+            error = f"cannot write {path}: {os_reason(exc)}"
             if error != self._textfile_error:
                 log.error(
                     "metrics_textfile_unwritable",
@@ -400,7 +158,7 @@ class Exporter:
                 handler_class=_Quiet,
             )
         except OSError as exc:
-            error = f"cannot listen on {listen}: {_reason(exc)}"
+            error = f"cannot listen on {listen}: {os_reason(exc)}"
             if error != self._listen_error:
                 log.error(
                     "metrics_listen_failed",
@@ -437,7 +195,7 @@ class Exporter:
         try:
             path.unlink(missing_ok=True)  # unlink never follows a symlink
         except OSError as exc:
-            log.warning("metrics_textfile_left", path=str(path), error=_reason(exc))
+            log.warning("metrics_textfile_left", path=str(path), error=os_reason(exc))
         else:
             log.info("metrics_textfile_removed", path=str(path), why="no longer configured")
 
@@ -532,9 +290,3 @@ def write_once(config: Config, state: State, outcome: PassOutcome, reconciler: R
     exporter = Exporter()
     exporter.metrics.start(config, state, time.time())
     exporter.after_pass(config, state, outcome, outcome.duration_seconds, reconciler)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)

@@ -51,7 +51,9 @@ from hpodlb.files import file_signature
 from hpodlb.intents import intents_path
 from hpodlb.lock import InstanceLock, LockedError
 from hpodlb.logs import get_logger
-from hpodlb.reconcile import PassOutcome, Reconciler, save_outcome
+from hpodlb.outcome import PassOutcome, log_finished
+from hpodlb.reconcile import Reconciler
+from hpodlb.record import save_outcome
 from hpodlb.sdnotify import Notifier
 from hpodlb.state import State, load_state
 
@@ -202,13 +204,7 @@ class Daemon:
                 line = f"{line}; metrics: {exporter.problem}"
         self.last_summary = line
         if outcome is not None:
-            log.info(
-                "pass_finished",
-                converged=outcome.converged,
-                standby=outcome.standby,
-                summary=outcome.summary(),
-                seconds=round(outcome.duration_seconds, 3),
-            )
+            log_finished(outcome)
         if self.passes == 1:
             self.notifier.ready(line)
         else:

@@ -28,9 +28,7 @@ from hpodlb.files import (
     require_trusted_dir,
     write_atomically,
 )
-from hpodlb.intents import DrainRequest
-
-# Re-exported (explicitly, for mypy) for provision.py until it imports it from hpodlb.files.
+from hpodlb.intentmodel import DrainRequest
 
 STATE_FILE = "state.json"
 STATE_MAX_BYTES = 64 << 20  # about 400 bytes a node: far beyond any cluster

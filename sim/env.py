@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hpodlb.config import Config, load_config
-from hpodlb.reconcile import PassOutcome
+from hpodlb.outcome import PassOutcome
 from hpodlb.state import State, load_state, save_state
 from hpodlb.wiring import build_reconciler
 from sim.aws import FakeAws

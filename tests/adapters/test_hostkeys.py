@@ -24,8 +24,8 @@ from hpodlb.cli import main
 from hpodlb.hostkeys import push_script
 from hpodlb.keystore import HostKey, KeyStore, KeyStoreError, file_names
 from hpodlb.logs import setup_logging
+from hpodlb.outcome import PassOutcome
 from hpodlb.planner import Kind
-from hpodlb.reconcile import PassOutcome
 from hpodlb.sshnode import ParamikoConnector
 from hpodlb.wiring import ssh_settings
 from sim.aws import FakeAws

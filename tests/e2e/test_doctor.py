@@ -266,7 +266,7 @@ def test_a_denied_read_is_named_and_what_depends_on_it_is_not_judged(
 def test_security_group_rules_are_matched_as_ec2_means_them() -> None:
     """All traffic (-1), port ranges, protocol number 6, CIDRs wider than the NLB's subnets, a
     group reference; a prefix list cannot be expanded and is a WARN, never a PASS or a FAIL."""
-    from hpodlb.diagnose import Source, security_groups
+    from hpodlb.diagnosenode import Source, security_groups
 
     eni = {"Groups": [{"GroupId": "sg-node"}]}
     nlb = [Source("the NLB x", ("sg-nlb",), ("10.1.64.0/18", "10.1.192.0/20"))]
@@ -477,7 +477,7 @@ def test_the_head_nodes_own_inputs_are_named(
 
 
 def test_a_node_on_the_previous_keys_during_a_rotation_is_a_warning() -> None:
-    from hpodlb.diagnose import host_keys
+    from hpodlb.diagnosenode import host_keys
 
     new, old = {"ed25519": "ssh-ed25519 NEW"}, {"ed25519": "ssh-ed25519 OLD"}
     assert host_keys("10.0.0.1", old, new, old).status is Status.WARN
@@ -515,7 +515,8 @@ def test_a_drained_login_node_is_a_warning_not_a_failure(
     moto_env: None, write_config: Callable[..., Path], tmp_path: Path
 ) -> None:
     """Out of rotation on purpose: said (so a drain nobody undid is seen), never a FAIL."""
-    from hpodlb.intents import DrainRequest, update_intents
+    from hpodlb.intentmodel import DrainRequest
+    from hpodlb.intents import update_intents
 
     cloud = build_cloud()
     cloud.elb.deregister_targets(TargetGroupArn=cloud.tg, Targets=[{"Id": "10.1.72.45", "Port": 22}])

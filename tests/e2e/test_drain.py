@@ -194,7 +194,8 @@ def test_sessions_are_counted_across_an_sshd_restart_and_hpodlbs_own_are_not(env
     """An openssh-server upgrade restarts sshd: the sessions it had are still users on the node.
     hpodlb's other connections (a push, doctor, the daemon's count) are not users; a user's own
     `ssh node sh -s` is."""
-    from hpodlb.drain import Drains, count_sessions
+    from hpodlb.drain import Drains
+    from hpodlb.sessions import count_sessions
 
     a, b = converged(env, 2)
     node = env.cluster.nodes[a]

@@ -31,9 +31,9 @@ from hpodlb.config import ConfigError, load_config, target_group_name
 from hpodlb.identity import KeyState
 from hpodlb.inventory import LoginNode
 from hpodlb.leader import Leadership
-from hpodlb.metrics import Metrics, node_states
+from hpodlb.metricfamilies import Metrics
+from hpodlb.outcome import PassOutcome, node_states
 from hpodlb.planner import Action, Guard, Kind, Plan
-from hpodlb.reconcile import PassOutcome
 from hpodlb.state import NodeRecord, State, TargetRecord
 from sim.aws import FakeAws
 from sim.env import SimEnv

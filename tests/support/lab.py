@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from hpodlb.keystore import KeyStore
-from hpodlb.reconcile import PassOutcome
+from hpodlb.outcome import PassOutcome
 from hpodlb.state import load_state, save_state
 from hpodlb.wiring import build_reconciler
 from sim.env import SimEnv

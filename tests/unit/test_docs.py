@@ -7,7 +7,8 @@ import argparse
 import re
 from pathlib import Path
 
-from hpodlb.cli import build_parser
+from hpodlb.cli import COMMANDS
+from hpodlb.commandline import build_parser
 from hpodlb.config import Config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +71,7 @@ def test_the_reference_names_every_command_and_key() -> None:
                     found += nested or [f"{prefix}{name}"]
         return found
 
-    assert sorted(commands(build_parser())) == sorted(r for r in rows if r != "--version")
+    assert sorted(commands(build_parser(COMMANDS))) == sorted(r for r in rows if r != "--version")
     configuration = reference.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     for name, field in Config.model_fields.items():
         assert f"`[{name}]`" in configuration or f"`[[{name}]]`" in configuration, name

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import hpodlb
-from hpodlb.cli import EXAMPLES
+from hpodlb.commandline import EXAMPLES
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -19,13 +19,17 @@ from moto import mock_aws
 
 from hpodlb.config import Config, load_config
 from hpodlb.hostkeys import HostKeys
-from hpodlb.intents import TrustRequest, load_intents, update_intents
+from hpodlb.intentmodel import TrustRequest
+from hpodlb.intents import load_intents, update_intents
 from hpodlb.keystore import KeyStore
+from hpodlb.outcome import PassOutcome
 from hpodlb.planner import Kind
-from hpodlb.reconcile import PassOutcome, Reconciler, backoff_seconds, key_side
+from hpodlb.reconcile import Reconciler
+from hpodlb.record import backoff_seconds
 from hpodlb.sshnode import SshError
 from hpodlb.state import State
 from hpodlb.targets import TargetGroup, boto_config
+from hpodlb.wiring import key_side
 from tests.support.aws import Clock, make_group
 from tests.support.fakenodes import TYPES, FakeConnector, FakeNode, KeySets
 
