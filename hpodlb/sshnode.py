@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -72,8 +72,8 @@ class SshConnector(Protocol):
         """The `algo base64` key the node presents for `key_type`, None when it offers none."""
         ...
 
-    def session(self, ip: str, pin: frozenset[str]) -> Any:
-        """A context manager yielding a logged-in `Session` that trusts only `pin`."""
+    def session(self, ip: str, pin: frozenset[str]) -> AbstractContextManager[Session]:
+        """A logged-in `Session` that trusts only `pin`, closed when the block ends."""
         ...
 
 
