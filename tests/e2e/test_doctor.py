@@ -143,7 +143,7 @@ BREAKS: dict[str, tuple[Callable[[Cloud], Any], Status, str, str, str]] = {
         Status.FAIL, "node 10.1.70.201", "do not admit the NLB smhp-login-node-lb on TCP 22",
         f"an inbound rule: TCP 22 from {SUBNET_A} (the NLB's subnets)"),
     "security group admits another port": (
-        lambda c: (without_the_subnet_rule(c),
+        lambda c: (without_the_subnet_rule(c),  # type: ignore[func-returns-value]
             c.ec2.authorize_security_group_ingress(GroupId=c.login_sg, IpPermissions=[
                 {"IpProtocol": "tcp", "FromPort": 2222, "ToPort": 2222,
                  "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])),
@@ -378,7 +378,7 @@ def test_doctor_passes_a_sound_simulated_cluster_with_its_daemon_running(sim_env
     assert out.returncode == 0, [c for c in doc["checks"] if c["status"] != "PASS"]
     not_passed = [(c["area"], c["status"], c["fix"]) for c in doc["checks"] if c["status"] != "PASS"]
     assert not_passed == [(f"node {ips[0]}", "WARN", "set ClientAliveInterval 60 in sshd_config")]
-    found = {c["area"]: [] for c in doc["checks"]}
+    found: dict[str, list[str]] = {c["area"]: [] for c in doc["checks"]}
     for c in doc["checks"]:
         found[c["area"]].append(c["found"])
     assert "presents the canonical ecdsa, ed25519, rsa keys" in found[f"node {ips[0]}"]

@@ -415,7 +415,7 @@ def test_an_unusable_intents_file_keeps_drains_as_last_known(
     good = path.read_bytes()
     elsewhere = tmp_path / "elsewhere.json"
     elsewhere.write_bytes(good)
-    bad: dict[str, Callable[[], None]] = {
+    bad: dict[str, Callable[[], object]] = {
         "half-written": lambda: path.write_bytes(good[: len(good) // 2]),
         "deeply nested": lambda: path.write_text('{"drain":' + "[" * 100_000 + "]" * 100_000 + "}"),
         "wrong types": lambda: path.write_text('{"drain": {"10.0.0.1": {"reason": 5}}}'),

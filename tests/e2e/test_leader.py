@@ -312,7 +312,7 @@ def test_a_backup_head_asks_twice_before_it_takes_over(
     config = load_config(write_config([{"arn": tg, "port": 22}]), {})
     rec = Reconciler(config, [TargetGroup(elb, tg, 22)], keys=None, boot_id="b", leader=scontrol)
     slept: list[float] = []
-    rec.sleep = slept.append
+    rec.sleep = slept.append  # type: ignore[assignment]  # records the waits instead of waiting
     blip = rec.run_pass(State(), apply=True)  # asked twice: the primary answered the second time
     assert (blip.standby, blip.applied, slept) == ("standby (controller: head1)", [], [leader.CONFIRM_SECONDS])
     moved = rec.run_pass(State(), apply=True)  # asked twice, the backup both times: it acts

@@ -372,16 +372,17 @@ def test_textfile_problems_name_file_key_and_problem(tmp_path: Path) -> None:
     open_dir = tmp_path / "open"
     open_dir.mkdir()
     open_dir.chmod(0o777)
-    for textfile, problem in {
+    unwritable: dict[Path, str] = {
         tmp_path / "missing" / "hpodlb.prom": "No such file or directory",
         open_dir / "hpodlb.prom": "is writable by group or others (mode 0777)",
-    }.items():
-        path.write_text(f'[metrics]\ntextfile = "{textfile}"\n[[target_groups]]\narn = "{TG_ARN}"\n')
-        assert load_config(path, {}).metrics.textfile == textfile
+    }
+    for prom, problem in unwritable.items():
+        path.write_text(f'[metrics]\ntextfile = "{prom}"\n[[target_groups]]\narn = "{TG_ARN}"\n')
+        assert load_config(path, {}).metrics.textfile == prom
         exporter = Exporter()
-        exporter.write_textfile(textfile)
-        assert problem in exporter.problem and str(textfile) in exporter.problem
-        assert not textfile.exists()
+        exporter.write_textfile(prom)
+        assert problem in exporter.problem and str(prom) in exporter.problem
+        assert not prom.exists()
 
 
 def test_the_environment_overrides_metrics_keys(write_config: Callable[..., Path]) -> None:

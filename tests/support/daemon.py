@@ -24,7 +24,7 @@ def _sent_at(ancillary: list[tuple[int, int, bytes]]) -> float:
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
             sec, nsec = struct.unpack("qq", data[:16])
-            return sec + nsec / 1e9 - (time.time() - time.monotonic())
+            return float(sec + nsec / 1e9) - (time.time() - time.monotonic())
     return time.monotonic()
 
 

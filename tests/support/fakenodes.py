@@ -90,7 +90,7 @@ class FakeConnector:
         shown = next(endpoint.presents(t) for t in TYPES if t in pinned_types and endpoint.presents(t))
         if shown not in pin:
             raise SshError(
-                "host-key", f"presents {fingerprint(shown)}, expected "
+                "host-key", f"presents {fingerprint(shown or '')}, expected "
                 f"{', '.join(sorted(fingerprint(p) for p in pin))}; not trusted, nothing sent"
             )
         endpoint.sessions += 1

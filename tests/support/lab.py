@@ -14,10 +14,10 @@ from sim.env import SimEnv
 TYPES = ("rsa", "ecdsa", "ed25519")
 
 
-def nodes(env: SimEnv, count: int, **kw: bool) -> list[str]:
+def nodes(env: SimEnv, count: int, *, sudo_nopasswd: bool = True) -> list[str]:
     ips = [env.cluster.ip(i) for i in range(2, 2 + count)]
     for ip in ips:
-        env.cluster.add_node(ip, f"i-{ip.split('.')[-1]:0>17}", **kw)
+        env.cluster.add_node(ip, f"i-{ip.split('.')[-1]:0>17}", sudo_nopasswd=sudo_nopasswd)
     env.list_nodes(ips)
     return ips
 

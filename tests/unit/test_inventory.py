@@ -87,7 +87,7 @@ def test_empty_login_group_is_valid() -> None:
         (b'{"InstanceGroups": [{"Name": 3}]}', r"InstanceGroups\[0\].Name"),
         (b'{"InstanceGroups": [{"Name": "other", "Instances": []}]}', "no group named login-group"),
         (b'{"InstanceGroups": [{"Name": "login-group"}]}', r"InstanceGroups\[0\].Instances: expected a list"),
-        (doc("x"), r"Instances\[0\]: expected an object"),
+        (doc("x"), r"Instances\[0\]: expected an object"),  # type: ignore[arg-type]  # the wrong type is the point
         (doc({"InstanceId": "i-1"}), r"Instances\[0\].CustomerIpAddress: expected a string"),
         (doc(inst(ip=10)), "CustomerIpAddress: expected a string"),
         (doc(inst(ip="10.1.0.256")), "is not an IP address"),

@@ -81,12 +81,17 @@ sections = {
     "host_keys": ["enabled", "store", "types", "remote_dir", "reload_command", "adopt_from_first_node"],
     "state": ["dir"], "aws": ["region"], "nonsense": ["x"],
 }
+
+
+def _section(sec: str) -> st.SearchStrategy[str]:
+    """A `[sec]` table with up to 4 of its keys, each with any TOML scalar."""
+    return st.lists(st.tuples(st.sampled_from(sections[sec]), toml_scalar), max_size=4).map(
+        lambda kvs: f"[{sec}]\n" + "".join(f"{k} = {v}\n" for k, v in kvs)
+    )
+
+
 config_text = st.lists(
-    st.sampled_from(sorted(sections)).flatmap(
-        lambda sec: st.lists(st.tuples(st.sampled_from(sections[sec]), toml_scalar), max_size=4).map(
-            lambda kvs, sec=sec: f"[{sec}]\n" + "".join(f"{k} = {v}\n" for k, v in kvs)
-        )
-    ),
+    st.sampled_from(sorted(sections)).flatmap(_section),
     max_size=4,
 ).map("".join).flatmap(
     lambda body: st.sampled_from(["", f'[[target_groups]]\narn = "{TG_ARN}"\n',
