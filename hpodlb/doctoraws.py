@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpodlb import diagnose, diagnosenode
 from hpodlb.config import Config
 from hpodlb.diagnose import Finding, fail, passed, warn
 from hpodlb.inventory import LoginNode
 from hpodlb.targets import TargetGroup
+
+if TYPE_CHECKING:
+    from mypy_boto3_elbv2 import ElasticLoadBalancingv2Client
 
 FILTER_VALUES = 200  # EC2 takes at most this many values in one filter
 NOT_FOUND_FIX = "check [[target_groups]].arn, and that aws.region is empty or the ARN's region"
@@ -128,7 +131,7 @@ class AwsPath:
 
     def _target_group(
         self,
-        elb: Any,
+        elb: ElasticLoadBalancingv2Client,
         arn: str,
         port: int,
         nodes: Sequence[LoginNode],
@@ -194,7 +197,9 @@ class AwsPath:
             chosen[ip] = (here or found)[0] if here or found else None
         return chosen
 
-    def _load_balancers(self, area: str, elb: Any, arns: list[str]) -> list[dict[str, Any]]:
+    def _load_balancers(
+        self, area: str, elb: ElasticLoadBalancingv2Client, arns: list[str]
+    ) -> list[dict[str, Any]]:
         if not arns:
             return []
         reply = self._ask(

@@ -10,9 +10,12 @@ caller can say "grant sagemaker:DescribeCluster" and carry on as it did before t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpodlb.awscalls import CallTally
+
+if TYPE_CHECKING:
+    from mypy_boto3_sagemaker import SageMakerClient
 
 LOGIN = "Login"
 PAGE_LIMIT = 100  # ListClusterNodes pages; a cluster of thousands of nodes is a handful of calls
@@ -32,9 +35,9 @@ def region_of(cluster_arn: str) -> str:
 class HyperPod:
     """One cluster's API, through a sagemaker client built on first use (it is not cheap)."""
 
-    def __init__(self, client: Callable[[str], Any]) -> None:
+    def __init__(self, client: Callable[[str], SageMakerClient]) -> None:
         self._make = client  # called with the cluster's ARN: its region is the API's
-        self._client: Any = None
+        self._client: SageMakerClient | None = None
         self.calls = CallTally()  # for the metrics
 
     def describe(self, cluster: str) -> dict[str, Any]:
@@ -91,11 +94,11 @@ class HyperPod:
         return reply
 
 
-def sagemaker_client(region: str) -> Callable[[str], Any]:
+def sagemaker_client(region: str) -> Callable[[str], SageMakerClient]:
     """A factory for a client as an admin's boto3 would build it, with hpodlb's retries; in
     `region`, else the cluster ARN's."""
 
-    def make(cluster: str) -> Any:
+    def make(cluster: str) -> SageMakerClient:
         import boto3
 
         from hpodlb.targets import boto_config

@@ -9,14 +9,19 @@ someone else made is refused, never modified or deleted. Teardown goes listener,
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpodlb.files import write_atomically
 from hpodlb.hyperpod import ClusterError, HyperPod
 from hpodlb.logs import get_logger
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_elbv2 import ElasticLoadBalancingv2Client
+    from mypy_boto3_elbv2.type_defs import TagTypeDef
 
 log = get_logger("hpodlb.provision")
 
@@ -46,7 +51,7 @@ class Spec:
     def lb_name(self) -> str:
         return f"{self.name_prefix}-lb"
 
-    def tags(self) -> list[dict[str, str]]:
+    def tags(self) -> list[TagTypeDef]:
         return [{"Key": MANAGED, "Value": "true"}, {"Key": CLUSTER, "Value": self.cluster}]
 
     def attributes(self) -> dict[str, str]:
@@ -79,7 +84,9 @@ class Report:
 class Provisioner:
     """Finds or creates (or deletes) the hpodlb resources of one cluster with one elbv2 client."""
 
-    def __init__(self, elb: Any, cluster: str, *, dry_run: bool = False) -> None:
+    def __init__(
+        self, elb: ElasticLoadBalancingv2Client, cluster: str, *, dry_run: bool = False
+    ) -> None:
         self.elb = elb
         self.cluster = cluster
         self.dry_run = dry_run
@@ -88,7 +95,7 @@ class Provisioner:
 
     def provision(self, spec: Spec) -> Report:
         report = Report(dry_run=self.dry_run)
-        tg = self._find("target group", spec.tg_name, self._target_groups)
+        tg: Mapping[str, Any] | None = self._find("target group", spec.tg_name, self._target_groups)
         if tg is None:
             report.change(
                 f"create target group {spec.tg_name} (IP targets, TCP:{spec.port}, TCP health checks)"
@@ -107,7 +114,9 @@ class Provisioner:
         report.target_group_arn = tg_arn
         self._ensure_attributes(tg_arn, spec, report, new=tg is None)
 
-        lb = self._find("load balancer", spec.lb_name, self._load_balancers)
+        lb: Mapping[str, Any] | None = self._find(
+            "load balancer", spec.lb_name, self._load_balancers
+        )
         if lb is None:
             report.change(
                 f"create internal network load balancer {spec.lb_name} in {', '.join(spec.subnet_ids)}"
@@ -144,7 +153,7 @@ class Provisioner:
             )
 
     def _ensure_listener(
-        self, lb: dict[str, Any] | None, tg_arn: str, spec: Spec, report: Report
+        self, lb: Mapping[str, Any] | None, tg_arn: str, spec: Spec, report: Report
     ) -> None:
         listeners = (
             self.elb.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]
@@ -265,7 +274,7 @@ class Network:
 
 def cluster_network(
     hyperpod: HyperPod,
-    ec2: Any,
+    ec2: EC2Client,
     cluster: str,
     vpc_id: str | None,
     subnet_ids: Sequence[str],

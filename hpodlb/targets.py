@@ -24,6 +24,8 @@ from hpodlb.planner import GroupView, Target
 
 if TYPE_CHECKING:
     from botocore.config import Config as BotoConfig
+    from botocore.config import _RetryDict
+    from mypy_boto3_elbv2 import ElasticLoadBalancingv2Client
 
 # RegisterTargets and DeregisterTargets take at most this many targets per call (elbv2 API limit
 # for IP targets is far higher per group, so batching keeps one call from being rejected).
@@ -73,7 +75,7 @@ def boto_config(connect_timeout_seconds: float = 5, read_timeout_seconds: float 
     mode = os.environ.get("AWS_RETRY_MODE", "standard")
     if mode not in RETRY_MODES:
         raise ConfigError(f"AWS_RETRY_MODE={mode!r}: expected one of {', '.join(RETRY_MODES)}")
-    retries = {"mode": mode, "total_max_attempts": int(raw)}
+    retries: _RetryDict = {"mode": mode, "total_max_attempts": int(raw)}  # type: ignore[typeddict-item]  # mode: checked against RETRY_MODES above
     return BotoConfig(
         retries=retries,
         connect_timeout=connect_timeout_seconds,
@@ -81,7 +83,7 @@ def boto_config(connect_timeout_seconds: float = 5, read_timeout_seconds: float 
     )
 
 
-def elbv2_client(region: str) -> Any:
+def elbv2_client(region: str) -> ElasticLoadBalancingv2Client:
     """A client as an admin's boto3 would build it (AWS_ENDPOINT_URL, profiles, instance role)."""
     import boto3
 
@@ -107,7 +109,7 @@ def check_group(info: dict[str, Any], port: int) -> str | None:
 class TargetGroup:
     """One configured target group, through one elbv2 client."""
 
-    def __init__(self, client: Any, arn: str, port: int) -> None:
+    def __init__(self, client: ElasticLoadBalancingv2Client, arn: str, port: int) -> None:
         self.client = client
         self.arn = arn
         self.port = port

@@ -36,7 +36,7 @@ class FakeAws:
         return boto3.session.Session(
             aws_access_key_id="testing",
             aws_secret_access_key="testing",  # noqa: S106
-        ).client(service, region_name=self.region, endpoint_url=self.endpoint_url)
+        ).client(service, region_name=self.region, endpoint_url=self.endpoint_url)  # type: ignore[call-overload]  # any service, by name
 
     def create_login_nlb(self, name: str = "smhp-login-node", port: int = 22) -> str:
         """The manual procedure's steps 2 and 3; returns the target group ARN. The login nodes'

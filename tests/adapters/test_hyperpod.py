@@ -123,7 +123,7 @@ def test_denied_describe_cluster_never_guesses_a_group_that_empties_the_target_g
     api_configured(cluster_dir, arn)
     rec, _, tg = build(cluster={"login_groups": ["login-a"]})
     assert rec.run_pass(State(), apply=True).converged  # registered while the group was named
-    sm = boto3.client("sagemaker", region_name=REGION, **credentials_denied("sagemaker:DescribeCluster"))
+    sm = boto3.client("sagemaker", region_name=REGION, **credentials_denied("sagemaker:DescribeCluster"))  # type: ignore[call-overload]
     config = load_config(write_config([{"arn": tg, "port": 22}]), {})  # the group named nowhere
     denied = Reconciler(config, rec.groups, keys=None, boot_id="b", hyperpod=HyperPod(lambda _arn: sm))
     enforce_iam(monkeypatch)

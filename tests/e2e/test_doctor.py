@@ -32,7 +32,7 @@ from tests.support.lab import nodes
 REGION = "us-west-2"
 LOGIN_IPS = ["10.1.71.12", "10.1.72.45", "10.1.70.201"]  # the fixture resource config's
 SUBNET_A = "10.1.64.0/18"
-SSH_FROM_SUBNET_A = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}
+SSH_FROM_SUBNET_A: Any = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Cloud:
     listener: str
 
 
-def build_cloud(*, scheme: str = "internal", nlb_sg: bool = False, node_vpc_other: bool = False,
+def build_cloud(*, scheme: Any = "internal", nlb_sg: bool = False, node_vpc_other: bool = False,
                 extra_lb_zone: str = "") -> Cloud:
     ec2 = boto3.client("ec2", region_name=REGION)
     elb = boto3.client("elbv2", region_name=REGION)
