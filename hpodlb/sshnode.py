@@ -230,8 +230,7 @@ class _ParamikoSession:
                 try:
                     channel.fileno()  # arms the pipe that select() waits on, before any data
                     channel.exec_command(command)
-                    channel.sendall(script)
-                    channel.shutdown_write()
+                    _send_script(channel, script)
                     rc, out, err = _collect(channel, time.monotonic() + limit, limit, self.cap)
                 finally:
                     channel.close()
@@ -245,6 +244,19 @@ class _ParamikoSession:
                 "sudo", f"{reason} (ssh.user {self.settings.user} needs passwordless sudo)"
             )
         return rc, out, err
+
+
+def _send_script(channel: Any, script: bytes) -> None:
+    """The script on stdin, then EOF. A command that ends without reading it (`sudo -n` refusing:
+    a password is required) may have closed the channel first; on a busy head node that race is
+    common. What it said and its exit status are still there to read, so that is the answer,
+    not the closed socket."""
+    try:
+        channel.sendall(script)
+        channel.shutdown_write()
+    except OSError:
+        if not channel.exit_status_ready():
+            raise
 
 
 def _collect(channel: Any, deadline: float, limit: float, cap: int) -> tuple[int, str, str]:

@@ -26,7 +26,7 @@ from hpodlb.keystore import HostKey, KeyStore, KeyStoreError, file_names
 from hpodlb.logs import setup_logging
 from hpodlb.outcome import PassOutcome
 from hpodlb.planner import Kind
-from hpodlb.sshnode import ParamikoConnector
+from hpodlb.sshnode import ParamikoConnector, SshError
 from hpodlb.wiring import ssh_settings
 from sim.aws import FakeAws
 from sim.env import SimEnv
@@ -220,6 +220,20 @@ def test_rollback_when_sshd_rejects_a_key_with_exit_status_0(env: SimEnv) -> Non
     assert "Unable to load host key" in out
     assert node.private_key("ed25519") == good["ed25519"].private
     assert node.keyscan() == before
+
+
+def test_sudo_that_refuses_before_reading_the_script_is_named_as_sudo(env: SimEnv) -> None:
+    """`sudo -n` that wants a password exits before it reads the script; a script bigger than the
+    channel's window keeps hpodlb sending while the node has already closed the channel (the race
+    a busy head node loses at any size). The error is sudo's, not "Socket is closed"."""
+    ips = nodes(env, 1, sudo_nopasswd=False)
+    node = env.cluster.nodes[ips[0]]
+    connector = ParamikoConnector(ssh_settings(env.config))
+    script = b"true\n" + b"#" * (8 << 20) + b"\n"  # 8 MiB: past paramiko's 2 MiB window
+    with connector.session(node.ip, frozenset(node.keyscan())) as session, pytest.raises(SshError) as err:
+        session.run_root(script)
+    assert err.value.step == "sudo", str(err.value)
+    assert "password" in str(err.value)
 
 
 def test_no_key_material_in_logs_command_lines_status_or_tmp(
