@@ -63,7 +63,7 @@ def build_parser(commands: Mapping[str, Command]) -> argparse.ArgumentParser:
     )
     p = add(
         "example",
-        "print a file hpodlb ships: the systemd unit, example config, IAM policy, alert rules",
+        "print a file hpodlb ships: unit, config, iam-policy, alerts, dashboard",
         "Print a file that ships inside the package, exactly as shipped, so that the package "
         "alone is enough to install hpodlb: unit (the systemd unit, for "
         "/etc/systemd/system/hpodlb.service), config (the example config, every key with its "

@@ -2,8 +2,9 @@
 
 The pass is four plain pieces around the pure planner: `observe` (what the world is), `jobs` (the
 node jobs: probes, pushes, adoptions, session counts), `act` (AWS writes and the starts of pushes)
-and `record` (the state file, known_hosts). `reconcile` sequences them. They share only what is
-here, and this module imports none of them, so none of them reaches into another.
+and `record` (the state file, known_hosts). `reconcile` sequences them. What they share is
+here, and this module imports none of them; beyond it, `act` starts the jobs `jobs` runs and
+`record` writes down what they returned, and nothing imports `reconcile`.
 
 Never any I/O here, and nothing a pass decides: `PassContext` is how a pass was started (which
 config, which state, whether it may act) and where it says what went wrong; `Known` is the world

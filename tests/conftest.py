@@ -153,15 +153,20 @@ SSHD_FIXTURES = {"sim_env", "cluster"}
 SLURM_FIXTURES = {"slurm"}
 
 
+LAYER_ERROR = pytest.StashKey[str]()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Markers from where a test lives and what it starts, so `-m` selections never depend on a
-    file remembering its `pytestmark`; a unit test that starts sshd is an error, not a slow unit.
+    file remembering its `pytestmark`; a unit test that starts sshd fails, it is no slow unit.
     Slow tests go first: run 4 at once, the suite then ends soon after its longest test."""
+    here = Path(__file__).parent
     for item in items:
-        parts = Path(str(item.fspath)).relative_to(Path(__file__).parent).parts
+        parts = Path(str(item.fspath)).resolve().relative_to(here.resolve()).parts
         layer = parts[0] if parts[0] in LAYERS else None
         if layer is None:
-            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/adapters or tests/e2e")
+            item.stash[LAYER_ERROR] = "tests live in tests/unit, tests/adapters or tests/e2e"
+            continue
         item.add_marker(getattr(pytest.mark, layer))
         fixtures = set(getattr(item, "fixturenames", ()))
         sshd = bool(fixtures & SSHD_FIXTURES) or item.get_closest_marker("sshd") is not None
@@ -170,5 +175,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if fixtures & SLURM_FIXTURES:
             item.add_marker(pytest.mark.slurmctld)
         if layer == "unit" and (sshd or fixtures & SLURM_FIXTURES):
-            raise pytest.UsageError(f"{item.nodeid}: a unit test starts no sshd or slurmctld; move it to tests/adapters or tests/e2e")
+            item.stash[LAYER_ERROR] = (
+                "a unit test starts no sshd or slurmctld; move it to tests/adapters or tests/e2e"
+            )
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test in the wrong layer fails with the reason, run alone or 4 at once (an error raised at
+    collection reaches xdist's controller as an INTERNALERROR without it)."""
+    if LAYER_ERROR in item.stash:
+        pytest.fail(item.stash[LAYER_ERROR], pytrace=False)

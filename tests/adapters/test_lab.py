@@ -40,11 +40,16 @@ def replace_like_useradd(path: Path) -> None:
     lock = os.open("/etc/.pwd.lock", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX)  # the lock useradd and vipw take: no update is lost
-        shutil.copy2(path, fresh)
+        old_umask = os.umask(0o077)  # the copy of /etc/shadow is never readable by others
+        try:
+            shutil.copy2(path, fresh)
+        finally:
+            os.umask(old_umask)
         st = path.stat()
         os.chown(fresh, st.st_uid, st.st_gid)
         fresh.replace(path)
     finally:
+        fresh.unlink(missing_ok=True)
         os.close(lock)
 
 

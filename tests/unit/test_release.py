@@ -66,8 +66,10 @@ def test_constraints_pin_every_runtime_dependency() -> None:
     pins = {}
     for line in (REPO / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[canonicalize_name(name)] = version
+            pin = Requirement(line)  # a pin may carry a marker (tomli: Python 3.10 only)
+            if pin.marker is None or pin.marker.evaluate():
+                (version,) = (s.version for s in pin.specifier)
+                pins[canonicalize_name(pin.name)] = version
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     for req in map(Requirement, project["dependencies"]):
         if req.marker is None or req.marker.evaluate():
