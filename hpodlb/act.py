@@ -6,7 +6,8 @@ AWS writes happen on the pass's own thread, in this order of urgency:
 nodes serving the wrong identity leave as soon as that is known, verified nodes join as soon as
 they verify (those ready within LINGER_SECONDS of each other share one call), and targets no login
 node accounts for leave last, once no probe or push can still claim the deregistration budget.
-Pushes and adoptions run as node jobs (`jobs.py`); their results come back through the sequencer.
+Pushes and adoptions run as node jobs (`jobs.py`), ahead of the probes still waiting; their
+results come back through the sequencer.
 """
 
 from __future__ import annotations
@@ -189,19 +190,17 @@ class Actor:
                 fingerprints=sorted(fingerprints(action.pin)),
                 why="a new instance: the push session must present exactly what its probe showed",
             )
-        job = Job(
-            action.kind.value, action.ip, side.nodes.push_seconds(side.timeout_seconds), action
-        )
-        self.jobs.submit(
-            job, partial(side.nodes.push, action.ip, dict(self.known.keyset), action.pin)
-        )
+        budget = side.nodes.push_seconds(side.timeout_seconds)
+        job = Job(action.kind.value, action.ip, budget, action)
+        call = partial(side.nodes.push, action.ip, dict(self.known.keyset), action.pin)
+        self.jobs.submit(job, call, urgent=True)  # before the probes still waiting
 
     def _start_adoption(self, action: Action) -> None:
         self._attempt(action)
         side = self._keys()
         budget = side.nodes.read_keys_seconds(side.timeout_seconds)
         job = Job(action.kind.value, action.ip, budget, action)
-        self.jobs.submit(job, partial(side.nodes.read_keys, action.ip, action.pin))
+        self.jobs.submit(job, partial(side.nodes.read_keys, action.ip, action.pin), urgent=True)
 
     def adopted(self, action: Action, result: KeySet | Exception) -> None:
         """The first login node's keys, read by an adoption job, into the store."""

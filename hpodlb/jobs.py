@@ -6,24 +6,45 @@ raises, or a hang past its deadline, is that node's result, never the pass's. Th
 jobs and hands their results back; it never acts on them (the sequencer in `reconcile` does), so
 it reads an `Action` only to name the job, and knows nothing of state or AWS. While the pass waits on jobs it beats every BEAT_SECONDS:
 it is alive, and every job it waits on is bounded.
+
+Jobs are pipelined: a free worker takes the oldest waiting push or adoption before any waiting
+probe, so a node's push starts as soon as its probe has come back and been planned, not after
+every other node's probe (a cold pass over 200 nodes would otherwise register nobody until the
+last probe had run).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
 from hpodlb.planner import Action
 from hpodlb.sshnode import SshError
 
-WORKERS = 8  # node jobs at a time: 8 SSH handshakes keep 2 cores busy
+
+def default_workers(cpus: int | None = None) -> int:
+    """Node jobs at a time: 4 per core this process may run on (a job mostly waits on the
+    network and the node; what it spends here is mostly SSH key exchange, so 8 keep 2 cores
+    busy), at least 4, at most 32 (each holds a thread and a connection)."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(4, min(32, 4 * (cpus or 1)))
+
+
+WORKERS = default_workers()
 GATHER_SECONDS = 0.05  # results that come in this close together make one re-plan, not several
 BEAT_SECONDS = 0.25  # a pass waiting on node jobs wakes this often, to say it is alive
 PROBE = "probe"
 SESSIONS = "sessions"  # counting a drained node's SSH connections
+# Which waiting job a free worker takes first (lower first; the oldest among equals): what moves
+# a node closer to users goes before what only looks at one.
+URGENT, ROUTINE = 0, 1
 
 
 @dataclass
@@ -42,10 +63,15 @@ class Job:
 
 
 class NodeJobs:
-    """The jobs of one pass, `workers` at a time."""
+    """The jobs of one pass, `workers` at a time, the urgent first."""
 
     def __init__(self, workers: int, clock: Callable[[], float], beat: Callable[[], None]) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hpodlb-node")
+        self._workers = workers
+        self._threads = 0
+        self._waiting: list[tuple[int, int, Future[Any], Callable[[], Any], Job]] = []  # a heap
+        self._count = 0
+        self._closed = False
+        self._wake = threading.Condition()
         self._running: dict[Future[Any], Job] = {}
         self._clock = clock
         self._beat = beat
@@ -53,8 +79,19 @@ class NodeJobs:
     def __len__(self) -> int:
         return len(self._running)
 
-    def submit(self, job: Job, call: Callable[[], Any]) -> None:
-        self._running[self._pool.submit(_boundary, call, job, self._clock)] = job
+    def submit(self, job: Job, call: Callable[[], Any], *, urgent: bool = False) -> None:
+        """Run `call` as `job`; `urgent` (a push, an adoption) before every probe still waiting."""
+        future: Future[Any] = Future()
+        with self._wake:
+            self._count += 1
+            entry = (URGENT if urgent else ROUTINE, self._count, future, call, job)
+            heapq.heappush(self._waiting, entry)
+            if self._threads < self._workers:  # a worker a job, up to the limit
+                self._threads += 1
+                name = f"hpodlb-node_{self._threads - 1}"
+                threading.Thread(target=self._work, name=name).start()
+            self._wake.notify()
+        self._running[future] = job
 
     def only(self, what: str) -> bool:
         """Every job still running is a `what` (true when none runs)."""
@@ -94,8 +131,25 @@ class NodeJobs:
         return results
 
     def close(self) -> None:
-        """Jobs not started are dropped; running ones are not waited for (each is bounded)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Jobs not started are dropped; running ones are not waited for (each is bounded), and
+        their workers end once they are done."""
+        with self._wake:
+            self._closed = True
+            for _, _, future, _, _ in self._waiting:
+                future.cancel()
+            self._waiting.clear()
+            self._wake.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closed:
+                    self._wake.wait()
+                if not self._waiting:
+                    return
+                _, _, future, call, job = heapq.heappop(self._waiting)
+            if future.set_running_or_notify_cancel():
+                future.set_result(_boundary(call, job, self._clock))
 
 
 def _boundary(call: Callable[[], Any], job: Job, clock: Callable[[], float]) -> Any:
