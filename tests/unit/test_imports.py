@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "hpodlb"
+PACKAGE = Path(__file__).resolve().parents[2] / "hpodlb"
 # The commands (and their own helpers) and the entry points: whatever sits above the core.
 COMMANDS = {"__main__", "cli", "cliaws", "commandline", "checks", "doctor", "doctoraws",
             "diagnose", "diagnosenode", "drain", "keyadmin"}  # fmt: skip
@@ -15,6 +15,7 @@ COMMANDS = {"__main__", "cli", "cliaws", "commandline", "checks", "doctor", "doc
 def _imports() -> dict[str, set[str]]:
     """Module -> the hpodlb modules it imports at run time (TYPE_CHECKING blocks left out)."""
     modules = {p.stem: p for p in PACKAGE.glob("*.py")}
+    assert {"reconcile", "cli", "planner"} <= set(modules), f"no hpodlb package at {PACKAGE}"
     edges: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
         tree = ast.parse(path.read_text())
