@@ -94,8 +94,12 @@ class Daemon:
     def __init__(self, config: Path) -> None:
         self.log = config.with_name(f"daemon-{uuid.uuid4().hex[:6]}.log")
         out = self.log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "hpodlb", "run", "--config", str(config)],
-                                     stdout=out, stderr=out, env=os.environ.copy())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hpodlb", "run", "--config", str(config)],
+            stdout=out,
+            stderr=out,
+            env=os.environ.copy(),
+        )
         out.close()
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
@@ -175,17 +179,37 @@ def idle(quick: bool = False) -> list[Row]:
             describe = plan.actions["DescribeTargetHealth"] / len(daemon.events("pass_finished"))
         writes = sum(calls.get(w, 0) for w in WRITES)
         per_hour = cpu / passes * 120
-        rows.append((f"DescribeTargetHealth per pass ({label})", f"{describe:.2f}", "1", ok(describe == 1)))
-        rows.append((f"write calls in {passes} idle passes ({label})", str(writes), "0", ok(writes == 0)))
+        rows.append(
+            (f"DescribeTargetHealth per pass ({label})", f"{describe:.2f}", "1", ok(describe == 1))
+        )
+        rows.append(
+            (f"write calls in {passes} idle passes ({label})", str(writes), "0", ok(writes == 0))
+        )
         if probes:
             conns, logins = ssh1[0] - ssh0[0], ssh1[1] - ssh0[1]
-            rows.append((f"SSH connections per pass ({label}; 3 nodes x 3 types)", f"{conns / passes:.1f}",
-                         "probes only", ok(True)))
-            rows.append((f"SSH logins in {passes} idle passes ({label})", str(logins), "0", ok(logins == 0)))
-            rows.append((f"CPU s/hour at a 30 s interval ({label})", f"{per_hour:.1f}", "(no goal)", "-"))
+            rows.append(
+                (
+                    f"SSH connections per pass ({label}; 3 nodes x 3 types)",
+                    f"{conns / passes:.1f}",
+                    "probes only",
+                    ok(True),
+                )
+            )
+            rows.append(
+                (f"SSH logins in {passes} idle passes ({label})", str(logins), "0", ok(logins == 0))
+            )
+            rows.append(
+                (f"CPU s/hour at a 30 s interval ({label})", f"{per_hour:.1f}", "(no goal)", "-")
+            )
         else:
-            rows.append(("CPU s/hour at a 30 s interval, excluding probes", f"{per_hour:.2f}", "< 1",
-                         ok(per_hour < 1)))
+            rows.append(
+                (
+                    "CPU s/hour at a 30 s interval, excluding probes",
+                    f"{per_hour:.2f}",
+                    "< 1",
+                    ok(per_hour < 1),
+                )
+            )
         rows.append((f"daemon RSS ({label})", f"{rss:.0f} MB", "< 80 MB", ok(rss < 80)))
     return rows
 
@@ -203,7 +227,11 @@ def latency(quick: bool = False) -> list[Row]:
     totals: list[float] = []
     healthy: list[float] = []
     steps: dict[str, list[float]] = {
-        "noticed": [], "probed (push starts)": [], "pushed+verified": [], "registered": []}
+        "noticed": [],
+        "probed (push starts)": [],
+        "pushed+verified": [],
+        "registered": [],
+    }
     with world(3) as (env, _):
         env.write_config(reconcile={"interval_seconds": 30})
         daemon = Daemon(env.config_path)
@@ -223,10 +251,15 @@ def latency(quick: bool = False) -> list[Row]:
                 healthy.append(time.time() - t0)
                 daemon.wait_passes(2 + trial)
                 marks = {
-                    "noticed": [e for e in daemon.events("resource_config_changed") if _ts(e) >= t0],
+                    "noticed": [
+                        e for e in daemon.events("resource_config_changed") if _ts(e) >= t0
+                    ],
                     "probed (push starts)": [
-                        e for e in daemon.events("ssh_trust_on_first_use") if e["ip"] == ip],
-                    "pushed+verified": [e for e in daemon.events("host_keys_pushed") if e["ip"] == ip],
+                        e for e in daemon.events("ssh_trust_on_first_use") if e["ip"] == ip
+                    ],
+                    "pushed+verified": [
+                        e for e in daemon.events("host_keys_pushed") if e["ip"] == ip
+                    ],
                     "registered": [e for e in daemon.events("registered") if e["ip"] == ip],
                 }
                 for name, found in marks.items():
@@ -234,18 +267,39 @@ def latency(quick: bool = False) -> list[Row]:
         finally:
             daemon.stop()
     median = statistics.median(totals)
-    rows = [("resource config change -> registered with canonical keys (median)", f"{median:.2f} s",
-             "< 3 s", ok(median < 3)),
-            ("resource config change -> healthy in the NLB (median; moto: healthy on registration)",
-             f"{statistics.median(healthy):.2f} s", "", "")]
+    rows = [
+        (
+            "resource config change -> registered with canonical keys (median)",
+            f"{median:.2f} s",
+            "< 3 s",
+            ok(median < 3),
+        ),
+        (
+            "resource config change -> healthy in the NLB (median; moto: healthy on registration)",
+            f"{statistics.median(healthy):.2f} s",
+            "",
+            "",
+        ),
+    ]
     for name, values in steps.items():
-        rows.append((f"  ... {name} at (median, from the change)", f"{statistics.median(values):.2f} s", "", ""))
+        rows.append(
+            (
+                f"  ... {name} at (median, from the change)",
+                f"{statistics.median(values):.2f} s",
+                "",
+                "",
+            )
+        )
     return rows
 
 
 def _health(env: SimEnv, ip: str) -> str:
     reply = env.aws.client("elbv2").describe_target_health(TargetGroupArn=env.arn)
-    states = [d["TargetHealth"]["State"] for d in reply["TargetHealthDescriptions"] if d["Target"]["Id"] == ip]
+    states = [
+        d["TargetHealth"]["State"]
+        for d in reply["TargetHealthDescriptions"]
+        if d["Target"]["Id"] == ip
+    ]
     return states[0] if states else "absent"
 
 
@@ -273,12 +327,32 @@ def push(quick: bool = False) -> list[Row]:
         with world(n + 1) as (env, _):
             src, others = env.listed[0], env.listed[1:]
             store = KeyStore(env.store, TYPES)
-            shared = {t: (env.cluster.nodes[others[0]].etc_ssh / f"ssh_host_{t}_key").read_bytes() for t in TYPES}
-            subprocess.run([sys.executable, "-m", "hpodlb", "keys", "adopt", "--from", src,
-                            "--config", str(env.config_path)], check=True, capture_output=True)
+            shared = {
+                t: (env.cluster.nodes[others[0]].etc_ssh / f"ssh_host_{t}_key").read_bytes()
+                for t in TYPES
+            }
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "hpodlb",
+                    "keys",
+                    "adopt",
+                    "--from",
+                    src,
+                    "--config",
+                    str(env.config_path),
+                ],
+                check=True,
+                capture_output=True,
+            )
             started = time.monotonic()
-            done = subprocess.run([sys.executable, "-m", "hpodlb", "once", "--config", str(env.config_path)],
-                                  capture_output=True, text=True, check=False)
+            done = subprocess.run(
+                [sys.executable, "-m", "hpodlb", "once", "--config", str(env.config_path)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             ours = time.monotonic() - started
             converged = done.returncode == 0 and env.registered() == set(env.listed)
             canonical = {k.public for k in store.load().values()}
@@ -287,18 +361,37 @@ def push(quick: bool = False) -> list[Row]:
             for ip in others:
                 for t in TYPES:
                     (env.cluster.nodes[ip].etc_ssh / f"ssh_host_{t}_key").write_bytes(shared[t])
-            opts = (f"-i {env.cluster.client_key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-                    "-o BatchMode=yes -o LogLevel=ERROR")
+            opts = (
+                f"-i {env.cluster.client_key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+                "-o BatchMode=yes -o LogLevel=ERROR"
+            )
             started = time.monotonic()
-            subprocess.run(["bash", "-c", MANUAL, "manual", src, *others], check=True,
-                           env={**os.environ, "OPTS": opts, "PORT": str(env.cluster.port), "USER": SIM_USER})
+            subprocess.run(
+                ["bash", "-c", MANUAL, "manual", src, *others],
+                check=True,
+                env={**os.environ, "OPTS": opts, "PORT": str(env.cluster.port), "USER": SIM_USER},
+            )
             manual = time.monotonic() - started
-        rows.append((f"N={n}: hpodlb once (push, sshd -t, reload, verify, register)", f"{ours:.1f} s",
-                     "", ok(converged)))
-        rows.append((f"N={n}: manual loop (copy only: no reload, no check)", f"{manual:.1f} s", "", ""))
+        rows.append(
+            (
+                f"N={n}: hpodlb once (push, sshd -t, reload, verify, register)",
+                f"{ours:.1f} s",
+                "",
+                ok(converged),
+            )
+        )
+        rows.append(
+            (f"N={n}: manual loop (copy only: no reload, no check)", f"{manual:.1f} s", "", "")
+        )
         goal = "hpodlb >= 5x faster" if n == 50 else ""
-        rows.append((f"N={n}: manual / hpodlb", f"{manual / ours:.1f}x", goal,
-                     ok(manual / ours >= 5) if n == 50 else ""))
+        rows.append(
+            (
+                f"N={n}: manual / hpodlb",
+                f"{manual / ours:.1f}x",
+                goal,
+                ok(manual / ours >= 5) if n == 50 else "",
+            )
+        )
     return rows
 
 
@@ -315,28 +408,66 @@ def scale(quick: bool = False) -> list[Row]:
     with world(1, through_proxy=True) as (env, plan):
         assert plan is not None
         for n in (1, 100) if quick else (1, 100, 1000):
-            nodes = [LoginNode(f"10.3.{i // 250}.{i % 250 + 1}", f"i-{i}", f"n{i}", "login-group") for i in range(n)]
+            nodes = [
+                LoginNode(f"10.3.{i // 250}.{i % 250 + 1}", f"i-{i}", f"n{i}", "login-group")
+                for i in range(n)
+            ]
             keys_off = KeyFacts()  # host keys off: every node counts as verified
             empty = GroupView("arn", 22, ())
             full = GroupView("arn", 22, tuple(Target(x.ip, 22, "healthy") for x in nodes))
             planner_ms = _median_ms(partial(plan_pass, nodes, [empty], keys_off, Guards()), 20)
             idle_ms = _median_ms(partial(plan_pass, nodes, [full], keys_off, Guards()), 20)
-            rows.append((f"N={n}: planner, all new / all in step", f"{planner_ms:.2f} / {idle_ms:.2f} ms",
-                         "< 10 ms at 1,000", ok(max(planner_ms, idle_ms) < 10) if n == 1000 else ""))
+            rows.append(
+                (
+                    f"N={n}: planner, all new / all in step",
+                    f"{planner_ms:.2f} / {idle_ms:.2f} ms",
+                    "< 10 ms at 1,000",
+                    ok(max(planner_ms, idle_ms) < 10) if n == 1000 else "",
+                )
+            )
             env.arns = [env.aws.create_login_nlb(name=f"s{uuid.uuid4().hex[:12]}")]
-            env.rc.write_text(json.dumps({"InstanceGroups": [{"Name": "login-group", "Instances": [
-                {"CustomerIpAddress": x.ip, "InstanceId": x.instance_id} for x in nodes]}]}))
-            env.write_config(host_keys={"enabled": False}, cluster={"allowed_cidrs": ["10.0.0.0/8"]})
+            env.rc.write_text(
+                json.dumps(
+                    {
+                        "InstanceGroups": [
+                            {
+                                "Name": "login-group",
+                                "Instances": [
+                                    {"CustomerIpAddress": x.ip, "InstanceId": x.instance_id}
+                                    for x in nodes
+                                ],
+                            }
+                        ]
+                    }
+                )
+            )
+            env.write_config(
+                host_keys={"enabled": False}, cluster={"allowed_cidrs": ["10.0.0.0/8"]}
+            )
             rec, state = build_reconciler(env.config), State()
             before = dict(plan.actions)
             first = rec.run_pass(state, apply=True)
             writes = sum(plan.actions.get(w, 0) - before.get(w, 0) for w in WRITES)
-            idle_pass = statistics.median(rec.run_pass(state, apply=True).duration_seconds for _ in range(3))
+            idle_pass = statistics.median(
+                rec.run_pass(state, apply=True).duration_seconds for _ in range(3)
+            )
             want = -(-n // 200)
-            rows.append((f"N={n}: write calls for {n} registrations", str(writes), f"ceil(N/200) = {want}",
-                         ok(writes == want and first.converged)))
-            rows.append((f"N={n}: pass wall time, first / idle", f"{first.duration_seconds:.2f} / {idle_pass:.2f} s",
-                         "", ""))
+            rows.append(
+                (
+                    f"N={n}: write calls for {n} registrations",
+                    str(writes),
+                    f"ceil(N/200) = {want}",
+                    ok(writes == want and first.converged),
+                )
+            )
+            rows.append(
+                (
+                    f"N={n}: pass wall time, first / idle",
+                    f"{first.duration_seconds:.2f} / {idle_pass:.2f} s",
+                    "",
+                    "",
+                )
+            )
     return rows
 
 
@@ -383,13 +514,23 @@ def isolation(quick: bool = False) -> list[Row]:
                 setup_logging(stream=log)
                 started = time.time()
                 env.run_pass()
-                times = [_ts(e) for e in _events(log) if e["event"] == "registered" and e["ip"] in healthy]
-                times_of.append(max(times) - started if len(times) == len(healthy) else float("inf"))
+                times = [
+                    _ts(e)
+                    for e in _events(log)
+                    if e["event"] == "registered" and e["ip"] in healthy
+                ]
+                times_of.append(
+                    max(times) - started if len(times) == len(healthy) else float("inf")
+                )
     alone, beside = (statistics.median(joined[k]) for k in joined)
     rows: list[Row] = [
         ("7 healthy nodes registered, alone (median)", f"{alone:.2f} s", "", ""),
-        ("same, beside a silent, a trickling and a refusing node", f"{beside:.2f} s",
-         "within 1 s of alone", ok(beside - alone < 1)),
+        (
+            "same, beside a silent, a trickling and a refusing node",
+            f"{beside:.2f} s",
+            "within 1 s of alone",
+            ok(beside - alone < 1),
+        ),
     ]
     with world(3) as (env, _):
         late = env.cluster.add_node(env.cluster.ip(240), "i-0late000000240", start=False)
@@ -403,8 +544,14 @@ def isolation(quick: bool = False) -> list[Row]:
         rec.clock = lambda: time.monotonic() + 30 * 30
         rec.run_pass(state, apply=True)
         registered = late.ip in env.registered()
-    rows.append(("a node answering after 15 min of failures: registered by the next pass",
-                 "yes" if registered else "no", "within one interval", ok(registered)))
+    rows.append(
+        (
+            "a node answering after 15 min of failures: registered by the next pass",
+            "yes" if registered else "no",
+            "within one interval",
+            ok(registered),
+        )
+    )
     return rows
 
 
@@ -426,8 +573,11 @@ def idle200(quick: bool = False) -> list[Row]:
     cost: dict[str, tuple[float, int, list[float]]] = {}  # label -> (CPU s, probe rounds, walls)
     for label, probe_interval in (("probing every pass", 0.0), ("default probe interval", 16.0)):
         with world(nodes) as (env, _):
-            env.write_config(ssh={"connect_timeout_seconds": 10}, reconcile={"interval_seconds": 2},
-                             host_keys={"probe_interval_seconds": probe_interval})
+            env.write_config(
+                ssh={"connect_timeout_seconds": 10},
+                reconcile={"interval_seconds": 2},
+                host_keys={"probe_interval_seconds": probe_interval},
+            )
             daemon = Daemon(env.config_path)
             try:
                 daemon.wait_passes(2)  # converged, then the first idle pass
@@ -436,7 +586,7 @@ def idle200(quick: bool = False) -> list[Row]:
                 daemon.wait_passes(seen + passes)
                 cpu = daemon.cpu_seconds() - cpu0
                 rounds = round((_ssh_counts(env)[0] - conn0) / (3 * nodes))
-                walls = [e["seconds"] for e in daemon.events("pass_finished")[seen:seen + passes]]
+                walls = [e["seconds"] for e in daemon.events("pass_finished")[seen : seen + passes]]
             finally:
                 daemon.stop()
         cost[label] = (cpu, rounds, walls)
@@ -446,17 +596,35 @@ def idle200(quick: bool = False) -> list[Row]:
     every = probing_pass / 30 * 100
     steady = (probing_pass + 7 * idle_pass) / (8 * 30) * 100
     rows: list[Row] = [
-        (f"{nodes} nodes, probing every pass: CPU share of one core at a 30 s interval",
-         f"{every:.2f} %", "", ""),
-        (f"{nodes} nodes, default probe interval (one probing pass in 8): CPU share",
-         f"{steady:.2f} %", "< 1 %", ok(steady < 1)),
-        ("  ... an idle pass / a probing pass, CPU", f"{idle_pass:.3f} / {probing_pass:.2f} s",
-         "", ""),
+        (
+            f"{nodes} nodes, probing every pass: CPU share of one core at a 30 s interval",
+            f"{every:.2f} %",
+            "",
+            "",
+        ),
+        (
+            f"{nodes} nodes, default probe interval (one probing pass in 8): CPU share",
+            f"{steady:.2f} %",
+            "< 1 %",
+            ok(steady < 1),
+        ),
+        (
+            "  ... an idle pass / a probing pass, CPU",
+            f"{idle_pass:.3f} / {probing_pass:.2f} s",
+            "",
+            "",
+        ),
         (f"  ... measured over {passes} passes with {rounds} probe rounds", "", "", ""),
     ]
     for label, (_, _, walls) in cost.items():
-        rows.append((f"{nodes} nodes, {label}: wall time per pass, median / max",
-                     f"{statistics.median(walls):.2f} / {max(walls):.2f} s", "", ""))
+        rows.append(
+            (
+                f"{nodes} nodes, {label}: wall time per pass, median / max",
+                f"{statistics.median(walls):.2f} / {max(walls):.2f} s",
+                "",
+                "",
+            )
+        )
     return rows
 
 
@@ -467,8 +635,11 @@ def memory(quick: bool = False) -> list[Row]:
     last = 300 if quick else 1000
     with world(nodes) as (env, _):
         env.arns += [env.aws.create_login_nlb(name=f"m{n}{os.getpid()}") for n in range(2)]
-        env.write_config(ssh={"connect_timeout_seconds": 10}, reconcile={"interval_seconds": 0.02},
-                         host_keys={"probe_interval_seconds": 240})
+        env.write_config(
+            ssh={"connect_timeout_seconds": 10},
+            reconcile={"interval_seconds": 0.02},
+            host_keys={"probe_interval_seconds": 240},
+        )
         daemon = Daemon(env.config_path)
         try:
             daemon.wait_passes(100, timeout=1200)
@@ -479,7 +650,12 @@ def memory(quick: bool = False) -> list[Row]:
             daemon.stop()
     growth = at_last - at100
     return [
-        (f"daemon RSS at pass 100 / {last} ({nodes} nodes, 3 groups)", f"{at100:.0f} / {at_last:.0f} MB", "", ""),
+        (
+            f"daemon RSS at pass 100 / {last} ({nodes} nodes, 3 groups)",
+            f"{at100:.0f} / {at_last:.0f} MB",
+            "",
+            "",
+        ),
         (f"RSS growth, pass 100 to {last}", f"{growth:.1f} MB", "< 5 MB", ok(growth < 5)),
     ]
 
@@ -522,8 +698,12 @@ def cold200(quick: bool = False) -> list[Row]:
         probe = statistics.median(probes)
         workers = Reconciler(env.config, [], None).workers
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        done = subprocess.run([sys.executable, "-m", "hpodlb", "-v", "once", "--config", str(env.config_path)],
-                              capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "hpodlb", "-v", "once", "--config", str(env.config_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         events = [json.loads(x) for x in done.stderr.splitlines() if x.startswith("{")]
         begun = min(_ts(e) for e in events if e["event"] == "pass_started")
@@ -535,9 +715,18 @@ def cold200(quick: bool = False) -> list[Row]:
     first_at = joined[0] if joined else float("inf")
     last_at = joined[-1] if joined else float("inf")
     return [
-        (f"cold pass, {nodes} nodes: first node registered (from the pass's start)", f"{first_at:.1f} s", "", ""),
-        ("  ... its critical path: probe + adoption + push + linger",
-         f"{critical:.1f} s ({probe:.2f} + {read:.2f} + {push:.2f} + {LINGER_SECONDS})", "", ""),
+        (
+            f"cold pass, {nodes} nodes: first node registered (from the pass's start)",
+            f"{first_at:.1f} s",
+            "",
+            "",
+        ),
+        (
+            "  ... its critical path: probe + adoption + push + linger",
+            f"{critical:.1f} s ({probe:.2f} + {read:.2f} + {push:.2f} + {LINGER_SECONDS})",
+            "",
+            "",
+        ),
         (f"cold pass, {nodes} nodes: all registered", f"{last_at:.1f} s", "", ok(converged)),
         (f"  ... the jobs' total time over {workers} workers", f"{work:.1f} s", "", ""),
         ("hpodlb CPU per node (the whole `once` process)", f"{cpu / nodes * 1000:.0f} ms", "", ""),
@@ -554,7 +743,9 @@ def startup(quick: bool = False) -> list[Row]:
         times = []
         for _ in range(runs):
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "hpodlb", *args], capture_output=True, env=env, check=False)
+            subprocess.run(
+                [sys.executable, "-m", "hpodlb", *args], capture_output=True, env=env, check=False
+            )
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
@@ -564,7 +755,12 @@ def startup(quick: bool = False) -> list[Row]:
         plan_s = wall(["plan", "--config", str(env.config_path)], os.environ.copy())
     return [
         ("hpodlb --help (median)", f"{help_s * 1000:.0f} ms", "< 300 ms", ok(help_s < 0.3)),
-        ("hpodlb plan, 3 nodes, host keys off (median)", f"{plan_s * 1000:.0f} ms", "(no goal)", "-"),
+        (
+            "hpodlb plan, 3 nodes, host keys off (median)",
+            f"{plan_s * 1000:.0f} ms",
+            "(no goal)",
+            "-",
+        ),
     ]
 
 
@@ -581,7 +777,15 @@ def doctor(quick: bool = False) -> list[Row]:
         for ip in env.listed:
             env.aws.attach_login_node(arn, ip)
         env.write_config()
-        command = [sys.executable, "-m", "hpodlb", "doctor", "--json", "--config", str(env.config_path)]
+        command = [
+            sys.executable,
+            "-m",
+            "hpodlb",
+            "doctor",
+            "--json",
+            "--config",
+            str(env.config_path),
+        ]
         subprocess.run([*command[:3], "once", *command[5:]], capture_output=True, check=False)
         times, doc = [], {}
         for _ in range(3):
@@ -593,10 +797,18 @@ def doctor(quick: bool = False) -> list[Row]:
     fails = [c for c in checks if c["status"] == "FAIL" and c["area"] != "daemon"]
     median = statistics.median(times)
     return [
-        (f"hpodlb doctor, {n} login nodes (median of 3)", f"{median:.2f} s", "< 5 s",
-         ok(median < 5 and not fails)),
-        ("  ... checks run / FAIL (besides the daemon, not running here)", f"{len(checks)} / {len(fails)}",
-         "", ""),
+        (
+            f"hpodlb doctor, {n} login nodes (median of 3)",
+            f"{median:.2f} s",
+            "< 5 s",
+            ok(median < 5 and not fails),
+        ),
+        (
+            "  ... checks run / FAIL (besides the daemon, not running here)",
+            f"{len(checks)} / {len(fails)}",
+            "",
+            "",
+        ),
     ]
 
 
@@ -622,8 +834,12 @@ class _Pair:
     def configure(self, interval: float) -> dict[str, Path]:
         paths = {}
         for label, section in self.sections.items():
-            path = self.env.write_config(reconcile={"interval_seconds": interval}, host_keys={"enabled": False},
-                                         state={"dir": str(self.env.workdir / f"state-{label}")}, metrics=section)
+            path = self.env.write_config(
+                reconcile={"interval_seconds": interval},
+                host_keys={"enabled": False},
+                state={"dir": str(self.env.workdir / f"state-{label}")},
+                metrics=section,
+            )
             paths[label] = path.rename(path.with_name(f"config-{label}.toml"))
         return paths
 
@@ -701,13 +917,30 @@ def metrics(quick: bool = False) -> list[Row]:
     extra = per_pass["on"] - per_pass["off"]
     hourly = per_hour["on"] - per_hour["off"]
     return [
-        ("CPU per idle pass, metrics off / on (scraped once a pass, textfile)",
-         f"{per_pass['off'] * 1000:.1f} / {per_pass['on'] * 1000:.1f} ms", "", ""),
-        ("  ... metrics' cost per idle pass", f"{extra * 1000:.1f} ms", "< 5 ms", ok(extra < 0.005)),
-        (f"CPU s/hour at a 30 s interval, off / on (measured over {window:.0f} s)",
-         f"{per_hour['off']:.2f} / {per_hour['on']:.2f} s", "", ""),
+        (
+            "CPU per idle pass, metrics off / on (scraped once a pass, textfile)",
+            f"{per_pass['off'] * 1000:.1f} / {per_pass['on'] * 1000:.1f} ms",
+            "",
+            "",
+        ),
+        (
+            "  ... metrics' cost per idle pass",
+            f"{extra * 1000:.1f} ms",
+            "< 5 ms",
+            ok(extra < 0.005),
+        ),
+        (
+            f"CPU s/hour at a 30 s interval, off / on (measured over {window:.0f} s)",
+            f"{per_hour['off']:.2f} / {per_hour['on']:.2f} s",
+            "",
+            "",
+        ),
         ("  ... metrics' cost per hour as deployed", f"{hourly:.2f} s", "< 1 s", ok(hourly < 1)),
         ("daemon RSS, metrics off / on", f"{rss['off']:.0f} / {rss['on']:.0f} MB", "", ""),
-        (f"scrape of /metrics ({pair.size} bytes), median wall",
-         f"{statistics.median(pair.scrapes) * 1000:.1f} ms", "", ""),
+        (
+            f"scrape of /metrics ({pair.size} bytes), median wall",
+            f"{statistics.median(pair.scrapes) * 1000:.1f} ms",
+            "",
+            "",
+        ),
     ]

@@ -37,7 +37,9 @@ def cluster_dir(tmp_path: Path) -> Path:
 def write_config(tmp_path: Path, cluster_dir: Path) -> Callable[..., Path]:
     """Write a config file; keyword sections override the test defaults (host keys off)."""
 
-    def write(target_groups: list[dict[str, Any]] | None = None, **sections: dict[str, Any]) -> Path:
+    def write(
+        target_groups: list[dict[str, Any]] | None = None, **sections: dict[str, Any]
+    ) -> Path:
         base: dict[str, dict[str, Any]] = {
             "cluster": {
                 "resource_config": str(cluster_dir / "resource_config.json"),
@@ -121,8 +123,8 @@ def arn(aws: Any) -> str:
     return str(aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}"))
 
 
-
 # Figures the reliability suite measured, printed at the end of the run (docs/design.md quotes them).
+
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """In an xdist worker: hand this worker's figures to the controller, which prints them all."""

@@ -20,8 +20,6 @@ Hpodlb = Callable[..., subprocess.CompletedProcess[str]]
 NOBODY = 65534
 
 
-
-
 def _limit_memory() -> None:
     # Should a read ever be unbounded again, it fails fast here instead of swapping the machine.
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
@@ -33,8 +31,13 @@ def hpodlb(aws: FakeAws, fresh_env: None) -> Hpodlb:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "AWS_"))}
         env.update(aws.env())
         return subprocess.run(
-            [sys.executable, "-m", "hpodlb", *args], env=env, capture_output=True, text=True,
-            timeout=timeout, check=False, preexec_fn=_limit_memory,
+            [sys.executable, "-m", "hpodlb", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            preexec_fn=_limit_memory,
         )
 
     return run
@@ -50,7 +53,11 @@ def _fifo(path: Path) -> None:
 
 @pytest.mark.parametrize("which", ["resource_config.json", "provisioning_parameters.json"])
 def test_a_fifo_as_a_hyperpod_file_is_an_error_not_a_hang(
-    hpodlb: Hpodlb, write_config: Callable[..., Path], cluster_dir: Path, arn: str, which: str,
+    hpodlb: Hpodlb,
+    write_config: Callable[..., Path],
+    cluster_dir: Path,
+    arn: str,
+    which: str,
 ) -> None:
     """`plan` with a FIFO as the resource config or provisioning parameters exits 2 at once, with
     one line naming the file."""
@@ -59,7 +66,9 @@ def test_a_fifo_as_a_hyperpod_file_is_an_error_not_a_hang(
     out = hpodlb("plan", "--config", str(config))
     assert out.returncode == 2, out.stderr
     said = [line for line in out.stderr.splitlines() if line.startswith("hpodlb: ")]
-    assert said == [f"hpodlb: cannot plan: {cluster_dir / which}: cannot read: not a regular file (a FIFO)"]
+    assert said == [
+        f"hpodlb: cannot plan: {cluster_dir / which}: cannot read: not a regular file (a FIFO)"
+    ]
 
 
 def test_a_fifo_as_the_config_file_is_an_error_not_a_hang(hpodlb: Hpodlb, tmp_path: Path) -> None:
@@ -75,14 +84,21 @@ def test_a_fifo_as_the_config_file_is_an_error_not_a_hang(hpodlb: Hpodlb, tmp_pa
     [
         ("ssh_host_ed25519_key.pub", _fifo, "cannot read: not a regular file (a FIFO)"),
         ("ssh_host_ed25519_key", _fifo, "cannot read: not a regular file (a FIFO)"),
-        ("ssh_host_ed25519_key.pub", lambda p: (p.unlink(), p.symlink_to("/dev/zero")),
-         "cannot open: a symbolic link, never followed here"),
+        (
+            "ssh_host_ed25519_key.pub",
+            lambda p: (p.unlink(), p.symlink_to("/dev/zero")),
+            "cannot open: a symbolic link, never followed here",
+        ),
     ],
     ids=["pub-fifo", "private-fifo", "pub-dev-zero"],
 )
 def test_special_files_in_the_key_store_are_errors(
-    hpodlb: Hpodlb, write_config: Callable[..., Path], tmp_path: Path, name: str,
-    plant: Callable[[Path], object], said: str,
+    hpodlb: Hpodlb,
+    write_config: Callable[..., Path],
+    tmp_path: Path,
+    name: str,
+    plant: Callable[[Path], object],
+    said: str,
 ) -> None:
     """A FIFO or a link to /dev/zero in the key store makes `keys show` fail with the file's name,
     neither hanging nor reading without end."""
@@ -90,7 +106,9 @@ def test_special_files_in_the_key_store_are_errors(
     store.install({"ed25519": generate("ed25519")}, keep_previous=False)
     current = store.set_dir()
     assert current is not None
-    config = write_config(host_keys={"enabled": True, "store": str(store.path), "types": ["ed25519"]})
+    config = write_config(
+        host_keys={"enabled": True, "store": str(store.path), "types": ["ed25519"]}
+    )
     plant(current / name)
     out = hpodlb("keys", "show", "--config", str(config))
     assert out.returncode == 1, out.stdout + out.stderr
@@ -99,7 +117,9 @@ def test_special_files_in_the_key_store_are_errors(
 
 
 def test_a_fifo_as_the_state_file_starts_from_an_empty_state(
-    hpodlb: Hpodlb, write_config: Callable[..., Path], tmp_path: Path,
+    hpodlb: Hpodlb,
+    write_config: Callable[..., Path],
+    tmp_path: Path,
 ) -> None:
     """`status` with a FIFO where state.json belongs says why it is unusable, and does not hang."""
     config = write_config()
@@ -114,7 +134,10 @@ def test_a_fifo_as_the_state_file_starts_from_an_empty_state(
 
 
 def test_a_state_dir_an_ordinary_user_owns_is_refused(
-    hpodlb: Hpodlb, write_config: Callable[..., Path], arn: str, tmp_path: Path,
+    hpodlb: Hpodlb,
+    write_config: Callable[..., Path],
+    arn: str,
+    tmp_path: Path,
 ) -> None:
     """check-config, once and run refuse a state dir owned by another user, and the lock file that
     user planted as a symlink never makes root truncate its target."""
@@ -139,7 +162,9 @@ def test_a_state_dir_an_ordinary_user_owns_is_refused(
 
 
 def test_the_lock_is_never_a_symlink_and_never_open_to_others(
-    hpodlb: Hpodlb, write_config: Callable[..., Path], arn: str,
+    hpodlb: Hpodlb,
+    write_config: Callable[..., Path],
+    arn: str,
 ) -> None:
     """A symlink where the lock belongs is refused, not followed; the lock `once` leaves behind is
     0600 (also one an older hpodlb left 0644), so no other user can hold its flock."""
@@ -164,8 +189,14 @@ def test_the_lock_is_never_a_symlink_and_never_open_to_others(
         out = hpodlb("once", "--config", config)
         assert out.returncode == 0, out.stdout + out.stderr
         assert stat.S_IMODE(lock.stat().st_mode) == 0o600
-        grab = subprocess.run(["flock", "--nonblock", str(lock), "true"], user=NOBODY,
-                              capture_output=True, text=True, timeout=30, check=False)
+        grab = subprocess.run(
+            ["flock", "--nonblock", str(lock), "true"],
+            user=NOBODY,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert grab.returncode != 0
         assert "Permission denied" in grab.stderr
     finally:
@@ -173,7 +204,10 @@ def test_the_lock_is_never_a_symlink_and_never_open_to_others(
 
 
 def test_check_config_says_a_missing_state_dir_will_be_created(
-    hpodlb: Hpodlb, write_config: Callable[..., Path], arn: str, tmp_path: Path,
+    hpodlb: Hpodlb,
+    write_config: Callable[..., Path],
+    arn: str,
+    tmp_path: Path,
 ) -> None:
     """A state dir that does not exist yet is reported as such, not as writable, and the first
     pass creates it 0700."""
@@ -181,8 +215,10 @@ def test_check_config_says_a_missing_state_dir_will_be_created(
     config = str(write_config([{"arn": arn, "port": 22}], state={"dir": str(state)}))
     check = hpodlb("check-config", "--config", config)
     assert check.returncode == 0, check.stdout
-    assert (f"ok    state dir {state} does not exist yet; will be created 0700 by the first pass"
-            in check.stdout)
+    assert (
+        f"ok    state dir {state} does not exist yet; will be created 0700 by the first pass"
+        in check.stdout
+    )
     assert not state.exists()
     assert hpodlb("once", "--config", config).returncode == 0
     assert stat.S_IMODE(state.stat().st_mode) == 0o700

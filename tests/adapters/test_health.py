@@ -37,11 +37,17 @@ FAILING = ("unhealthy", "Target.FailedHealthChecks", "Health checks failed")
 
 
 def test_since_carries_while_the_state_holds_and_restarts_when_it_changes() -> None:
-    first = health.track([], [Target("10.0.0.1", 22, "initial", "Elb.RegistrationInProgress")], 100, 5000)
+    first = health.track(
+        [], [Target("10.0.0.1", 22, "initial", "Elb.RegistrationInProgress")], 100, 5000
+    )
     same = health.track(first, [Target("10.0.0.1", 22, "initial")], 130, 5030)
     assert (same[0].since_mono, same[0].since) == (100, 5000)
     changed = health.track(same, [Target("10.0.0.1", 22, "unhealthy", "Target.Timeout")], 160, 5060)
-    assert (changed[0].since_mono, changed[0].since, changed[0].reason) == (160, 5060, "Target.Timeout")
+    assert (changed[0].since_mono, changed[0].since, changed[0].reason) == (
+        160,
+        5060,
+        "Target.Timeout",
+    )
 
 
 def test_overdue_counts_login_nodes_not_healthy_past_the_window_only() -> None:
@@ -56,7 +62,9 @@ def test_overdue_counts_login_nodes_not_healthy_past_the_window_only() -> None:
     logins = {"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"}
     late = health.overdue(records, logins, window=60, now=100)
     assert [r.ip for r in late] == ["10.0.0.1", "10.0.0.5"]
-    assert health.window_seconds({"HealthCheckIntervalSeconds": 10, "HealthyThresholdCount": 3}) == 30
+    assert (
+        health.window_seconds({"HealthCheckIntervalSeconds": 10, "HealthyThresholdCount": 3}) == 30
+    )
     assert health.window_seconds({}) == 150  # the NLB's defaults: 30 s x 5
     assert "security group" in health.likely_fix("Target.FailedHealthChecks")
     assert "Availability Zone" in health.likely_fix("Target.NotInUse")
@@ -67,11 +75,14 @@ def test_headline_counts_nodes_healthy_in_every_group_with_verified_keys() -> No
     state.nodes[NODES[2]].key_state = "unknown-keys"
     state.targets = {
         "a": [TargetRecord(ip=ip, port=22, state="healthy") for ip in NODES],
-        "b": [TargetRecord(ip=NODES[0], port=22, state="healthy"),
-              TargetRecord(ip=NODES[1], port=22, state="initial")],
+        "b": [
+            TargetRecord(ip=NODES[0], port=22, state="healthy"),
+            TargetRecord(ip=NODES[1], port=22, state="initial"),
+        ],
     }
     assert health.headline(state, ["a", "b"]) == (
-        "1/3 login nodes healthy (1 more registered, not healthy yet)")
+        "1/3 login nodes healthy (1 more registered, not healthy yet)"
+    )
     assert health.headline(state, ["a"]) == "2/3 login nodes healthy"
 
 
@@ -81,10 +92,18 @@ def test_headline_counts_nodes_healthy_in_every_group_with_verified_keys() -> No
 def group_with_health_checks(elb: Any, interval: int = 10, threshold: int = 3) -> str:
     ec2 = boto3.client("ec2", region_name="us-west-2")
     vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
-    return str(elb.create_target_group(
-        Name="smhp-login-node-tg", Protocol="TCP", Port=22, VpcId=vpc, TargetType="ip",
-        HealthCheckProtocol="TCP", HealthCheckIntervalSeconds=interval, HealthyThresholdCount=threshold,
-    )["TargetGroups"][0]["TargetGroupArn"])
+    return str(
+        elb.create_target_group(
+            Name="smhp-login-node-tg",
+            Protocol="TCP",
+            Port=22,
+            VpcId=vpc,
+            TargetType="ip",
+            HealthCheckProtocol="TCP",
+            HealthCheckIntervalSeconds=interval,
+            HealthyThresholdCount=threshold,
+        )["TargetGroups"][0]["TargetGroupArn"]
+    )
 
 
 def reconciler(elb: Any, write_config: Callable[..., Path]) -> tuple[Reconciler, Clock, str]:
@@ -92,7 +111,9 @@ def reconciler(elb: Any, write_config: Callable[..., Path]) -> tuple[Reconciler,
     arn = group_with_health_checks(elb)
     cfg = load_config(write_config([{"arn": arn, "port": 22}]), {})
     clock = Clock()
-    rec = Reconciler(cfg, [TargetGroup(elb, arn, 22)], keys=None, clock=clock, wall=clock, boot_id="b")
+    rec = Reconciler(
+        cfg, [TargetGroup(elb, arn, 22)], keys=None, clock=clock, wall=clock, boot_id="b"
+    )
     return rec, clock, arn
 
 
@@ -118,15 +139,20 @@ def test_a_target_unhealthy_past_its_window_is_reported_once_and_never_deregiste
         assert [o.converged for o in late] == [False, False, False]
         assert late[0].errors == [] and late[0].applied == []
         (line,) = late[0].unhealthy
-        assert line.startswith(f"{NODES[1]} (i-0a1b2c3d4e5f60011) on smhp-login-node-tg: unhealthy "
-                               "(Target.FailedHealthChecks: Health checks failed) for 31s (health-check "
-                               "window 30s); likely fix: the NLB's health checks fail")
-        registered = {d["Target"]["Id"] for d in elb.describe_target_health(TargetGroupArn=arn)[
-            "TargetHealthDescriptions"]}
+        assert line.startswith(
+            f"{NODES[1]} (i-0a1b2c3d4e5f60011) on smhp-login-node-tg: unhealthy "
+            "(Target.FailedHealthChecks: Health checks failed) for 31s (health-check "
+            "window 30s); likely fix: the NLB's health checks fail"
+        )
+        registered = {
+            d["Target"]["Id"]
+            for d in elb.describe_target_health(TargetGroupArn=arn)["TargetHealthDescriptions"]
+        }
         assert registered == set(NODES)
         assert summary_line(state, late[-1], rec.config).startswith(
             "2/3 login nodes healthy (1 more registered, not healthy yet), 0 pending, "
-            "1 targets unhealthy too long, 0 errors")
+            "1 targets unhealthy too long, 0 errors"
+        )
         assert state.last_pass is not None and state.last_pass.unhealthy == late[-1].unhealthy
     clock.advance(20)
     healed = rec.run_pass(state, apply=True)
@@ -135,8 +161,11 @@ def test_a_target_unhealthy_past_its_window_is_reported_once_and_never_deregiste
     warnings = [e for e in logged if e["event"] == "target_unhealthy"]
     assert len(warnings) == 1
     assert {k: warnings[0][k] for k in ("ip", "instance_id", "reason", "window_seconds")} == {
-        "ip": NODES[1], "instance_id": "i-0a1b2c3d4e5f60011", "reason": "Target.FailedHealthChecks",
-        "window_seconds": 30.0}
+        "ip": NODES[1],
+        "instance_id": "i-0a1b2c3d4e5f60011",
+        "reason": "Target.FailedHealthChecks",
+        "window_seconds": 30.0,
+    }
     assert [e["ip"] for e in logged if e["event"] == "target_healthy_again"] == [NODES[1]]
 
 
@@ -158,8 +187,13 @@ def test_every_target_unhealthy_empties_nothing(
 
 
 def hpodlb(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpodlb", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "hpodlb", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_status_shows_health_with_reason_and_live_asks_aws_now(
@@ -173,8 +207,15 @@ def test_status_shows_health_with_reason_and_live_asks_aws_now(
     assert hpodlb("once", "--config", str(cfg)).returncode == 0
     tg = arn.split("/")[1]
     before = load_state(load_config(cfg, {}).state.dir)[0]
-    with nlb_health({NODES[0]: ("unused", "Target.NotInUse", "Target group is not configured to "
-                                "receive traffic from the load balancer")}):
+    with nlb_health(
+        {
+            NODES[0]: (
+                "unused",
+                "Target.NotInUse",
+                "Target group is not configured to receive traffic from the load balancer",
+            )
+        }
+    ):
         stored = hpodlb("status", "--config", str(cfg)).stdout.splitlines()
         assert stored[1] == "0/3 login nodes healthy (3 more registered, not healthy yet)"
         live = hpodlb("status", "--live", "--config", str(cfg)).stdout.splitlines()
@@ -200,14 +241,21 @@ def test_unhealthy_draining_stays_registered_and_checks_off_counts_as_serving(
     rec, clock, arn = reconciler(elb, write_config)
     state = State()
     rec.run_pass(state, apply=True)
-    with nlb_health({NODES[0]: ("unhealthy.draining", "Target.FailedHealthChecks", "Health checks failed"),
-                     NODES[1]: ("unavailable", "Target.HealthCheckDisabled", "Health checks disabled")}):
+    with nlb_health(
+        {
+            NODES[0]: ("unhealthy.draining", "Target.FailedHealthChecks", "Health checks failed"),
+            NODES[1]: ("unavailable", "Target.HealthCheckDisabled", "Health checks disabled"),
+        }
+    ):
         for _ in range(3):
             clock.advance(31)
             outcome = rec.run_pass(state, apply=True)
             assert outcome.applied == []
     assert [line.split()[0] for line in outcome.unhealthy] == [NODES[0]]
-    assert health.headline(state, [arn]) == "2/3 login nodes healthy (1 more registered, not healthy yet)"
+    assert (
+        health.headline(state, [arn])
+        == "2/3 login nodes healthy (1 more registered, not healthy yet)"
+    )
 
 
 def test_status_live_says_when_aws_did_not_answer(
@@ -223,6 +271,8 @@ def test_status_live_says_when_aws_did_not_answer(
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     live = hpodlb("status", "--live", "--config", str(cfg))
     assert live.returncode == 0
-    assert any(line.startswith(f"target group {arn.split('/')[1]}: ") and line.endswith(
-        "(asked live: the health shown for this group is the last pass's)")
-        for line in live.stdout.splitlines()), live.stdout
+    assert any(
+        line.startswith(f"target group {arn.split('/')[1]}: ")
+        and line.endswith("(asked live: the health shown for this group is the last pass's)")
+        for line in live.stdout.splitlines()
+    ), live.stdout

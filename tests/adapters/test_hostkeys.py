@@ -44,12 +44,16 @@ def cluster() -> Iterator[SimCluster]:
 
 
 @pytest.fixture
-def env(aws: FakeAws, cluster: SimCluster, tmp_path: Path, fresh_env: None,
-        monkeypatch: pytest.MonkeyPatch) -> SimEnv:
+def env(
+    aws: FakeAws,
+    cluster: SimCluster,
+    tmp_path: Path,
+    fresh_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> SimEnv:
     for key, value in aws.env().items():
         monkeypatch.setenv(key, value)
     return SimEnv(aws, cluster, tmp_path)
-
 
 
 def test_adopt_then_push_gives_every_node_one_identity(env: SimEnv) -> None:
@@ -84,19 +88,48 @@ def test_openssh_client_with_known_hosts_output_logs_in_everywhere(
     ips = nodes(env, 3)
     assert env.run_pass().converged
     capsys.readouterr()
-    assert main(["keys", "known-hosts", "--host", "login.cluster.internal",
-                 "--config", str(env.config_path)]) == 0
+    assert (
+        main(
+            [
+                "keys",
+                "known-hosts",
+                "--host",
+                "login.cluster.internal",
+                "--config",
+                str(env.config_path),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out
     known = env.workdir / "users_known_hosts"
     known.write_text(lines)
     assert all(line.startswith("login.cluster.internal ") for line in lines.splitlines())
     for ip in ips:
         done = subprocess.run(
-            ["ssh", "-i", str(env.cluster.client_key), "-p", str(env.cluster.port),
-             "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}",
-             "-o", "GlobalKnownHostsFile=/dev/null", "-o", "HostKeyAlias=login.cluster.internal",
-             "-o", "BatchMode=yes", f"{SIM_USER}@{ip}", "echo logged-in"],
-            capture_output=True, text=True, timeout=30, check=False,
+            [
+                "ssh",
+                "-i",
+                str(env.cluster.client_key),
+                "-p",
+                str(env.cluster.port),
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                f"UserKnownHostsFile={known}",
+                "-o",
+                "GlobalKnownHostsFile=/dev/null",
+                "-o",
+                "HostKeyAlias=login.cluster.internal",
+                "-o",
+                "BatchMode=yes",
+                f"{SIM_USER}@{ip}",
+                "echo logged-in",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
         assert done.stdout.strip() == "logged-in", done.stderr
 
@@ -107,11 +140,25 @@ def test_known_hosts_lines_use_bracket_form_off_port_22(
     """Users reaching the NLB on another port get `[NAME]:PORT` lines."""
     assert main(["keys", "generate", "--config", str(env.config_path)]) == 0
     capsys.readouterr()
-    assert main(["keys", "known-hosts", "--host", "nlb.example", "--port", "2022",
-                 "--config", str(env.config_path)]) == 0
+    assert (
+        main(
+            [
+                "keys",
+                "known-hosts",
+                "--host",
+                "nlb.example",
+                "--port",
+                "2022",
+                "--config",
+                str(env.config_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in out] == [
-        ["[nlb.example]:2022", "ssh-rsa"], ["[nlb.example]:2022", "ecdsa-sha2-nistp256"],
+        ["[nlb.example]:2022", "ssh-rsa"],
+        ["[nlb.example]:2022", "ecdsa-sha2-nistp256"],
         ["[nlb.example]:2022", "ssh-ed25519"],
     ]
 
@@ -133,7 +180,9 @@ def test_replaced_node_leaves_rotation_is_repaired_and_returns(env: SimEnv) -> N
     assert env.state().nodes[victim.ip].verified_instance_id == "i-0replacement00001"
 
 
-def _faulty_pass(env: SimEnv, fault: Callable[[SimCluster, str], None], sudo: bool = True) -> tuple[str, PassOutcome, bytes]:
+def _faulty_pass(
+    env: SimEnv, fault: Callable[[SimCluster, str], None], sudo: bool = True
+) -> tuple[str, PassOutcome, bytes]:
     """Two healthy nodes and a third with a fault; returns the third's IP, the pass, its old key."""
     ips = nodes(env, 2)
     bad = env.cluster.ip(9)
@@ -151,11 +200,21 @@ def _deny_login(cluster: SimCluster, ip: str) -> None:
 
 FAULTS: dict[str, tuple[Callable[[SimCluster, str], None], str, bool]] = {
     "auth refused": (_deny_login, "auth: login as hpodlbsim refused", True),
-    "sudo refused": (lambda c, ip: None, "sudo: a password is required (ssh.user hpodlbsim needs passwordless sudo)", False),
-    "sshd config broken": (lambda c, ip: c.nodes[ip].write_sshd_config("BogusOption yes\n"),
-                           "sshd-config: sshd -T failed: /etc/ssh/sshd_config: line", True),
-    "reload fails": (lambda c, ip: (c.nodes[ip].etc_ssh / "fail-reload").touch(),
-                     "reload: reload command failed; previous keys restored", True),
+    "sudo refused": (
+        lambda c, ip: None,
+        "sudo: a password is required (ssh.user hpodlbsim needs passwordless sudo)",
+        False,
+    ),
+    "sshd config broken": (
+        lambda c, ip: c.nodes[ip].write_sshd_config("BogusOption yes\n"),
+        "sshd-config: sshd -T failed: /etc/ssh/sshd_config: line",
+        True,
+    ),
+    "reload fails": (
+        lambda c, ip: (c.nodes[ip].etc_ssh / "fail-reload").touch(),
+        "reload: reload command failed; previous keys restored",
+        True,
+    ),
 }
 
 
@@ -167,7 +226,9 @@ def test_a_failing_node_keeps_its_keys_stays_out_and_recovers(env: SimEnv, name:
     node = env.cluster.nodes[bad]
     assert not outcome.converged
     assert env.registered() == {env.cluster.ip(2), env.cluster.ip(3)}
-    assert any(e.startswith(f"{bad} (i-0faulty000000009): {message}") for e in outcome.errors), outcome.errors
+    assert any(e.startswith(f"{bad} (i-0faulty000000009): {message}") for e in outcome.errors), (
+        outcome.errors
+    )
     assert node.private_key("ed25519") == old_key
     assert node.keyscan() and node.keyscan() != canonical(env)
     assert not list(node.etc_ssh.glob(".hpodlb-new.*"))
@@ -211,10 +272,19 @@ def test_rollback_when_sshd_rejects_a_key_with_exit_status_0(env: SimEnv) -> Non
     node = env.cluster.nodes[ips[0]]
     before = node.keyscan()
     good = {t: HostKey(t, node.private_key(t), node.public_key(t)) for t in TYPES}
-    broken = dict(good, ed25519=HostKey("ed25519", b"-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n-----END OPENSSH PRIVATE KEY-----\n", good["ed25519"].public))
+    broken = dict(
+        good,
+        ed25519=HostKey(
+            "ed25519",
+            b"-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n-----END OPENSSH PRIVATE KEY-----\n",
+            good["ed25519"].public,
+        ),
+    )
     connector = ParamikoConnector(ssh_settings(env.config))
     with connector.session(node.ip, frozenset(before)) as session:
-        rc, out, _ = session.run_root(push_script(broken, "/etc/ssh", "kill -HUP $(cat /etc/ssh/sshd.pid)"))
+        rc, out, _ = session.run_root(
+            push_script(broken, "/etc/ssh", "kill -HUP $(cat /etc/ssh/sshd.pid)")
+        )
     assert rc == 1
     assert out.startswith("hpodlb-failed sshd-t: ")
     assert "Unable to load host key" in out
@@ -230,7 +300,10 @@ def test_sudo_that_refuses_before_reading_the_script_is_named_as_sudo(env: SimEn
     node = env.cluster.nodes[ips[0]]
     connector = ParamikoConnector(ssh_settings(env.config))
     script = b"true\n" + b"#" * (8 << 20) + b"\n"  # 8 MiB: past paramiko's 2 MiB window
-    with connector.session(node.ip, frozenset(node.keyscan())) as session, pytest.raises(SshError) as err:
+    with (
+        connector.session(node.ip, frozenset(node.keyscan())) as session,
+        pytest.raises(SshError) as err,
+    ):
         session.run_root(script)
     assert err.value.step == "sudo", str(err.value)
     assert "password" in str(err.value)
@@ -251,7 +324,9 @@ def test_no_key_material_in_logs_command_lines_status_or_tmp(
             for pid in os.listdir("/proc"):
                 if pid.isdigit():
                     with contextlib.suppress(OSError):
-                        seen_cmdlines.add(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+                        seen_cmdlines.add(
+                            Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                        )
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -265,7 +340,9 @@ def test_no_key_material_in_logs_command_lines_status_or_tmp(
     main(["keys", "show", "--config", str(env.config_path)])
     out = capsys.readouterr().out
     secrets = _secret_fragments(KeyStore(env.store, TYPES).load())
-    assert any("sudo -n sh -s hpodlb" in c for c in seen_cmdlines)  # the sampler did see the remote shell
+    assert any(
+        "sudo -n sh -s hpodlb" in c for c in seen_cmdlines
+    )  # the sampler did see the remote shell
     for text in (log.getvalue(), out, *seen_cmdlines):
         assert not any(s in text for s in secrets)
     for path in _files_changed_since(Path("/tmp"), started, skip=(env.cluster.base, env.workdir)):
@@ -288,7 +365,9 @@ def _secret_fragments(keys: dict[str, HostKey]) -> list[str]:
 
 def _files_changed_since(root: Path, since: float, skip: tuple[Path, ...]) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not any(Path(dirpath, d).resolve() == s.resolve() for s in skip)]
+        dirnames[:] = [
+            d for d in dirnames if not any(Path(dirpath, d).resolve() == s.resolve() for s in skip)
+        ]
         for name in filenames:
             path = Path(dirpath, name)
             try:
@@ -314,8 +393,12 @@ def test_key_store_modes_and_refusals(env: SimEnv, capsys: pytest.CaptureFixture
     assert main(["keys", "show", "--config", str(env.config_path)]) == 0
     shown = capsys.readouterr().out.splitlines()
     for t in TYPES:
-        real = subprocess.run(["ssh-keygen", "-lf", str(current / file_names(t)[1])],
-                              capture_output=True, text=True, check=True).stdout.split()[1]
+        real = subprocess.run(
+            ["ssh-keygen", "-lf", str(current / file_names(t)[1])],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[1]
         assert f"{t:8} {real}  {current / file_names(t)[0]}" in shown
     before = (current / "ssh_host_rsa_key").read_bytes()
     for force in ([], ["--force"]):
@@ -347,7 +430,10 @@ def test_adopt_command_copies_a_nodes_keys(env: SimEnv, capsys: pytest.CaptureFi
 
 def _connections(env: SimEnv) -> int:
     """TCP connections every sim node's sshd has accepted so far (its log, LogLevel VERBOSE)."""
-    return sum((n.dir / "sshd.log").read_text().count("Connection from ") for n in env.cluster.nodes.values())
+    return sum(
+        (n.dir / "sshd.log").read_text().count("Connection from ")
+        for n in env.cluster.nodes.values()
+    )
 
 
 def test_probe_interval_skips_verified_nodes_but_never_new_or_replaced_ones(env: SimEnv) -> None:
@@ -364,7 +450,11 @@ def test_probe_interval_skips_verified_nodes_but_never_new_or_replaced_ones(env:
     env.cluster.nodes[ips[1]].replace("i-0probeint0000001")
     env.list_nodes(ips)
     repaired = env.run_pass()
-    assert [a.kind for a in repaired.applied if a.ip == ips[1]] == [Kind.DEREGISTER, Kind.PUSH_KEYS, Kind.REGISTER]
+    assert [a.kind for a in repaired.applied if a.ip == ips[1]] == [
+        Kind.DEREGISTER,
+        Kind.PUSH_KEYS,
+        Kind.REGISTER,
+    ]
     # Keys changed by hand on a live node (same instance): seen once the interval has passed; it
     # leaves rotation and, being a verified node with an unexpected key, is reported, not trusted.
     node = env.cluster.nodes[ips[2]]

@@ -37,17 +37,33 @@ def create_cluster(name: str = "ml-cluster", login_group: str = "login-a", sm: A
     sm = sm or boto3.client("sagemaker", region_name=REGION)
 
     def group(name: str, node_type: str, count: int) -> dict[str, Any]:
-        return {"InstanceGroupName": name, "InstanceType": "ml.m5.4xlarge", "InstanceCount": count,
-                "LifeCycleConfig": {"SourceS3Uri": "s3://sagemaker-lifecycle/", "OnCreate": "on_create.sh"},
-                "ExecutionRole": "arn:aws:iam::123456789012:role/hyperpod", "ThreadsPerCore": 1,
-                "SlurmConfig": {"NodeType": node_type}}
+        return {
+            "InstanceGroupName": name,
+            "InstanceType": "ml.m5.4xlarge",
+            "InstanceCount": count,
+            "LifeCycleConfig": {
+                "SourceS3Uri": "s3://sagemaker-lifecycle/",
+                "OnCreate": "on_create.sh",
+            },
+            "ExecutionRole": "arn:aws:iam::123456789012:role/hyperpod",
+            "ThreadsPerCore": 1,
+            "SlurmConfig": {"NodeType": node_type},
+        }
 
-    return str(sm.create_cluster(
-        ClusterName=name,
-        InstanceGroups=[group("controller-machine", "Controller", 1), group(login_group, "Login", 3),
-                        group("compute-nodes", "Compute", 2)],
-        VpcConfig={"SecurityGroupIds": ["sg-0123456789abcdef0"], "Subnets": ["subnet-0123456789abcdef0"]},
-    )["ClusterArn"])
+    return str(
+        sm.create_cluster(
+            ClusterName=name,
+            InstanceGroups=[
+                group("controller-machine", "Controller", 1),
+                group(login_group, "Login", 3),
+                group("compute-nodes", "Compute", 2),
+            ],
+            VpcConfig={
+                "SecurityGroupIds": ["sg-0123456789abcdef0"],
+                "Subnets": ["subnet-0123456789abcdef0"],
+            },
+        )["ClusterArn"]
+    )
 
 
 def api_configured(cluster_dir: Path, arn: str, login_group: str = "login-a") -> None:
@@ -65,25 +81,37 @@ def api_configured(cluster_dir: Path, arn: str, login_group: str = "login-a") ->
 
 def counting(client: Any) -> list[str]:
     seen: list[str] = []
-    client.meta.events.register("before-call.sagemaker.*", lambda model, **_: seen.append(model.name))
+    client.meta.events.register(
+        "before-call.sagemaker.*", lambda model, **_: seen.append(model.name)
+    )
     return seen
 
 
 @pytest.fixture
-def build(elb: Any, write_config: Callable[..., Path]) -> Callable[..., tuple[Reconciler, list[str], str]]:
+def build(
+    elb: Any, write_config: Callable[..., Path]
+) -> Callable[..., tuple[Reconciler, list[str], str]]:
     def make(**sections: dict[str, Any]) -> tuple[Reconciler, list[str], str]:
         tg = make_group(elb)
         config = load_config(write_config([{"arn": tg, "port": 22}], **sections), {})
         sm = boto3.client("sagemaker", region_name=REGION)
-        rec = Reconciler(config, [TargetGroup(elb, tg, 22)], keys=None, boot_id="b",
-                         hyperpod=HyperPod(lambda _arn: sm))
+        rec = Reconciler(
+            config,
+            [TargetGroup(elb, tg, 22)],
+            keys=None,
+            boot_id="b",
+            hyperpod=HyperPod(lambda _arn: sm),
+        )
         return rec, counting(sm), tg
 
     return make
 
 
 def test_login_groups_come_from_the_cluster_when_nothing_names_them(
-    moto_env: None, build: Callable[..., tuple[Reconciler, list[str], str]], elb: Any, cluster_dir: Path
+    moto_env: None,
+    build: Callable[..., tuple[Reconciler, list[str], str]],
+    elb: Any,
+    cluster_dir: Path,
 ) -> None:
     """No login_groups, no provisioning_parameters.json, a login group called login-a: the pass
     asks DescribeCluster once (not every pass), registers login-a's nodes, and check-config and
@@ -96,23 +124,34 @@ def test_login_groups_come_from_the_cluster_when_nothing_names_them(
         outcome = rec.run_pass(state, apply=True)
         assert outcome.converged, (outcome.errors, outcome.inventory_error)
     assert calls == ["DescribeCluster"]
-    registered = {d["Target"]["Id"] for d in elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]}
+    registered = {
+        d["Target"]["Id"]
+        for d in elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]
+    }
     assert registered == LOGIN_IPS
     where = f"login-a (from the cluster's Login instance groups, DescribeCluster {arn})"
     assert f"login groups: {where}" in status_text(state, [tg], 0).splitlines()
-    assert (True, f"login groups login-a (from the cluster's Login instance groups, DescribeCluster {arn})") in list(
-        run_checks(rec.config, rec))
+    assert (
+        True,
+        f"login groups login-a (from the cluster's Login instance groups, DescribeCluster {arn})",
+    ) in list(run_checks(rec.config, rec))
 
     data = json.loads((cluster_dir / "resource_config.json").read_text())
-    data["InstanceGroups"].append({"Name": "login-b", "Instances": []})  # the groups changed: ask again
+    data["InstanceGroups"].append(
+        {"Name": "login-b", "Instances": []}
+    )  # the groups changed: ask again
     (cluster_dir / "resource_config.json").write_text(json.dumps(data))
     rec.run_pass(state, apply=True)
     assert calls == ["DescribeCluster", "DescribeCluster"]  # check-config used the cached answer
 
 
 def test_denied_describe_cluster_never_guesses_a_group_that_empties_the_target_group(
-    moto_env: None, build: Callable[..., tuple[Reconciler, list[str], str]], elb: Any,
-    cluster_dir: Path, monkeypatch: pytest.MonkeyPatch, write_config: Callable[..., Path],
+    moto_env: None,
+    build: Callable[..., tuple[Reconciler, list[str], str]],
+    elb: Any,
+    cluster_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    write_config: Callable[..., Path],
 ) -> None:
     """sagemaker:DescribeCluster denied (moto enforcing IAM): one warning naming the permission;
     with no group called login-group in the resource config the pass changes nothing, targets
@@ -123,18 +162,27 @@ def test_denied_describe_cluster_never_guesses_a_group_that_empties_the_target_g
     api_configured(cluster_dir, arn)
     rec, _, tg = build(cluster={"login_groups": ["login-a"]})
     assert rec.run_pass(State(), apply=True).converged  # registered while the group was named
-    sm = boto3.client("sagemaker", region_name=REGION, **credentials_denied("sagemaker:DescribeCluster"))  # type: ignore[call-overload]
+    sm = boto3.client(
+        "sagemaker", region_name=REGION, **credentials_denied("sagemaker:DescribeCluster")
+    )  # type: ignore[call-overload]
     config = load_config(write_config([{"arn": tg, "port": 22}]), {})  # the group named nowhere
-    denied = Reconciler(config, rec.groups, keys=None, boot_id="b", hyperpod=HyperPod(lambda _arn: sm))
+    denied = Reconciler(
+        config, rec.groups, keys=None, boot_id="b", hyperpod=HyperPod(lambda _arn: sm)
+    )
     enforce_iam(monkeypatch)
     log = io.StringIO()
     setup_logging(verbose=False, stream=log)
     state = State()
     outcomes = [denied.run_pass(state, apply=True) for _ in range(3)]
     monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))
-    assert all(o.inventory_error and "no group named login-group" in o.inventory_error for o in outcomes)
+    assert all(
+        o.inventory_error and "no group named login-group" in o.inventory_error for o in outcomes
+    )
     assert all(o.applied == [] for o in outcomes)
-    registered = {d["Target"]["Id"] for d in elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]}
+    registered = {
+        d["Target"]["Id"]
+        for d in elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]
+    }
     assert registered == LOGIN_IPS
     events = [json.loads(x) for x in log.getvalue().splitlines()]
     warned = [e for e in events if e["event"] == "cluster_login_groups_unknown"]
@@ -166,8 +214,14 @@ def test_the_platform_explains_an_unreachable_node_and_keeps_keys_from_one_going
     data = json.loads(env.rc.read_text())
     data["ClusterConfig"]["ClusterArn"] = arn
     env.rc.write_text(json.dumps(data))
-    assert subprocess.run([sys.executable, "-m", "hpodlb", "keys", "generate", "--config", str(env.config_path)],
-                          capture_output=True, check=False).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "hpodlb", "keys", "generate", "--config", str(env.config_path)],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
     nodes = sagemaker_backends["123456789012"][REGION].clusters["sim-cluster"].nodes  # moto has no
     nodes["login-group-0"].status = "ShuttingDown"  # API to change an instance's status: set it
     nodes["login-group-1"].status = "Pending"
@@ -186,17 +240,26 @@ def test_the_platform_explains_an_unreachable_node_and_keeps_keys_from_one_going
     outcome = run_pass()
     assert outcome.applied == [] and outcome.plan is not None
     assert (going, "HyperPod is shutting this instance down: no key push") in [
-        (w.node.ip, w.reason) for w in outcome.plan.waiting]
+        (w.node.ip, w.reason) for w in outcome.plan.waiting
+    ]
     state = env.state()
-    assert (state.nodes[going].platform_status, state.nodes[pending].platform_status) == ("ShuttingDown", "Pending")
-    rows = {line.split()[0]: line for line in status_text(state, [env.arn], 0).splitlines()
-            if line.split()[0] in (going, pending)}
+    assert (state.nodes[going].platform_status, state.nodes[pending].platform_status) == (
+        "ShuttingDown",
+        "Pending",
+    )
+    rows = {
+        line.split()[0]: line
+        for line in status_text(state, [env.arn], 0).splitlines()
+        if line.split()[0] in (going, pending)
+    }
     assert rows[pending].endswith("(being replaced: Pending)")
     assert env.registered() == set()
     assert calls == ["ListClusterNodes"]
 
     nodes["login-group-0"].status = "Running"
-    assert run_pass().applied == [] and calls == ["ListClusterNodes"]  # the same nodes wait: not asked
+    assert run_pass().applied == [] and calls == [
+        "ListClusterNodes"
+    ]  # the same nodes wait: not asked
     later[0] = 301.0
     again = run_pass()
     assert [a.kind.value for a in again.applied if a.ip == going] == ["push-keys", "register"]
@@ -208,7 +271,10 @@ def test_the_platform_explains_an_unreachable_node_and_keeps_keys_from_one_going
 
 
 def test_describe_clusters_last_answer_is_kept_for_when_it_cannot_be_asked(
-    moto_env: None, build: Callable[..., tuple[Reconciler, list[str], str]], elb: Any, cluster_dir: Path,
+    moto_env: None,
+    build: Callable[..., tuple[Reconciler, list[str], str]],
+    elb: Any,
+    cluster_dir: Path,
 ) -> None:
     """Two Login groups, then DescribeCluster fails after a restart: its last answer (in the state
     file) keeps both groups, so nothing is deregistered; it is not asked again every pass."""
@@ -224,15 +290,26 @@ def test_describe_clusters_last_answer_is_kept_for_when_it_cannot_be_asked(
 
     from botocore.config import Config
 
-    dead = boto3.client("sagemaker", region_name=REGION, endpoint_url="http://127.0.0.1:9",
-                        config=Config(retries={"total_max_attempts": 1}))
+    dead = boto3.client(
+        "sagemaker",
+        region_name=REGION,
+        endpoint_url="http://127.0.0.1:9",
+        config=Config(retries={"total_max_attempts": 1}),
+    )
     calls = counting(dead)
-    broken = Reconciler(rec.config, rec.groups, keys=None, boot_id="b", hyperpod=HyperPod(lambda _arn: dead))
+    broken = Reconciler(
+        rec.config, rec.groups, keys=None, boot_id="b", hyperpod=HyperPod(lambda _arn: dead)
+    )
     for _ in range(3):
         outcome = broken.run_pass(state, apply=True)
         assert outcome.converged and outcome.applied == []
     assert calls == ["DescribeCluster"]  # once, then not before CLUSTER_RETRY_SECONDS
     assert state.last_pass is not None
-    assert state.last_pass.login_groups.startswith(f"login-a (from DescribeCluster's last answer for {arn} (now: ")
-    registered = {d["Target"]["Id"] for d in elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]}
+    assert state.last_pass.login_groups.startswith(
+        f"login-a (from DescribeCluster's last answer for {arn} (now: "
+    )
+    registered = {
+        d["Target"]["Id"]
+        for d in elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]
+    }
     assert registered == LOGIN_IPS

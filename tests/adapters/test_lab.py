@@ -26,10 +26,27 @@ def cluster() -> Iterator[SimCluster]:
 
 def as_login_user(cluster: SimCluster, ip: str, command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["ssh", "-i", str(cluster.client_key), "-p", str(cluster.port), "-o", "BatchMode=yes",
-         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-         "-o", "ConnectTimeout=10", f"{SIM_USER}@{ip}", command],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            "ssh",
+            "-i",
+            str(cluster.client_key),
+            "-p",
+            str(cluster.port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=10",
+            f"{SIM_USER}@{ip}",
+            command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 

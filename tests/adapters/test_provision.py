@@ -8,7 +8,7 @@ import os
 import pty
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,23 @@ def aws(fresh_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any,
         vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
         subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.64.0/18")["Subnet"]["SubnetId"]
         sg = ec2.create_security_group(GroupName="login", Description="ssh", VpcId=vpc)["GroupId"]
-        yield boto3.client("elbv2", region_name="us-west-2"), Spec("ml-cluster", vpc, (subnet,), (sg,))
+        yield (
+            boto3.client("elbv2", region_name="us-west-2"),
+            Spec("ml-cluster", vpc, (subnet,), (sg,)),
+        )
 
 
 def inventory(elb: Any) -> dict[str, int]:
     lbs = elb.describe_load_balancers()["LoadBalancers"]
-    listeners = sum(len(elb.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]) for lb in lbs)
-    return {"tg": len(elb.describe_target_groups()["TargetGroups"]), "lb": len(lbs), "listener": listeners}
+    listeners = sum(
+        len(elb.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"])
+        for lb in lbs
+    )
+    return {
+        "tg": len(elb.describe_target_groups()["TargetGroups"]),
+        "lb": len(lbs),
+        "listener": listeners,
+    }
 
 
 def test_from_nothing_then_nothing_to_change(aws: tuple[Any, Spec]) -> None:
@@ -49,13 +59,28 @@ def test_from_nothing_then_nothing_to_change(aws: tuple[Any, Spec]) -> None:
     assert len(first.changes) == 4
     assert inventory(elb) == {"tg": 1, "lb": 1, "listener": 1}
     tg = elb.describe_target_groups(Names=["smhp-login-node-tg"])["TargetGroups"][0]
-    assert (tg["TargetType"], tg["Protocol"], tg["Port"], tg["HealthCheckProtocol"]) == ("ip", "TCP", 22, "TCP")
-    attrs = {a["Key"]: a["Value"] for a in elb.describe_target_group_attributes(TargetGroupArn=tg["TargetGroupArn"])["Attributes"]}
+    assert (tg["TargetType"], tg["Protocol"], tg["Port"], tg["HealthCheckProtocol"]) == (
+        "ip",
+        "TCP",
+        22,
+        "TCP",
+    )
+    attrs = {
+        a["Key"]: a["Value"]
+        for a in elb.describe_target_group_attributes(TargetGroupArn=tg["TargetGroupArn"])[
+            "Attributes"
+        ]
+    }
     assert attrs["deregistration_delay.timeout_seconds"] == "30"
     assert attrs["deregistration_delay.connection_termination.enabled"] == "false"
     lb = elb.describe_load_balancers(Names=["smhp-login-node-lb"])["LoadBalancers"][0]
     assert (lb["Scheme"], lb["Type"]) == ("internal", "network")
-    tags = {t["Key"]: t["Value"] for t in elb.describe_tags(ResourceArns=[lb["LoadBalancerArn"]])["TagDescriptions"][0]["Tags"]}
+    tags = {
+        t["Key"]: t["Value"]
+        for t in elb.describe_tags(ResourceArns=[lb["LoadBalancerArn"]])["TagDescriptions"][0][
+            "Tags"
+        ]
+    }
     assert tags == {"hpodlb:managed": "true", "hpodlb:cluster": "ml-cluster"}
     assert first.dns_name == lb["DNSName"]
     second = Provisioner(elb, spec.cluster).provision(spec)
@@ -78,13 +103,19 @@ def test_leftovers_are_completed(aws: tuple[Any, Spec]) -> None:
 def test_foreign_resources_are_refused(aws: tuple[Any, Spec]) -> None:
     """A same-named target group without hpodlb's tags, or another cluster's, is never touched."""
     elb, spec = aws
-    elb.create_target_group(Name="smhp-login-node-tg", Protocol="TCP", Port=22, VpcId=spec.vpc_id, TargetType="ip")
-    with pytest.raises(ProvisionError, match="a target group named smhp-login-node-tg exists but is not hpodlb's"):
+    elb.create_target_group(
+        Name="smhp-login-node-tg", Protocol="TCP", Port=22, VpcId=spec.vpc_id, TargetType="ip"
+    )
+    with pytest.raises(
+        ProvisionError, match="a target group named smhp-login-node-tg exists but is not hpodlb's"
+    ):
         Provisioner(elb, spec.cluster).provision(spec)
     with pytest.raises(ProvisionError, match="refusing to touch it"):
         Provisioner(elb, spec.cluster).teardown("smhp-login-node", lambda steps: True)
     assert inventory(elb) == {"tg": 1, "lb": 0, "listener": 0}
-    other = Spec("other-cluster", spec.vpc_id, spec.subnet_ids, spec.security_group_ids, name_prefix="x")
+    other = Spec(
+        "other-cluster", spec.vpc_id, spec.subnet_ids, spec.security_group_ids, name_prefix="x"
+    )
     Provisioner(elb, "other-cluster").provision(other)
     with pytest.raises(ProvisionError, match="not hpodlb's for cluster ml-cluster"):
         Provisioner(elb, "ml-cluster").teardown("x", lambda steps: True)
@@ -98,7 +129,12 @@ def test_dry_runs_change_nothing(aws: tuple[Any, Spec]) -> None:
     assert inventory(elb) == {"tg": 0, "lb": 0, "listener": 0}
     Provisioner(elb, spec.cluster).provision(spec)
     asked: list[list[str]] = []
-    dry = Provisioner(elb, spec.cluster, dry_run=True).teardown("smhp-login-node", lambda s: bool(asked.append(list(s)) or True))  # type: ignore[func-returns-value]
+
+    def confirm(names: Sequence[str]) -> bool:
+        asked.append(list(names))
+        return True
+
+    dry = Provisioner(elb, spec.cluster, dry_run=True).teardown("smhp-login-node", confirm)
     assert len(dry.changes) == 3
     assert asked == []
     assert inventory(elb) == {"tg": 1, "lb": 1, "listener": 1}
@@ -109,14 +145,20 @@ def test_teardown_removes_only_ours_in_order_and_asks(aws: tuple[Any, Spec]) -> 
     an unrelated target group stays."""
     elb, spec = aws
     Provisioner(elb, spec.cluster).provision(spec)
-    elb.create_target_group(Name="someone-else", Protocol="TCP", Port=22, VpcId=spec.vpc_id, TargetType="ip")
+    elb.create_target_group(
+        Name="someone-else", Protocol="TCP", Port=22, VpcId=spec.vpc_id, TargetType="ip"
+    )
     declined = Provisioner(elb, spec.cluster).teardown("smhp-login-node", lambda steps: False)
     assert declined.changes == []
     assert inventory(elb) == {"tg": 2, "lb": 1, "listener": 1}
     report = Provisioner(elb, spec.cluster).teardown("smhp-login-node", lambda steps: True)
     assert [c.split()[1] for c in report.changes] == ["listener", "load", "target"]
-    assert [g["TargetGroupName"] for g in elb.describe_target_groups()["TargetGroups"]] == ["someone-else"]
-    assert Provisioner(elb, spec.cluster).teardown("smhp-login-node", lambda steps: True).changes == []
+    assert [g["TargetGroupName"] for g in elb.describe_target_groups()["TargetGroups"]] == [
+        "someone-else"
+    ]
+    assert (
+        Provisioner(elb, spec.cluster).teardown("smhp-login-node", lambda steps: True).changes == []
+    )
 
 
 def test_write_config_keeps_comments(tmp_path: Path) -> None:
@@ -133,7 +175,10 @@ def test_write_config_keeps_comments(tmp_path: Path) -> None:
     assert not add_target_group_to_config(path, arn, 22)
     second = arn.replace("fedcba9876543210", "0000000000000001")
     assert add_target_group_to_config(path, second, 2222)
-    assert [(tg.arn, tg.port) for tg in load_config(path, {}).target_groups] == [(arn, 22), (second, 2222)]
+    assert [(tg.arn, tg.port) for tg in load_config(path, {}).target_groups] == [
+        (arn, 22),
+        (second, 2222),
+    ]
 
 
 @pytest.fixture
@@ -160,18 +205,35 @@ class Admin:
         sg = ec2.create_security_group(GroupName="login", Description="ssh", VpcId=vpc)["GroupId"]
         self.flags = ["--vpc-id", vpc, "--subnet-id", subnet, "--security-group-id", sg]
         self.config = tmp_path / "config.toml"
-        self.config.write_text((REPO / "config" / "hpodlb.toml").read_text().replace(
-            "/opt/ml/config/", f"{cluster_dir}/").replace("/var/lib/hpodlb", str(tmp_path / "state")).replace(
-            "enabled = true", "enabled = false").replace('leader = "slurmctld"', 'leader = "always"'))
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HPODLB_"))}, **server.env()}
+        self.config.write_text(
+            (REPO / "config" / "hpodlb.toml")
+            .read_text()
+            .replace("/opt/ml/config/", f"{cluster_dir}/")
+            .replace("/var/lib/hpodlb", str(tmp_path / "state"))
+            .replace("enabled = true", "enabled = false")
+            .replace('leader = "slurmctld"', 'leader = "always"')
+        )
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HPODLB_"))},
+            **server.env(),
+        }
         self.elb = server.client("elbv2")
 
     def __call__(self, *args: str, stdin: int | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "hpodlb", *args, "--config", str(self.config)],
-                              env=self.env, stdin=stdin, capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "hpodlb", *args, "--config", str(self.config)],
+            env=self.env,
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
     def load_balancers(self) -> list[str]:
-        return [lb["LoadBalancerName"] for lb in self.elb.describe_load_balancers()["LoadBalancers"]]
+        return [
+            lb["LoadBalancerName"] for lb in self.elb.describe_load_balancers()["LoadBalancers"]
+        ]
 
 
 @pytest.fixture
@@ -196,7 +258,8 @@ def test_cli_provision_write_config_and_teardown(admin: Admin) -> None:
     assert refused.returncode == 1
     assert refused.stdout.splitlines() == WOULD_DELETE
     assert refused.stderr.splitlines()[-1] == (
-        "hpodlb: refusing to delete without --yes (standard input is not a terminal); nothing deleted")
+        "hpodlb: refusing to delete without --yes (standard input is not a terminal); nothing deleted"
+    )
     assert "smhp-login-node-lb" in admin.load_balancers()
     gone = admin("teardown", "--yes")
     assert gone.returncode == 0, gone.stderr
@@ -222,12 +285,17 @@ def test_cli_teardown_asks_on_a_terminal(admin: Admin) -> None:
 
     declined = teardown_answering(b"n\n")
     assert declined.returncode == 1, declined.stderr
-    assert declined.stdout.splitlines() == [*WOULD_DELETE, "Delete these 3 resource(s)? [y/N] nothing deleted"]
+    assert declined.stdout.splitlines() == [
+        *WOULD_DELETE,
+        "Delete these 3 resource(s)? [y/N] nothing deleted",
+    ]
     assert "smhp-login-node-lb" in admin.load_balancers()
     accepted = teardown_answering(b"y\n")
     assert accepted.returncode == 0, accepted.stderr
     assert accepted.stdout.splitlines() == [
-        *WOULD_DELETE, "Delete these 3 resource(s)? [y/N] deleted 3 resource(s) of cluster ml-cluster"]
+        *WOULD_DELETE,
+        "Delete these 3 resource(s)? [y/N] deleted 3 resource(s) of cluster ml-cluster",
+    ]
     assert "smhp-login-node-lb" not in admin.load_balancers()
 
 
@@ -247,28 +315,49 @@ def test_cli_dry_run_events_say_would(admin: Admin) -> None:
         "create listener TCP:22 on smhp-login-node-lb forwarding to smhp-login-node-tg",
     ]
     delete = [line.removeprefix("would ") for line in WOULD_DELETE]
-    assert changes(admin("provision", *admin.flags, "--dry-run")) == [(f"would {c}", True) for c in create]
+    assert changes(admin("provision", *admin.flags, "--dry-run")) == [
+        (f"would {c}", True) for c in create
+    ]
     assert changes(admin("provision", *admin.flags)) == [(c, False) for c in create]
     assert changes(admin("teardown", "--dry-run")) == [(f"would {c}", True) for c in delete]
     assert changes(admin("teardown", "--yes")) == [(c, False) for c in delete]
 
 
-def test_cli_provision_takes_the_network_from_the_cluster(admin: Admin, server: FakeAws, cluster_dir: Path) -> None:
+def test_cli_provision_takes_the_network_from_the_cluster(
+    admin: Admin, server: FakeAws, cluster_dir: Path
+) -> None:
     """A newcomer with a running cluster: `provision --write-config` and nothing else. The subnets
     and security groups are the cluster's VpcConfig (DescribeCluster, moto's SageMaker), the VPC
     theirs; a flag overrides its own part only; a cluster that cannot be described is a one-line
     refusal that says which flags to pass."""
     ec2 = server.client("ec2")
     vpc = ec2.create_vpc(CidrBlock="10.3.0.0/16")["Vpc"]["VpcId"]
-    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.3.{n * 64}.0/18", AvailabilityZone=f"us-west-2{z}")[
-        "Subnet"]["SubnetId"] for n, z in enumerate("aba")]  # two in one zone: an NLB takes one
-    sg = ec2.create_security_group(GroupName="cluster", Description="hyperpod", VpcId=vpc)["GroupId"]
+    subnets = [
+        ec2.create_subnet(
+            VpcId=vpc, CidrBlock=f"10.3.{n * 64}.0/18", AvailabilityZone=f"us-west-2{z}"
+        )["Subnet"]["SubnetId"]
+        for n, z in enumerate("aba")
+    ]  # two in one zone: an NLB takes one
+    sg = ec2.create_security_group(GroupName="cluster", Description="hyperpod", VpcId=vpc)[
+        "GroupId"
+    ]
     arn = server.client("sagemaker").create_cluster(
         ClusterName="ml-cluster",
-        InstanceGroups=[{"InstanceGroupName": "login-group", "InstanceType": "ml.m5.4xlarge", "InstanceCount": 1,
-                         "LifeCycleConfig": {"SourceS3Uri": "s3://sagemaker-lifecycle/", "OnCreate": "on_create.sh"},
-                         "ExecutionRole": "arn:aws:iam::123456789012:role/hyperpod", "ThreadsPerCore": 1}],
-        VpcConfig={"SecurityGroupIds": [sg], "Subnets": subnets})["ClusterArn"]
+        InstanceGroups=[
+            {
+                "InstanceGroupName": "login-group",
+                "InstanceType": "ml.m5.4xlarge",
+                "InstanceCount": 1,
+                "LifeCycleConfig": {
+                    "SourceS3Uri": "s3://sagemaker-lifecycle/",
+                    "OnCreate": "on_create.sh",
+                },
+                "ExecutionRole": "arn:aws:iam::123456789012:role/hyperpod",
+                "ThreadsPerCore": 1,
+            }
+        ],
+        VpcConfig={"SecurityGroupIds": [sg], "Subnets": subnets},
+    )["ClusterArn"]
     rc = cluster_dir / "resource_config.json"
     missing = admin("provision", "--dry-run")
     assert missing.returncode == 1  # the fixture's ClusterArn names no cluster here
@@ -281,7 +370,8 @@ def test_cli_provision_takes_the_network_from_the_cluster(admin: Admin, server: 
     assert made.returncode == 0, made.stderr
     assert made.stdout.splitlines()[0] == (
         f"network (cluster {arn}'s VpcConfig (DescribeCluster)): {vpc}, subnets {', '.join(subnets[:2])}, "
-        f"security groups {sg}")
+        f"security groups {sg}"
+    )
     assert made.stdout.splitlines()[1].startswith("note: the NLB shares these security groups")
     lb = admin.elb.describe_load_balancers(Names=["smhp-login-node-lb"])["LoadBalancers"][0]
     assert sorted(z["SubnetId"] for z in lb["AvailabilityZones"]) == sorted(subnets[:2])
@@ -292,4 +382,5 @@ def test_cli_provision_takes_the_network_from_the_cluster(admin: Admin, server: 
     override = admin("provision", "--dry-run", "--security-group-id", other)
     assert override.stdout.splitlines()[0].endswith(
         f"(DescribeCluster), with --security-group-id): {vpc}, subnets {', '.join(subnets[:2])}, "
-        f"security groups {other}")
+        f"security groups {other}"
+    )

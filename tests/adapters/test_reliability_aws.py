@@ -42,8 +42,12 @@ def aws(fresh_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAws]:
 
 
 def write_inventory(path: Path, ips: list[str]) -> None:
-    group = {"Name": "login-group", "Instances": [
-        {"CustomerIpAddress": ip, "InstanceId": f"i-{ip.replace('.', '')}"} for ip in ips]}
+    group = {
+        "Name": "login-group",
+        "Instances": [
+            {"CustomerIpAddress": ip, "InstanceId": f"i-{ip.replace('.', '')}"} for ip in ips
+        ],
+    }
     path.write_text(json.dumps({"InstanceGroups": [group]}))
 
 
@@ -57,7 +61,9 @@ def test_aws_faults_cause_no_wrong_action_and_converge(
     direct.register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.99.1", "Port": 22}])
     rc = cluster_dir / "resource_config.json"
     # A tiny interval: departed nodes leave after the absence passes, within these 120 passes.
-    config = load_config(write_config([{"arn": arn, "port": 22}], reconcile={"interval_seconds": 0.001}), {})
+    config = load_config(
+        write_config([{"arn": arn, "port": 22}], reconcile={"interval_seconds": 0.001}), {}
+    )
     plan = FaultPlan(seed=20261128)
     rng = random.Random(7)
     log = io.StringIO()
@@ -66,7 +72,9 @@ def test_aws_faults_cause_no_wrong_action_and_converge(
     crashes = 0
     with fault_proxy(aws.endpoint_url, plan) as proxy:
         client = boto3.session.Session().client(
-            "elbv2", region_name=aws.region, endpoint_url=proxy,
+            "elbv2",
+            region_name=aws.region,
+            endpoint_url=proxy,
             config=boto_config(connect_timeout_seconds=1, read_timeout_seconds=1),
         )
         rec = Reconciler(config, [TargetGroup(client, arn, 22)], keys=None)
@@ -96,37 +104,77 @@ def test_aws_faults_cause_no_wrong_action_and_converge(
         for _ in range(3):
             final = rec.run_pass(state, apply=True)
     events = [json.loads(line) for line in log.getvalue().splitlines() if line.startswith("{")]
-    fault_events = [e for e in events if e["event"] in ("target_group_unreadable", "register_failed", "deregister_failed")]
+    fault_events = [
+        e
+        for e in events
+        if e["event"] in ("target_group_unreadable", "register_failed", "deregister_failed")
+    ]
     codes = {e["code"] for e in fault_events}
     injected = sum(plan.injected.values())
-    FIGURES["AWS faults injected"] = f"{injected} over {plan.requests} requests in {passes} passes ({dict(plan.injected)})"
-    FIGURES["AWS faults that outlasted botocore's retries (logged events)"] = f"{len(fault_events)} ({sorted(codes)})"
+    FIGURES["AWS faults injected"] = (
+        f"{injected} over {plan.requests} requests in {passes} passes ({dict(plan.injected)})"
+    )
+    FIGURES["AWS faults that outlasted botocore's retries (logged events)"] = (
+        f"{len(fault_events)} ({sorted(codes)})"
+    )
     FIGURES["AWS wrong actions"] = str(len(wrong))
     assert crashes == 0
     assert wrong == []
-    assert set(plan.injected) == {"throttle", "throttle-exception", "500", "503", "reset", "slow", "denied", "notfound"}
+    assert set(plan.injected) == {
+        "throttle",
+        "throttle-exception",
+        "500",
+        "503",
+        "reset",
+        "slow",
+        "denied",
+        "notfound",
+    }
     assert {"AccessDenied", "TargetGroupNotFound"} <= codes
     assert all(e["target_group"] and e["code"] for e in fault_events)
     assert final.converged
     assert {ip for ip, _ in aws.targets(arn)} == set(POOL[:4])
 
 
-def test_a_failed_read_never_deregisters(aws: FakeAws, write_config: Callable[..., Path], cluster_dir: Path) -> None:
+def test_a_failed_read_never_deregisters(
+    aws: FakeAws, write_config: Callable[..., Path], cluster_dir: Path
+) -> None:
     """Once every DescribeTargetHealth fails, however many passes run, no write call is made and
     the stray target a clean pass already saw stays (writes themselves would get through)."""
     arn = aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}")
-    aws.client("elbv2").register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.99.1", "Port": 22}])
+    aws.client("elbv2").register_targets(
+        TargetGroupArn=arn, Targets=[{"Id": "10.1.99.1", "Port": 22}]
+    )
     write_inventory(cluster_dir / "resource_config.json", [])
     # A tiny interval, so that the absence guard's time is no reason to keep the stray: only the
     # failed reads are.
-    config = load_config(write_config([{"arn": arn, "port": 22}], reconcile={
-        "min_in_service": 0, "max_deregister_fraction": 1.0, "interval_seconds": 0.001}), {})
+    config = load_config(
+        write_config(
+            [{"arn": arn, "port": 22}],
+            reconcile={
+                "min_in_service": 0,
+                "max_deregister_fraction": 1.0,
+                "interval_seconds": 0.001,
+            },
+        ),
+        {},
+    )
     plan = FaultPlan(seed=1)
-    plan.kinds, plan.only_actions = ("denied", "notfound", "500", "throttle"), frozenset({"DescribeTargetHealth"})
+    plan.kinds, plan.only_actions = (
+        ("denied", "notfound", "500", "throttle"),
+        frozenset({"DescribeTargetHealth"}),
+    )
     writes: list[str] = []
     with fault_proxy(aws.endpoint_url, plan) as proxy:
-        client: Any = boto3.session.Session().client("elbv2", region_name=aws.region, endpoint_url=proxy, config=boto_config(1, 1))
-        client.meta.events.register("before-call.elastic-load-balancing-v2.*", lambda model, **_: writes.append(model.name) if not model.name.startswith("Describe") else None)
+        client: Any = boto3.session.Session().client(
+            "elbv2", region_name=aws.region, endpoint_url=proxy, config=boto_config(1, 1)
+        )
+        client.meta.events.register(
+            "before-call.elastic-load-balancing-v2.*",
+            lambda model, **_: (
+                writes.append(model.name) if not model.name.startswith("Describe") else None
+            ),
+        )
         rec = Reconciler(config, [TargetGroup(client, arn, 22)], keys=None)
         state = State()
         clean = rec.run_pass(state, apply=True)  # sees the stray: absence 1 of 2, held back
@@ -135,7 +183,9 @@ def test_a_failed_read_never_deregisters(aws: FakeAws, write_config: Callable[..
         for _ in range(5):
             outcome = rec.run_pass(state, apply=True)
             assert not outcome.converged
-            assert [e.split(": ")[:2] for e in outcome.errors] == [[arn.split("/")[1], "DescribeTargetHealth failed"]]
+            assert [e.split(": ")[:2] for e in outcome.errors] == [
+                [arn.split("/")[1], "DescribeTargetHealth failed"]
+            ]
     assert plan.injected.total() >= 5
     assert writes == []
     assert aws.targets(arn) == {("10.1.99.1", 22)}

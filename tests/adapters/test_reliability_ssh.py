@@ -25,8 +25,10 @@ def env(sim_env: SimEnv) -> SimEnv:
 
 def _survived(fault: str) -> None:
     SURVIVED.append(fault)
-    FIGURES["SSH faults survived here (test_hostkeys.py covers refused, silent, auth, sudo, "
-            "sshd -t, reload, corrupt key)"] = ", ".join(SURVIVED)
+    FIGURES[
+        "SSH faults survived here (test_hostkeys.py covers refused, silent, auth, sudo, "
+        "sshd -t, reload, corrupt key)"
+    ] = ", ".join(SURVIVED)
 
 
 def _canonical(env: SimEnv) -> set[str]:
@@ -38,11 +40,16 @@ def test_disk_full_on_the_node_rolls_back(env: SimEnv) -> None:
     env.cluster.add_node(env.cluster.ip(2), "i-0disk00000000002")
     node = env.cluster.add_node(env.cluster.ip(3), "i-0disk00000000003", start=False)
     saved = {p.name: p.read_bytes() for p in node.etc_ssh.iterdir()}
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(node.etc_ssh)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(node.etc_ssh)],
+        check=True,
+    )
     try:
         for name, data in saved.items():
             (node.etc_ssh / name).write_bytes(data)
-            (node.etc_ssh / name).chmod(0o600 if not name.endswith(".pub") and name != "sshd_config" else 0o644)
+            (node.etc_ssh / name).chmod(
+                0o600 if not name.endswith(".pub") and name != "sshd_config" else 0o644
+            )
         node.start()  # before the disk fills up: sshd writes its pid file there
         filler = node.etc_ssh / "filler"
         try:
@@ -80,7 +87,9 @@ def test_node_dying_between_push_and_verify_stays_out_then_joins(env: SimEnv) ->
     env.list_nodes([env.cluster.ip(2), env.cluster.ip(3)])
     outcome = env.run_pass()
     assert env.registered() == {env.cluster.ip(2)}
-    assert any(e.startswith(f"{env.cluster.ip(3)} (i-0die000000000003): verify: ") for e in outcome.errors), outcome.errors
+    assert any(
+        e.startswith(f"{env.cluster.ip(3)} (i-0die000000000003): verify: ") for e in outcome.errors
+    ), outcome.errors
     (node.etc_ssh / "die-on-reload").unlink()
     node.start()  # the node comes back; its keys on disk are the canonical ones now
     later = run_pass_later(env, 700)

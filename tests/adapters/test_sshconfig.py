@@ -33,8 +33,13 @@ LOGIN_IPS = ["10.1.71.12", "10.1.72.45", "10.1.70.201"]
 
 def ssh_g(config: Path, host: str) -> dict[str, str]:
     """What OpenSSH makes of `host` with only `config` (`ssh -G`: resolved, nothing connects)."""
-    out = subprocess.run(["ssh", "-F", str(config), "-G", host], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
+    out = subprocess.run(
+        ["ssh", "-F", str(config), "-G", host],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 
@@ -49,29 +54,46 @@ def login_nlb(*, listener: bool = True) -> tuple[str, str]:
     ec2 = boto3.client("ec2", region_name=REGION)
     elb = boto3.client("elbv2", region_name=REGION)
     vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
-    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.64.0/18",
-                               AvailabilityZone=f"{REGION}a")["Subnet"]["SubnetId"]
-    tg = elb.create_target_group(Name="smhp-login-node-tg", Protocol="TCP", Port=22, VpcId=vpc,
-                                 TargetType="ip")["TargetGroups"][0]["TargetGroupArn"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.64.0/18", AvailabilityZone=f"{REGION}a")[
+        "Subnet"
+    ]["SubnetId"]
+    tg = elb.create_target_group(
+        Name="smhp-login-node-tg", Protocol="TCP", Port=22, VpcId=vpc, TargetType="ip"
+    )["TargetGroups"][0]["TargetGroupArn"]
     if not listener:
         return tg, ""
-    lb = elb.create_load_balancer(Name="smhp-login-node-lb", Subnets=[subnet], Scheme="internal",
-                                  Type="network")["LoadBalancers"][0]
-    elb.create_listener(LoadBalancerArn=lb["LoadBalancerArn"], Protocol="TCP", Port=22,
-                        DefaultActions=[{"Type": "forward", "TargetGroupArn": tg}])
+    lb = elb.create_load_balancer(
+        Name="smhp-login-node-lb", Subnets=[subnet], Scheme="internal", Type="network"
+    )["LoadBalancers"][0]
+    elb.create_listener(
+        LoadBalancerArn=lb["LoadBalancerArn"],
+        Protocol="TCP",
+        Port=22,
+        DefaultActions=[{"Type": "forward", "TargetGroupArn": tg}],
+    )
     return tg, lb["DNSName"]
 
 
 @pytest.fixture
 def admin(
-    moto_env: None, write_config: Callable[..., Path], tmp_path: Path,
+    moto_env: None,
+    write_config: Callable[..., Path],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> Callable[..., tuple[int, str, str]]:
     """`hpodlb ARGS --config X` in this process (moto is in-process): (status, stdout, stderr)."""
 
-    def run(*args: str, tg: str, store: bool = True, **sections: dict[str, Any]) -> tuple[int, str, str]:
-        cfg = str(write_config([{"arn": tg, "port": 22}], aws={"region": REGION},
-                               host_keys={"store": str(tmp_path / "host_keys")}, **sections))
+    def run(
+        *args: str, tg: str, store: bool = True, **sections: dict[str, Any]
+    ) -> tuple[int, str, str]:
+        cfg = str(
+            write_config(
+                [{"arn": tg, "port": 22}],
+                aws={"region": REGION},
+                host_keys={"store": str(tmp_path / "host_keys")},
+                **sections,
+            )
+        )
         if store and not (tmp_path / "host_keys").exists():
             assert main(["keys", "generate", "--config", cfg]) == 0
         capsys.readouterr()
@@ -139,7 +161,8 @@ def test_the_dns_name_can_be_given_when_aws_cannot_be_asked(
     (line,) = errors(err)
     assert line.startswith(
         "hpodlb: cannot find the NLB's DNS name: smhp-login-node-tg: DescribeLoadBalancers "
-        "failed: AccessDenied: ")
+        "failed: AccessDenied: "
+    )
     assert line.endswith("(config/iam-policy.json), or pass the name with --dns-name")
 
     code, out, err = admin("keys", "ssh-config", "--host", "hpod-login", "--dns-name", dns, tg=tg)
@@ -175,7 +198,8 @@ def test_a_target_group_without_a_load_balancer_is_named_with_the_fix(
     assert errors(err) == [
         "hpodlb: smhp-login-node-tg: no load balancer forwards to this target group, so users "
         "have no NLB name to reach; add a listener that forwards to it (`hpodlb provision`), or "
-        "pass the name with --dns-name"]
+        "pass the name with --dns-name"
+    ]
 
 
 def test_without_canonical_keys_there_is_nothing_to_hand_users(
@@ -187,7 +211,8 @@ def test_without_canonical_keys_there_is_nothing_to_hand_users(
     assert (code, out) == (1, "")
     assert errors(err) == [
         f"hpodlb: no host keys for users to trust: {tmp_path / 'host_keys'}: no canonical keys; "
-        "run `hpodlb keys generate` or `hpodlb keys adopt --from IP`"]
+        "run `hpodlb keys generate` or `hpodlb keys adopt --from IP`"
+    ]
 
 
 def test_unreadable_login_nodes_still_give_the_nlb_block(
@@ -197,30 +222,40 @@ def test_unreadable_login_nodes_still_give_the_nlb_block(
     out and why."""
     tg, dns = login_nlb()
     missing = tmp_path / "nowhere.json"
-    code, out, err = admin("keys", "ssh-config", "--host", "hpod-login", tg=tg,
-                           cluster={"resource_config": str(missing)})
+    code, out, err = admin(
+        "keys",
+        "ssh-config",
+        "--host",
+        "hpod-login",
+        tg=tg,
+        cluster={"resource_config": str(missing)},
+    )
     assert code == 1
     assert errors(err) == [
         f"hpodlb: per-node aliases left out: the login nodes cannot be read: {missing}: "
-        "file not found"]
+        "file not found"
+    ]
     config = tmp_path / "users_ssh_config"
     config.write_text(out)
     assert resolved(config, "hpod-login") == (dns, "22", "hpod-login")
     assert "hpod-login-1" not in out
 
 
-@pytest.mark.parametrize(("name", "why"), [
-    ("hpod login", "is not a host name users can type"),
-    ("hpod\nlogin", "is not a host name users can type"),
-    ("hpod-*", "is not a host name users can type"),
-    ("hpod?", "is not a host name users can type"),
-    ("!hpod", "is not a host name users can type"),
-    ("a,b", "is not a host name users can type"),
-    ("%h", "is not a host name users can type"),
-    ("-hpod", "is not a host name users can type"),
-    ("", "is not a host name users can type"),
-    ("Hpod-Login", "use lowercase (ssh lowercases a HostKeyAlias, not a Host name)"),
-])
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("hpod login", "is not a host name users can type"),
+        ("hpod\nlogin", "is not a host name users can type"),
+        ("hpod-*", "is not a host name users can type"),
+        ("hpod?", "is not a host name users can type"),
+        ("!hpod", "is not a host name users can type"),
+        ("a,b", "is not a host name users can type"),
+        ("%h", "is not a host name users can type"),
+        ("-hpod", "is not a host name users can type"),
+        ("", "is not a host name users can type"),
+        ("Hpod-Login", "use lowercase (ssh lowercases a HostKeyAlias, not a Host name)"),
+    ],
+)
 def test_a_name_unsafe_to_paste_is_a_usage_error(
     name: str, why: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -229,9 +264,10 @@ def test_a_name_unsafe_to_paste_is_a_usage_error(
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"hpodlb keys ssh-config: error: argument --host: {name!r}: {why}"
-        if why.startswith("use") else
-        f"hpodlb keys ssh-config: error: argument --host: {name!r} {why}: letters a-z, digits, "
-        "'.', '-', '_', starting and ending with a letter or digit")
+        if why.startswith("use")
+        else f"hpodlb keys ssh-config: error: argument --host: {name!r} {why}: letters a-z, digits, "
+        "'.', '-', '_', starting and ending with a letter or digit"
+    )
 
 
 # -- a real ssh, through the printed block, to real sshd login nodes ------------------------------
@@ -239,20 +275,47 @@ def test_a_name_unsafe_to_paste_is_a_usage_error(
 
 def hpodlb(env: SimEnv, *args: str) -> subprocess.CompletedProcess[str]:
     """This worktree's hpodlb as a process, with the sim's AWS in its environment."""
-    return subprocess.run([sys.executable, "-m", "hpodlb", *args, "--config", str(env.config_path)],
-                          capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "hpodlb", *args, "--config", str(env.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
-def strict_ssh(env: SimEnv, config: Path, known_hosts: Path, host: str,
-               *options: str) -> subprocess.CompletedProcess[str]:
+def strict_ssh(
+    env: SimEnv, config: Path, known_hosts: Path, host: str, *options: str
+) -> subprocess.CompletedProcess[str]:
     """A user's `ssh HOST` with only `config` and `known_hosts`, refusing any key not in it."""
     return subprocess.run(
-        ["ssh", "-F", str(config), "-i", str(env.cluster.client_key), "-l", SIM_USER,
-         "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
-         "-o", "GlobalKnownHostsFile=/dev/null", "-o", "BatchMode=yes", *options, host,
-         "echo logged-in"],
-        capture_output=True, text=True, timeout=30, check=False)
+        [
+            "ssh",
+            "-F",
+            str(config),
+            "-i",
+            str(env.cluster.client_key),
+            "-l",
+            SIM_USER,
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={known_hosts}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            *options,
+            host,
+            "echo logged-in",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 @pytest.mark.sshd
@@ -266,7 +329,9 @@ def test_strict_ssh_through_the_block_with_the_known_hosts_lines(sim_env: SimEnv
     ips = nodes(env, 2)
     assert env.run_pass().converged
     elb = env.aws.client("elbv2")
-    lb = elb.describe_target_groups(TargetGroupArns=[env.arn])["TargetGroups"][0]["LoadBalancerArns"][0]
+    lb = elb.describe_target_groups(TargetGroupArns=[env.arn])["TargetGroups"][0][
+        "LoadBalancerArns"
+    ][0]
     dns = elb.describe_load_balancers(LoadBalancerArns=[lb])["LoadBalancers"][0]["DNSName"]
     config, known = env.workdir / "users_ssh_config", env.workdir / "users_known_hosts"
     port = str(env.cluster.port)
@@ -282,17 +347,21 @@ def test_strict_ssh_through_the_block_with_the_known_hosts_lines(sim_env: SimEnv
     hand_out()
     assert resolved(config, "hpod-login") == (dns, "22", "hpod-login")
     assert [resolved(config, f"hpod-login-{i}") for i in (1, 2)] == [
-        (ip, port, "hpod-login") for ip in ips]
+        (ip, port, "hpod-login") for ip in ips
+    ]
     for alias in ("hpod-login-1", "hpod-login-2"):
         done = strict_ssh(env, config, known, alias)
         assert done.stdout.strip() == "logged-in", done.stderr
-    via_nlb = strict_ssh(env, config, known, "hpod-login", "-o", f"HostName={ips[1]}",
-                         "-o", f"Port={port}")
+    via_nlb = strict_ssh(
+        env, config, known, "hpod-login", "-o", f"HostName={ips[1]}", "-o", f"Port={port}"
+    )
     assert via_nlb.stdout.strip() == "logged-in", via_nlb.stderr
 
     right = known.read_text()
-    other = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
-                            str(env.workdir / "other")], check=True)
+    other = subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(env.workdir / "other")],
+        check=True,
+    )
     assert other.returncode == 0
     stranger = (env.workdir / "other.pub").read_text().split()[:2]
     known.write_text(f"hpod-login {' '.join(stranger)}\n")

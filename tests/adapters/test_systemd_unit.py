@@ -22,8 +22,12 @@ def _installed_copy(tmp_path: Path) -> Path:
 
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     """`systemd-analyze verify` accepts the unit without a single complaint."""
-    done = subprocess.run(["systemd-analyze", "verify", str(_installed_copy(tmp_path))],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(_installed_copy(tmp_path))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert not done.stderr.strip(), done.stderr
 
@@ -32,7 +36,9 @@ def test_unit_exposure_is_below_2_5(tmp_path: Path) -> None:
     """`systemd-analyze security --offline=true` scores the unit below 2.5 (docs/design.md quotes it)."""
     done = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", str(_installed_copy(tmp_path))],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     match = re.search(r"Overall exposure level for hpodlb.service: (\d+\.\d+)", done.stdout)
     assert match, done.stdout + done.stderr
@@ -63,7 +69,9 @@ def test_unit_contract() -> None:
     assert service["Type"] == ["notify"]
     assert service["NotifyAccess"] == ["main"]
     assert int(service["WatchdogSec"][0]) > 0
-    assert [shlex.split(v)[1:] for v in service["ExecStart"]] == [["run", "--config", "/etc/hpodlb/config.toml"]]
+    assert [shlex.split(v)[1:] for v in service["ExecStart"]] == [
+        ["run", "--config", "/etc/hpodlb/config.toml"]
+    ]
     assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert service["Restart"] == ["on-failure"]
     assert service["StateDirectory"] == ["hpodlb"]
@@ -77,8 +85,14 @@ def test_unit_lets_the_metrics_endpoint_listen_and_the_textfile_be_written() -> 
     ProtectSystem=strict leaves node_exporter's textfile dir writable, without failing where there
     is none."""
     service = unit_settings(UNIT.read_text())["Service"]
-    for blocking in ("IPAddressDeny", "IPAddressAllow", "PrivateNetwork", "SocketBindDeny",
-                     "SocketBindAllow", "RestrictNetworkInterfaces"):
+    for blocking in (
+        "IPAddressDeny",
+        "IPAddressAllow",
+        "PrivateNetwork",
+        "SocketBindDeny",
+        "SocketBindAllow",
+        "RestrictNetworkInterfaces",
+    ):
         assert blocking not in service, blocking
     families = " ".join(service["RestrictAddressFamilies"]).split()
     assert {"AF_INET", "AF_INET6"} <= set(families)

@@ -52,7 +52,6 @@ def test_missing_target_group_is_named_with_its_error_code(elb: Any) -> None:
     assert "DescribeTargetHealth" in str(err.value)
 
 
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
@@ -65,7 +64,9 @@ def reconciler_for(
     def build(arn: str | None = None, **sections: dict[str, Any]) -> tuple[Reconciler, str]:
         arn = arn or make_group(elb)
         cfg = load_config(write_config([{"arn": arn, "port": 22}], **sections), {})
-        return Reconciler(cfg, [TargetGroup(elb, arn, 22)], keys=None, clock=clock, boot_id="b1"), arn
+        return Reconciler(
+            cfg, [TargetGroup(elb, arn, 22)], keys=None, clock=clock, boot_id="b1"
+        ), arn
 
     return build
 
@@ -79,7 +80,9 @@ def calls_of(rec: Reconciler) -> list[str]:
     return seen
 
 
-def test_pass_converges_and_second_pass_is_idle(elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]]) -> None:
+def test_pass_converges_and_second_pass_is_idle(
+    elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]]
+) -> None:
     """The first pass registers the fixture's login nodes; the next pass changes nothing."""
     rec, arn = reconciler_for()
     state = State()
@@ -92,7 +95,9 @@ def test_pass_converges_and_second_pass_is_idle(elb: Any, reconciler_for: Callab
     assert second.applied == []
 
 
-def test_dry_run_changes_nothing(elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]]) -> None:
+def test_dry_run_changes_nothing(
+    elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]]
+) -> None:
     """A pass with apply=False (what `plan` runs) writes nothing to AWS or the state."""
     rec, arn = reconciler_for()
     state = State()
@@ -103,9 +108,17 @@ def test_dry_run_changes_nothing(elb: Any, reconciler_for: Callable[..., tuple[R
     assert state == State()
 
 
-def test_bad_inventory_changes_nothing(elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]], cluster_dir: Path) -> None:
+def test_bad_inventory_changes_nothing(
+    elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]], cluster_dir: Path
+) -> None:
     """A half-written resource config leaves every target in place for as many passes as it lasts."""
-    rec, arn = reconciler_for(reconcile={"absent_passes_before_deregister": 1, "max_deregister_fraction": 1.0, "min_in_service": 0})
+    rec, arn = reconciler_for(
+        reconcile={
+            "absent_passes_before_deregister": 1,
+            "max_deregister_fraction": 1.0,
+            "min_in_service": 0,
+        }
+    )
     state = State()
     rec.run_pass(state, apply=True)
     before = ips_in(elb, arn)
@@ -174,7 +187,9 @@ def test_hand_added_target_is_pruned(
     assert "10.1.99.99" not in ips_in(elb, arn)
 
 
-def test_prune_off_keeps_hand_added_target(elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]]) -> None:
+def test_prune_off_keeps_hand_added_target(
+    elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]]
+) -> None:
     """With prune = false a foreign target survives any number of passes."""
     rec, arn = reconciler_for(reconcile={"prune": False})
     elb.register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.99.99", "Port": 22}])
@@ -202,9 +217,11 @@ def make_instance_group(elb: Any) -> str:
     """Another service's target group: type instance, with three healthy EC2 targets."""
     ec2 = boto3.client("ec2", region_name="us-west-2")
     vpc = ec2.create_vpc(CidrBlock="10.2.0.0/16")["Vpc"]["VpcId"]
-    arn = str(elb.create_target_group(
-        Name="web-tg", Protocol="TCP", Port=22, VpcId=vpc, TargetType="instance"
-    )["TargetGroups"][0]["TargetGroupArn"])
+    arn = str(
+        elb.create_target_group(
+            Name="web-tg", Protocol="TCP", Port=22, VpcId=vpc, TargetType="instance"
+        )["TargetGroups"][0]["TargetGroupArn"]
+    )
     ids = [f"i-0abc{n:013d}" for n in range(3)]
     elb.register_targets(TargetGroupArn=arn, Targets=[{"Id": i} for i in ids])
     return arn
@@ -215,8 +232,14 @@ def test_a_target_group_of_the_wrong_kind_gets_no_write_at_all(
 ) -> None:
     """The ARN of an `instance` group, by mistake: no register, no deregister, pass not converged."""
     arn = make_instance_group(elb)
-    rec, _ = reconciler_for(arn, reconcile={"absent_passes_before_deregister": 1, "min_in_service": 0,
-                                            "max_deregister_fraction": 1.0})
+    rec, _ = reconciler_for(
+        arn,
+        reconcile={
+            "absent_passes_before_deregister": 1,
+            "min_in_service": 0,
+            "max_deregister_fraction": 1.0,
+        },
+    )
     calls = calls_of(rec)
     before = ips_in(elb, arn)
     state = State()
@@ -224,25 +247,33 @@ def test_a_target_group_of_the_wrong_kind_gets_no_write_at_all(
         outcome = rec.run_pass(state, apply=True)
         clock.advance(700)
         assert not outcome.converged
-        assert any("web-tg: not a login target group: target type 'instance' (expected 'ip')" in e
-                   for e in outcome.errors), outcome.errors
+        assert any(
+            "web-tg: not a login target group: target type 'instance' (expected 'ip')" in e
+            for e in outcome.errors
+        ), outcome.errors
     assert not {"RegisterTargets", "DeregisterTargets"} & set(calls)
     assert ips_in(elb, arn) == before
 
 
 @pytest.mark.parametrize(
     ("create", "expected"),
-    [({"Protocol": "TCP", "Port": 2222}, "port 2222 (expected 22, the configured port)"),
-     ({"Protocol": "UDP", "Port": 22}, "protocol 'UDP' (expected 'TCP')")],
+    [
+        ({"Protocol": "TCP", "Port": 2222}, "port 2222 (expected 22, the configured port)"),
+        ({"Protocol": "UDP", "Port": 22}, "protocol 'UDP' (expected 'TCP')"),
+    ],
 )
 def test_a_group_on_another_port_or_protocol_is_refused(
-    elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]], create: dict[str, Any], expected: str
+    elb: Any,
+    reconciler_for: Callable[..., tuple[Reconciler, str]],
+    create: dict[str, Any],
+    expected: str,
 ) -> None:
     """Port and protocol are checked like the type; the message says what was found and expected."""
     ec2 = boto3.client("ec2", region_name="us-west-2")
     vpc = ec2.create_vpc(CidrBlock="10.3.0.0/16")["Vpc"]["VpcId"]
     arn = elb.create_target_group(Name="other-tg", VpcId=vpc, TargetType="ip", **create)[
-        "TargetGroups"][0]["TargetGroupArn"]
+        "TargetGroups"
+    ][0]["TargetGroupArn"]
     rec, _ = reconciler_for(arn)
     calls = calls_of(rec)
     outcome = rec.run_pass(State(), apply=True)

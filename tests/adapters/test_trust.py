@@ -46,7 +46,9 @@ def test_no_private_key_goes_to_an_endpoint_other_than_the_one_probed(env: SimEn
     probed = env.cluster.add_node(env.cluster.ip(11), "i-0probed00000011")
     other = env.cluster.add_node(env.cluster.ip(12), "i-0other000000012")
     proxy = env.cluster.ip(5)
-    env.cluster.switching_relay(proxy, probed.ip, other.ip, after=len(TYPES))  # probes: one per type
+    env.cluster.switching_relay(
+        proxy, probed.ip, other.ip, after=len(TYPES)
+    )  # probes: one per type
     env.cluster.nodes[proxy] = SimNode(env.cluster, proxy, "i-0proxied0000005")
     env.list_nodes([*ips, proxy])
     before = {n.ip: n.private_key("ed25519") for n in (probed, other)}
@@ -54,7 +56,9 @@ def test_no_private_key_goes_to_an_endpoint_other_than_the_one_probed(env: SimEn
     assert env.registered() == set(ips)
     assert logins(probed) == 0 and logins(other) == 0
     assert {n.ip: n.private_key("ed25519") for n in (probed, other)} == before
-    assert not list(probed.etc_ssh.glob("*.hpodlb-*")) and not list(other.etc_ssh.glob("*.hpodlb-*"))
+    assert not list(probed.etc_ssh.glob("*.hpodlb-*")) and not list(
+        other.etc_ssh.glob("*.hpodlb-*")
+    )
     (error,) = [e for e in outcome.errors if e.startswith(proxy)]
     assert "host-key: presents SHA256:" in error and "nothing sent" in error
     shown = {fingerprint(k) for k in other.keyscan()}
@@ -127,8 +131,12 @@ def test_a_reimaged_node_is_held_without_retries_until_an_admin_trusts_it(
     assert logins(node) == before
     record = env.state().nodes[ips[2]]
     assert record.key_state == "unknown-keys" and record.failures == 0
-    status = subprocess.run([sys.executable, "-m", "hpodlb", "status", "--config", str(env.config_path)],
-                            capture_output=True, text=True, check=True).stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "hpodlb", "status", "--config", str(env.config_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"run `hpodlb keys trust {ips[2]}`" in status
     capsys.readouterr()
     assert main(["keys", "trust", ips[2], "--config", str(env.config_path)]) == 0
@@ -140,7 +148,9 @@ def test_a_reimaged_node_is_held_without_retries_until_an_admin_trusts_it(
     assert load_intents(env.state_dir).trust == {}
 
 
-def test_keys_trust_refuses_an_ip_that_is_not_a_login_node(env: SimEnv, capsys: pytest.CaptureFixture[str]) -> None:
+def test_keys_trust_refuses_an_ip_that_is_not_a_login_node(
+    env: SimEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`keys trust` works only for login nodes of the resource config."""
     nodes(env, 1)
     assert main(["keys", "trust", "10.9.9.9", "--config", str(env.config_path)]) == 1
@@ -155,8 +165,12 @@ def test_adoption_killed_at_any_moment_never_leaves_a_partial_store(env: SimEnv)
     proc_env = {**os.environ, "HPODLB_CONFIG": str(env.config_path)}
     for _ in range(8):
         shutil.rmtree(env.store, ignore_errors=True)
-        proc = subprocess.Popen([sys.executable, "-m", "hpodlb", "once"], env=proc_env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hpodlb", "once"],
+            env=proc_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.3, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -180,7 +194,9 @@ def test_an_incomplete_legacy_store_is_reported_with_its_repair(env: SimEnv) -> 
     assert "incomplete key set (has rsa, lacks ecdsa, ed25519)" in detail
     assert "`hpodlb keys adopt --from IP --force`" in detail
     assert not outcome.converged
-    assert main(["keys", "adopt", "--from", ips[0], "--force", "--config", str(env.config_path)]) == 0
+    assert (
+        main(["keys", "adopt", "--from", ips[0], "--force", "--config", str(env.config_path)]) == 0
+    )
     assert env.run_pass().converged
 
 
@@ -191,10 +207,17 @@ def test_sshd_reading_keys_from_elsewhere_is_refused_up_front(env: SimEnv) -> No
     node = env.cluster.add_node(env.cluster.ip(9), "i-0altkeys0000009", start=False)
     alt = node.etc_ssh / "alt"
     alt.mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(alt / "ssh_host_ed25519_key")],
-                   check=True)
-    config = (node.etc_ssh / "sshd_config").read_text().replace(
-        "HostKey /etc/ssh/ssh_host_ed25519_key", "HostKey /etc/ssh/alt/ssh_host_ed25519_key")
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(alt / "ssh_host_ed25519_key")],
+        check=True,
+    )
+    config = (
+        (node.etc_ssh / "sshd_config")
+        .read_text()
+        .replace(
+            "HostKey /etc/ssh/ssh_host_ed25519_key", "HostKey /etc/ssh/alt/ssh_host_ed25519_key"
+        )
+    )
     (node.etc_ssh / "sshd_config").write_text(config)
     node.start()
     files = {p.name: p.read_bytes() for p in node.etc_ssh.iterdir() if p.is_file()}
@@ -205,8 +228,13 @@ def test_sshd_reading_keys_from_elsewhere_is_refused_up_front(env: SimEnv) -> No
     assert error == (
         "sshd-config: sshd reads its ed25519 host key from /etc/ssh/alt/ssh_host_ed25519_key, not "
         "from /etc/ssh/ssh_host_ed25519_key where hpodlb writes it: change HostKey in sshd_config "
-        "or set host_keys.remote_dir"), error
-    after = {p.name: p.read_bytes() for p in node.etc_ssh.iterdir() if p.is_file() and p.name != "sshd.pid"}
+        "or set host_keys.remote_dir"
+    ), error
+    after = {
+        p.name: p.read_bytes()
+        for p in node.etc_ssh.iterdir()
+        if p.is_file() and p.name != "sshd.pid"
+    }
     assert after == {k: v for k, v in files.items() if k != "sshd.pid"}
 
 
@@ -226,7 +254,8 @@ def test_a_push_that_does_not_verify_is_rolled_back_and_the_originals_survive_re
         error = env.state().nodes[node.ip].last_error
         assert error == (
             "verify: still presents other rsa, ecdsa, ed25519 key(s) after the reload; previous keys "
-            "restored"), error
+            "restored"
+        ), error
         assert node.private_key("ed25519") == own
         assert (node.etc_ssh / "ssh_host_ed25519_key.hpodlb-original").read_bytes() == own
     assert node.ip not in env.registered()
@@ -237,8 +266,12 @@ def test_the_first_node_of_the_resource_config_gives_its_keys(env: SimEnv) -> No
     low = env.cluster.add_node(env.cluster.ip(2), "i-0low00000000002")
     first = env.cluster.add_node(env.cluster.ip(8), "i-0first000000008")
     env.list_nodes([first.ip, low.ip])
-    plan = subprocess.run([sys.executable, "-m", "hpodlb", "plan", "--json", "--config", str(env.config_path)],
-                          capture_output=True, text=True, check=False)
+    plan = subprocess.run(
+        [sys.executable, "-m", "hpodlb", "plan", "--json", "--config", str(env.config_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     doc = json.loads(plan.stdout)
     assert doc["actions"][0]["kind"] == "adopt-keys" and doc["actions"][0]["ip"] == first.ip
     first_keys = first.keyscan()

@@ -28,8 +28,13 @@ def hpodlb(aws: FakeAws, fresh_env: None) -> Callable[..., subprocess.CompletedP
         full_env.update(aws.env())
         full_env.update(env or {})
         return subprocess.run(
-            [sys.executable, "-m", "hpodlb", *args], env=full_env, stdout=stdout,
-            stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+            [sys.executable, "-m", "hpodlb", *args],
+            env=full_env,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
         )
 
     return run
@@ -63,11 +68,24 @@ def description(help_text: str) -> str:
 
 # Each command's exit statuses (DESIGN.md's contract; every command can also exit 2 on bad usage).
 EXIT_STATUSES = {
-    "run": {0, 1, 2}, "once": {0, 1, 2}, "plan": {0, 1, 2}, "status": {0, 2},
-    "check-config": {0, 1, 2}, "provision": {0, 1, 2}, "teardown": {0, 1, 2},
-    "doctor": {0, 1, 2}, "keys show": {0, 1, 2}, "keys generate": {0, 1, 2}, "keys adopt": {0, 1, 2},
-    "keys known-hosts": {0, 1, 2}, "keys rotate": {0, 1, 2}, "keys trust": {0, 1, 2},
-    "keys ssh-config": {0, 1, 2}, "drain": {0, 1, 2}, "undrain": {0, 1, 2}, "example": {0, 2},
+    "run": {0, 1, 2},
+    "once": {0, 1, 2},
+    "plan": {0, 1, 2},
+    "status": {0, 2},
+    "check-config": {0, 1, 2},
+    "provision": {0, 1, 2},
+    "teardown": {0, 1, 2},
+    "doctor": {0, 1, 2},
+    "keys show": {0, 1, 2},
+    "keys generate": {0, 1, 2},
+    "keys adopt": {0, 1, 2},
+    "keys known-hosts": {0, 1, 2},
+    "keys rotate": {0, 1, 2},
+    "keys trust": {0, 1, 2},
+    "keys ssh-config": {0, 1, 2},
+    "drain": {0, 1, 2},
+    "undrain": {0, 1, 2},
+    "example": {0, 2},
 }
 
 
@@ -76,10 +94,28 @@ def test_help_lists_the_commands(hpodlb: Callable[..., subprocess.CompletedProce
     top = hpodlb("--help")
     assert top.returncode == 0
     assert listed_commands(top.stdout) == [
-        "run", "once", "plan", "status", "check-config", "doctor", "drain", "undrain", "provision",
-        "teardown", "keys", "example"]
+        "run",
+        "once",
+        "plan",
+        "status",
+        "check-config",
+        "doctor",
+        "drain",
+        "undrain",
+        "provision",
+        "teardown",
+        "keys",
+        "example",
+    ]
     assert listed_commands(hpodlb("keys", "--help").stdout) == [
-        "show", "generate", "adopt", "rotate", "trust", "known-hosts", "ssh-config"]
+        "show",
+        "generate",
+        "adopt",
+        "rotate",
+        "trust",
+        "known-hosts",
+        "ssh-config",
+    ]
 
 
 @pytest.mark.parametrize("command", sorted(EXIT_STATUSES))
@@ -118,12 +154,25 @@ def test_config_and_verbose_go_before_or_after_the_command(
     assert nested.stderr.splitlines()[-1] == f"hpodlb: {store}: key store does not exist"
 
 
-@pytest.mark.parametrize("args", [
-    ("keys", "known-hosts", "--host", "nlb.example", "--port", "0"),
-    ("keys", "known-hosts", "--host", "nlb.example", "--port", "65536"),
-    ("keys", "ssh-config", "--host", "hpod-login", "--port", "0"),
-    ("provision", "--vpc-id", "vpc-1", "--subnet-id", "s-1", "--security-group-id", "sg-1", "--port", "70000"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("keys", "known-hosts", "--host", "nlb.example", "--port", "0"),
+        ("keys", "known-hosts", "--host", "nlb.example", "--port", "65536"),
+        ("keys", "ssh-config", "--host", "hpod-login", "--port", "0"),
+        (
+            "provision",
+            "--vpc-id",
+            "vpc-1",
+            "--subnet-id",
+            "s-1",
+            "--security-group-id",
+            "sg-1",
+            "--port",
+            "70000",
+        ),
+    ],
+)
 def test_ports_out_of_range_are_usage_errors(
     hpodlb: Callable[..., subprocess.CompletedProcess[str]],
     write_config: Callable[..., Path],
@@ -134,7 +183,8 @@ def test_ports_out_of_range_are_usage_errors(
     assert out.returncode == 2
     prog = "hpodlb " + " ".join(a for a in args[:2] if not a.startswith("-"))
     assert out.stderr.splitlines()[-1] == (
-        f"{prog}: error: argument --port: '{args[-1]}' is not a port (1..65535)")
+        f"{prog}: error: argument --port: '{args[-1]}' is not a port (1..65535)"
+    )
 
 
 @pytest.mark.parametrize("host", ["NLB.Example", "nlb example", "nlb.*", "-oProxyCommand=x"])
@@ -163,12 +213,14 @@ def test_plan_once_status_round_trip(
     plan = hpodlb("plan", "--config", cfg)
     assert plan.returncode == 1, plan.stderr
     assert rows(plan.stdout) == [["ACTION", "TARGET GROUP", "IP", "INSTANCE", "WHY"]] + [
-        ["register", f"{tg}:22", ip, iid, "login node not registered"] for ip, iid, _ in LOGIN_NODES]
+        ["register", f"{tg}:22", ip, iid, "login node not registered"] for ip, iid, _ in LOGIN_NODES
+    ]
     assert aws.targets(arn) == set()
 
     plan_json = json.loads(hpodlb("plan", "--json", "--config", cfg).stdout)
-    assert sorted((a["kind"], a["ip"], a["instance_id"], a["held_by"]) for a in plan_json["actions"]) == [
-        ("register", ip, iid, None) for ip, iid, _ in LOGIN_NODES]
+    assert sorted(
+        (a["kind"], a["ip"], a["instance_id"], a["held_by"]) for a in plan_json["actions"]
+    ) == [("register", ip, iid, None) for ip, iid, _ in LOGIN_NODES]
 
     once = hpodlb("once", "--config", cfg)
     assert once.returncode == 0, once.stderr
@@ -176,7 +228,8 @@ def test_plan_once_status_round_trip(
     events = [json.loads(line) for line in once.stderr.splitlines()]
     registered = [e for e in events if e["event"] == "registered"]
     assert sorted((e["ip"], e["instance_id"], e["target_group"]) for e in registered) == [
-        (ip, iid, tg) for ip, iid, _ in LOGIN_NODES]
+        (ip, iid, tg) for ip, iid, _ in LOGIN_NODES
+    ]
 
     again = hpodlb("plan", "--config", cfg)
     assert again.returncode == 0
@@ -185,18 +238,37 @@ def test_plan_once_status_round_trip(
     status = hpodlb("status", "--config", cfg)
     assert status.returncode == 0
     first, headline, *table, groups = status.stdout.splitlines()
-    assert groups.startswith("login groups: login-group (from ") and groups.endswith(": login_group)")
-    assert re.fullmatch(r"Last pass \d+s ago: converged: 3 login nodes; registered 3, deregistered 0, "
-                        r"keys pushed 0; 0 held back, 0 waiting, 0 unhealthy, 0 errors", first), first
+    assert groups.startswith("login groups: login-group (from ") and groups.endswith(
+        ": login_group)"
+    )
+    assert re.fullmatch(
+        r"Last pass \d+s ago: converged: 3 login nodes; registered 3, deregistered 0, "
+        r"keys pushed 0; 0 held back, 0 waiting, 0 unhealthy, 0 errors",
+        first,
+    ), first
     assert rows(re.sub(r" for \d+s", " for Ns", "\n".join(table))) == [
-        ["IP", "INSTANCE", "NAME", "GROUP", "KEYS", "VERIFIED", "PUSH RETRY", tg, "LAST ERROR"]] + [
-        [ip, iid, name, "login-group", "not checked", "-", "-", "initial (Elb.RegistrationInProgress) for Ns", "-"]
-        for ip, iid, name in LOGIN_NODES]
+        ["IP", "INSTANCE", "NAME", "GROUP", "KEYS", "VERIFIED", "PUSH RETRY", tg, "LAST ERROR"]
+    ] + [
+        [
+            ip,
+            iid,
+            name,
+            "login-group",
+            "not checked",
+            "-",
+            "-",
+            "initial (Elb.RegistrationInProgress) for Ns",
+            "-",
+        ]
+        for ip, iid, name in LOGIN_NODES
+    ]
     # Registered, health checks not passed yet (moto answers healthy only when asked again).
     assert headline == "0/3 login nodes healthy (3 more registered, not healthy yet)"
     doc = json.loads(hpodlb("status", "--json", "--config", cfg).stdout)
     assert {n["ip"]: n["targets"][arn] for n in doc["nodes"]} == {
-        "10.1.71.12": "initial", "10.1.72.45": "initial", "10.1.70.201": "initial",
+        "10.1.71.12": "initial",
+        "10.1.72.45": "initial",
+        "10.1.70.201": "initial",
     }
 
 
@@ -208,18 +280,22 @@ def test_held_back_deregistration_exits_1_and_shows_in_status(
 ) -> None:
     """A stray target waits for the absence guard: once exits 1 and status names the guard."""
     cfg = str(write_config([{"arn": arn, "port": 22}], reconcile={"interval_seconds": 1}))
-    aws.client("elbv2").register_targets(TargetGroupArn=arn, Targets=[{"Id": "10.1.9.9", "Port": 22}])
+    aws.client("elbv2").register_targets(
+        TargetGroupArn=arn, Targets=[{"Id": "10.1.9.9", "Port": 22}]
+    )
     first = hpodlb("once", "--config", cfg)
     assert first.returncode == 1
     status = hpodlb("status", "--config", cfg).stdout.splitlines()
     assert status[0].split(": ", 1)[1] == (
-        "NOT converged: 3 login nodes; registered 3, deregistered 0, keys pushed 0; 1 held back, 0 waiting, 0 unhealthy, 0 errors")
+        "NOT converged: 3 login nodes; registered 3, deregistered 0, keys pushed 0; 1 held back, 0 waiting, 0 unhealthy, 0 errors"
+    )
     assert rows(status[6])[0][:2] == ["10.1.9.9", "(not a login node)"]
     assert status[7:] == [
         f"held back: deregister 10.1.9.9 on {arn.split('/')[1]}: held by absent_passes_before_deregister: "
         "not in the resource config for 1/2 passes and 0/1 s",
         f"login groups: login-group (from {Path(cfg).parent / 'opt-ml-config' / 'provisioning_parameters.json'}: "
-        "login_group)"]
+        "login_group)",
+    ]
     time.sleep(1.1)  # 2 passes, an interval apart
     second = hpodlb("once", "--config", cfg)
     assert second.returncode == 0, second.stderr
@@ -241,10 +317,14 @@ def test_missing_resource_config_changes_nothing(
     rc = cluster_dir / "resource_config.json"
     plan = hpodlb("plan", "--config", cfg)
     assert plan.returncode == 2
-    assert [ln for ln in plan.stderr.splitlines() if not ln.startswith("{")] == [f"hpodlb: cannot plan: {rc}: file not found"]
+    assert [ln for ln in plan.stderr.splitlines() if not ln.startswith("{")] == [
+        f"hpodlb: cannot plan: {rc}: file not found"
+    ]
     once = hpodlb("once", "--config", cfg)
     assert once.returncode == 2
-    assert [ln for ln in once.stderr.splitlines() if not ln.startswith("{")] == [f"hpodlb: {rc}: file not found"]
+    assert [ln for ln in once.stderr.splitlines() if not ln.startswith("{")] == [
+        f"hpodlb: {rc}: file not found"
+    ]
     assert aws.targets(arn) == before
     status = hpodlb("status", "--config", cfg).stdout.splitlines()
     assert status[0].split(": ", 1)[1] == f"NOT converged: no change: {rc}: file not found"
@@ -256,7 +336,7 @@ def test_bad_config_exits_2_with_one_line(
     """Every command refuses a bad config with exit 2 and one line per problem naming file, key and
     problem, and nothing else on stderr."""
     bad = tmp_path / "bad.toml"
-    bad.write_text("[reconcile]\nmax_deregister_fraction = 2\n[[target_groups]]\narn = \"x\"\n")
+    bad.write_text('[reconcile]\nmax_deregister_fraction = 2\n[[target_groups]]\narn = "x"\n')
     for command in ("once", "plan", "status", "check-config"):
         out = hpodlb(command, "--config", str(bad))
         assert out.returncode == 2
@@ -267,9 +347,13 @@ def test_bad_config_exits_2_with_one_line(
         ]
     missing = hpodlb("plan", "--config", str(tmp_path / "none.toml"))
     assert missing.returncode == 2
-    assert missing.stderr.splitlines() == [f"hpodlb: config error: {tmp_path / 'none.toml'}: file not found"]
+    assert missing.stderr.splitlines() == [
+        f"hpodlb: config error: {tmp_path / 'none.toml'}: file not found"
+    ]
     via_env = hpodlb("plan", env={"HPODLB_CONFIG": str(tmp_path / "env.toml")})
-    assert via_env.stderr.splitlines() == [f"hpodlb: config error: {tmp_path / 'env.toml'}: file not found"]
+    assert via_env.stderr.splitlines() == [
+        f"hpodlb: config error: {tmp_path / 'env.toml'}: file not found"
+    ]
 
 
 def test_errors_carry_err_priority_in_the_journal(
@@ -285,10 +369,15 @@ def test_errors_carry_err_priority_in_the_journal(
         done = subprocess.run(
             [sys.executable, "-m", "hpodlb", "status", "--config", str(missing)],
             env={**full_env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
-            stdout=subprocess.DEVNULL, stderr=stream, timeout=60, check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=stream,
+            timeout=60,
+            check=False,
         )
     assert done.returncode == 2
-    assert journal.read_text().splitlines() == [f"<3>hpodlb: config error: {missing}: file not found"]
+    assert journal.read_text().splitlines() == [
+        f"<3>hpodlb: config error: {missing}: file not found"
+    ]
 
 
 @pytest.mark.parametrize("command", ["plan", "once", "check-config"])
@@ -302,12 +391,15 @@ def test_an_unexpected_error_is_one_line_and_exit_2(
     hpodlb knows nothing of) exits 2, never plan's "changes pending" 1, with one line naming it;
     -v adds the traceback."""
     cfg = str(write_config([{"arn": arn, "port": 22}]))
-    error = ("InvalidDefaultsMode: Client configured with invalid defaults mode: bogus. Valid "
-             "defaults modes include: legacy, auto, standard, in-region, cross-region, mobile.")
+    error = (
+        "InvalidDefaultsMode: Client configured with invalid defaults mode: bogus. Valid "
+        "defaults modes include: legacy, auto, standard, in-region, cross-region, mobile."
+    )
     quiet = hpodlb(command, "--config", cfg, env={"AWS_DEFAULTS_MODE": "bogus"})
     assert quiet.returncode == 2
     assert quiet.stderr.splitlines() == [
-        f"hpodlb: unexpected error: {error} (run with -v for the traceback)"]
+        f"hpodlb: unexpected error: {error} (run with -v for the traceback)"
+    ]
     verbose = hpodlb(command, "--config", cfg, "-v", env={"AWS_DEFAULTS_MODE": "bogus"})
     assert verbose.returncode == 2
     lines = verbose.stderr.splitlines()
@@ -316,10 +408,13 @@ def test_an_unexpected_error_is_one_line_and_exit_2(
 
 
 @pytest.mark.parametrize("command", ["plan", "once", "check-config"])
-@pytest.mark.parametrize(("variable", "value", "expected"), [
-    ("AWS_MAX_ATTEMPTS", "five", "expected a whole number of attempts >= 1"),
-    ("AWS_RETRY_MODE", "bogus", "expected one of standard, adaptive, legacy"),
-])
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("AWS_MAX_ATTEMPTS", "five", "expected a whole number of attempts >= 1"),
+        ("AWS_RETRY_MODE", "bogus", "expected one of standard, adaptive, legacy"),
+    ],
+)
 def test_a_bad_aws_retry_setting_is_a_config_error(
     hpodlb: Callable[..., subprocess.CompletedProcess[str]],
     write_config: Callable[..., Path],
@@ -361,7 +456,9 @@ def test_usage_error_exits_2(hpodlb: Callable[..., subprocess.CompletedProcess[s
     """An unknown command is a usage error: exit 2, and the last line names it."""
     out = hpodlb("frobnicate")
     assert out.returncode == 2
-    assert out.stderr.splitlines()[-1].startswith("hpodlb: error: argument COMMAND: invalid choice: 'frobnicate' ")
+    assert out.stderr.splitlines()[-1].startswith(
+        "hpodlb: error: argument COMMAND: invalid choice: 'frobnicate' "
+    )
 
 
 def test_check_config(
@@ -384,7 +481,8 @@ def test_check_config(
     bad = hpodlb("check-config", "--config", str(write_config([{"arn": wrong, "port": 22}])))
     assert bad.returncode == 1
     assert bad.stdout.splitlines()[2] == (
-        f"FAIL  {tg}: DescribeTargetGroups failed: TargetGroupNotFound: One or more target groups not found")
+        f"FAIL  {tg}: DescribeTargetGroups failed: TargetGroupNotFound: One or more target groups not found"
+    )
     assert bad.stdout.splitlines()[-1] == "1 problem(s) found"
 
 
@@ -399,18 +497,32 @@ def test_check_config_says_what_is_true_of_the_key_store(
     store = tmp_path / "host_keys"
     key_file = tmp_path / "id_ed25519"
     key_file.write_text("not read by check-config\n")
-    cfg = str(write_config([{"arn": arn, "port": 22}], host_keys={"enabled": True, "store": str(store)},
-                           ssh={"key_file": str(key_file)}))
+    cfg = str(
+        write_config(
+            [{"arn": arn, "port": 22}],
+            host_keys={"enabled": True, "store": str(store)},
+            ssh={"key_file": str(key_file)},
+        )
+    )
 
     def store_line() -> str:
         out = hpodlb("check-config", "--config", cfg)
         assert out.returncode == 0, out.stdout + out.stderr
-        return next(ln for ln in out.stdout.splitlines() if ln.startswith(("ok    key store", "FAIL  key store")))
+        return next(
+            ln
+            for ln in out.stdout.splitlines()
+            if ln.startswith(("ok    key store", "FAIL  key store"))
+        )
 
-    assert store_line() == (f"ok    key store {store} does not exist yet: the first pass creates it "
-                            "(mode 0700) and adopts the first login node's keys")
+    assert store_line() == (
+        f"ok    key store {store} does not exist yet: the first pass creates it "
+        "(mode 0700) and adopts the first login node's keys"
+    )
     store.mkdir(mode=0o700)
-    assert store_line() == f"ok    key store {store} is empty: the first pass adopts the first login node's keys"
+    assert (
+        store_line()
+        == f"ok    key store {store} is empty: the first pass adopts the first login node's keys"
+    )
 
 
 def test_unreachable_aws_makes_plan_exit_2(
@@ -425,7 +537,8 @@ def test_unreachable_aws_makes_plan_exit_2(
     assert plan.returncode == 2
     assert [ln for ln in plan.stderr.splitlines() if not ln.startswith("{")] == [
         f"hpodlb: cannot plan: {arn.split('/')[1]}: DescribeTargetHealth failed: EndpointConnectionError: "
-        'Could not connect to the endpoint URL: "http://127.0.0.1:9/"']
+        'Could not connect to the endpoint URL: "http://127.0.0.1:9/"'
+    ]
     once = hpodlb("once", "--config", cfg, env=env)
     assert once.returncode == 1
 
@@ -436,20 +549,40 @@ def test_the_demos_kept_work_dir_serves_status(fresh_env: None) -> None:
     """`./dev demo --keep` ends with the exact `hpodlb status --config ...` command, and that
     command shows the demo's last pass once the emulator and the login nodes are gone."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    demo = subprocess.run([sys.executable, "-m", "sim.demo", "--keep"], capture_output=True,
-                          text=True, timeout=600, env=env, check=False)
+    demo = subprocess.run(
+        [sys.executable, "-m", "sim.demo", "--keep"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
     last = demo.stdout.splitlines()[-1]
     match = re.fullmatch(r"Work dir kept; what the last pass saw: (.+ status --config (\S+))", last)
     assert match, demo.stdout[-3000:] + demo.stderr[-3000:]
     config = Path(match.group(2))
     try:
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-        status = subprocess.run(shlex.split(match.group(1)), capture_output=True, text=True,
-                                env=env, timeout=60, check=False)
+        status = subprocess.run(
+            shlex.split(match.group(1)),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
         assert status.returncode == 0, status.stderr
-        assert re.fullmatch(r"Last pass .+: converged: 4 login nodes; .+", status.stdout.splitlines()[0])
-        as_json = subprocess.run([*shlex.split(match.group(1)), "--json"], capture_output=True,
-                                 text=True, env=env, timeout=60, check=False)
+        assert re.fullmatch(
+            r"Last pass .+: converged: 4 login nodes; .+", status.stdout.splitlines()[0]
+        )
+        as_json = subprocess.run(
+            [*shlex.split(match.group(1)), "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
         assert [n["key_state"] for n in json.loads(as_json.stdout)["nodes"]] == ["in-sync"] * 4
         kept = load_config(config, {})
         assert kept.ssh.key_file.is_file()

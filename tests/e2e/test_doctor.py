@@ -32,7 +32,12 @@ from tests.support.lab import nodes
 REGION = "us-west-2"
 LOGIN_IPS = ["10.1.71.12", "10.1.72.45", "10.1.70.201"]  # the fixture resource config's
 SUBNET_A = "10.1.64.0/18"
-SSH_FROM_SUBNET_A: Any = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": SUBNET_A}]}
+SSH_FROM_SUBNET_A: Any = {
+    "IpProtocol": "tcp",
+    "FromPort": 22,
+    "ToPort": 22,
+    "IpRanges": [{"CidrIp": SUBNET_A}],
+}
 
 
 @dataclass
@@ -50,38 +55,60 @@ class Cloud:
     listener: str
 
 
-def build_cloud(*, scheme: Any = "internal", nlb_sg: bool = False, node_vpc_other: bool = False,
-                extra_lb_zone: str = "") -> Cloud:
+def build_cloud(
+    *,
+    scheme: Any = "internal",
+    nlb_sg: bool = False,
+    node_vpc_other: bool = False,
+    extra_lb_zone: str = "",
+) -> Cloud:
     ec2 = boto3.client("ec2", region_name=REGION)
     elb = boto3.client("elbv2", region_name=REGION)
     vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
     subnet_a = ec2.create_subnet(VpcId=vpc, CidrBlock=SUBNET_A, AvailabilityZone=f"{REGION}a")[
-        "Subnet"]["SubnetId"]
+        "Subnet"
+    ]["SubnetId"]
     subnets = [subnet_a]
     if extra_lb_zone:
-        subnets.append(ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.192.0/20",
-                                         AvailabilityZone=extra_lb_zone)["Subnet"]["SubnetId"])
+        subnets.append(
+            ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.192.0/20", AvailabilityZone=extra_lb_zone)[
+                "Subnet"
+            ]["SubnetId"]
+        )
     node_vpc, node_subnet = vpc, subnet_a
     if node_vpc_other:
         node_vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
-        node_subnet = ec2.create_subnet(VpcId=node_vpc, CidrBlock=SUBNET_A,
-                                        AvailabilityZone=f"{REGION}a")["Subnet"]["SubnetId"]
+        node_subnet = ec2.create_subnet(
+            VpcId=node_vpc, CidrBlock=SUBNET_A, AvailabilityZone=f"{REGION}a"
+        )["Subnet"]["SubnetId"]
     login_sg = ec2.create_security_group(GroupName="login", Description="login", VpcId=node_vpc)[
-        "GroupId"]
+        "GroupId"
+    ]
     ec2.authorize_security_group_ingress(GroupId=login_sg, IpPermissions=[SSH_FROM_SUBNET_A])
     for ip in LOGIN_IPS:
         ec2.create_network_interface(SubnetId=node_subnet, PrivateIpAddress=ip, Groups=[login_sg])
-    tg = elb.create_target_group(Name="smhp-login-node-tg", Protocol="TCP", Port=22, VpcId=vpc,
-                                 TargetType="ip", HealthCheckProtocol="TCP")["TargetGroups"][0][
-        "TargetGroupArn"]
+    tg = elb.create_target_group(
+        Name="smhp-login-node-tg",
+        Protocol="TCP",
+        Port=22,
+        VpcId=vpc,
+        TargetType="ip",
+        HealthCheckProtocol="TCP",
+    )["TargetGroups"][0]["TargetGroupArn"]
     lb_args: dict[str, Any] = {}
     if nlb_sg:
-        lb_args["SecurityGroups"] = [ec2.create_security_group(
-            GroupName="nlb", Description="nlb", VpcId=vpc)["GroupId"]]
-    lb = elb.create_load_balancer(Name="smhp-login-node-lb", Subnets=subnets, Scheme=scheme,
-                                  Type="network", **lb_args)["LoadBalancers"][0]["LoadBalancerArn"]
-    listener = elb.create_listener(LoadBalancerArn=lb, Protocol="TCP", Port=22, DefaultActions=[
-        {"Type": "forward", "TargetGroupArn": tg}])["Listeners"][0]["ListenerArn"]
+        lb_args["SecurityGroups"] = [
+            ec2.create_security_group(GroupName="nlb", Description="nlb", VpcId=vpc)["GroupId"]
+        ]
+    lb = elb.create_load_balancer(
+        Name="smhp-login-node-lb", Subnets=subnets, Scheme=scheme, Type="network", **lb_args
+    )["LoadBalancers"][0]["LoadBalancerArn"]
+    listener = elb.create_listener(
+        LoadBalancerArn=lb,
+        Protocol="TCP",
+        Port=22,
+        DefaultActions=[{"Type": "forward", "TargetGroupArn": tg}],
+    )["Listeners"][0]["ListenerArn"]
     elb.register_targets(TargetGroupArn=tg, Targets=[{"Id": ip, "Port": 22} for ip in LOGIN_IPS])
     return Cloud(ec2, elb, vpc, subnet_a, login_sg, tg, lb, listener)
 
@@ -90,7 +117,9 @@ def doctor(write_config: Callable[..., Path], cloud: Cloud, port: int = 22) -> R
     return run_doctor(*_config_and_reconciler(write_config, cloud.tg, port))
 
 
-def _config_and_reconciler(write_config: Callable[..., Path], tg: str, port: int) -> tuple[Any, Any]:
+def _config_and_reconciler(
+    write_config: Callable[..., Path], tg: str, port: int
+) -> tuple[Any, Any]:
     config = load_config(write_config([{"arn": tg, "port": port}], aws={"region": REGION}), {})
     return config, build_reconciler(config)
 
@@ -105,77 +134,158 @@ def aws_findings(report: Report) -> list[Finding]:
     return [f for f in report.findings if f.area not in ("daemon", "nodes")]
 
 
-def test_a_sound_path_passes_every_aws_check(moto_env: None, write_config: Callable[..., Path]) -> None:
+def test_a_sound_path_passes_every_aws_check(
+    moto_env: None, write_config: Callable[..., Path]
+) -> None:
     report = doctor(write_config, build_cloud())
     bad = [f for f in aws_findings(report) if f.status is not Status.PASS]
     assert bad == []
     found = " | ".join(f.found for f in report.findings)
     assert "(the default; not readable)" not in found  # DescribeListenerAttributes answered
-    for expected in ("identity arn:aws:sts::123456789012:", "type ip, TCP, port 22",
-                     "in the login nodes' VPC", "TCP health checks on the SSH port",
-                     "internal, active, in us-west-2a", "TCP listener on port 22 forwarding to it, idle timeout 350s",
-                     "3/3 login nodes registered and healthy",
-                     "admit the NLB on 22", "login groups login-group (from "):
+    for expected in (
+        "identity arn:aws:sts::123456789012:",
+        "type ip, TCP, port 22",
+        "in the login nodes' VPC",
+        "TCP health checks on the SSH port",
+        "internal, active, in us-west-2a",
+        "TCP listener on port 22 forwarding to it, idle timeout 350s",
+        "3/3 login nodes registered and healthy",
+        "admit the NLB on 22",
+        "login groups login-group (from ",
+    ):
         assert expected in found, expected
-    assert named(report, Status.FAIL, "daemon")[0].found.startswith("no hpodlb runs on this head node")
+    assert named(report, Status.FAIL, "daemon")[0].found.startswith(
+        "no hpodlb runs on this head node"
+    )
     assert report.exit_status == 1
 
 
 def without_the_subnet_rule(cloud: Cloud) -> None:
-    cloud.ec2.revoke_security_group_ingress(GroupId=cloud.login_sg, IpPermissions=[SSH_FROM_SUBNET_A])
+    cloud.ec2.revoke_security_group_ingress(
+        GroupId=cloud.login_sg, IpPermissions=[SSH_FROM_SUBNET_A]
+    )
 
 
 # Each: how to break the sound path, and the (status, area, words in what doctor found, in its fix).
 BREAKS: dict[str, tuple[Callable[[Cloud], Any], Status, str, str, str]] = {
     "health checks over HTTP": (
-        lambda c: c.elb.modify_target_group(TargetGroupArn=c.tg, HealthCheckProtocol="HTTP",
-                                            HealthCheckPath="/"),
-        Status.FAIL, "target group", "health checks use HTTP", "set the health check protocol to TCP"),
+        lambda c: c.elb.modify_target_group(
+            TargetGroupArn=c.tg, HealthCheckProtocol="HTTP", HealthCheckPath="/"
+        ),
+        Status.FAIL,
+        "target group",
+        "health checks use HTTP",
+        "set the health check protocol to TCP",
+    ),
     "proxy protocol": (
-        lambda c: c.elb.modify_target_group_attributes(TargetGroupArn=c.tg, Attributes=[
-            {"Key": "proxy_protocol_v2.enabled", "Value": "true"}]),
-        Status.FAIL, "target group", "proxy protocol v2 is on", "proxy_protocol_v2.enabled off"),
+        lambda c: c.elb.modify_target_group_attributes(
+            TargetGroupArn=c.tg, Attributes=[{"Key": "proxy_protocol_v2.enabled", "Value": "true"}]
+        ),
+        Status.FAIL,
+        "target group",
+        "proxy protocol v2 is on",
+        "proxy_protocol_v2.enabled off",
+    ),
     "no listener": (
         lambda c: c.elb.delete_listener(ListenerArn=c.listener),
-        Status.FAIL, "", "forwards to", "listener"),
+        Status.FAIL,
+        "",
+        "forwards to",
+        "listener",
+    ),
     "security group without the NLB": (
         without_the_subnet_rule,
-        Status.FAIL, "node 10.1.70.201", "do not admit the NLB smhp-login-node-lb on TCP 22",
-        f"an inbound rule: TCP 22 from {SUBNET_A} (the NLB's subnets)"),
+        Status.FAIL,
+        "node 10.1.70.201",
+        "do not admit the NLB smhp-login-node-lb on TCP 22",
+        f"an inbound rule: TCP 22 from {SUBNET_A} (the NLB's subnets)",
+    ),
     "security group admits another port": (
-        lambda c: (without_the_subnet_rule(c),  # type: ignore[func-returns-value]
-            c.ec2.authorize_security_group_ingress(GroupId=c.login_sg, IpPermissions=[
-                {"IpProtocol": "tcp", "FromPort": 2222, "ToPort": 2222,
-                 "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])),
-        Status.FAIL, "node 10.1.71.12", "do not admit", "TCP 22 from"),
+        lambda c: (
+            without_the_subnet_rule(c),  # type: ignore[func-returns-value]
+            c.ec2.authorize_security_group_ingress(
+                GroupId=c.login_sg,
+                IpPermissions=[
+                    {
+                        "IpProtocol": "tcp",
+                        "FromPort": 2222,
+                        "ToPort": 2222,
+                        "IpRanges": [{"CidrIp": "10.0.0.0/8"}],
+                    }
+                ],
+            ),
+        ),
+        Status.FAIL,
+        "node 10.1.71.12",
+        "do not admit",
+        "TCP 22 from",
+    ),
     "sessions cut soon after a deregistration": (
-        lambda c: c.elb.modify_target_group_attributes(TargetGroupArn=c.tg, Attributes=[
-            {"Key": "deregistration_delay.timeout_seconds", "Value": "10"},
-            {"Key": "deregistration_delay.connection_termination.enabled", "Value": "true"}]),
-        Status.WARN, "target group", "cut 10s after it is deregistered", "connection_termination"),
+        lambda c: c.elb.modify_target_group_attributes(
+            TargetGroupArn=c.tg,
+            Attributes=[
+                {"Key": "deregistration_delay.timeout_seconds", "Value": "10"},
+                {"Key": "deregistration_delay.connection_termination.enabled", "Value": "true"},
+            ],
+        ),
+        Status.WARN,
+        "target group",
+        "cut 10s after it is deregistered",
+        "connection_termination",
+    ),
     "client IP preservation (hairpin)": (
-        lambda c: c.elb.modify_target_group_attributes(TargetGroupArn=c.tg, Attributes=[
-            {"Key": "preserve_client_ip.enabled", "Value": "true"}]),
-        Status.WARN, "target group", "hairpin", "preserve_client_ip.enabled off"),
+        lambda c: c.elb.modify_target_group_attributes(
+            TargetGroupArn=c.tg, Attributes=[{"Key": "preserve_client_ip.enabled", "Value": "true"}]
+        ),
+        Status.WARN,
+        "target group",
+        "hairpin",
+        "preserve_client_ip.enabled off",
+    ),
     "health checks off": (
         lambda c: c.elb.modify_target_group(TargetGroupArn=c.tg, HealthCheckEnabled=False),
-        Status.WARN, "target group", "health checks are disabled", "enable TCP health checks"),
+        Status.WARN,
+        "target group",
+        "health checks are disabled",
+        "enable TCP health checks",
+    ),
     "health checks on another port": (
         lambda c: c.elb.modify_target_group(TargetGroupArn=c.tg, HealthCheckPort="2222"),
-        Status.WARN, "target group", "health checks go to port 2222", "traffic-port"),
+        Status.WARN,
+        "target group",
+        "health checks go to port 2222",
+        "traffic-port",
+    ),
     "listener forwarding to another group": (
-        lambda c: c.elb.modify_listener(ListenerArn=c.listener, DefaultActions=[{
-            "Type": "forward", "TargetGroupArn": c.elb.create_target_group(
-                Name="other", Protocol="TCP", Port=22, VpcId=c.vpc, TargetType="ip")[
-                "TargetGroups"][0]["TargetGroupArn"]}]),
-        Status.FAIL, "", "forwards to", "listener"),
+        lambda c: c.elb.modify_listener(
+            ListenerArn=c.listener,
+            DefaultActions=[
+                {
+                    "Type": "forward",
+                    "TargetGroupArn": c.elb.create_target_group(
+                        Name="other", Protocol="TCP", Port=22, VpcId=c.vpc, TargetType="ip"
+                    )["TargetGroups"][0]["TargetGroupArn"],
+                }
+            ],
+        ),
+        Status.FAIL,
+        "",
+        "forwards to",
+        "listener",
+    ),
     "a login node in a zone the NLB is not in": (
         lambda c: c.ec2.create_network_interface(
-            SubnetId=c.ec2.create_subnet(VpcId=c.vpc, CidrBlock="10.1.160.0/20",
-                                         AvailabilityZone=f"{REGION}b")["Subnet"]["SubnetId"],
-            PrivateIpAddress="10.1.160.9", Groups=[c.login_sg]),
-        Status.FAIL, "load balancer", "no subnet in us-west-2b, where 10.1.160.9 run",
-        "add a subnet in us-west-2b"),
+            SubnetId=c.ec2.create_subnet(
+                VpcId=c.vpc, CidrBlock="10.1.160.0/20", AvailabilityZone=f"{REGION}b"
+            )["Subnet"]["SubnetId"],
+            PrivateIpAddress="10.1.160.9",
+            Groups=[c.login_sg],
+        ),
+        Status.FAIL,
+        "load balancer",
+        "no subnet in us-west-2b, where 10.1.160.9 run",
+        "add a subnet in us-west-2b",
+    ),
 }
 
 
@@ -189,7 +299,9 @@ def test_each_broken_part_of_the_path_is_named_with_its_fix(
     if "zone" in name:  # the fourth login node must be listed too
         rc = json.loads((cluster_dir / "resource_config.json").read_text())
         group = next(g for g in rc["InstanceGroups"] if g["Name"] == "login-group")
-        group["Instances"].append({"CustomerIpAddress": "10.1.160.9", "InstanceId": "i-0b", "InstanceName": "l4"})
+        group["Instances"].append(
+            {"CustomerIpAddress": "10.1.160.9", "InstanceId": "i-0b", "InstanceName": "l4"}
+        )
         (cluster_dir / "resource_config.json").write_text(json.dumps(rc))
     report = doctor(write_config, cloud)
     hits = [f for f in named(report, status, area) if found in f.found and fix in f.fix]
@@ -212,14 +324,27 @@ def test_an_nlb_with_security_groups_is_admitted_by_its_group_or_its_subnets(
     cloud = build_cloud(nlb_sg=True)
     assert named(doctor(write_config, cloud), Status.FAIL, "node ") == []  # the subnet's CIDR
     nlb_sg = cloud.elb.describe_load_balancers(LoadBalancerArns=[cloud.lb])["LoadBalancers"][0][
-        "SecurityGroups"][0]
+        "SecurityGroups"
+    ][0]
     without_the_subnet_rule(cloud)
     report = doctor(write_config, cloud)
     fails = named(report, Status.FAIL, "node ")
     assert len(fails) == 3
-    assert fails[0].fix == f"add to {cloud.login_sg} an inbound rule: TCP 22 from {nlb_sg} (the NLB's security group)"
-    cloud.ec2.authorize_security_group_ingress(GroupId=cloud.login_sg, IpPermissions=[
-        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "UserIdGroupPairs": [{"GroupId": nlb_sg}]}])
+    assert (
+        fails[0].fix
+        == f"add to {cloud.login_sg} an inbound rule: TCP 22 from {nlb_sg} (the NLB's security group)"
+    )
+    cloud.ec2.authorize_security_group_ingress(
+        GroupId=cloud.login_sg,
+        IpPermissions=[
+            {
+                "IpProtocol": "tcp",
+                "FromPort": 22,
+                "ToPort": 22,
+                "UserIdGroupPairs": [{"GroupId": nlb_sg}],
+            }
+        ],
+    )
     assert named(doctor(write_config, cloud), Status.FAIL, "node ") == []
 
 
@@ -272,13 +397,18 @@ def test_security_group_rules_are_matched_as_ec2_means_them() -> None:
     nlb = [Source("the NLB x", ("sg-nlb",), ("10.1.64.0/18", "10.1.192.0/20"))]
 
     def verdict(*rules: dict[str, Any]) -> Status:
-        (finding,) = security_groups({"10.1.70.1": eni}, {"sg-node": {"IpPermissions": list(rules)}},
-                                     nlb, 22)
+        (finding,) = security_groups(
+            {"10.1.70.1": eni}, {"sg-node": {"IpPermissions": list(rules)}}, nlb, 22
+        )
         return finding.status
 
     def cidr(proto: str, low: int, high: int, *blocks: str) -> dict[str, Any]:
-        return {"IpProtocol": proto, "FromPort": low, "ToPort": high,
-                "IpRanges": [{"CidrIp": b} for b in blocks]}
+        return {
+            "IpProtocol": proto,
+            "FromPort": low,
+            "ToPort": high,
+            "IpRanges": [{"CidrIp": b} for b in blocks],
+        }
 
     assert verdict({"IpProtocol": "-1", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}) is Status.PASS
     assert verdict(cidr("tcp", 1, 1024, "10.1.0.0/16")) is Status.PASS
@@ -286,10 +416,28 @@ def test_security_group_rules_are_matched_as_ec2_means_them() -> None:
     assert verdict(cidr("tcp", 22, 22, "10.1.64.0/18")) is Status.FAIL  # one subnet of two
     assert verdict(cidr("udp", 22, 22, "10.0.0.0/8")) is Status.FAIL
     assert verdict(cidr("tcp", 23, 1024, "10.0.0.0/8")) is Status.FAIL
-    assert verdict({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-                    "UserIdGroupPairs": [{"GroupId": "sg-nlb"}]}) is Status.PASS
-    assert verdict({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-                    "PrefixListIds": [{"PrefixListId": "pl-1"}]}) is Status.WARN
+    assert (
+        verdict(
+            {
+                "IpProtocol": "tcp",
+                "FromPort": 22,
+                "ToPort": 22,
+                "UserIdGroupPairs": [{"GroupId": "sg-nlb"}],
+            }
+        )
+        is Status.PASS
+    )
+    assert (
+        verdict(
+            {
+                "IpProtocol": "tcp",
+                "FromPort": 22,
+                "ToPort": 22,
+                "PrefixListIds": [{"PrefixListId": "pl-1"}],
+            }
+        )
+        is Status.WARN
+    )
 
 
 def test_unreachable_aws_cannot_be_evaluated(
@@ -300,16 +448,35 @@ def test_unreachable_aws_cannot_be_evaluated(
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    cfg = write_config([{"arn": "arn:aws:elasticloadbalancing:us-west-2:123456789012:targetgroup/"
-                                "smhp-login-node-tg/0123456789abcdef", "port": 22}])
-    out = subprocess.run([sys.executable, "-m", "hpodlb", "doctor", "--json", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=120, check=False)
+    cfg = write_config(
+        [
+            {
+                "arn": "arn:aws:elasticloadbalancing:us-west-2:123456789012:targetgroup/"
+                "smhp-login-node-tg/0123456789abcdef",
+                "port": 22,
+            }
+        ]
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "hpodlb", "doctor", "--json", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 2, out.stderr
     doc = json.loads(out.stdout)
     assert doc["evaluated"] is False and doc["exit_status"] == 2
-    (aws,) = [c for c in doc["checks"] if "EndpointConnectionError" in c["found"]]  # one line, not one a call
-    assert aws["status"] == "FAIL" and aws["found"].startswith("sts:GetCallerIdentity: EndpointConnectionError")
-    assert "(and 4 more calls unanswered: ec2:DescribeNetworkInterfaces, elasticloadbalancing:" in aws["found"]
+    (aws,) = [
+        c for c in doc["checks"] if "EndpointConnectionError" in c["found"]
+    ]  # one line, not one a call
+    assert aws["status"] == "FAIL" and aws["found"].startswith(
+        "sts:GetCallerIdentity: EndpointConnectionError"
+    )
+    assert (
+        "(and 4 more calls unanswered: ec2:DescribeNetworkInterfaces, elasticloadbalancing:"
+        in aws["found"]
+    )
 
 
 def test_the_daemon_check_reads_the_lock_and_the_last_pass(
@@ -323,14 +490,25 @@ def test_the_daemon_check_reads_the_lock_and_the_last_pass(
         passes = [f.found for f in named(run_doctor(config, reconciler), Status.PASS, "daemon")]
         assert passes[0] == "this head acts: cluster.leader = always"
         assert passes[1].startswith("running (pid ") and passes[1].endswith("ago converged")
-        save_state(state_dir, State(last_pass=PassRecord(finished_at=time.time() - 5,
-                                                         standby="standby (controller: head1)")))
-        (standby,) = [f for f in named(run_doctor(config, reconciler), Status.PASS, "daemon")
-                      if f.found.startswith("running")]
+        save_state(
+            state_dir,
+            State(
+                last_pass=PassRecord(
+                    finished_at=time.time() - 5, standby="standby (controller: head1)"
+                )
+            ),
+        )
+        (standby,) = [
+            f
+            for f in named(run_doctor(config, reconciler), Status.PASS, "daemon")
+            if f.found.startswith("running")
+        ]
         assert standby.found.endswith("ago: standby (controller: head1)")
         save_state(state_dir, State(last_pass=PassRecord(finished_at=time.time() - 3600, ok=True)))
         (stale,) = named(run_doctor(config, reconciler), Status.FAIL, "daemon")
-        assert re.search(r"its last pass ended 360\ds ago \(interval 30s\)", stale.found), stale.found
+        assert re.search(r"its last pass ended 360\ds ago \(interval 30s\)", stale.found), (
+            stale.found
+        )
     (gone,) = named(run_doctor(config, reconciler), Status.FAIL, "daemon")
     assert gone.fix == "systemctl enable --now hpodlb; journalctl -u hpodlb"
 
@@ -349,8 +527,13 @@ def sim_path(env: SimEnv, ips: list[str], **config: dict[str, Any]) -> None:
 
 
 def hpodlb(env: SimEnv, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpodlb", *args, "--config", str(env.config_path)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "hpodlb", *args, "--config", str(env.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_doctor_passes_a_sound_simulated_cluster_with_its_daemon_running(sim_env: SimEnv) -> None:
@@ -360,8 +543,11 @@ def test_doctor_passes_a_sound_simulated_cluster_with_its_daemon_running(sim_env
     sim_env.cluster.nodes[ips[1]].write_sshd_config("ClientAliveInterval 60\n")
     sim_env.cluster.nodes[ips[1]].reload()
     sim_path(sim_env, ips, reconcile={"interval_seconds": 5})
-    daemon = subprocess.Popen([sys.executable, "-m", "hpodlb", "run", "--config", str(sim_env.config_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "hpodlb", "run", "--config", str(sim_env.config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -376,15 +562,20 @@ def test_doctor_passes_a_sound_simulated_cluster_with_its_daemon_running(sim_env
         daemon.wait(timeout=30)
     doc = json.loads(out.stdout)
     assert out.returncode == 0, [c for c in doc["checks"] if c["status"] != "PASS"]
-    not_passed = [(c["area"], c["status"], c["fix"]) for c in doc["checks"] if c["status"] != "PASS"]
+    not_passed = [
+        (c["area"], c["status"], c["fix"]) for c in doc["checks"] if c["status"] != "PASS"
+    ]
     assert not_passed == [(f"node {ips[0]}", "WARN", "set ClientAliveInterval 60 in sshd_config")]
     found: dict[str, list[str]] = {c["area"]: [] for c in doc["checks"]}
     for c in doc["checks"]:
         found[c["area"]].append(c["found"])
     assert "presents the canonical ecdsa, ed25519, rsa keys" in found[f"node {ips[0]}"]
     assert any("keepalive every 60s (NLB idle timeout 350s)" in f for f in found[f"node {ips[1]}"])
-    assert text.returncode == 0 and text.stdout.splitlines()[-1] == "0 FAIL, 1 WARN, " + \
-        f"{sum(c['status'] == 'PASS' for c in doc['checks'])} PASS"
+    assert (
+        text.returncode == 0
+        and text.stdout.splitlines()[-1]
+        == "0 FAIL, 1 WARN, " + f"{sum(c['status'] == 'PASS' for c in doc['checks'])} PASS"
+    )
 
 
 def test_broken_login_nodes_are_each_named(sim_env: SimEnv, tmp_path: Path) -> None:
@@ -409,25 +600,40 @@ def test_broken_login_nodes_are_each_named(sim_env: SimEnv, tmp_path: Path) -> N
     env.list_nodes(ips)
     sim_path(env, ips)
     elb = env.aws.client("elbv2")
-    lb = elb.describe_target_groups(TargetGroupArns=[env.arn])["TargetGroups"][0]["LoadBalancerArns"][0]
+    lb = elb.describe_target_groups(TargetGroupArns=[env.arn])["TargetGroups"][0][
+        "LoadBalancerArns"
+    ][0]
     listener = elb.describe_listeners(LoadBalancerArn=lb)["Listeners"][0]["ListenerArn"]
-    elb.modify_listener_attributes(ListenerArn=listener, Attributes=[
-        {"Key": "tcp.idle_timeout.seconds", "Value": "60"}])
+    elb.modify_listener_attributes(
+        ListenerArn=listener, Attributes=[{"Key": "tcp.idle_timeout.seconds", "Value": "60"}]
+    )
 
     def findings(ip: str) -> list[Finding]:
-        return [f for f in report.findings if f.area == f"node {ip}" and f.status is not Status.PASS]
+        return [
+            f for f in report.findings if f.area == f"node {ip}" and f.status is not Status.PASS
+        ]
 
     report = run_doctor(env.config, build_reconciler(env.config))
     assert [(f.status, f.found.split(":")[0]) for f in findings(stranger)] == [
         (Status.FAIL, "presents ecdsa, ed25519, rsa host keys other than the canonical ones"),
-        (Status.WARN, "not logged in to")]
-    assert not any(f.found.startswith("login as") for f in report.findings if f.area == f"node {stranger}")
-    assert [(f.status, f.found.split(":")[0]) for f in findings(hung_ip)] == [(Status.FAIL, "unreachable")]
+        (Status.WARN, "not logged in to"),
+    ]
+    assert not any(
+        f.found.startswith("login as") for f in report.findings if f.area == f"node {stranger}"
+    )
+    assert [(f.status, f.found.split(":")[0]) for f in findings(hung_ip)] == [
+        (Status.FAIL, "unreachable")
+    ]
     assert "a hung sshd accepts TCP and says nothing" in findings(hung_ip)[0].fix
     (sudo,) = findings(sudo_ip)
-    assert sudo.found.startswith("sudo: ") and sudo.fix == f"give {env.config.ssh.user} passwordless sudo on the node"
+    assert (
+        sudo.found.startswith("sudo: ")
+        and sudo.fix == f"give {env.config.ssh.user} passwordless sudo on the node"
+    )
     (keepalive,) = findings(slow)
-    assert "ClientAliveInterval is 120s and the NLB drops a connection idle for 60s" in keepalive.found
+    assert (
+        "ClientAliveInterval is 120s and the NLB drops a connection idle for 60s" in keepalive.found
+    )
     assert keepalive.fix == "set ClientAliveInterval 30 in sshd_config"
     (check,) = findings(broken)
     assert check.found.startswith("sshd-T: ") and "NoSuchOption" in check.found, check.found
@@ -445,7 +651,9 @@ def test_broken_login_nodes_are_each_named(sim_env: SimEnv, tmp_path: Path) -> N
     moved = [f for f in findings(slow) if "loads none of" in f.found]
     assert moved and "/etc/ssh/hpodlb/ssh_host_rsa_key" in moved[0].found
 
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True
+    )
     env.write_config(ssh={"key_file": str(tmp_path / "other")})
     report = run_doctor(env.config, build_reconciler(env.config))
     (auth,) = [f for f in findings(slow) if f.found.startswith("auth")]
@@ -461,17 +669,28 @@ def test_the_head_nodes_own_inputs_are_named(
     store = tmp_path / "host_keys"
     store.mkdir(mode=0o755)
     store.chmod(0o755)
-    config = load_config(write_config(
-        [{"arn": cloud.tg, "port": 22}], aws={"region": REGION},
-        host_keys={"enabled": True, "store": str(store), "adopt_from_first_node": False},
-        ssh={"connect_timeout_seconds": 1, "port": 1}), {})
+    config = load_config(
+        write_config(
+            [{"arn": cloud.tg, "port": 22}],
+            aws={"region": REGION},
+            host_keys={"enabled": True, "store": str(store), "adopt_from_first_node": False},
+            ssh={"connect_timeout_seconds": 1, "port": 1},
+        ),
+        {},
+    )
     report = run_doctor(config, build_reconciler(config))
     (keys,) = named(report, Status.FAIL, "key store")[:1]
     assert keys.found.startswith("key store: ") and str(store) in keys.found
 
     missing = tmp_path / "nowhere.json"
-    config = load_config(write_config([{"arn": cloud.tg, "port": 22}], aws={"region": REGION},
-                                      cluster={"resource_config": str(missing)}), {})
+    config = load_config(
+        write_config(
+            [{"arn": cloud.tg, "port": 22}],
+            aws={"region": REGION},
+            cluster={"resource_config": str(missing)},
+        ),
+        {},
+    )
     (inventory,) = named(run_doctor(config, build_reconciler(config)), Status.FAIL, "config")
     assert inventory.found == f"resource config: {missing}: file not found"
 
@@ -493,22 +712,28 @@ def test_login_nodes_not_registered_or_failing_health_checks_are_named(
     from sim.aws import nlb_health
 
     cloud = build_cloud()
-    cloud.elb.deregister_targets(TargetGroupArn=cloud.tg, Targets=[{"Id": "10.1.72.45", "Port": 22}])
+    cloud.elb.deregister_targets(
+        TargetGroupArn=cloud.tg, Targets=[{"Id": "10.1.72.45", "Port": 22}]
+    )
     with nlb_health({"10.1.71.12": ("unhealthy", "Target.Timeout", "Request timed out")}):
         report = doctor(write_config, cloud)
     fails = [f.found for f in named(report, Status.FAIL, "target group")]
     assert fails == [
         "login node 10.1.71.12 (i-0a1b2c3d4e5f60011) is unhealthy (Target.Timeout: Request timed out): "
         "the NLB sends it no users",
-        "login node 10.1.72.45 (i-0a1b2c3d4e5f60012) is not registered at port 22"]
+        "login node 10.1.72.45 (i-0a1b2c3d4e5f60012) is not registered at port 22",
+    ]
     assert "1/3 login nodes registered and healthy" in [f.found for f in named(report, Status.PASS)]
     timeout_fix = named(report, Status.FAIL, "target group")[0].fix
     assert "security group or network ACL" in timeout_fix
 
-    config = load_config(write_config([{"arn": cloud.tg, "port": 22}], aws={"region": "eu-west-1"}), {})
+    config = load_config(
+        write_config([{"arn": cloud.tg, "port": 22}], aws={"region": "eu-west-1"}), {}
+    )
     wrong = run_doctor(config, build_reconciler(config))
     assert named(wrong, Status.FAIL, "config")[0].fix == (
-        "set aws.region to us-west-2, or leave it empty (each ARN's own region is used)")
+        "set aws.region to us-west-2, or leave it empty (each ARN's own region is used)"
+    )
 
 
 def test_a_drained_login_node_is_a_warning_not_a_failure(
@@ -519,7 +744,9 @@ def test_a_drained_login_node_is_a_warning_not_a_failure(
     from hpodlb.intents import update_intents
 
     cloud = build_cloud()
-    cloud.elb.deregister_targets(TargetGroupArn=cloud.tg, Targets=[{"Id": "10.1.72.45", "Port": 22}])
+    cloud.elb.deregister_targets(
+        TargetGroupArn=cloud.tg, Targets=[{"Id": "10.1.72.45", "Port": 22}]
+    )
 
     def drain(intents: Any) -> None:
         intents.drain["10.1.72.45"] = DrainRequest(reason="bios update")
@@ -529,9 +756,14 @@ def test_a_drained_login_node_is_a_warning_not_a_failure(
     report = doctor(write_config, cloud)
     assert not named(report, Status.FAIL, "target group")
     warned = [f.found for f in named(report, Status.WARN, "target group")]
-    assert "login node 10.1.72.45 (i-0a1b2c3d4e5f60012) is drained (bios update): out of rotation" in warned
-    assert ("login node 10.1.71.12 (i-0a1b2c3d4e5f60011) is drained (disk): still registered, leaving "
-            "at the daemon's next pass") in warned
+    assert (
+        "login node 10.1.72.45 (i-0a1b2c3d4e5f60012) is drained (bios update): out of rotation"
+        in warned
+    )
+    assert (
+        "login node 10.1.71.12 (i-0a1b2c3d4e5f60011) is drained (disk): still registered, leaving "
+        "at the daemon's next pass"
+    ) in warned
     assert "1/1 login nodes registered and healthy" in [f.found for f in named(report, Status.PASS)]
     from hpodlb.intents import update_intents as update
 
@@ -542,4 +774,5 @@ def test_a_drained_login_node_is_a_warning_not_a_failure(
     update(tmp_path / "state", all_of_them)
     everything = doctor(write_config, cloud)
     assert [f.found for f in named(everything, Status.FAIL, "target group")] == [
-        "every login node is drained: the NLB has no login node to send users to"]
+        "every login node is drained: the NLB has no login node to send users to"
+    ]

@@ -51,12 +51,26 @@ class Held:
 
 @contextmanager
 def sessions(env: SimEnv, node: SimNode, count: int, command: str = "sleep 120") -> Iterator[Held]:
-    opts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR", "-i", str(env.cluster.client_key), "-p", str(env.cluster.port)]
+    opts = [
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-i",
+        str(env.cluster.client_key),
+        "-p",
+        str(env.cluster.port),
+    ]
     before = _logins(node)
     procs = [
-        subprocess.Popen(["ssh", "-tt", *opts, f"{SIM_USER}@{node.ip}", command],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            ["ssh", "-tt", *opts, f"{SIM_USER}@{node.ip}", command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for _ in range(count)
     ]
     held = Held(procs)
@@ -97,7 +111,11 @@ def test_drain_takes_a_node_out_tells_its_users_and_undrain_brings_it_back(
         said = capsys.readouterr().out
         assert "drained: kernel update 6.8" in said and "users were told" in said
         intent = load_intents(env.state_dir).drain[a]
-        assert (intent.reason, intent.instance_id, intent.force) == ("kernel update 6.8", node_a.instance_id, False)
+        assert (intent.reason, intent.instance_id, intent.force) == (
+            "kernel update 6.8",
+            node_a.instance_id,
+            False,
+        )
 
         outcome = env.run_pass()
         assert outcome.converged, outcome.errors
@@ -166,7 +184,9 @@ def test_drain_wait_reports_rotation_and_sessions_until_out_and_empty(
         codes: list[int] = []
         said = ""
         with passes(env):
-            waiter = threading.Thread(target=lambda: codes.append(cli(env, "drain", a, "--wait", "90")))
+            waiter = threading.Thread(
+                target=lambda: codes.append(cli(env, "drain", a, "--wait", "90"))
+            )
             waiter.start()
             # Each session closes only once the waiter has said the count before it: on a loaded
             # machine one poll can take longer than any fixed sleep (CI once missed the 1).
@@ -200,7 +220,11 @@ def test_sessions_are_counted_across_an_sshd_restart_and_hpodlbs_own_are_not(env
     a, b = converged(env, 2)
     node = env.cluster.nodes[a]
     drains = Drains(env.config)
-    with sessions(env, node, 1), sessions(env, node, 1, "sh -s"), sessions(env, env.cluster.nodes[b], 1):
+    with (
+        sessions(env, node, 1),
+        sessions(env, node, 1, "sh -s"),
+        sessions(env, env.cluster.nodes[b], 1),
+    ):
         assert drains.sessions(a) == 2
         node.restart_sshd()
         assert drains.sessions(a) == 2
@@ -218,7 +242,9 @@ def test_sessions_are_counted_across_an_sshd_restart_and_hpodlbs_own_are_not(env
         assert drains.sessions(b) == 1
 
 
-def _run_in_session(drains: object, ip: str, pin: frozenset[str], running: Path, done: Path) -> None:
+def _run_in_session(
+    drains: object, ip: str, pin: frozenset[str], running: Path, done: Path
+) -> None:
     """A script of hpodlb's that runs until the test has counted (at most 20 s)."""
     script = f"touch '{running}'; i=0; while [ ! -e '{done}' ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done"
     with drains.connector.session(ip, pin) as session:  # type: ignore[attr-defined]
@@ -431,7 +457,9 @@ def test_an_unusable_intents_file_keeps_drains_as_last_known(
         assert any(str(path) in e for e in outcome.errors), (what, outcome.errors)
         assert env.registered() == {b, c, d}, what
         assert cli(env, "drain", b) == 1, what
-        said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hpodlb: ")]
+        said = [
+            line for line in capsys.readouterr().err.splitlines() if line.startswith("hpodlb: ")
+        ]
         assert len(said) == 1 and str(path) in said[0] and "fix or remove it" in said[0], said
     path.unlink()
     path.write_bytes(good)
@@ -491,8 +519,21 @@ def test_ctrl_c_during_wait_keeps_the_drain_and_says_so(env: SimEnv) -> None:
     # As from a terminal: a suite run as a background job of a non-interactive shell (`./.ci/run &`)
     # ignores SIGINT, and an ignored signal stays ignored across exec (Python then leaves it so).
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hpodlb", "--config", str(env.config_path), "drain", a, "--wait", "120"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**environ, **env.aws.env()},
+        [
+            sys.executable,
+            "-m",
+            "hpodlb",
+            "--config",
+            str(env.config_path),
+            "drain",
+            a,
+            "--wait",
+            "120",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**environ, **env.aws.env()},
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
     )
     assert proc.stdout is not None

@@ -65,7 +65,9 @@ def test_a_node_refusing_channels_fails_alone_and_the_pass_is_recorded(env: SimE
     assert record.retry_at and record.retry_at > time.time()
     state = env.state()
     assert state.last_pass is not None and not state.last_pass.ok
-    assert any(e.startswith(f"{bad} (i-0faulty000000009): command: ") for e in state.last_pass.errors)
+    assert any(
+        e.startswith(f"{bad} (i-0faulty000000009): command: ") for e in state.last_pass.errors
+    )
 
 
 def test_a_flooding_node_is_cut_off_at_the_output_cap(env: SimEnv) -> None:
@@ -85,7 +87,10 @@ def test_a_trickling_node_is_bounded_by_its_deadline(env: SimEnv) -> None:
     """A remote command that writes a byte every 3 s (never a per-read timeout) ends at the total
     deadline; the healthy nodes were registered long before."""
     ips = nodes(env, 2)
-    bad = faulty(env, f"Match User {env.config.ssh.user}\n  ForceCommand while :; do printf x; sleep 3; done\n")
+    bad = faulty(
+        env,
+        f"Match User {env.config.ssh.user}\n  ForceCommand while :; do printf x; sleep 3; done\n",
+    )
     env.list_nodes([*ips, bad])
     started = time.monotonic()
     outcome = env.run_pass()
@@ -232,13 +237,19 @@ def test_a_registered_node_that_cannot_be_reached_is_not_converged(env: SimEnv) 
     assert outcome.plan is not None
     (waiting,) = outcome.plan.waiting
     assert waiting.reason.startswith("registered, but its host keys cannot be verified: connect: ")
-    status = subprocess.run([sys.executable, "-m", "hpodlb", "status", "--config", str(env.config_path)],
-                            capture_output=True, text=True, check=True).stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "hpodlb", "status", "--config", str(env.config_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"waiting: {ips[1]} (" in status
     assert "NOT converged" in status
 
 
-def test_a_known_hosts_file_that_cannot_be_written_fails_the_pass_not_the_daemon(env: SimEnv) -> None:
+def test_a_known_hosts_file_that_cannot_be_written_fails_the_pass_not_the_daemon(
+    env: SimEnv,
+) -> None:
     """The head node's known_hosts cannot be written: the pass still plans and registers, and
     says it is not converged (it used to crash before planning, every pass)."""
     ips = nodes(env, 2)
@@ -262,10 +273,13 @@ def test_an_unreachable_node_is_one_log_event_not_a_traceback(env: SimEnv) -> No
     setup_logging(stream=log)
     env.run_pass()
     lines = log.getvalue().splitlines()
-    assert all(line.startswith("{") for line in lines), [x for x in lines if not x.startswith("{")][:5]
+    assert all(line.startswith("{") for line in lines), [x for x in lines if not x.startswith("{")][
+        :5
+    ]
     errors = [e for e in events(log) if e["level"] in ("error", "critical")]
     assert sorted((e["event"], e.get("ip"), e.get("step")) for e in errors) == [
-        ("node_failed", down.ip, "connect"), ("node_failed", silent, "handshake"),
+        ("node_failed", down.ip, "connect"),
+        ("node_failed", silent, "handshake"),
     ]
 
 
@@ -294,9 +308,12 @@ def test_a_state_dir_that_cannot_be_written_makes_once_exit_1(env: SimEnv) -> No
     ips = nodes(env, 1)
     env.state_dir.mkdir(parents=True, exist_ok=True)
     (env.state_dir / "state.json").mkdir()
-    done = subprocess.run([sys.executable, "-m", "hpodlb", "once", "--config", str(env.config_path)],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "hpodlb", "once", "--config", str(env.config_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 1, done.stderr
     assert f"cannot save the state in {env.state_dir}" in done.stderr
     assert env.registered() == set(ips)
-

@@ -30,9 +30,11 @@ from sim.aws import FakeAws
 
 # Copied from Slurm 22.05.8's `scontrol ping` (exit status 0, then 1 with its banner).
 BOTH_UP = "Slurmctld(primary) at head1 is UP\nSlurmctld(backup) at head2 is UP\n"
-BOTH_DOWN = ("Slurmctld(primary) at head1 is DOWN\nSlurmctld(backup) at head2 is DOWN\n"
-             "*****************************************\n** RESTORE SLURMCTLD DAEMON TO SERVICE **\n"
-             "*****************************************\n")
+BOTH_DOWN = (
+    "Slurmctld(primary) at head1 is DOWN\nSlurmctld(backup) at head2 is DOWN\n"
+    "*****************************************\n** RESTORE SLURMCTLD DAEMON TO SERVICE **\n"
+    "*****************************************\n"
+)
 BACKUP_IN_CONTROL = "Slurmctld(primary) at head1 is DOWN\nSlurmctld(backup) at head2 is UP\n"
 LOGIN_IPS = {"10.1.71.12", "10.1.72.45", "10.1.70.201"}
 
@@ -54,8 +56,12 @@ def test_the_first_controller_up_is_in_control_and_the_primary_when_none_is() ->
     # A second backup, a controller slurm.conf calls localhost, several names in one entry.
     three = BOTH_DOWN.replace("head2 is DOWN", "head2 is DOWN\nSlurmctld(backup2) at head3 is UP")
     assert leader.decide(leader.controllers(three), {"head3"}).takes_over
-    assert leader.decide(leader.controllers("Slurmctld(primary) at localhost is UP\n"), {"h"}).acting
-    assert leader.decide(leader.controllers("Slurmctld(primary) at a,head1 is UP\n"), {"head1"}).acting
+    assert leader.decide(
+        leader.controllers("Slurmctld(primary) at localhost is UP\n"), {"h"}
+    ).acting
+    assert leader.decide(
+        leader.controllers("Slurmctld(primary) at a,head1 is UP\n"), {"head1"}
+    ).acting
     stranger = leader.decide(leader.controllers(BOTH_UP), {"login-1"})  # not a controller at all
     assert (stranger.acting, stranger.sound) == (False, False)
     assert stranger.label.startswith("standby (this host (login-1) is none of the controllers")
@@ -80,12 +86,20 @@ def test_when_scontrol_cannot_say_this_head_does_not_act(
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert leader.check("slurmctld").why == "no scontrol here: a single head node is assumed"
     assert leader.check("slurmctld").acting
-    monkeypatch.setenv("PATH", str(stand_in(tmp_path, "echo 'scontrol: fatal: Unable to process "
-                                                      "configuration file' >&2; exit 1")))
+    monkeypatch.setenv(
+        "PATH",
+        str(
+            stand_in(
+                tmp_path, "echo 'scontrol: fatal: Unable to process configuration file' >&2; exit 1"
+            )
+        ),
+    )
     failing = leader.check("slurmctld")
     assert not failing.acting
-    assert failing.why == ("cannot tell which head is in control: scontrol ping: scontrol: fatal: "
-                           "Unable to process configuration file")
+    assert failing.why == (
+        "cannot tell which head is in control: scontrol ping: scontrol: fatal: "
+        "Unable to process configuration file"
+    )
     monkeypatch.setattr(leader, "TIMEOUT_SECONDS", 0.5)
     monkeypatch.setenv("PATH", str(stand_in(tmp_path, "exec /bin/sleep 30")))
     started = time.monotonic()
@@ -114,16 +128,28 @@ def slurm(tmp_path: Path) -> Iterator[Callable[[bool], None]]:
     starts or stops the real slurmctld of head1. SLURM_CONF is set for this process's children."""
     for tool in ("slurmctld", "scontrol", "munged"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            pytest.skip(f"needs {tool} (Debian's slurmctld, slurm-client and munge: ./dev installs them)")
+            pytest.skip(
+                f"needs {tool} (Debian's slurmctld, slurm-client and munge: ./dev installs them)"
+            )
     base = tmp_path / "slurm"
     (base / "state").mkdir(parents=True)
     key = base / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
     munged = subprocess.run(
-        ["munged", "--force", f"--key-file={key}", f"--socket={base}/munge.sock",
-         f"--pid-file={base}/munged.pid", f"--log-file={base}/munged.log", f"--seed-file={base}/seed"],
-        capture_output=True, text=True, check=False)
+        [
+            "munged",
+            "--force",
+            f"--key-file={key}",
+            f"--socket={base}/munge.sock",
+            f"--pid-file={base}/munged.pid",
+            f"--log-file={base}/munged.log",
+            f"--seed-file={base}/seed",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert munged.returncode == 0, munged.stderr
     conf = base / "slurm.conf"
     conf.write_text(
@@ -133,15 +159,21 @@ def slurm(tmp_path: Path) -> Iterator[Callable[[bool], None]]:
         f"StateSaveLocation={base}/state\nSlurmctldPidFile={base}/slurmctld.pid\n"
         f"SlurmctldLogFile={base}/slurmctld.log\nSlurmctldTimeout=3\nProctrackType=proctrack/linuxproc\n"
         "MpiDefault=none\nSwitchType=switch/none\nTaskPlugin=task/none\n"
-        "NodeName=c1 CPUs=1 State=FUTURE\nPartitionName=p Nodes=c1 Default=YES\n")
+        "NodeName=c1 CPUs=1 State=FUTURE\nPartitionName=p Nodes=c1 Default=YES\n"
+    )
     saved = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
     ctld: list[subprocess.Popen[bytes]] = []
 
     def head1(running: bool) -> None:
         if running:
-            ctld.append(subprocess.Popen(as_host("head1", "slurmctld", "-D", "-f", str(conf)),
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            ctld.append(
+                subprocess.Popen(
+                    as_host("head1", "slurmctld", "-D", "-f", str(conf)),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             deadline = time.monotonic() + 30
             while "at head1 is UP" not in ping():
                 assert time.monotonic() < deadline, (base / "slurmctld.log").read_text()[-2000:]
@@ -166,17 +198,27 @@ def slurm(tmp_path: Path) -> Iterator[Callable[[bool], None]]:
 
 
 def ping() -> str:
-    return subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30,
-                          check=False).stdout
+    return subprocess.run(
+        ["scontrol", "ping"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
 
 
 def once_as(head: str, config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(as_host(head, sys.executable, "-m", "hpodlb", "once", "--config", str(config)),
-                          capture_output=True, text=True, timeout=120, check=False, env=os.environ.copy())
+    return subprocess.run(
+        as_host(head, sys.executable, "-m", "hpodlb", "once", "--config", str(config)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=os.environ.copy(),
+    )
 
 
 def test_with_a_real_slurmctld_only_the_head_in_control_acts(
-    slurm: Callable[[bool], None], aws: FakeAws, arn: str, write_config: Callable[..., Path],
+    slurm: Callable[[bool], None],
+    aws: FakeAws,
+    arn: str,
+    write_config: Callable[..., Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for key, value in aws.env().items():
@@ -186,19 +228,29 @@ def test_with_a_real_slurmctld_only_the_head_in_control_acts(
     assert ping() == BOTH_UP  # the real output this file's stand-in copies
 
     elb = aws.client("elbv2")
-    elb.register_targets(TargetGroupArn=arn, Targets=[{"Id": ip, "Port": 22} for ip in sorted(LOGIN_IPS)[:2]])
+    elb.register_targets(
+        TargetGroupArn=arn, Targets=[{"Id": ip, "Port": 22} for ip in sorted(LOGIN_IPS)[:2]]
+    )
     standby = once_as("head2", config)
     assert standby.returncode == 0, standby.stderr
-    assert standby.stdout.startswith("standby (controller: head1): observed only, changed nothing; ")
+    assert standby.stdout.startswith(
+        "standby (controller: head1): observed only, changed nothing; "
+    )
     assert {ip for ip, _ in aws.targets(arn)} == set(sorted(LOGIN_IPS)[:2])  # nothing written
     state_dir = load_config(config, {}).state.dir
     last = load_state(state_dir)[0].last_pass
     assert last is not None and last.standby == "standby (controller: head1)"
-    status = subprocess.run([sys.executable, "-m", "hpodlb", "status", "--config", str(config)],
-                            capture_output=True, text=True, check=False).stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "hpodlb", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
     assert status.splitlines()[0].split(": ", 1)[1].startswith("standby (controller: head1): ")
     events = [json.loads(line) for line in standby.stderr.splitlines() if line.startswith("{")]
-    assert [e["event"] for e in events if e["event"].startswith("leadership")] == ["leadership_standby"]
+    assert [e["event"] for e in events if e["event"].startswith("leadership")] == [
+        "leadership_standby"
+    ]
 
     acting = once_as("head1", config)
     assert acting.returncode == 0, acting.stderr
@@ -216,7 +268,10 @@ def test_with_a_real_slurmctld_only_the_head_in_control_acts(
 
 
 def test_the_backup_head_takes_over_within_one_interval(
-    aws: FakeAws, arn: str, write_config: Callable[..., Path], tmp_path: Path,
+    aws: FakeAws,
+    arn: str,
+    write_config: Callable[..., Path],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`hpodlb run` on head2 observes while head1's slurmctld is in control, and registers the
@@ -225,13 +280,22 @@ def test_the_backup_head_takes_over_within_one_interval(
         monkeypatch.setenv(key, value)
     said = tmp_path / "ping.txt"
     said.write_text(BOTH_UP)
-    monkeypatch.setenv("PATH", f"{stand_in(tmp_path, f'cat {said}')}{os.pathsep}{os.environ['PATH']}")
-    config = write_config([{"arn": arn, "port": 22}], cluster={"leader": "slurmctld"},
-                          reconcile={"interval_seconds": 1})
+    monkeypatch.setenv(
+        "PATH", f"{stand_in(tmp_path, f'cat {said}')}{os.pathsep}{os.environ['PATH']}"
+    )
+    config = write_config(
+        [{"arn": arn, "port": 22}],
+        cluster={"leader": "slurmctld"},
+        reconcile={"interval_seconds": 1},
+    )
     state_dir = load_config(config, {}).state.dir
     log = (tmp_path / "daemon.log").open("w")
-    daemon = subprocess.Popen(as_host("head2", sys.executable, "-m", "hpodlb", "run", "--config", str(config)),
-                              stdout=log, stderr=log, env=os.environ.copy())
+    daemon = subprocess.Popen(
+        as_host("head2", sys.executable, "-m", "hpodlb", "run", "--config", str(config)),
+        stdout=log,
+        stderr=log,
+        env=os.environ.copy(),
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -253,7 +317,11 @@ def test_the_backup_head_takes_over_within_one_interval(
         daemon.terminate()
         daemon.wait(timeout=30)
         log.close()
-    events = [json.loads(x) for x in (tmp_path / "daemon.log").read_text().splitlines() if x.startswith("{")]
+    events = [
+        json.loads(x)
+        for x in (tmp_path / "daemon.log").read_text().splitlines()
+        if x.startswith("{")
+    ]
     finished = [e for e in events if e["event"] == "pass_finished"]
     after = [e["standby"] for e in finished if _when(e) > moved_at]
     # The pass in flight when control moved may still observe; the next one acts.
@@ -271,7 +339,10 @@ def _when(event: dict[str, str]) -> float:
 
 
 def test_a_head_that_cannot_tell_stands_by_and_says_it_is_not_converged(
-    aws: FakeAws, arn: str, write_config: Callable[..., Path], tmp_path: Path,
+    aws: FakeAws,
+    arn: str,
+    write_config: Callable[..., Path],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """scontrol failing (munge down, say): `once` writes nothing, exits 1 and says why; `status`
@@ -283,12 +354,20 @@ def test_a_head_that_cannot_tell_stands_by_and_says_it_is_not_converged(
     config = write_config([{"arn": arn, "port": 22}], cluster={"leader": "slurmctld"})
     done = once_as("head1", config)
     assert done.returncode == 1
-    assert done.stdout.startswith("standby (cannot tell which head is in control: scontrol ping: "
-                                  "scontrol: error: Munge encode failed): observed only, changed nothing")
+    assert done.stdout.startswith(
+        "standby (cannot tell which head is in control: scontrol ping: "
+        "scontrol: error: Munge encode failed): observed only, changed nothing"
+    )
     assert aws.targets(arn) == set()
-    status = subprocess.run([sys.executable, "-m", "hpodlb", "status", "--config", str(config)],
-                            capture_output=True, text=True, check=False).stdout
-    assert status.splitlines()[0].split(": ", 1)[1].startswith("NOT converged: standby (cannot tell")
+    status = subprocess.run(
+        [sys.executable, "-m", "hpodlb", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    assert (
+        status.splitlines()[0].split(": ", 1)[1].startswith("NOT converged: standby (cannot tell")
+    )
 
 
 def test_a_backup_head_asks_twice_before_it_takes_over(
@@ -314,12 +393,18 @@ def test_a_backup_head_asks_twice_before_it_takes_over(
     slept: list[float] = []
     rec.sleep = slept.append  # type: ignore[assignment]  # records the waits instead of waiting
     blip = rec.run_pass(State(), apply=True)  # asked twice: the primary answered the second time
-    assert (blip.standby, blip.applied, slept) == ("standby (controller: head1)", [], [leader.CONFIRM_SECONDS])
+    assert (blip.standby, blip.applied, slept) == (
+        "standby (controller: head1)",
+        [],
+        [leader.CONFIRM_SECONDS],
+    )
     moved = rec.run_pass(State(), apply=True)  # asked twice, the backup both times: it acts
     assert moved.standby == "" and len(moved.applied) == 3 and len(asked) == 4
 
 
-def test_a_standby_head_logs_in_nowhere_and_learns_what_the_acting_head_registered(sim_env: Any) -> None:
+def test_a_standby_head_logs_in_nowhere_and_learns_what_the_acting_head_registered(
+    sim_env: Any,
+) -> None:
     """Host keys on, an empty store that would adopt, nodes with keys of their own: a standby pass
     probes (observes) but adopts nothing, pushes nothing, logs in to no node and writes no target;
     it counts the acting head's registrations of login nodes as hpodlb's (prune = false after a
@@ -332,15 +417,22 @@ def test_a_standby_head_logs_in_nowhere_and_learns_what_the_acting_head_register
     env = sim_env
     ips = nodes(env, 2)
     before = {ip: env.cluster.nodes[ip].keyscan() for ip in ips}
-    env.aws.client("elbv2").register_targets(TargetGroupArn=env.arn, Targets=[{"Id": ips[0], "Port": 22}])
+    env.aws.client("elbv2").register_targets(
+        TargetGroupArn=env.arn, Targets=[{"Id": ips[0], "Port": 22}]
+    )
     rec = build_reconciler(env.config)
-    rec.leader = lambda: leader.Leadership(False, "head1", "slurmctld on head1 is in control", "head1")
+    rec.leader = lambda: leader.Leadership(
+        False, "head1", "slurmctld on head1 is in control", "head1"
+    )
     state = State()
     outcome = rec.run_pass(state, apply=True)
     assert outcome.standby == "standby (controller: head1)" and outcome.applied == []
     assert KeyStore(env.store, ("rsa", "ecdsa", "ed25519")).is_empty()
     assert {ip: env.cluster.nodes[ip].keyscan() for ip in ips} == before
-    logins = sum((env.cluster.nodes[ip].dir / "sshd.log").read_text().count("Accepted publickey") for ip in ips)
+    logins = sum(
+        (env.cluster.nodes[ip].dir / "sshd.log").read_text().count("Accepted publickey")
+        for ip in ips
+    )
     assert logins == 0
     assert env.registered() == {ips[0]}
     assert state.registered_by_us[env.arn] == [ips[0]]

@@ -81,7 +81,11 @@ def run_daemon(tmp_path: Path, fresh_env: None) -> Iterator[Callable[..., Daemon
     started: list[Daemon] = []
 
     def start(config: Path, env: dict[str, str] | None = None) -> Daemon:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "NOTIFY", "WATCHDOG"))}
+        full_env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("HPODLB_", "NOTIFY", "WATCHDOG"))
+        }
         full_env.update(env or {})
         return spawn_daemon(tmp_path, started, config, full_env)
 
@@ -131,8 +135,10 @@ def test_a_running_daemon_serves_what_an_admin_alerts_on(
     env.cluster.add_node(ips[1], "i-0metrics0000002")  # its own keys: pushed the canonical ones
     env.list_nodes(ips)
     textfile = metrics_dir(tmp_path) / "hpodlb.prom"
-    config = env.write_config(reconcile={"interval_seconds": 1},
-                              metrics={"listen": "127.0.0.1:0", "textfile": str(textfile)})
+    config = env.write_config(
+        reconcile={"interval_seconds": 1},
+        metrics={"listen": "127.0.0.1:0", "textfile": str(textfile)},
+    )
     daemon = run_daemon(config)
     address = daemon.wait_event("metrics_listening")["address"]
     assert address.startswith("127.0.0.1:") and not address.endswith(":0")
@@ -160,7 +166,10 @@ def test_a_running_daemon_serves_what_an_admin_alerts_on(
     assert value(got, "hpodlb_key_pushes_total", outcome="failed") == 0
     assert value(got, "hpodlb_aws_calls_total", operation="RegisterTargets", outcome="ok") >= 1
     assert value(got, "hpodlb_aws_calls_total", operation="DescribeTargetHealth", outcome="ok") >= 2
-    assert value(got, "hpodlb_aws_calls_total", operation="DescribeTargetHealth", outcome="denied") == 0
+    assert (
+        value(got, "hpodlb_aws_calls_total", operation="DescribeTargetHealth", outcome="denied")
+        == 0
+    )
     assert value(got, "hpodlb_deregistrations_held", guard="min_in_service") == 0
     assert value(got, "hpodlb_interval_seconds") == 1
     assert value(got, "hpodlb_min_in_service") == 1
@@ -191,8 +200,11 @@ def test_a_running_daemon_serves_what_an_admin_alerts_on(
     # SIGHUP moves the endpoint and drops the textfile: the old port stops answering, and the
     # old file goes, so node_exporter does not export stale numbers as current.
     moved = f"127.0.0.1:{free_port()}"
-    config.write_text(config.read_text().replace(f'textfile = "{textfile}"', 'textfile = ""')
-                      .replace('listen = "127.0.0.1:0"', f'listen = "{moved}"'))
+    config.write_text(
+        config.read_text()
+        .replace(f'textfile = "{textfile}"', 'textfile = ""')
+        .replace('listen = "127.0.0.1:0"', f'listen = "{moved}"')
+    )
     daemon.proc.send_signal(signal.SIGHUP)
     assert daemon.wait_event("metrics_listening", count=2)["address"] == moved
     assert value(parse(scrape(moved)), "hpodlb_passes_total", result="converged") >= 2  # kept
@@ -215,8 +227,9 @@ def test_an_address_in_use_costs_the_endpoint_not_the_passes(
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     listen = f"127.0.0.1:{blocker.getsockname()[1]}"
-    config = write_config([{"arn": arn, "port": 22}], reconcile={"interval_seconds": 1},
-                          metrics={"listen": listen})
+    config = write_config(
+        [{"arn": arn, "port": 22}], reconcile={"interval_seconds": 1}, metrics={"listen": listen}
+    )
     daemon = run_daemon(config, aws.env())
     try:
         failed = daemon.wait_event("metrics_listen_failed")
@@ -243,8 +256,14 @@ def test_an_address_in_use_costs_the_endpoint_not_the_passes(
 
 def once(config: Path, aws: FakeAws) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPODLB_")}
-    return subprocess.run([sys.executable, "-m", "hpodlb", "once", "--config", str(config)],
-                          capture_output=True, text=True, env={**env, **aws.env()}, check=False, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "hpodlb", "once", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env={**env, **aws.env()},
+        check=False,
+        timeout=60,
+    )
 
 
 def test_once_writes_the_textfile_atomically_and_never_through_a_symlink(
@@ -274,7 +293,8 @@ def test_once_writes_the_textfile_atomically_and_never_through_a_symlink(
     assert value(got, "hpodlb_aws_calls_total", operation="RegisterTargets", outcome="ok") == 1
     state = json.loads((tmp_path / "state" / "state.json").read_text())
     assert value(got, "hpodlb_last_converged_timestamp_seconds") == pytest.approx(
-        state["last_converged_at"], abs=1)
+        state["last_converged_at"], abs=1
+    )
 
     second = once(config, aws)
     assert second.returncode == 0, second.stderr
@@ -288,7 +308,10 @@ def test_once_writes_the_textfile_atomically_and_never_through_a_symlink(
 
 
 def test_a_textfile_that_cannot_be_written_costs_the_pass_nothing(
-    run_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws, arn: str,
+    run_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
+    arn: str,
     tmp_path: Path,
 ) -> None:
     """The textfile's dir is opened to everyone while the daemon runs: passes go on converging,
@@ -296,8 +319,11 @@ def test_a_textfile_that_cannot_be_written_costs_the_pass_nothing(
     trusted again, the file is written again."""
     directory = metrics_dir(tmp_path)
     textfile = directory / "hpodlb.prom"
-    config = write_config([{"arn": arn, "port": 22}], reconcile={"interval_seconds": 1},
-                          metrics={"textfile": str(textfile)})
+    config = write_config(
+        [{"arn": arn, "port": 22}],
+        reconcile={"interval_seconds": 1},
+        metrics={"textfile": str(textfile)},
+    )
     daemon = run_daemon(config, aws.env())
     daemon.notify.wait_for("READY=1")
     assert textfile.exists()
@@ -334,7 +360,9 @@ def test_a_textfile_that_cannot_be_written_costs_the_pass_nothing(
         ("[127.0.0.1]:9818", "is not HOST:PORT"),
     ],
 )
-def test_a_bad_listen_address_names_file_key_and_problem(tmp_path: Path, listen: str, problem: str) -> None:
+def test_a_bad_listen_address_names_file_key_and_problem(
+    tmp_path: Path, listen: str, problem: str
+) -> None:
     """An address that is not IP:PORT is refused on one line naming the file and metrics.listen."""
     path = tmp_path / "c.toml"
     path.write_text(f'[metrics]\nlisten = "{listen}"\n[[target_groups]]\narn = "{TG_ARN}"\n')
@@ -344,7 +372,9 @@ def test_a_bad_listen_address_names_file_key_and_problem(tmp_path: Path, listen:
     assert len(str(err.value).splitlines()) == 1
 
 
-@pytest.mark.parametrize("listen", ["127.0.0.1:9818", "0.0.0.0:0", "[::1]:9818", "localhost:9818", ""])
+@pytest.mark.parametrize(
+    "listen", ["127.0.0.1:9818", "0.0.0.0:0", "[::1]:9818", "localhost:9818", ""]
+)
 def test_good_listen_addresses_load(tmp_path: Path, listen: str) -> None:
     """IPv4, IPv6 in brackets, localhost, port 0 (any free port) and empty (off) are accepted."""
     path = tmp_path / "c.toml"
@@ -364,10 +394,14 @@ def test_textfile_problems_name_file_key_and_problem(tmp_path: Path) -> None:
         str(tmp_path / "hpodlb.txt"): "node_exporter reads only files named *.prom",
     }
     for textfile, problem in cases.items():
-        path.write_text(f'[metrics]\ntextfile = "{textfile}"\n[[target_groups]]\narn = "{TG_ARN}"\n')
+        path.write_text(
+            f'[metrics]\ntextfile = "{textfile}"\n[[target_groups]]\narn = "{TG_ARN}"\n'
+        )
         with pytest.raises(ConfigError) as err:
             load_config(path, {})
-        assert str(err.value).startswith(f"{path}: metrics.textfile: ") and problem in str(err.value)
+        assert str(err.value).startswith(f"{path}: metrics.textfile: ") and problem in str(
+            err.value
+        )
         assert len(str(err.value).splitlines()) == 1
     open_dir = tmp_path / "open"
     open_dir.mkdir()
@@ -388,20 +422,34 @@ def test_textfile_problems_name_file_key_and_problem(tmp_path: Path) -> None:
 def test_the_environment_overrides_metrics_keys(write_config: Callable[..., Path]) -> None:
     """HPODLB_METRICS__LISTEN works like any override, and a bad one names the variable."""
     path = write_config()
-    assert load_config(path, {"HPODLB_METRICS__LISTEN": "127.0.0.1:9900"}).metrics.listen == "127.0.0.1:9900"
-    with pytest.raises(ConfigError, match=r"^HPODLB_METRICS__LISTEN \(overrides .*\): metrics.listen: 'nope'"):
+    assert (
+        load_config(path, {"HPODLB_METRICS__LISTEN": "127.0.0.1:9900"}).metrics.listen
+        == "127.0.0.1:9900"
+    )
+    with pytest.raises(
+        ConfigError, match=r"^HPODLB_METRICS__LISTEN \(overrides .*\): metrics.listen: 'nope'"
+    ):
         load_config(path, {"HPODLB_METRICS__LISTEN": "nope"})
 
 
-def test_a_bad_metrics_key_makes_commands_exit_2_with_one_line(write_config: Callable[..., Path]) -> None:
+def test_a_bad_metrics_key_makes_commands_exit_2_with_one_line(
+    write_config: Callable[..., Path],
+) -> None:
     """`hpodlb run` and `once` with a bad [metrics] key: exit 2, one line, before any pass."""
     path = write_config(metrics={"listen": "localhost"})
     for command in ("run", "once"):
-        done = subprocess.run([sys.executable, "-m", "hpodlb", command, "--config", str(path)],
-                              capture_output=True, text=True, check=False, timeout=30)
+        done = subprocess.run(
+            [sys.executable, "-m", "hpodlb", command, "--config", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
         assert done.returncode == 2, done
-        assert done.stderr.strip().endswith(f"{path}: metrics.listen: 'localhost' is not HOST:PORT "
-                                            "(e.g. 127.0.0.1:9818, 0.0.0.0:9818, [::1]:9818)")
+        assert done.stderr.strip().endswith(
+            f"{path}: metrics.listen: 'localhost' is not HOST:PORT "
+            "(e.g. 127.0.0.1:9818, 0.0.0.0:9818, [::1]:9818)"
+        )
 
 
 def test_the_example_config_serves_localhost() -> None:
@@ -440,7 +488,11 @@ def test_each_login_node_has_one_state() -> None:
     held = Action(Kind.DEREGISTER, NODES[1], "wrong keys", TG_ARN, 22, held_by=Guard.MIN_IN_SERVICE)
     outcome = PassOutcome(nodes=nodes, plan=Plan(actions=(held,)), leadership=Leadership(True))
     assert node_states(state, outcome, config) == {
-        NODES[0]: "in_service", NODES[1]: "held", NODES[2]: "held", NODES[3]: "waiting"}
+        NODES[0]: "in_service",
+        NODES[1]: "held",
+        NODES[2]: "held",
+        NODES[3]: "waiting",
+    }
     state.nodes[NODES[3]].drained = "kernel update"  # out, by an admin (its keys in question too)
     state.nodes[NODES[2]].drained = "disk"
     assert node_states(state, outcome, config)[NODES[3]] == "drained"
@@ -474,36 +526,64 @@ def test_results_and_heartbeats() -> None:
     standby = PassOutcome(plan=Plan(), leadership=Leadership(False, controller="head2"))
     metrics.record(config, state, standby, seconds=0.1, finished=2000.0, aws_calls={})
     state.last_converged_at = 2000.0
-    metrics.record(config, state, None, seconds=3.0, finished=2100.0,
-                   aws_calls={("DescribeTargetHealth", "throttled"): 2})
+    metrics.record(
+        config,
+        state,
+        None,
+        seconds=3.0,
+        finished=2100.0,
+        aws_calls={("DescribeTargetHealth", "throttled"): 2},
+    )
     got = parse(metrics.exposition().decode())
     assert value(got, "hpodlb_passes_total", result="standby") == 1
     assert value(got, "hpodlb_passes_total", result="crashed") == 1
     assert value(got, "hpodlb_last_pass_timestamp_seconds") == 2100.0
     assert value(got, "hpodlb_last_converged_timestamp_seconds") == 2000.0
-    assert value(got, "hpodlb_aws_calls_total", operation="DescribeTargetHealth", outcome="throttled") == 2
+    assert (
+        value(got, "hpodlb_aws_calls_total", operation="DescribeTargetHealth", outcome="throttled")
+        == 2
+    )
     fresh = State(first_pass_at=1500.0)  # never converged with this state file
-    metrics.record(config, fresh, PassOutcome(inventory_error="bad"), seconds=1, finished=2200.0, aws_calls={})
-    assert value(parse(metrics.exposition().decode()), "hpodlb_last_converged_timestamp_seconds") == 1500.0
-    unsound = PassOutcome(plan=Plan(), leadership=Leadership(False, why="scontrol failed", sound=False))
+    metrics.record(
+        config, fresh, PassOutcome(inventory_error="bad"), seconds=1, finished=2200.0, aws_calls={}
+    )
+    assert (
+        value(parse(metrics.exposition().decode()), "hpodlb_last_converged_timestamp_seconds")
+        == 1500.0
+    )
+    unsound = PassOutcome(
+        plan=Plan(), leadership=Leadership(False, why="scontrol failed", sound=False)
+    )
     assert unsound.result == "not_converged"
 
 
 def test_a_target_group_no_longer_configured_leaves_the_exposition() -> None:
     """After a reload drops a group, its series go; the remaining group keeps all its states."""
     config, state = _world()
-    other = TG_ARN.replace("smhp-login-node-tg", "second-tg").replace("0123456789abcdef", "fedcba9876543210")
+    other = TG_ARN.replace("smhp-login-node-tg", "second-tg").replace(
+        "0123456789abcdef", "fedcba9876543210"
+    )
     from hpodlb.config import Config
 
     two = Config.model_validate({"target_groups": [{"arn": TG_ARN}, {"arn": other}]})
     metrics = Metrics()
     metrics.record(two, state, None, seconds=1, finished=1.0, aws_calls={})
-    assert value(parse(metrics.exposition().decode()), "hpodlb_targets", target_group="second-tg",
-                 health="healthy") == 0
+    assert (
+        value(
+            parse(metrics.exposition().decode()),
+            "hpodlb_targets",
+            target_group="second-tg",
+            health="healthy",
+        )
+        == 0
+    )
     metrics.record(config, state, None, seconds=1, finished=2.0, aws_calls={})
     text = metrics.exposition().decode()
     assert "second-tg" not in text
-    assert value(parse(text), "hpodlb_targets", target_group="smhp-login-node-tg", health="healthy") == 3
+    assert (
+        value(parse(text), "hpodlb_targets", target_group="smhp-login-node-tg", health="healthy")
+        == 3
+    )
 
 
 # -- the alert rules, docs/metrics.md and the dashboard only name metrics that exist -------------
@@ -544,7 +624,11 @@ def test_the_alert_rules_use_only_existing_metrics() -> None:
     assert set(jobs[0]["static_configs"][0]["labels"]) == {"cluster", "head"}  # heads apart
     families = {f.name for f in Metrics().registry.collect()}
     for family in families:
-        shown = family + "_total" if family in ("hpodlb_passes", "hpodlb_aws_calls", "hpodlb_key_pushes") else family
+        shown = (
+            family + "_total"
+            if family in ("hpodlb_passes", "hpodlb_aws_calls", "hpodlb_key_pushes")
+            else family
+        )
         shown = "hpodlb_info" if family == "hpodlb" else shown
         assert f"`{shown}" in section, f"{shown} missing from docs/metrics.md's table"
 
@@ -578,13 +662,20 @@ def test_idle_connections_cannot_take_the_daemons_threads() -> None:
     try:
         host, port = exporter.address.rsplit(":", 1)
         before = threading.active_count()
-        idle = [socket.create_connection((host, int(port)), source_address=(f"127.0.0.{1 + n % 6}", 0))
-                for n in range(60)]
+        idle = [
+            socket.create_connection((host, int(port)), source_address=(f"127.0.0.{1 + n % 6}", 0))
+            for n in range(60)
+        ]
         time.sleep(1)
         assert threading.active_count() - before <= MAX_SCRAPES
         for sock in idle:
             sock.close()
-        assert value(parse(scrape_when_free(exporter.address)), "hpodlb_info", version=hpodlb.__version__) == 1
+        assert (
+            value(
+                parse(scrape_when_free(exporter.address)), "hpodlb_info", version=hpodlb.__version__
+            )
+            == 1
+        )
     finally:
         exporter.close()
 
@@ -653,12 +744,23 @@ def test_slow_clients_are_cut_and_one_address_cannot_take_every_slot(
         with dripping(exporter.address, metrics.MAX_SCRAPES) as slow:
             time.sleep(0.5)
             # 127.0.0.1 has its MAX_SCRAPES_PER_CLIENT; the other address is answered all the same.
-            assert value(parse(_scrape_from(exporter.address, "127.0.0.2")), "hpodlb_info",
-                         version=hpodlb.__version__) == 1
+            assert (
+                value(
+                    parse(_scrape_from(exporter.address, "127.0.0.2")),
+                    "hpodlb_info",
+                    version=hpodlb.__version__,
+                )
+                == 1
+            )
             for sock in slow:
                 assert_cut(sock, 20)
         # Their slots are free again (once their threads have ended): the same address is answered.
-        assert value(parse(scrape_when_free(exporter.address)), "hpodlb_info", version=hpodlb.__version__) == 1
+        assert (
+            value(
+                parse(scrape_when_free(exporter.address)), "hpodlb_info", version=hpodlb.__version__
+            )
+            == 1
+        )
     finally:
         exporter.close()
 
@@ -675,7 +777,9 @@ def test_a_moved_endpoint_cuts_the_scrapes_the_old_one_had_open(
     exporter = metrics.Exporter()
     exporter.follow(MetricsConfig(listen="127.0.0.1:0"))
     try:
-        with dripping(exporter.address, 1) as (client,):  # the per-read timeout (10 s) never ends it
+        with dripping(exporter.address, 1) as (
+            client,
+        ):  # the per-read timeout (10 s) never ends it
             time.sleep(0.3)
             exporter.follow(MetricsConfig(listen="127.0.0.2:0"))
             assert exporter.address.startswith("127.0.0.2:")
@@ -693,8 +797,13 @@ def test_once_never_opens_the_endpoint(tmp_path: Path) -> None:
 
     config, state = _world()
     directory = metrics_dir(tmp_path)
-    config = config.model_copy(update={"metrics": config.metrics.model_copy(
-        update={"listen": "127.0.0.1:0", "textfile": directory / "hpodlb.prom"})})
+    config = config.model_copy(
+        update={
+            "metrics": config.metrics.model_copy(
+                update={"listen": "127.0.0.1:0", "textfile": directory / "hpodlb.prom"}
+            )
+        }
+    )
     outcome = PassOutcome(plan=Plan(), leadership=Leadership(True))
 
     class NoAdapters:

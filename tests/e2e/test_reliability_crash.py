@@ -36,7 +36,9 @@ TYPES = ("rsa", "ecdsa", "ed25519")
 
 @pytest.fixture
 def env(sim_env: SimEnv) -> SimEnv:
-    sim_env.write_config(reconcile={"absent_passes_before_deregister": 1, "max_deregister_fraction": 1.0})
+    sim_env.write_config(
+        reconcile={"absent_passes_before_deregister": 1, "max_deregister_fraction": 1.0}
+    )
     return sim_env
 
 
@@ -138,7 +140,9 @@ def test_sigkill_anywhere_then_one_clean_pass_converges(env: SimEnv) -> None:
     for ip in final_list:
         node = cluster.nodes[ip]
         assert node.keyscan() == canonical, ip
-        with ParamikoConnector(ssh_settings(env.config)).session(ip, frozenset(canonical)) as session:  # nobody is locked out
+        with ParamikoConnector(ssh_settings(env.config)).session(
+            ip, frozenset(canonical)
+        ) as session:  # nobody is locked out
             assert session.run_root(b"echo alive\n")[1] == "alive\n"
     state, warning = load_state(env.state_dir)
     assert warning is None

@@ -37,10 +37,17 @@ def aws(fresh_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAws]:
         yield fake
 
 
-def hpodlb(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpodlb", *args, "--config", str(config)],
-                          capture_output=True, text=True, timeout=120, check=False,
-                          env={**os.environ, **(env or {})})
+def hpodlb(
+    config: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hpodlb", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def targets(aws: FakeAws, arn: str) -> set[str]:
@@ -54,13 +61,24 @@ def test_a_target_group_of_another_service_is_never_touched(
     exits 1 naming the group, its type and what was expected."""
     ec2, elb = aws.client("ec2"), aws.client("elbv2")
     vpc = ec2.create_vpc(CidrBlock="10.2.0.0/16")["Vpc"]["VpcId"]
-    arn = elb.create_target_group(Name=f"web-{uuid.uuid4().hex[:8]}", Protocol="TCP", Port=22,
-                                  VpcId=vpc, TargetType="instance")["TargetGroups"][0]["TargetGroupArn"]
+    arn = elb.create_target_group(
+        Name=f"web-{uuid.uuid4().hex[:8]}",
+        Protocol="TCP",
+        Port=22,
+        VpcId=vpc,
+        TargetType="instance",
+    )["TargetGroups"][0]["TargetGroupArn"]
     instances = [f"i-0abc{n:013d}" for n in range(3)]
     elb.register_targets(TargetGroupArn=arn, Targets=[{"Id": i} for i in instances])
-    config = write_config([{"arn": arn, "port": 22}], reconcile={
-        "min_in_service": 0, "max_deregister_fraction": 1.0, "absent_passes_before_deregister": 1,
-        "interval_seconds": 0.001})
+    config = write_config(
+        [{"arn": arn, "port": 22}],
+        reconcile={
+            "min_in_service": 0,
+            "max_deregister_fraction": 1.0,
+            "absent_passes_before_deregister": 1,
+            "interval_seconds": 0.001,
+        },
+    )
     for _ in range(5):
         done = hpodlb(config, "once")
         assert done.returncode == 1, done.stderr
@@ -88,7 +106,9 @@ def test_a_login_group_listed_twice_is_no_shrink(
         assert done.returncode == 2
         assert "group 'login-group' is listed twice" in done.stderr
     data["InstanceGroups"].pop()
-    rc.write_text('{"InstanceGroups": [], ' + json.dumps(data)[1:])  # the key twice, the real one last
+    rc.write_text(
+        '{"InstanceGroups": [], ' + json.dumps(data)[1:]
+    )  # the key twice, the real one last
     done = hpodlb(config, "once")
     assert done.returncode == 2 and "appears twice in one object" in done.stderr
     assert targets(aws, arn) == before
@@ -115,16 +135,21 @@ def test_every_node_replaced_at_once_stays_within_the_fraction(sim_env: SimEnv) 
     assert outcome.converged, outcome.errors
     FIGURES["mass key change, fraction 0.5"] = (
         f"{len(deregistered)} of 4 left the group, {4 - len(deregistered)} held back"
-        f"{' (now settled)' if not held else ''}, 4 pushed in the same pass")
+        f"{' (now settled)' if not held else ''}, 4 pushed in the same pass"
+    )
 
 
 @pytest.mark.sshd
 @pytest.mark.parametrize("seed", ["0", "1", "2", "3", "4"])
-def test_ownership_is_recorded_in_the_order_applied_under_any_hash_seed(sim_env: SimEnv, seed: str) -> None:
+def test_ownership_is_recorded_in_the_order_applied_under_any_hash_seed(
+    sim_env: SimEnv, seed: str
+) -> None:
     """A pass that deregisters and re-registers the same IP (a replacement) leaves it recorded as
     ours and registered, whatever PYTHONHASHSEED is; with prune off it is removed after it leaves."""
     env = sim_env
-    env.write_config(reconcile={"prune": False, "interval_seconds": 0.001, "absent_passes_before_deregister": 1})
+    env.write_config(
+        reconcile={"prune": False, "interval_seconds": 0.001, "absent_passes_before_deregister": 1}
+    )
     ips = nodes(env, 3)
     seeded = {"PYTHONHASHSEED": seed, "HPODLB_CONFIG": str(env.config_path)}
     first = hpodlb(env.config_path, "once", env=seeded)
@@ -159,7 +184,8 @@ def test_one_refused_target_does_not_keep_the_others_out(
             assert done.returncode == 1
             refused = [json.loads(x) for x in done.stderr.splitlines() if '"register_refused"' in x]
             assert [(e["ip"], e["reason"]) for e in refused] == [
-                (bad, f"RegisterTargets failed: ValidationError: {plan.invalid_targets[bad]}")]
+                (bad, f"RegisterTargets failed: ValidationError: {plan.invalid_targets[bad]}")
+            ]
     assert targets(aws, arn) == {"10.1.71.12", "10.1.70.201"}
     assert plan.actions["RegisterTargets"] >= 4  # each pass: the batch, then its halves
 
@@ -179,7 +205,8 @@ def test_aws_calls_are_tried_as_often_as_documented(
     plan.rate, plan.kinds = 1.0, ("503",)
     with fault_proxy(aws.endpoint_url, plan) as proxy:
         client: Any = boto3.session.Session().client(
-            "elbv2", region_name=aws.region, endpoint_url=proxy, config=boto_config())
+            "elbv2", region_name=aws.region, endpoint_url=proxy, config=boto_config()
+        )
         with pytest.raises(TargetsError, match="ServiceUnavailable"):
             TargetGroup(client, arn, 22).observe()
     assert plan.requests == attempts

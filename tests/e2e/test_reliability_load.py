@@ -104,28 +104,39 @@ def test_daemon_memory_stays_flat_over_1000_passes(env: SimEnv) -> None:
     ips = [cluster.ip(n) for n in range(1, MEMORY_NODES + 1)]
     cluster.add_node(ips[0], "i-0mem00000000001")
     shared = cluster.add_node(ips[1], "i-0mem00000000002").etc_ssh
-    for n, ip in enumerate(ips[2:], start=3):  # one other key set: every node but the first is pushed to
+    for n, ip in enumerate(
+        ips[2:], start=3
+    ):  # one other key set: every node but the first is pushed to
         cluster.add_node(ip, f"i-0mem{n:011d}", keys_from=shared)
     env.list_nodes(ips)
-    env.write_config(host_keys={"probe_interval_seconds": 240}, reconcile={"interval_seconds": 0.02})
+    env.write_config(
+        host_keys={"probe_interval_seconds": 240}, reconcile={"interval_seconds": 0.02}
+    )
     log = env.workdir / "daemon.log"
     with log.open("w") as out:
-        daemon = subprocess.Popen([sys.executable, "-m", "hpodlb", "run", "--config", str(env.config_path)],
-                                  stdout=out, stderr=out)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "hpodlb", "run", "--config", str(env.config_path)],
+            stdout=out,
+            stderr=out,
+        )
     try:
         rss: dict[int, int] = {}
         for mark in (100, 1000):
             deadline = time.monotonic() + 600
             while log.read_text().count('"pass_finished"') < mark:
-                assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()[
+                    -2000:
+                ]
                 time.sleep(0.2)
             rss[mark] = _rss_kb(daemon.pid)
     finally:
         daemon.terminate()
         daemon.wait(20)
     assert env.registered() == set(ips)
-    FIGURES["memory"] = (f"daemon RSS, {MEMORY_NODES} nodes, host keys on: {rss[100] / 1024:.0f} MB "
-                         f"at pass 100, {rss[1000] / 1024:.0f} MB at pass 1000")
+    FIGURES["memory"] = (
+        f"daemon RSS, {MEMORY_NODES} nodes, host keys on: {rss[100] / 1024:.0f} MB "
+        f"at pass 100, {rss[1000] / 1024:.0f} MB at pass 1000"
+    )
     assert rss[1000] - rss[100] < 5 * 1024
 
 

@@ -32,9 +32,19 @@ from tests.support.data import FIGURES
 def start_daemon(aws: FakeAws, tmp_path: Path, fresh_env: None) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(config: Path, *, watchdog_usec: int = 1_000_000, journal: bool = False,
-              args: Sequence[str] = (), env: dict[str, str] | None = None) -> Daemon:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "AWS_", "NOTIFY", "WATCHDOG", "JOURNAL"))}
+    def start(
+        config: Path,
+        *,
+        watchdog_usec: int = 1_000_000,
+        journal: bool = False,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> Daemon:
+        full_env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("HPODLB_", "AWS_", "NOTIFY", "WATCHDOG", "JOURNAL"))
+        }
         full_env.update(aws.env(), WATCHDOG_USEC=str(watchdog_usec))
         full_env.update(env or {})
         return spawn_daemon(tmp_path, started, config, full_env, args, journal=journal)
@@ -43,7 +53,9 @@ def start_daemon(aws: FakeAws, tmp_path: Path, fresh_env: None) -> Iterator[Call
     stop_daemons(started)
 
 
-def _config(write_config: Callable[..., Path], aws: FakeAws, **sections: dict[str, Any]) -> tuple[Path, str]:
+def _config(
+    write_config: Callable[..., Path], aws: FakeAws, **sections: dict[str, Any]
+) -> tuple[Path, str]:
     arn = aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}")
     reconcile = {"interval_seconds": 60, **sections.pop("reconcile", {})}
     return write_config([{"arn": arn, "port": 22}], reconcile=reconcile, **sections), arn
@@ -52,7 +64,9 @@ def _config(write_config: Callable[..., Path], aws: FakeAws, **sections: dict[st
 def _wait_registered(aws: FakeAws, arn: str, ip: str, daemon: Daemon, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while (ip, 22) not in aws.targets(arn):
-        assert time.monotonic() < deadline, f"{ip} not registered in {timeout} s:\n{daemon.log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, (
+            f"{ip} not registered in {timeout} s:\n{daemon.log.read_text()[-2000:]}"
+        )
         time.sleep(0.1)
 
 
@@ -60,14 +74,18 @@ def _add_login_node(cluster_dir: Path, ip: str, instance_id: str = "i-0new000000
     rc = cluster_dir / "resource_config.json"
     data = json.loads(rc.read_text())
     data["InstanceGroups"][1]["Instances"].append(
-        {"CustomerIpAddress": ip, "InstanceId": instance_id, "InstanceName": f"login-{instance_id}"})
+        {"CustomerIpAddress": ip, "InstanceId": instance_id, "InstanceName": f"login-{instance_id}"}
+    )
     tmp = rc.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(rc)
 
 
 def test_daemon_lifecycle(
-    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws, cluster_dir: Path
+    start_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
+    cluster_dir: Path,
 ) -> None:
     """READY after the first pass, STATUS and WATCHDOG after; a file change is acted on at once;
     a broken config on SIGHUP is refused; a second instance refuses; SIGTERM exits 0."""
@@ -78,7 +96,8 @@ def test_daemon_lifecycle(
     assert len(aws.targets(arn)) == 3
     status = notify.wait_for("STATUS=")[0][1]
     assert status.startswith(
-        "STATUS=0/3 login nodes healthy (3 more registered, not healthy yet), 0 pending")
+        "STATUS=0/3 login nodes healthy (3 more registered, not healthy yet), 0 pending"
+    )
     notify.wait_for("WATCHDOG=1", count=3)
 
     # The resource config changes: the node is registered long before the 60 s interval (the
@@ -109,8 +128,13 @@ def test_daemon_lifecycle(
     second = start_daemon(config)
     assert second.proc.wait(30) == 1
     assert f"pid {daemon.proc.pid}" in second.log.read_text()
-    once = subprocess.run([sys.executable, "-m", "hpodlb", "once", "--config", str(config)],
-                          capture_output=True, text=True, env={**os.environ, **aws.env()}, check=False)
+    once = subprocess.run(
+        [sys.executable, "-m", "hpodlb", "once", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **aws.env()},
+        check=False,
+    )
     assert once.returncode == 1
     assert f"another hpodlb (pid {daemon.proc.pid}) holds" in once.stderr
 
@@ -123,7 +147,10 @@ def test_daemon_lifecycle(
 
 
 def test_journal_lines_carry_priority_and_are_json(
-    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws, cluster_dir: Path
+    start_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
+    cluster_dir: Path,
 ) -> None:
     """With stdout on the journal, every line is `<N>` + one JSON event, N matching the level; the
     start event names the version that runs."""
@@ -146,8 +173,11 @@ def test_journal_lines_carry_priority_and_are_json(
 
 
 def test_a_pass_waiting_on_a_silent_node_keeps_the_watchdog_fed(
-    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
-    cluster_dir: Path, tmp_path: Path,
+    start_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
+    cluster_dir: Path,
+    tmp_path: Path,
 ) -> None:
     """A pass waiting on a peer that never speaks is advancing (the wait is bounded by the node's
     deadline): WATCHDOG pings go on through it, past half the watchdog interval, and the node
@@ -161,13 +191,20 @@ def test_a_pass_waiting_on_a_silent_node_keeps_the_watchdog_fed(
     rc = cluster_dir / "resource_config.json"
     data = json.loads(rc.read_text())
     data["InstanceGroups"][1]["Instances"] = [
-        {"CustomerIpAddress": "127.0.0.1", "InstanceId": "i-0silent0000000001"}]
+        {"CustomerIpAddress": "127.0.0.1", "InstanceId": "i-0silent0000000001"}
+    ]
     rc.write_text(json.dumps(data))
     config, _ = _config(
-        write_config, aws,
+        write_config,
+        aws,
         cluster={"allowed_cidrs": ["127.0.0.0/8"]},
         ssh={"port": port, "connect_timeout_seconds": 4},
-        host_keys={"enabled": True, "store": str(store), "types": ["ed25519"], "adopt_from_first_node": False},
+        host_keys={
+            "enabled": True,
+            "store": str(store),
+            "types": ["ed25519"],
+            "adopt_from_first_node": False,
+        },
     )
     try:
         daemon = start_daemon(config, watchdog_usec=1_000_000)
@@ -181,7 +218,9 @@ def test_a_pass_waiting_on_a_silent_node_keeps_the_watchdog_fed(
         extends = [(t, f) for t, f in daemon.notify.fields("EXTEND_TIMEOUT_USEC=") if t < ready_at]
         assert {f for _, f in extends} == {"EXTEND_TIMEOUT_USEC=1000000"}, extends
         assert len(extends) >= len(pings) - 1, (extends, pings)
-        assert not [t for t, _ in daemon.notify.fields("EXTEND_TIMEOUT_USEC=") if t > ready_at + 0.5]
+        assert not [
+            t for t, _ in daemon.notify.fields("EXTEND_TIMEOUT_USEC=") if t > ready_at + 0.5
+        ]
         # The main loop pings every 0.5 s (its tick) while the pass beats; before, pings stopped
         # for the whole 4 s wait. The bounds leave a busy 2-core CI room for a few late ticks.
         assert pings and pings[-1] > ready_at - 2.5, pings
@@ -194,7 +233,9 @@ def test_a_pass_waiting_on_a_silent_node_keeps_the_watchdog_fed(
 
 
 def test_a_pass_stuck_in_a_call_stops_the_watchdog(
-    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
+    start_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
 ) -> None:
     """An AWS endpoint that accepts and never answers holds the pass in one call (up to botocore's
     15 s read timeout): the pass does not advance, so WATCHDOG pings stop within half the watchdog
@@ -206,10 +247,14 @@ def test_a_pass_stuck_in_a_call_stops_the_watchdog(
     threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
     config, _ = _config(write_config, aws)
     try:
-        daemon = start_daemon(config, watchdog_usec=1_000_000, env={
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{listener.getsockname()[1]}",
-            "AWS_MAX_ATTEMPTS": "1",
-        })
+        daemon = start_daemon(
+            config,
+            watchdog_usec=1_000_000,
+            env={
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{listener.getsockname()[1]}",
+                "AWS_MAX_ATTEMPTS": "1",
+            },
+        )
         daemon.wait_event("daemon_started")
         deadline = time.monotonic() + 10
         while not held and time.monotonic() < deadline:
@@ -255,19 +300,29 @@ def _late_pings(notify: NotifySocket, allowed: float) -> list[float]:
 
 
 def _timestamps(daemon: Daemon, event: str) -> list[dt.datetime]:
-    return [dt.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
-            for e in daemon.events() if e["event"] == event]
+    return [
+        dt.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
+        for e in daemon.events()
+        if e["event"] == event
+    ]
 
 
 def test_wall_clock_steps_change_neither_the_schedule_nor_the_watchdog(
-    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws, tmp_path: Path,
+    start_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
+    tmp_path: Path,
 ) -> None:
     """After the wall clock steps back an hour, and forward again, passes go on every
     interval_seconds, and each WATCHDOG=1 follows a pass that finished on schedule."""
     spec = tmp_path / "faketime"
     spec.write_text("+0\n")
-    clock = {"LD_PRELOAD": _libfaketime(), "FAKETIME_TIMESTAMP_FILE": str(spec),
-             "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    clock = {
+        "LD_PRELOAD": _libfaketime(),
+        "FAKETIME_TIMESTAMP_FILE": str(spec),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
     interval, watchdog = 2.0, 2.0
     config, _ = _config(write_config, aws, reconcile={"interval_seconds": interval})
     daemon = start_daemon(config, watchdog_usec=int(watchdog * 1e6), env=clock)
@@ -283,11 +338,13 @@ def test_wall_clock_steps_change_neither_the_schedule_nor_the_watchdog(
         time.sleep(0.1)
     after = len(_passes(notify)) - before
     FIGURES["passes after the wall clock stepped back 1 h (interval 2 s)"] = (
-        f"{after} in {time.monotonic() - stepped:.1f} s")
+        f"{after} in {time.monotonic() - stepped:.1f} s"
+    )
     late = _late_pings(notify, interval + watchdog / 2)
     assert (after, late) == (3, []), (
         f"{after} passes in {time.monotonic() - stepped:.0f} s after the clock stepped back; "
-        f"WATCHDOG=1 sent up to {max(late, default=0):.1f} s after the last pass finished")
+        f"WATCHDOG=1 sent up to {max(late, default=0):.1f} s after the last pass finished"
+    )
     finished = _timestamps(daemon, "pass_finished")
     assert finished[-1] < finished[0] - dt.timedelta(minutes=50)  # the daemon's wall clock did step
 
@@ -305,8 +362,11 @@ def test_wall_clock_steps_change_neither_the_schedule_nor_the_watchdog(
 
 
 def test_sighup_during_a_pass_blocks_neither_reload_nor_stop(
-    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
-    cluster_dir: Path, tmp_path: Path,
+    start_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
+    cluster_dir: Path,
+    tmp_path: Path,
 ) -> None:
     """While a pass hangs on a silent node, SIGHUP is answered at once (RELOADING=1, READY=1),
     and a SIGTERM one second later ends the daemon within the 8 s stop grace."""
@@ -320,20 +380,30 @@ def test_sighup_during_a_pass_blocks_neither_reload_nor_stop(
     data["InstanceGroups"][1]["Instances"] = []
     rc.write_text(json.dumps(data))
     config, _ = _config(
-        write_config, aws,
+        write_config,
+        aws,
         cluster={"allowed_cidrs": ["127.0.0.0/8"]},
         ssh={"port": listener.getsockname()[1], "connect_timeout_seconds": 60},
-        host_keys={"enabled": True, "store": str(store), "types": ["ed25519"], "adopt_from_first_node": False},
+        host_keys={
+            "enabled": True,
+            "store": str(store),
+            "types": ["ed25519"],
+            "adopt_from_first_node": False,
+        },
     )
     try:
         daemon = start_daemon(config, watchdog_usec=0)
         notify = daemon.notify
         notify.wait_for("READY=1")
-        _add_login_node(cluster_dir, "127.0.0.1", "i-0silent0000000001")  # the next pass hangs on it
+        _add_login_node(
+            cluster_dir, "127.0.0.1", "i-0silent0000000001"
+        )  # the next pass hangs on it
         daemon.wait_event("resource_config_changed")
         time.sleep(1)
 
-        config.write_text(config.read_text().replace("interval_seconds = 60", "interval_seconds = 45"))
+        config.write_text(
+            config.read_text().replace("interval_seconds = 60", "interval_seconds = 45")
+        )
         hup = time.monotonic()
         daemon.proc.send_signal(signal.SIGHUP)
         assert daemon.wait_event("config_reloaded", timeout=5)["interval_seconds"] == 45
@@ -356,8 +426,11 @@ def test_sighup_during_a_pass_blocks_neither_reload_nor_stop(
 
 
 def test_reload_that_moves_the_state_dir_moves_the_lock(
-    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
-    cluster_dir: Path, tmp_path: Path,
+    start_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
+    cluster_dir: Path,
+    tmp_path: Path,
 ) -> None:
     """After a reload that moves state.dir, `hpodlb once` with the new config is refused, the old
     dir's lock is let go, and a reload to a dir someone else has locked is refused."""
@@ -371,8 +444,13 @@ def test_reload_that_moves_the_state_dir_moves_the_lock(
     daemon.wait_event("config_reloaded")
     daemon.wait_event("pass_finished", count=2)  # a reload wants a pass at once
     assert (moved / "state.json").exists()
-    once = subprocess.run([sys.executable, "-m", "hpodlb", "once", "--config", str(config)],
-                          capture_output=True, text=True, env={**os.environ, **aws.env()}, check=False)
+    once = subprocess.run(
+        [sys.executable, "-m", "hpodlb", "once", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **aws.env()},
+        check=False,
+    )
     assert once.returncode == 1, once.stdout + once.stderr
     assert f"another hpodlb (pid {daemon.proc.pid}) holds {moved / 'hpodlb.lock'}" in once.stderr
     with (tmp_path / "state-a" / "hpodlb.lock").open("rb") as old:
@@ -397,7 +475,10 @@ def test_reload_that_moves_the_state_dir_moves_the_lock(
 
 
 def test_a_change_seen_while_a_pass_ends_is_never_lost(
-    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws, cluster_dir: Path,
+    start_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
+    cluster_dir: Path,
 ) -> None:
     """A resource-config change seen while the previous pass is still finishing (its STATUS=
     held up by a busy systemd) leads to a pass that reads it, not one an interval later."""
@@ -419,7 +500,9 @@ def test_a_change_seen_while_a_pass_ends_is_never_lost(
 
 
 def test_a_drain_and_an_undrain_are_acted_on_at_once(
-    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
+    start_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
 ) -> None:
     """`hpodlb drain` writes intents.json; the running daemon sees it within a second and passes,
     instead of an interval (60 s) later; STATUS= says the node is drained; undrain likewise."""
@@ -430,8 +513,24 @@ def test_a_drain_and_an_undrain_are_acted_on_at_once(
     ips = sorted(ip for ip, _ in aws.targets(arn))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HPODLB_", "AWS_"))}
     env.update(aws.env())
-    drain = subprocess.run([sys.executable, "-m", "hpodlb", "--config", str(config), "drain", ips[0],
-                            "--reason", "firmware"], check=False, env=env, capture_output=True, text=True, timeout=60)
+    drain = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpodlb",
+            "--config",
+            str(config),
+            "drain",
+            ips[0],
+            "--reason",
+            "firmware",
+        ],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert drain.returncode == 0, drain.stderr
     assert "could not tell its users" in drain.stdout  # host keys off here: nobody to vouch for
     deadline = time.monotonic() + 10
@@ -443,8 +542,14 @@ def test_a_drain_and_an_undrain_are_acted_on_at_once(
     while not any(", 1 drained" in line for _, line in notify.fields("STATUS=")):
         assert time.monotonic() < deadline, notify.messages
         time.sleep(0.1)
-    undrain = subprocess.run([sys.executable, "-m", "hpodlb", "--config", str(config), "undrain",
-                              ips[0]], check=False, env=env, capture_output=True, text=True, timeout=60)
+    undrain = subprocess.run(
+        [sys.executable, "-m", "hpodlb", "--config", str(config), "undrain", ips[0]],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert undrain.returncode == 0, undrain.stderr
     _wait_registered(aws, arn, ips[0], daemon)
     daemon.proc.send_signal(signal.SIGTERM)
@@ -452,13 +557,17 @@ def test_a_drain_and_an_undrain_are_acted_on_at_once(
 
 
 def test_verbose_logs_never_carry_aws_credentials(
-    start_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws,
+    start_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
 ) -> None:
     """With -v, no line of the daemon's output holds the access key id, secret or session token."""
     marker = uuid.uuid4().hex
-    secrets = {"AWS_ACCESS_KEY_ID": f"AKIA{marker[:16].upper()}",
-               "AWS_SECRET_ACCESS_KEY": f"secret{marker}",
-               "AWS_SESSION_TOKEN": f"token{marker}"}
+    secrets = {
+        "AWS_ACCESS_KEY_ID": f"AKIA{marker[:16].upper()}",
+        "AWS_SECRET_ACCESS_KEY": f"secret{marker}",
+        "AWS_SESSION_TOKEN": f"token{marker}",
+    }
     config, arn = _config(write_config, aws)
     daemon = start_daemon(config, args=["-v"], env=secrets)
     daemon.notify.wait_for("READY=1")

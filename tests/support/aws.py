@@ -13,9 +13,11 @@ TG_ARN = "arn:aws:elasticloadbalancing:us-west-2:123456789012:targetgroup/smhp-l
 def make_group(elb: Any, name: str = "smhp-login-node-tg") -> str:
     ec2 = boto3.client("ec2", region_name="us-west-2")
     vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
-    return str(elb.create_target_group(
-        Name=name, Protocol="TCP", Port=22, VpcId=vpc, TargetType="ip"
-    )["TargetGroups"][0]["TargetGroupArn"])
+    return str(
+        elb.create_target_group(Name=name, Protocol="TCP", Port=22, VpcId=vpc, TargetType="ip")[
+            "TargetGroups"
+        ][0]["TargetGroupArn"]
+    )
 
 
 class Clock:
@@ -39,13 +41,24 @@ def credentials_denied(action: str) -> dict[str, str]:
 
     iam = boto3.client("iam", region_name="us-east-1")
     iam.create_user(UserName="head-node")
-    policy = iam.create_policy(PolicyName="hpodlb", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Action": "*", "Resource": "*"},
-            {"Effect": "Deny", "Action": action, "Resource": "*"}]}))
+    policy = iam.create_policy(
+        PolicyName="hpodlb",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {"Effect": "Allow", "Action": "*", "Resource": "*"},
+                    {"Effect": "Deny", "Action": action, "Resource": "*"},
+                ],
+            }
+        ),
+    )
     iam.attach_user_policy(UserName="head-node", PolicyArn=policy["Policy"]["Arn"])
     key = iam.create_access_key(UserName="head-node")["AccessKey"]
-    return {"aws_access_key_id": key["AccessKeyId"], "aws_secret_access_key": key["SecretAccessKey"]}
+    return {
+        "aws_access_key_id": key["AccessKeyId"],
+        "aws_secret_access_key": key["SecretAccessKey"],
+    }
 
 
 def enforce_iam(monkeypatch: pytest.MonkeyPatch) -> None:

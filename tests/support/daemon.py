@@ -133,8 +133,15 @@ class Daemon:
         raise AssertionError(f"no {name} event within {timeout}s:\n{self.log.read_text()[-3000:]}")
 
 
-def spawn_daemon(tmp_path: Path, started: list[Daemon], config: Path, env: dict[str, str],
-                 args: Sequence[str] = (), *, journal: bool = False) -> Daemon:
+def spawn_daemon(
+    tmp_path: Path,
+    started: list[Daemon],
+    config: Path,
+    env: dict[str, str],
+    args: Sequence[str] = (),
+    *,
+    journal: bool = False,
+) -> Daemon:
     """`hpodlb run` as a process with `env` (the caller decides which AWS it sees), its JSON log in
     a file, a stand-in for systemd's notify socket; added to `started` for `stop_daemons`."""
     n = len(started)
@@ -145,8 +152,12 @@ def spawn_daemon(tmp_path: Path, started: list[Daemon], config: Path, env: dict[
     if journal:
         st = os.fstat(out.fileno())
         full_env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-    proc = subprocess.Popen([sys.executable, "-m", "hpodlb", "run", *args, "--config", str(config)],
-                            stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpodlb", "run", *args, "--config", str(config)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+    )
     out.close()
     daemon = Daemon(proc, log, notify)
     started.append(daemon)

@@ -6,4 +6,3 @@ from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FIGURES: dict[str, str] = {}
-

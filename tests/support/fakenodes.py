@@ -87,11 +87,14 @@ class FakeConnector:
         if endpoint.session_error is not None:
             raise endpoint.session_error
         pinned_types = {key_type_of(line) for line in pin}
-        shown = next(endpoint.presents(t) for t in TYPES if t in pinned_types and endpoint.presents(t))
+        shown = next(
+            endpoint.presents(t) for t in TYPES if t in pinned_types and endpoint.presents(t)
+        )
         if shown not in pin:
             raise SshError(
-                "host-key", f"presents {fingerprint(shown or '')}, expected "
-                f"{', '.join(sorted(fingerprint(p) for p in pin))}; not trusted, nothing sent"
+                "host-key",
+                f"presents {fingerprint(shown or '')}, expected "
+                f"{', '.join(sorted(fingerprint(p) for p in pin))}; not trusted, nothing sent",
             )
         endpoint.sessions += 1
         yield FakeSession(endpoint)
@@ -105,9 +108,13 @@ class FakeSession:
         self.node.scripts.append(script)
         text = script.decode()
         if "base64 -w0" in text:  # the read script (adoption)
-            lines = [f"{t} {base64.b64encode(k.private).decode()}" for t, k in self.node.keys.items()]
+            lines = [
+                f"{t} {base64.b64encode(k.private).decode()}" for t, k in self.node.keys.items()
+            ]
             return 0, "\n".join(lines) + "\n", ""
-        payloads = [base64.b64decode(b) for b in re.findall(r"printf '%s' '([A-Za-z0-9+/=]+)'", text)]
+        payloads = [
+            base64.b64decode(b) for b in re.findall(r"printf '%s' '([A-Za-z0-9+/=]+)'", text)
+        ]
         privates = [p for p in payloads if p.startswith(b"-----BEGIN")]
         for private in privates:
             for key_type in TYPES:

@@ -41,13 +41,16 @@ def test_every_documented_key_appears_in_the_example() -> None:
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        ("[reconcile]\ninterval_seconds = -5\n", "reconcile.interval_seconds: Input should be greater than 0"),
+        (
+            "[reconcile]\ninterval_seconds = -5\n",
+            "reconcile.interval_seconds: Input should be greater than 0",
+        ),
         ("[reconcile]\nmax_deregister_fraction = 1.5\n", "reconcile.max_deregister_fraction"),
-        ("[reconcile]\nprune = \"maybe\"\n", "reconcile.prune"),
+        ('[reconcile]\nprune = "maybe"\n', "reconcile.prune"),
         ("[reconcile]\nintervall_seconds = 5\n", "reconcile.intervall_seconds: unknown key"),
         ("[colour]\nx = 1\n", "colour: unknown key"),
-        ("[host_keys]\ntypes = [\"dsa\"]\n", "host_keys.types: unknown key type"),
-        ("[cluster]\nallowed_cidrs = [\"10.0.0.0/33\"]\n", "cluster.allowed_cidrs"),
+        ('[host_keys]\ntypes = ["dsa"]\n', "host_keys.types: unknown key type"),
+        ('[cluster]\nallowed_cidrs = ["10.0.0.0/33"]\n', "cluster.allowed_cidrs"),
     ],
 )
 def test_bad_values_name_file_key_and_problem(tmp_path: Path, body: str, expected: str) -> None:
@@ -64,7 +67,9 @@ def test_bad_values_name_file_key_and_problem(tmp_path: Path, body: str, expecte
 def test_malformed_arn_is_refused(tmp_path: Path) -> None:
     """A target group ARN of the wrong shape is named with its index."""
     path = tmp_path / "c.toml"
-    path.write_text('[[target_groups]]\narn = "arn:aws:elasticloadbalancing:us-west-2:1:loadbalancer/x"\n')
+    path.write_text(
+        '[[target_groups]]\narn = "arn:aws:elasticloadbalancing:us-west-2:1:loadbalancer/x"\n'
+    )
     with pytest.raises(ConfigError, match=r"target_groups\[0\]\.arn: .* is not a target group ARN"):
         load_config(path, {})
 
@@ -106,9 +111,14 @@ def test_environment_overrides_single_keys(write_config: Callable[..., Path]) ->
 def test_bad_environment_override_names_the_variable(write_config: Callable[..., Path]) -> None:
     """An override with a bad value or an unknown key names the variable, not just the file."""
     path = write_config()
-    with pytest.raises(ConfigError, match=r"^HPODLB_RECONCILE__MIN_IN_SERVICE \(overrides .*\): reconcile.min_in_service"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^HPODLB_RECONCILE__MIN_IN_SERVICE \(overrides .*\): reconcile.min_in_service",
+    ):
         load_config(path, {"HPODLB_RECONCILE__MIN_IN_SERVICE": "-1"})
-    with pytest.raises(ConfigError, match=r"^HPODLB_RECONCILE__TYPO: \[reconcile\] has no key 'typo'"):
+    with pytest.raises(
+        ConfigError, match=r"^HPODLB_RECONCILE__TYPO: \[reconcile\] has no key 'typo'"
+    ):
         load_config(path, {"HPODLB_RECONCILE__TYPO": "1"})
 
 
@@ -125,6 +135,8 @@ def test_an_override_with_one_underscore_is_an_error_naming_it(
 ) -> None:
     """An HPODLB_ variable that names no key (one underscore) is refused by name, never ignored."""
     path = write_config()
-    with pytest.raises(ConfigError, match=rf"^{var}: not a config override; use HPODLB_<SECTION>__<KEY>"):
+    with pytest.raises(
+        ConfigError, match=rf"^{var}: not a config override; use HPODLB_<SECTION>__<KEY>"
+    ):
         load_config(path, {var: "maybe"})
     assert load_config(path, {"HPODLB_CONFIG": str(path)}).reconcile.prune is True

@@ -50,7 +50,9 @@ def test_the_readme_is_short_and_starts_with_the_two_commands() -> None:
     first = re.search(r"```sh\n(.*?)```", readme, re.S)
     assert first
     assert [line.split()[:2] for line in first.group(1).splitlines()] == [
-        ["./dev", "demo"], ["./dev", "test"]]
+        ["./dev", "demo"],
+        ["./dev", "test"],
+    ]
     assert "\n./dev test\n" in (REPO / ".ci" / "run").read_text()
     for doc in DOCS:
         assert not re.search(r"\b\d+ (passed|failed)\b|\b\d+ tests\b", doc.read_text()), doc

@@ -60,5 +60,7 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
 def test_the_core_never_imports_a_command() -> None:
     """Commands use the core; the core (the pass, the adapters, the daemon) never uses them."""
     edges = _imports()
-    found = sorted(f"{m} -> {t}" for m, ts in edges.items() if m not in COMMANDS for t in ts if t in COMMANDS)
+    found = sorted(
+        f"{m} -> {t}" for m, ts in edges.items() if m not in COMMANDS for t in ts if t in COMMANDS
+    )
     assert found == []

@@ -22,7 +22,8 @@ from hpodlb.inventory import (
 from tests.support.data import FIXTURES
 
 PRIVATE = tuple(
-    ipaddress.IPv4Network(c) for c in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+    ipaddress.IPv4Network(c)
+    for c in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
 )
 PATH = Path("/opt/ml/config/resource_config.json")
 
@@ -62,12 +63,22 @@ def test_login_group_from_provisioning_parameters(tmp_path: Path) -> None:
 
 def test_several_login_groups_and_name_only_instances() -> None:
     """Nodes of several groups are merged; an instance with only a name uses it as its id."""
-    raw = json.dumps({"InstanceGroups": [
-        {"Name": "a", "Instances": [inst("10.1.0.1", "i-1")]},
-        {"Name": "b", "Instances": [{"CustomerIpAddress": "10.1.0.2", "InstanceName": "b-1"}]},
-    ]}).encode()
+    raw = json.dumps(
+        {
+            "InstanceGroups": [
+                {"Name": "a", "Instances": [inst("10.1.0.1", "i-1")]},
+                {
+                    "Name": "b",
+                    "Instances": [{"CustomerIpAddress": "10.1.0.2", "InstanceName": "b-1"}],
+                },
+            ]
+        }
+    ).encode()
     nodes = parse_login_nodes(raw, PATH, ["a", "b"], PRIVATE)
-    assert [(n.ip, n.instance_id, n.group) for n in nodes] == [("10.1.0.1", "i-1", "a"), ("10.1.0.2", "b-1", "b")]
+    assert [(n.ip, n.instance_id, n.group) for n in nodes] == [
+        ("10.1.0.1", "i-1", "a"),
+        ("10.1.0.2", "b-1", "b"),
+    ]
 
 
 def test_empty_login_group_is_valid() -> None:
@@ -86,7 +97,10 @@ def test_empty_login_group_is_valid() -> None:
         (b'{"Groups": []}', "InstanceGroups: expected a list"),
         (b'{"InstanceGroups": [{"Name": 3}]}', r"InstanceGroups\[0\].Name"),
         (b'{"InstanceGroups": [{"Name": "other", "Instances": []}]}', "no group named login-group"),
-        (b'{"InstanceGroups": [{"Name": "login-group"}]}', r"InstanceGroups\[0\].Instances: expected a list"),
+        (
+            b'{"InstanceGroups": [{"Name": "login-group"}]}',
+            r"InstanceGroups\[0\].Instances: expected a list",
+        ),
         (doc("x"), r"Instances\[0\]: expected an object"),  # type: ignore[arg-type]  # the wrong type is the point
         (doc({"InstanceId": "i-1"}), r"Instances\[0\].CustomerIpAddress: expected a string"),
         (doc(inst(ip=10)), "CustomerIpAddress: expected a string"),
@@ -98,16 +112,31 @@ def test_empty_login_group_is_valid() -> None:
         (doc(inst(ip="224.0.0.1")), "outside cluster.allowed_cidrs"),
         (doc(inst(iid=None, name=None)), "needs an InstanceId or an InstanceName"),
         (doc(inst(iid="")), "InstanceId: expected a non-empty string"),
-        (doc(inst(), inst(iid="i-2")), r"10.1.0.1 is listed twice \(also InstanceGroups\[0\].Instances\[0\]\)"),
+        (
+            doc(inst(), inst(iid="i-2")),
+            r"10.1.0.1 is listed twice \(also InstanceGroups\[0\].Instances\[0\]\)",
+        ),
         # A second, empty entry of the login group must not read as "every login node left".
-        (json.dumps({"InstanceGroups": [{"Name": "login-group", "Instances": [inst()]},
-                                        {"Name": "login-group", "Instances": []}]}).encode(),
-         r"InstanceGroups\[1\].Name: group 'login-group' is listed twice \(also InstanceGroups\[0\]\)"),
+        (
+            json.dumps(
+                {
+                    "InstanceGroups": [
+                        {"Name": "login-group", "Instances": [inst()]},
+                        {"Name": "login-group", "Instances": []},
+                    ]
+                }
+            ).encode(),
+            r"InstanceGroups\[1\].Name: group 'login-group' is listed twice \(also InstanceGroups\[0\]\)",
+        ),
         # Nor may a repeated key, of which json would silently keep the last one.
-        (b'{"InstanceGroups": [{"Name": "login-group", "Instances": []}], "InstanceGroups": []}',
-         "key 'InstanceGroups' appears twice in one object"),
-        (b'{"InstanceGroups": [{"Name": "login-group", "Instances": [], "Instances": []}]}',
-         "key 'Instances' appears twice"),
+        (
+            b'{"InstanceGroups": [{"Name": "login-group", "Instances": []}], "InstanceGroups": []}',
+            "key 'InstanceGroups' appears twice in one object",
+        ),
+        (
+            b'{"InstanceGroups": [{"Name": "login-group", "Instances": [], "Instances": []}]}',
+            "key 'Instances' appears twice",
+        ),
     ],
 )
 def test_malformed_resource_configs_are_refused(raw: bytes, message: str) -> None:
@@ -137,7 +166,9 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=20,
 )
 ip_like = st.one_of(
@@ -153,18 +184,23 @@ instance_like = st.fixed_dictionaries(
         "InstanceName": st.text(max_size=12),
     },
 )
-config_like = st.fixed_dictionaries(
-    {
-        "InstanceGroups": st.lists(
-            st.fixed_dictionaries(
-                {"Name": st.sampled_from(["login-group", "compute"]) | json_values},
-                optional={"Instances": st.lists(instance_like | json_values, max_size=5) | json_values},
-            ),
-            max_size=4,
-        )
-        | json_values
-    }
-) | json_values
+config_like = (
+    st.fixed_dictionaries(
+        {
+            "InstanceGroups": st.lists(
+                st.fixed_dictionaries(
+                    {"Name": st.sampled_from(["login-group", "compute"]) | json_values},
+                    optional={
+                        "Instances": st.lists(instance_like | json_values, max_size=5) | json_values
+                    },
+                ),
+                max_size=4,
+            )
+            | json_values
+        }
+    )
+    | json_values
+)
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
@@ -193,10 +229,16 @@ def test_no_bytes_crash_the_reader(raw: bytes) -> None:
 
 def test_a_50_mb_resource_config_is_read(tmp_path: Path) -> None:
     """Resource configs of 50 MB exist on large clusters: the size bound on reads lets them through."""
-    compute = [inst(f"10.2.{i // 250}.{i % 250}", f"i-{i:017x}", f"compute-{i}") | {"Pad": "x" * 300}
-               for i in range(120_000)]
-    data = {"InstanceGroups": [{"Name": "compute", "Instances": compute},
-                               {"Name": "login-group", "Instances": [inst()]}]}
+    compute = [
+        inst(f"10.2.{i // 250}.{i % 250}", f"i-{i:017x}", f"compute-{i}") | {"Pad": "x" * 300}
+        for i in range(120_000)
+    ]
+    data = {
+        "InstanceGroups": [
+            {"Name": "compute", "Instances": compute},
+            {"Name": "login-group", "Instances": [inst()]},
+        ]
+    }
     rc = tmp_path / "resource_config.json"
     rc.write_text(json.dumps(data))
     assert rc.stat().st_size > 50_000_000

@@ -37,7 +37,7 @@ def test_a_job_is_its_nodes_failure_whatever_it_raises_or_however_long_it_hangs(
     try:
         jobs.submit(Job(PROBE, "10.0.0.1", 0.2), lambda: stuck.wait(10))
         jobs.submit(Job(PROBE, "10.0.0.2", 30), lambda: 1 / 0)
-        results = {}
+        results: dict[str, object] = {}
         while len(results) < 2:
             results.update((job.ip, result) for job, result in jobs.collect())
     finally:

@@ -33,7 +33,9 @@ def test_a_set_becomes_current_whole_and_a_rotation_keeps_the_previous_one(store
     assert not store.is_rotating()
     second = {t: generate(t) for t in store.types}
     store.install(second, keep_previous=True)
-    assert {t: k.public for t, k in store.load().items()} == {t: k.public for t, k in second.items()}
+    assert {t: k.public for t, k in store.load().items()} == {
+        t: k.public for t, k in second.items()
+    }
     assert {t: k.public for t, k in store.load_previous().items()} == first
     store.retire_previous()
     assert store.load_previous() == {}
@@ -75,10 +77,15 @@ def test_a_passphrase_protected_key_is_called_that(store: KeyStore, tmp_path: Pa
     current = store.set_dir()
     assert current is not None
     protected = tmp_path / "protected"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(protected)], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(protected)], check=True
+    )
     (current / "ssh_host_ed25519_key").write_bytes(protected.read_bytes())
     (current / "ssh_host_ed25519_key.pub").unlink()
-    with pytest.raises(KeyStoreError, match="the ed25519 private key is passphrase-protected; host keys have no passphrase"):
+    with pytest.raises(
+        KeyStoreError,
+        match="the ed25519 private key is passphrase-protected; host keys have no passphrase",
+    ):
         KeyStore(store.path, store.types).load()
 
 

@@ -28,13 +28,17 @@ TG2 = "arn:aws:elasticloadbalancing:us-west-2:123456789012:targetgroup/tg-b/0123
 OFF = KeyFacts()  # host keys disabled: every node counts as verified
 
 
-
 def keyset(tag: str) -> dict[str, str]:
     """A set of `algo base64` lines, distinct per tag (the planner never parses the blobs)."""
+
     def line(algo: str) -> str:
         return f"{algo} {base64.b64encode(f'{tag}-{algo}'.encode()).decode()}"
 
-    return {"rsa": line("ssh-rsa"), "ecdsa": line("ecdsa-sha2-nistp256"), "ed25519": line("ssh-ed25519")}
+    return {
+        "rsa": line("ssh-rsa"),
+        "ecdsa": line("ecdsa-sha2-nistp256"),
+        "ed25519": line("ssh-ed25519"),
+    }
 
 
 CANON = keyset("canonical")
@@ -47,14 +51,18 @@ def own(ip: str) -> dict[str, str]:
 
 
 def node(ip: str, instance: str | None = None) -> LoginNode:
-    return LoginNode(ip=ip, instance_id=instance or f"i-{ip.replace('.', '')}", name=ip, group="login-group")
+    return LoginNode(
+        ip=ip, instance_id=instance or f"i-{ip.replace('.', '')}", name=ip, group="login-group"
+    )
 
 
 def view(*ips: str, arn: str = TG, port: int = 22, state: str = "healthy") -> GroupView:
     return GroupView(arn=arn, port=port, targets=tuple(Target(ip, port, state) for ip in ips))
 
 
-def facts(probes: dict[str, Probe], verified: dict[str, str] | None = None, **kw: object) -> KeyFacts:
+def facts(
+    probes: dict[str, Probe], verified: dict[str, str] | None = None, **kw: object
+) -> KeyFacts:
     args: dict[str, object] = {"current": CANON, **kw}
     return KeyFacts(enabled=True, probes=probes, verified=verified or {}, **args)  # type: ignore[arg-type]
 
@@ -117,12 +125,16 @@ def test_absence_counter_resets_when_the_node_returns() -> None:
     ("registered", "fraction", "allowed"),
     [(4, 0.5, 2), (4, 0.25, 1), (3, 0.5, 1), (10, 0.0, 0), (4, 1.0, 3)],
 )
-def test_max_deregister_fraction_caps_one_pass(registered: int, fraction: float, allowed: int) -> None:
+def test_max_deregister_fraction_caps_one_pass(
+    registered: int, fraction: float, allowed: int
+) -> None:
     """Never more than floor(fraction x registered) targets leave a group in one pass."""
     keep = node("10.1.0.100")
     ips = [f"10.1.0.{i}" for i in range(1, registered)]
     plan = plan_pass(
-        [keep], [view(keep.ip, *ips)], OFF,
+        [keep],
+        [view(keep.ip, *ips)],
+        OFF,
         Guards(max_deregister_fraction=fraction, absent_passes_before_deregister=1),
     )
     deregs = plan.runnable(Kind.DEREGISTER)
@@ -134,10 +146,14 @@ def test_max_deregister_fraction_caps_one_pass(registered: int, fraction: float,
 def test_budget_spent_earlier_in_the_pass_counts() -> None:
     """Re-planned mid-pass, the fraction is of the group as the pass began, minus what already left."""
     ips = [f"10.1.0.{i}" for i in range(1, 4)]  # 3 of 4 registered remain: one already left
-    guards = Guards(max_deregister_fraction=0.5, absent_passes_before_deregister=1, min_in_service=0)
+    guards = Guards(
+        max_deregister_fraction=0.5, absent_passes_before_deregister=1, min_in_service=0
+    )
     fresh = plan_pass([], [view(*ips)], OFF, guards)
     assert len(fresh.runnable(Kind.DEREGISTER)) == 1  # floor(0.5 x 3)
-    later = plan_pass([], [view(*ips)], OFF, guards, Memory(start_registered={TG: 4}, spent={TG: 1}))
+    later = plan_pass(
+        [], [view(*ips)], OFF, guards, Memory(start_registered={TG: 4}, spent={TG: 1})
+    )
     assert len(later.runnable(Kind.DEREGISTER)) == 1  # floor(0.5 x 4) - 1
     done = plan_pass([], [view(*ips)], OFF, guards, Memory(start_registered={TG: 4}, spent={TG: 2}))
     assert done.runnable(Kind.DEREGISTER) == ()
@@ -146,7 +162,9 @@ def test_budget_spent_earlier_in_the_pass_counts() -> None:
 def test_min_in_service_keeps_the_last_targets() -> None:
     """An empty login group never empties the target group below min_in_service."""
     plan = plan_pass(
-        [], [view("10.1.0.1", "10.1.0.2")], OFF,
+        [],
+        [view("10.1.0.1", "10.1.0.2")],
+        OFF,
         Guards(max_deregister_fraction=1.0, absent_passes_before_deregister=1, min_in_service=1),
     )
     assert [a.ip for a in plan.runnable(Kind.DEREGISTER)] == ["10.1.0.1"]
@@ -156,7 +174,9 @@ def test_min_in_service_keeps_the_last_targets() -> None:
 def test_min_in_service_zero_allows_emptying_when_fraction_allows() -> None:
     """With min_in_service = 0 and fraction 1.0 the admin has said an empty group is fine."""
     plan = plan_pass(
-        [], [view("10.1.0.1")], OFF,
+        [],
+        [view("10.1.0.1")],
+        OFF,
         Guards(max_deregister_fraction=1.0, absent_passes_before_deregister=1, min_in_service=0),
     )
     assert summary(plan) == {("deregister", "10.1.0.1", None)}
@@ -167,7 +187,9 @@ def test_prune_off_leaves_foreign_targets_alone() -> None:
     nodes = [node("10.1.0.1")]
     current = [view("10.1.0.1", "10.1.0.9", "10.1.0.8")]
     plan = plan_pass(
-        nodes, current, OFF,
+        nodes,
+        current,
+        OFF,
         Guards(prune=False, absent_passes_before_deregister=1, max_deregister_fraction=1.0),
         Memory(registered_by_us={TG: ["10.1.0.8"]}),
     )
@@ -178,15 +200,21 @@ def test_prune_off_leaves_foreign_targets_alone() -> None:
 def test_prune_on_removes_hand_added_targets() -> None:
     """With prune = true, a hand-added target at the configured port is drift to remove."""
     nodes = [node("10.1.0.1"), node("10.1.0.2")]
-    plan = plan_pass(nodes, [view("10.1.0.1", "10.1.0.2", "10.1.0.9")], OFF,
-                     Guards(absent_passes_before_deregister=1))
+    plan = plan_pass(
+        nodes,
+        [view("10.1.0.1", "10.1.0.2", "10.1.0.9")],
+        OFF,
+        Guards(absent_passes_before_deregister=1),
+    )
     assert summary(plan) == {("deregister", "10.1.0.9", None)}
 
 
 def test_targets_at_other_ports_are_never_touched() -> None:
     """A target on another port (someone else's listener) is neither pruned nor counted."""
     nodes = [node("10.1.0.1")]
-    current = GroupView(TG, 22, (Target("10.1.0.1", 22, "healthy"), Target("10.1.0.7", 2222, "healthy")))
+    current = GroupView(
+        TG, 22, (Target("10.1.0.1", 22, "healthy"), Target("10.1.0.7", 2222, "healthy"))
+    )
     plan = plan_pass(nodes, [current], OFF, Guards(absent_passes_before_deregister=1))
     assert plan.settled
 
@@ -195,7 +223,9 @@ def test_targets_that_are_not_ip_addresses_are_never_deregistered() -> None:
     """Instance ids and ARNs are other services' targets: not pruned, not counted, whatever the guards."""
     others = ("i-0abc1234def567890", "arn:aws:lambda:us-west-2:123456789012:function:f")
     plan = plan_pass(
-        [], [view(*others)], OFF,
+        [],
+        [view(*others)],
+        OFF,
         Guards(max_deregister_fraction=1.0, absent_passes_before_deregister=1, min_in_service=0),
     )
     assert plan.actions == ()
@@ -205,7 +235,9 @@ def test_targets_that_are_not_ip_addresses_are_never_deregistered() -> None:
 def test_a_group_that_failed_its_check_gets_no_action() -> None:
     """A target group of the wrong kind gets nothing, not even registrations, and the plan says why."""
     nodes = [node("10.1.0.1")]
-    wrong = GroupView(TG, 22, (Target("i-0abc", 22, "healthy"),), problem="tg-a: target type 'instance'")
+    wrong = GroupView(
+        TG, 22, (Target("i-0abc", 22, "healthy"),), problem="tg-a: target type 'instance'"
+    )
     plan = plan_pass(nodes, [wrong, view(arn=TG2)], OFF, Guards(absent_passes_before_deregister=1))
     assert {(a.target_group, a.kind) for a in plan.actions} == {(TG2, Kind.REGISTER)}
     assert plan.problems == ("tg-a: target type 'instance'",)
@@ -236,8 +268,13 @@ def test_an_instance_that_moved_to_a_new_ip_leaves_its_old_ip_at_once() -> None:
 
 def test_an_ip_whose_instance_is_not_listed_waits_for_the_absence_guard() -> None:
     """A stray IP whose last instance is nowhere in the resource config is an ordinary absence."""
-    plan = plan_pass([node("10.1.0.2")], [view("10.1.0.1", "10.1.0.2")], OFF, Guards(),
-                     Memory(last_instance={"10.1.0.1": "i-gone"}))
+    plan = plan_pass(
+        [node("10.1.0.2")],
+        [view("10.1.0.1", "10.1.0.2")],
+        OFF,
+        Guards(),
+        Memory(last_instance={"10.1.0.1": "i-gone"}),
+    )
     assert summary(plan) == {("deregister", "10.1.0.1", Guard.ABSENCE.value)}
 
 
@@ -245,7 +282,10 @@ def test_several_target_groups_are_planned_independently() -> None:
     """Each target group gets its own actions, counters and guards."""
     nodes = [node("10.1.0.1"), node("10.1.0.2")]
     plan = plan_pass(
-        nodes, [view("10.1.0.1", "10.1.0.2"), view("10.1.0.1", arn=TG2, port=2222)], OFF, Guards(),
+        nodes,
+        [view("10.1.0.1", "10.1.0.2"), view("10.1.0.1", arn=TG2, port=2222)],
+        OFF,
+        Guards(),
     )
     assert {(a.target_group, a.ip, a.port) for a in plan.actions} == {(TG2, "10.1.0.2", 2222)}
 
@@ -260,7 +300,9 @@ def test_a_thousand_nodes_are_planned_in_one_pass() -> None:
     nodes = [node(f"10.2.{i // 250}.{i % 250 + 1}") for i in range(1000)]
     plan = plan_pass(nodes, [view()], OFF, Guards())
     assert len(plan.runnable(Kind.REGISTER)) == 1000
-    gone = plan_pass([], [view(*(n.ip for n in nodes))], OFF, Guards(absent_passes_before_deregister=1))
+    gone = plan_pass(
+        [], [view(*(n.ip for n in nodes))], OFF, Guards(absent_passes_before_deregister=1)
+    )
     assert len(gone.runnable(Kind.DEREGISTER)) == 500
     assert len(gone.held()) == 500
 
@@ -279,8 +321,12 @@ def test_in_sync_node_is_registered() -> None:
 def test_a_node_offering_only_some_types_counts_only_those() -> None:
     """A node whose sshd offers only ed25519, canonical, is in sync (the types it offers count)."""
     n = node("10.1.0.1")
-    plan = plan_pass([n], [view(n.ip)], facts({n.ip: sees({"ed25519": CANON["ed25519"]})},
-                                               {n.ip: n.instance_id}), Guards())
+    plan = plan_pass(
+        [n],
+        [view(n.ip)],
+        facts({n.ip: sees({"ed25519": CANON["ed25519"]})}, {n.ip: n.instance_id}),
+        Guards(),
+    )
     assert plan.settled
     none = plan_pass([n], [view()], facts({n.ip: sees({})}), Guards())
     assert none.actions == ()
@@ -303,14 +349,20 @@ def test_replaced_node_leaves_is_pushed_and_comes_back() -> None:
     a, b = node("10.1.0.1", "i-new"), node("10.1.0.2")
     keys = facts({a.ip: sees(own(a.ip)), b.ip: sees(CANON)}, {a.ip: "i-old", b.ip: b.instance_id})
     plan = plan_pass([a, b], [view(a.ip, b.ip)], keys, Guards())
-    assert summary(plan) == {("deregister", a.ip, None), ("push-keys", a.ip, None), ("register", a.ip, None)}
+    assert summary(plan) == {
+        ("deregister", a.ip, None),
+        ("push-keys", a.ip, None),
+        ("register", a.ip, None),
+    }
     assert plan.judgements[a.ip].state is KeyState.NEW_INSTANCE
 
 
 def test_a_known_instance_with_unknown_keys_is_held_not_pushed() -> None:
     """Same instance, new keys (re-imaged in place, or an impostor): out of rotation, nothing pushed."""
     a, b = node("10.1.0.1"), node("10.1.0.2")
-    keys = facts({a.ip: sees(own(a.ip)), b.ip: sees(CANON)}, {a.ip: a.instance_id, b.ip: b.instance_id})
+    keys = facts(
+        {a.ip: sees(own(a.ip)), b.ip: sees(CANON)}, {a.ip: a.instance_id, b.ip: b.instance_id}
+    )
     plan = plan_pass([a, b], [view(a.ip, b.ip)], keys, Guards())
     assert summary(plan) == {("deregister", a.ip, None)}
     assert plan.judgements[a.ip].state is KeyState.UNKNOWN_KEYS
@@ -333,8 +385,11 @@ def test_an_admin_trusted_instance_is_pushed_pinned_to_the_accepted_keys() -> No
 def test_a_node_presenting_the_previous_set_is_updated_in_place() -> None:
     """During a rotation, a node with the previous keys stays registered and is pushed the new ones."""
     a, b = node("10.1.0.1"), node("10.1.0.2")
-    keys = facts({a.ip: sees(OLD), b.ip: sees(CANON)}, {a.ip: a.instance_id, b.ip: b.instance_id},
-                 previous=OLD)
+    keys = facts(
+        {a.ip: sees(OLD), b.ip: sees(CANON)},
+        {a.ip: a.instance_id, b.ip: b.instance_id},
+        previous=OLD,
+    )
     plan = plan_pass([a, b], [view(a.ip, b.ip)], keys, Guards())
     assert summary(plan) == {("push-keys", a.ip, None)}
     assert plan.judgements[a.ip].state is KeyState.ROTATING
@@ -345,7 +400,9 @@ def test_the_previous_set_is_retired_once_every_node_presents_the_new_one() -> N
     """The rotation ends (retire action) only when every login node is verified in the new set."""
     a, b = node("10.1.0.1"), node("10.1.0.2")
     done = facts({a.ip: sees(CANON), b.ip: sees(CANON)}, previous=OLD)
-    assert ("retire-previous-keys", "", None) in summary(plan_pass([a, b], [view(a.ip, b.ip)], done, Guards()))
+    assert ("retire-previous-keys", "", None) in summary(
+        plan_pass([a, b], [view(a.ip, b.ip)], done, Guards())
+    )
     unreachable = facts({a.ip: sees(CANON), b.ip: Probe(error="connect: refused")}, previous=OLD)
     plan = plan_pass([a, b], [view(a.ip, b.ip)], unreachable, Guards())
     assert all(act.kind is not Kind.RETIRE_PREVIOUS for act in plan.actions)
@@ -354,7 +411,9 @@ def test_the_previous_set_is_retired_once_every_node_presents_the_new_one() -> N
 def test_an_empty_store_adopts_the_first_node_in_the_resource_config() -> None:
     """Adoption is a plan action from the resource config's first node, not the lowest IP."""
     first, second = node("10.1.0.9"), node("10.1.0.1")
-    keys = KeyFacts(enabled=True, probes={first.ip: sees(own(first.ip)), second.ip: sees(own(second.ip))})
+    keys = KeyFacts(
+        enabled=True, probes={first.ip: sees(own(first.ip)), second.ip: sees(own(second.ip))}
+    )
     plan = plan_pass([first, second], [view()], keys, Guards())
     (adopt,) = plan.runnable(Kind.ADOPT)
     assert adopt.ip == first.ip
@@ -367,19 +426,27 @@ def test_an_empty_store_adopts_the_first_node_in_the_resource_config() -> None:
 def test_adoption_waits_for_an_unreachable_first_node_and_says_so() -> None:
     """No adoption from another node when the first one is down: everyone waits, with the reason."""
     first, second = node("10.1.0.9"), node("10.1.0.1")
-    keys = KeyFacts(enabled=True, probes={first.ip: Probe(error="connect: refused"), second.ip: sees(own(second.ip))})
+    keys = KeyFacts(
+        enabled=True,
+        probes={first.ip: Probe(error="connect: refused"), second.ip: sees(own(second.ip))},
+    )
     plan = plan_pass([first, second], [view(second.ip)], keys, Guards())
     assert plan.actions == ()
     assert {w.node.ip for w in plan.waiting} == {first.ip, second.ip}
-    assert all("adopting the keys of 10.1.0.9" in w.reason and "connect: refused" in w.reason
-               for w in plan.waiting)
+    assert all(
+        "adopting the keys of 10.1.0.9" in w.reason and "connect: refused" in w.reason
+        for w in plan.waiting
+    )
 
 
 def test_an_unusable_store_says_so_instead_of_unreachable() -> None:
     """A refused key store is the reason given for every node, not 'node unreachable'."""
     a = node("10.1.0.1")
-    keys = KeyFacts(enabled=True, unavailable="key store refused: mode 0755 is wider than 0700",
-                    probes={a.ip: sees(own(a.ip))})
+    keys = KeyFacts(
+        enabled=True,
+        unavailable="key store refused: mode 0755 is wider than 0700",
+        probes={a.ip: sees(own(a.ip))},
+    )
     plan = plan_pass([a], [view()], keys, Guards())
     assert plan.actions == ()
     assert plan.waiting[0].reason == "key store refused: mode 0755 is wider than 0700"
@@ -397,9 +464,14 @@ def test_unreachable_node_is_not_registered_and_waits() -> None:
 def test_unreachable_registered_node_stays_registered_but_is_not_settled() -> None:
     """A registered node that is only unreachable keeps its target, and the pass is not converged."""
     n = node("10.1.0.1")
-    plan = plan_pass([n], [view(n.ip)], facts({n.ip: Probe(error="handshake: timed out")}), Guards())
+    plan = plan_pass(
+        [n], [view(n.ip)], facts({n.ip: Probe(error="handshake: timed out")}), Guards()
+    )
     assert plan.actions == ()
-    assert plan.waiting[0].reason == "registered, but its host keys cannot be verified: handshake: timed out"
+    assert (
+        plan.waiting[0].reason
+        == "registered, but its host keys cannot be verified: handshake: timed out"
+    )
 
 
 def test_a_node_without_a_probe_yet_gets_no_action() -> None:
@@ -421,7 +493,9 @@ def test_replaced_unreachable_node_leaves_rotation() -> None:
 def test_backing_off_node_gets_no_push_this_pass() -> None:
     """A node inside its push backoff is not pushed to, and says so."""
     a = node("10.1.0.1")
-    plan = plan_pass([a], [view()], facts({a.ip: sees(own(a.ip))}, backing_off={a.ip: "retry in 40s"}), Guards())
+    plan = plan_pass(
+        [a], [view()], facts({a.ip: sees(own(a.ip))}, backing_off={a.ip: "retry in 40s"}), Guards()
+    )
     assert summary(plan) == {("push-keys", a.ip, Guard.BACKOFF.value)}
     assert "retry in 40s" in plan.waiting[0].reason
 
@@ -431,8 +505,12 @@ def test_every_deregistration_counts_against_the_fraction_and_held_ones_are_stil
     nodes = [node(f"10.1.0.{i}", f"i-new{i}") for i in range(1, 4)] + [node("10.1.0.4")]
     probes = {n.ip: sees(own(n.ip)) for n in nodes[:3]} | {"10.1.0.4": sees(CANON)}
     verified = {n.ip: f"i-old{n.ip}" for n in nodes[:3]}
-    plan = plan_pass(nodes, [view(*(n.ip for n in nodes))], facts(probes, verified),
-                     Guards(max_deregister_fraction=0.5))
+    plan = plan_pass(
+        nodes,
+        [view(*(n.ip for n in nodes))],
+        facts(probes, verified),
+        Guards(max_deregister_fraction=0.5),
+    )
     deregs = [a for a in plan.actions if a.kind is Kind.DEREGISTER]
     assert sum(not a.held for a in deregs) == 2
     assert [a.held_by for a in deregs if a.held] == [Guard.FRACTION]
@@ -442,9 +520,16 @@ def test_every_deregistration_counts_against_the_fraction_and_held_ones_are_stil
 def test_wrong_keys_still_respect_min_in_service() -> None:
     """Even a wrong identity does not take the last target out (min_in_service); it is pushed."""
     a = node("10.1.0.1", "i-new")
-    plan = plan_pass([a], [view(a.ip)], facts({a.ip: sees(own(a.ip))}, {a.ip: "i-old"}),
-                     Guards(max_deregister_fraction=1.0))
-    assert summary(plan) == {("push-keys", a.ip, None), ("deregister", a.ip, Guard.MIN_IN_SERVICE.value)}
+    plan = plan_pass(
+        [a],
+        [view(a.ip)],
+        facts({a.ip: sees(own(a.ip))}, {a.ip: "i-old"}),
+        Guards(max_deregister_fraction=1.0),
+    )
+    assert summary(plan) == {
+        ("push-keys", a.ip, None),
+        ("deregister", a.ip, Guard.MIN_IN_SERVICE.value),
+    }
 
 
 # -- drains -------------------------------------------------------------------------------------
@@ -453,7 +538,9 @@ def test_wrong_keys_still_respect_min_in_service() -> None:
 def test_a_drained_node_leaves_within_the_guards_and_is_never_registered() -> None:
     a, b, c = node("10.1.0.1"), node("10.1.0.2"), node("10.1.0.3")
     drained = {a.ip: Drain("kernel update"), c.ip: Drain("disk")}
-    plan = plan_pass([a, b, c], [view(a.ip, b.ip)], OFF, Guards(max_deregister_fraction=1.0), drained=drained)
+    plan = plan_pass(
+        [a, b, c], [view(a.ip, b.ip)], OFF, Guards(max_deregister_fraction=1.0), drained=drained
+    )
     assert summary(plan) == {("deregister", a.ip, None)}  # c is not registered, and stays out
     (action,) = plan.actions
     assert "drained by an admin: kernel update" in action.reason
@@ -474,15 +561,24 @@ def test_an_unforced_drain_keeps_min_in_service_and_a_forced_one_counts_against_
     # A forced drain uses the budget: an absent target in the same pass is held by the fraction.
     stray = "10.1.0.9"
     memory = Memory(absent={TG: {stray: Absence(passes=5, since=-1000)}})
-    plan = plan_pass([a, b], [view(a.ip, b.ip, stray)], OFF, Guards(max_deregister_fraction=0.34),
-                     memory, now=0, drained={a.ip: Drain("x", force=True)})
+    plan = plan_pass(
+        [a, b],
+        [view(a.ip, b.ip, stray)],
+        OFF,
+        Guards(max_deregister_fraction=0.34),
+        memory,
+        now=0,
+        drained={a.ip: Drain("x", force=True)},
+    )
     assert ("deregister", stray, "max_deregister_fraction") in summary(plan)
 
 
 def test_a_drained_node_is_still_pushed_keys_and_not_waited_for() -> None:
     a, b = node("10.1.0.1"), node("10.1.0.2")
     probes = {a.ip: sees(own(a.ip)), b.ip: sees(CANON)}
-    plan = plan_pass([a, b], [view(a.ip, b.ip)], facts(probes), Guards(), drained={a.ip: Drain("m")})
+    plan = plan_pass(
+        [a, b], [view(a.ip, b.ip)], facts(probes), Guards(), drained={a.ip: Drain("m")}
+    )
     assert ("push-keys", a.ip, None) in summary(plan)
     assert ("register", a.ip, None) not in summary(plan)  # not back in after the push
     assert not plan.waiting

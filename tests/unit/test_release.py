@@ -29,8 +29,14 @@ SHIPPED = {
 
 
 def hpodlb_command(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpodlb", *args], capture_output=True, text=True,
-                          timeout=60, check=False, env={"PATH": "/usr/bin:/bin", "HPODLB_CONFIG": "/nonexistent"})
+    return subprocess.run(
+        [sys.executable, "-m", "hpodlb", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "HPODLB_CONFIG": "/nonexistent"},
+    )
 
 
 def project_version() -> str:
@@ -74,13 +80,18 @@ def test_constraints_pin_every_runtime_dependency() -> None:
     for req in map(Requirement, project["dependencies"]):
         if req.marker is None or req.marker.evaluate():
             assert canonicalize_name(req.name) in pins, req.name
-            assert req.specifier.contains(pins[canonicalize_name(req.name)]), (req, pins[canonicalize_name(req.name)])
+            assert req.specifier.contains(pins[canonicalize_name(req.name)]), (
+                req,
+                pins[canonicalize_name(req.name)],
+            )
 
 
 def test_the_changelogs_top_entry_is_this_version() -> None:
     """CHANGELOG.md's first `## [X.Y.Z] - DATE` entry is pyproject.toml's version: what an admin
     reads about a release is the version they install."""
-    entries = re.findall(r"^## \[([^\]]+)\] - \d{4}-\d{2}-\d{2}$", (REPO / "CHANGELOG.md").read_text(), re.M)
+    entries = re.findall(
+        r"^## \[([^\]]+)\] - \d{4}-\d{2}-\d{2}$", (REPO / "CHANGELOG.md").read_text(), re.M
+    )
     assert entries, "no version entry"
     assert entries[0] == project_version() == hpodlb.__version__
     assert len(set(entries)) == len(entries)

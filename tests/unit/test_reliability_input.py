@@ -68,18 +68,43 @@ def test_generated_resource_configs(data: Any) -> None:
 
 
 toml_scalar = st.one_of(
-    st.integers(-5, 10**6).map(str), st.floats(allow_nan=False, allow_infinity=False).map(repr),
-    st.booleans().map(lambda b: "true" if b else "false"), st.text(max_size=30).map(json.dumps),
-    st.lists(st.text(max_size=10).map(json.dumps), max_size=3).map(lambda xs: "[" + ", ".join(xs) + "]"),
+    st.integers(-5, 10**6).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.booleans().map(lambda b: "true" if b else "false"),
+    st.text(max_size=30).map(json.dumps),
+    st.lists(st.text(max_size=10).map(json.dumps), max_size=3).map(
+        lambda xs: "[" + ", ".join(xs) + "]"
+    ),
     st.sampled_from(["nan", "inf", "[", '"', "{}", "1979-05-27", "[[x]]"]),
 )
 sections = {
-    "cluster": ["resource_config", "login_groups", "allowed_cidrs", "provisioning_parameters", "bogus"],
-    "reconcile": ["interval_seconds", "prune", "max_deregister_fraction", "absent_passes_before_deregister",
-                  "min_in_service", "typo"],
+    "cluster": [
+        "resource_config",
+        "login_groups",
+        "allowed_cidrs",
+        "provisioning_parameters",
+        "bogus",
+    ],
+    "reconcile": [
+        "interval_seconds",
+        "prune",
+        "max_deregister_fraction",
+        "absent_passes_before_deregister",
+        "min_in_service",
+        "typo",
+    ],
     "ssh": ["user", "port", "key_file", "sudo", "connect_timeout_seconds"],
-    "host_keys": ["enabled", "store", "types", "remote_dir", "reload_command", "adopt_from_first_node"],
-    "state": ["dir"], "aws": ["region"], "nonsense": ["x"],
+    "host_keys": [
+        "enabled",
+        "store",
+        "types",
+        "remote_dir",
+        "reload_command",
+        "adopt_from_first_node",
+    ],
+    "state": ["dir"],
+    "aws": ["region"],
+    "nonsense": ["x"],
 }
 
 
@@ -90,12 +115,21 @@ def _section(sec: str) -> st.SearchStrategy[str]:
     )
 
 
-config_text = st.lists(
-    st.sampled_from(sorted(sections)).flatmap(_section),
-    max_size=4,
-).map("".join).flatmap(
-    lambda body: st.sampled_from(["", f'[[target_groups]]\narn = "{TG_ARN}"\n',
-                                  '[[target_groups]]\narn = "x"\nport = 99999\n']).map(lambda tg: body + tg)
+config_text = (
+    st.lists(
+        st.sampled_from(sorted(sections)).flatmap(_section),
+        max_size=4,
+    )
+    .map("".join)
+    .flatmap(
+        lambda body: st.sampled_from(
+            [
+                "",
+                f'[[target_groups]]\narn = "{TG_ARN}"\n',
+                '[[target_groups]]\narn = "x"\nport = 99999\n',
+            ]
+        ).map(lambda tg: body + tg)
+    )
 )
 
 
@@ -127,21 +161,28 @@ probes = st.one_of(
     st.just(Probe(error="connect: refused")),
     st.just(Probe(skipped=True)),
 )
-plan_inputs = st.fixed_dictionaries({
-    "desired": st.lists(ips, max_size=25, unique=True),
-    "registered": st.sets(st.one_of(ips, st.sampled_from(["i-0abc", "i-0def"])), max_size=25),
-    "guards": st.builds(Guards, prune=st.booleans(), max_deregister_fraction=st.floats(0, 1),
-                        absent_passes_before_deregister=st.integers(1, 4),
-                        min_in_service=st.integers(0, 5), min_absent_seconds=st.sampled_from([0, 60])),
-    "absent": st.dictionaries(ips, st.tuples(st.integers(0, 5), st.floats(0, 200))),
-    "probes": st.dictionaries(ips, probes),
-    "verified": st.dictionaries(ips, st.sampled_from(["same", "other"])),
-    "trusted": st.dictionaries(ips, st.text("abcdef", min_size=1, max_size=3)),
-    "last_instance": st.dictionaries(ips, ips.map(lambda ip: f"i-{ip}")),
-    "previous": st.booleans(),
-    "store": st.sampled_from(["full", "empty", "refused"]),
-    "now": st.floats(0, 300),
-})
+plan_inputs = st.fixed_dictionaries(
+    {
+        "desired": st.lists(ips, max_size=25, unique=True),
+        "registered": st.sets(st.one_of(ips, st.sampled_from(["i-0abc", "i-0def"])), max_size=25),
+        "guards": st.builds(
+            Guards,
+            prune=st.booleans(),
+            max_deregister_fraction=st.floats(0, 1),
+            absent_passes_before_deregister=st.integers(1, 4),
+            min_in_service=st.integers(0, 5),
+            min_absent_seconds=st.sampled_from([0, 60]),
+        ),
+        "absent": st.dictionaries(ips, st.tuples(st.integers(0, 5), st.floats(0, 200))),
+        "probes": st.dictionaries(ips, probes),
+        "verified": st.dictionaries(ips, st.sampled_from(["same", "other"])),
+        "trusted": st.dictionaries(ips, st.text("abcdef", min_size=1, max_size=3)),
+        "last_instance": st.dictionaries(ips, ips.map(lambda ip: f"i-{ip}")),
+        "previous": st.booleans(),
+        "store": st.sampled_from(["full", "empty", "refused"]),
+        "now": st.floats(0, 300),
+    }
+)
 
 
 @pytest.mark.slow
@@ -163,10 +204,14 @@ def test_no_plan_breaks_a_guard_or_a_trust_rule(x: dict[str, Any]) -> None:
         current={} if x["store"] != "full" else CANON,
         previous=OLD if x["previous"] else {},
         unavailable="key store refused: test" if x["store"] == "refused" else "",
-        probes=x["probes"], verified=verified, trusted=trusted,
+        probes=x["probes"],
+        verified=verified,
+        trusted=trusted,
     )
-    memory = Memory(absent={TG_ARN: {ip: Absence(p, since) for ip, (p, since) in x["absent"].items()}},
-                    last_instance=x["last_instance"])
+    memory = Memory(
+        absent={TG_ARN: {ip: Absence(p, since) for ip, (p, since) in x["absent"].items()}},
+        last_instance=x["last_instance"],
+    )
     plan = plan_pass(nodes, [view], keys, guards, memory, now)
 
     ip_targets = [t for t in x["registered"] if not t.startswith("i-")]
@@ -174,7 +219,9 @@ def test_no_plan_breaks_a_guard_or_a_trust_rule(x: dict[str, Any]) -> None:
     assert set(leaving) <= set(ip_targets)
     assert len(ip_targets) - len(leaving) >= min(guards.min_in_service, len(ip_targets))
     assert len(leaving) <= math.floor(guards.max_deregister_fraction * len(ip_targets))
-    moved_from = {ip for ip, iid in x["last_instance"].items() if iid in {n.instance_id for n in nodes}}
+    moved_from = {
+        ip for ip, iid in x["last_instance"].items() if iid in {n.instance_id for n in nodes}
+    }
     for ip in leaving:
         if ip in desired:
             assert plan.judgements[ip].state is not KeyState.IN_SYNC
@@ -210,7 +257,9 @@ def test_no_plan_breaks_a_guard_or_a_trust_rule(x: dict[str, Any]) -> None:
         (lambda p: os.chown(p.parent, 65534, 0), "is owned by uid 65534, not root"),
     ],
 )
-def test_resource_config_others_could_change_is_refused(tmp_path: Path, setup: Any, message: str) -> None:
+def test_resource_config_others_could_change_is_refused(
+    tmp_path: Path, setup: Any, message: str
+) -> None:
     """A resource config (or its dir) that a non-root user could replace is refused, by name."""
     d = tmp_path / "conf"
     d.mkdir()

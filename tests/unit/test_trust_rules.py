@@ -49,13 +49,20 @@ class World:
         self.writes: list[str] = []
         elb.meta.events.register(
             "before-call.elastic-load-balancing-v2.*",
-            lambda model, **_: self.writes.append(model.name) if "Describe" not in model.name else None,
+            lambda model, **_: (
+                self.writes.append(model.name) if "Describe" not in model.name else None
+            ),
         )
 
     def run_pass(self) -> PassOutcome:
         nodes = HostKeys(self.connector, TYPES, "/etc/ssh", "true", settle_seconds=0)
-        rec = Reconciler(self.config, [TargetGroup(self.elb, self.arn, 22)],
-                         key_side(self.config, nodes), clock=self.clock, boot_id="b1")
+        rec = Reconciler(
+            self.config,
+            [TargetGroup(self.elb, self.arn, 22)],
+            key_side(self.config, nodes),
+            clock=self.clock,
+            boot_id="b1",
+        )
         outcome = rec.run_pass(self.state, apply=True)
         self.clock.advance(30)
         return outcome
@@ -72,17 +79,26 @@ class World:
 
 
 @pytest.fixture
-def world(fresh_env: None, monkeypatch: pytest.MonkeyPatch, write_config: Callable[..., Path],
-          tmp_path: Path) -> Iterator[World]:
+def world(
+    fresh_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    write_config: Callable[..., Path],
+    tmp_path: Path,
+) -> Iterator[World]:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     with mock_aws():
         elb = boto3.client("elbv2", region_name="us-west-2", config=boto_config())
         arn = make_group(elb)
-        path = write_config([{"arn": arn, "port": 22}],
-                            host_keys={"enabled": True, "store": str(tmp_path / "keys"),
-                                       "probe_interval_seconds": 0})
+        path = write_config(
+            [{"arn": arn, "port": 22}],
+            host_keys={
+                "enabled": True,
+                "store": str(tmp_path / "keys"),
+                "probe_interval_seconds": 0,
+            },
+        )
         yield World(load_config(path, {}), elb, arn)
 
 
@@ -94,7 +110,9 @@ def test_first_pass_adopts_the_first_node_and_pushes_to_the_others(world: World)
     assert world.canonical() == {k.public for k in first.keys.values()}
     assert [(a.kind, a.ip) for a in outcome.applied][:1] == [(Kind.ADOPT, IPS[0])]
     assert {a.ip for a in outcome.applied if a.kind is Kind.PUSH_KEYS} == set(IPS[1:])
-    assert all({k.public for k in n.keys.values()} == world.canonical() for n in world.nodes.values())
+    assert all(
+        {k.public for k in n.keys.values()} == world.canonical() for n in world.nodes.values()
+    )
     assert world.registered() == set(IPS)
 
 
@@ -108,7 +126,9 @@ def test_nothing_is_sent_to_an_endpoint_other_than_the_one_probed(world: World) 
     assert impostor.scripts == [] and impostor.sessions == 0
     assert IPS[2] not in world.registered()
     (error,) = [e for e in outcome.errors if e.startswith(IPS[2])]
-    assert impostor.keys["rsa"].fingerprint in error or impostor.keys["ed25519"].fingerprint in error
+    assert (
+        impostor.keys["rsa"].fingerprint in error or impostor.keys["ed25519"].fingerprint in error
+    )
     assert victim.keys["ed25519"].fingerprint in error
     assert world.state.nodes[IPS[2]].retry_mono is not None
 
@@ -126,8 +146,11 @@ def test_a_known_instance_with_unknown_keys_gets_no_session_until_trusted(world:
         assert IPS[1] not in world.registered()
     assert node.sessions == before
     assert world.state.nodes[IPS[1]].failures == 0  # held, not failing: no pointless retries
-    request = TrustRequest(instance_id=world.state.nodes[IPS[1]].instance_id,
-                           keys=[k.public for k in node.keys.values()], requested_at=0)
+    request = TrustRequest(
+        instance_id=world.state.nodes[IPS[1]].instance_id,
+        keys=[k.public for k in node.keys.values()],
+        requested_at=0,
+    )
     update_intents(world.config.state.dir, lambda i: i.trust.__setitem__(IPS[1], request))
     outcome = world.run_pass()
     assert outcome.converged, outcome.errors
@@ -141,8 +164,11 @@ def test_a_trust_request_covers_nothing_but_the_keys_it_names(world: World) -> N
     assert world.run_pass().converged
     node = world.nodes[IPS[1]]
     node.keys = world.keysets.take()
-    stale = TrustRequest(instance_id=world.state.nodes[IPS[1]].instance_id,
-                         keys=[world.keysets.key("ed25519").public], requested_at=0)
+    stale = TrustRequest(
+        instance_id=world.state.nodes[IPS[1]].instance_id,
+        keys=[world.keysets.key("ed25519").public],
+        requested_at=0,
+    )
     update_intents(world.config.state.dir, lambda i: i.trust.__setitem__(IPS[1], stale))
     sessions = node.sessions
     world.run_pass()
@@ -162,7 +188,9 @@ def test_a_rotation_updates_every_node_in_place(world: World) -> None:
     assert outcome.converged, outcome.errors
     assert "DeregisterTargets" not in world.writes
     assert world.registered() == set(IPS)
-    assert all({k.public for k in n.keys.values()} == world.canonical() for n in world.nodes.values())
+    assert all(
+        {k.public for k in n.keys.values()} == world.canonical() for n in world.nodes.values()
+    )
     assert not store.is_rotating()
     assert [a.kind for a in outcome.applied].count(Kind.RETIRE_PREVIOUS) == 1
 
@@ -220,6 +248,7 @@ def test_an_adoption_the_store_cannot_take_fails_that_pass_quietly(
 ) -> None:
     """Writing the adopted set fails with something unexpected (a full disk): the adoption failed
     and says why; the pass is not crashed, nothing is registered, the next pass adopts."""
+
     def full(*_: object, **__: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
