@@ -4,8 +4,8 @@ A node's job runs with the deadline its step gives (`HostKeys.probe_seconds`, ..
 when a worker takes it, not from when it was queued) behind an exception boundary: whatever it
 raises, or a hang past its deadline, is that node's result, never the pass's. The runner starts
 jobs and hands their results back; it never acts on them (the sequencer in `reconcile` does), so
-it reads an `Action` only to name the job, and knows nothing of state or AWS. While the pass waits on jobs it beats every BEAT_SECONDS:
-it is alive, and every job it waits on is bounded.
+it reads an `Action` only to name the job, and knows nothing of state or AWS. While the pass
+waits on jobs it beats every BEAT_SECONDS: it is alive, and every job it waits on is bounded.
 
 Jobs are pipelined: a free worker takes the oldest waiting push or adoption before any waiting
 probe, so a node's push starts as soon as its probe has come back and been planned, not after
