@@ -307,6 +307,45 @@ def test_once_writes_the_textfile_atomically_and_never_through_a_symlink(
     assert later["first_pass_at"] == state["first_pass_at"]
 
 
+def _events(stderr: str, name: str) -> list[dict[str, Any]]:
+    """The JSON events named `name` that a command wrote on stderr."""
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [e for e in events if e["event"] == name]
+
+
+def test_a_textfile_dir_a_user_replaced_with_a_symlink_is_refused(
+    write_config: Callable[..., Path], aws: FakeAws, arn: str, tmp_path: Path, fresh_env: None
+) -> None:
+    """A textfile dir in an ordinary user's home is refused; once that user replaces it with a
+    symlink to a root-owned dir it is refused all the same (the user can re-point the link at any
+    moment): `once` names the user's dir, writes nothing where the link points, and converges."""
+    nobody = 65534
+    home = tmp_path / "home"  # an ordinary user's, as /home/ubuntu is
+    home.mkdir(mode=0o755)
+    os.chown(home, nobody, nobody)
+    textdir = home / "node-exporter"
+    textdir.mkdir(mode=0o755)
+    os.chown(textdir, nobody, nobody)
+    config = write_config([{"arn": arn, "port": 22}], metrics={"textfile": str(textdir / "x.prom")})
+
+    owned = once(config, aws)
+    assert owned.returncode == 0, owned.stderr
+    (refused,) = _events(owned.stderr, "metrics_textfile_unwritable")
+    assert f"{textdir} is owned by uid {nobody}, not root" in refused["error"]
+
+    # The user swaps their dir for a symlink to a dir that root owns and trusts.
+    textdir.rmdir()
+    rootdir = metrics_dir(tmp_path)
+    textdir.symlink_to(rootdir)
+    os.lchown(textdir, nobody, nobody)
+    linked = once(config, aws)
+    assert linked.returncode == 0, linked.stderr
+    assert sorted(rootdir.iterdir()) == []
+    (refused,) = _events(linked.stderr, "metrics_textfile_unwritable")
+    assert refused["path"] == str(textdir / "x.prom")
+    assert f"{home} is owned by uid {nobody}, not root" in refused["error"]
+
+
 def test_a_textfile_that_cannot_be_written_costs_the_pass_nothing(
     run_daemon: Callable[..., Daemon],
     write_config: Callable[..., Path],
