@@ -579,3 +579,36 @@ def test_verbose_logs_never_carry_aws_credentials(
     for line in lines:
         for name, value in secrets.items():
             assert value not in line, f"{name} in: {line[:200]}"
+
+
+def _library_lines(daemon: Daemon) -> list[dict[str, Any]]:
+    """The events a library (not hpodlb) logged through the daemon's renderer."""
+    return [e for e in daemon.events() if not str(e.get("logger", "")).startswith("hpodlb")]
+
+
+def test_libraries_log_warnings_only_unless_verbose(
+    start_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
+) -> None:
+    """APScheduler's two lines per interval ("Running job ...", "... executed successfully", at
+    info) would be 5,760 journal lines a day at the default interval: without -v, a library's
+    line reaches the journal only at warning or above, over passes the interval job asked for;
+    with -v its info lines are shown too, never its debug output (botocore's holds signed
+    requests)."""
+    config, _ = _config(write_config, aws, reconcile={"interval_seconds": 1})
+    quiet = start_daemon(config)
+    quiet.wait_event("pass_finished", count=4)  # the start's pass, then the interval job's
+    quiet.proc.send_signal(signal.SIGTERM)
+    assert quiet.proc.wait(15) == 0
+    chatter = [e for e in _library_lines(quiet) if e["level"] not in ("warning", "error")]
+    assert chatter == []
+    assert "Running job" not in quiet.log.read_text()
+
+    verbose = start_daemon(config, args=["-v"])
+    verbose.wait_event("pass_finished", count=3)
+    verbose.proc.send_signal(signal.SIGTERM)
+    assert verbose.proc.wait(15) == 0
+    shown = _library_lines(verbose)
+    assert any(e["logger"].startswith("apscheduler") and e["level"] == "info" for e in shown)
+    assert not [e for e in shown if e["level"] == "debug"]
