@@ -1,7 +1,8 @@
 """Log setup: one JSON event per line for the journal, a readable console on a TTY.
 
 Under systemd (`JOURNAL_STREAM` names our stdout) each line gets a `<N>` syslog priority prefix so
-`journalctl -u hpodlb -p warning` works. The libraries (APScheduler, boto3, botocore, urllib3, paramiko...) log through the
+`journalctl -u hpodlb -p warning` works; on a terminal, colour unless `NO_COLOR` is set
+(no-color.org). The libraries (APScheduler, boto3, botocore, urllib3, paramiko...) log through the
 stdlib and are routed through the same renderer at warning and above: their info lines are their
 own bookkeeping (APScheduler's two per interval would be 5,760 lines a day at the default).
 `-v` turns on hpodlb's debug events and the libraries' info lines, never their debug output:
@@ -38,6 +39,12 @@ def _journal_prefix(_: Any, method: str, event: str | bytes) -> str:
     return f"<{_PRIORITY.get(method, 6)}>{text}"
 
 
+def colour_wanted() -> bool:
+    """False when `NO_COLOR` is set to anything but the empty string (no-color.org), on a
+    terminal too: an admin who set it may be reading through a screen reader or a pager."""
+    return not os.environ.get("NO_COLOR", "")
+
+
 def setup_logging(
     *, verbose: bool = False, stream: TextIO | None = None, journal: bool | None = None
 ) -> None:
@@ -58,7 +65,7 @@ def setup_logging(
     renderer: Any
     final: list[Any]
     if out.isatty() and not journal:
-        renderer = structlog.dev.ConsoleRenderer(colors=True)
+        renderer = structlog.dev.ConsoleRenderer(colors=colour_wanted())
         final = [renderer]
     else:
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
