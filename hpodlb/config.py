@@ -35,6 +35,7 @@ TARGET_GROUP_ARN = re.compile(
     r"targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}$"
 )
 KEY_TYPES = ("rsa", "ecdsa", "ed25519")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def target_group_name(arn: str) -> str:
@@ -182,6 +183,13 @@ class MetricsConfig(_Section):
     (root-owned, not writable by others, all the way up): we write there as root. That is checked
     at each write, not here: a textfile dir someone changed must cost the metrics (logged, and in
     STATUS=), never the daemon's start, a reload or every command."""
+    allow: tuple[str, ...] = ()
+    """Client addresses or CIDRs (IPv4 or IPv6) that may scrape `listen`: any other client's
+    connection is closed as it is accepted, before it takes one of the endpoint's few slots, so
+    nobody else can keep Prometheus unanswered. Empty: every client that can reach `listen`, as
+    before this key existed (a Prometheus elsewhere, admitted by the security group, keeps being
+    answered after an upgrade). It tells hosts apart, not users: every local user has every address
+    of the head node, 127.0.0.0/8 included."""
 
     @field_validator("listen")
     @classmethod
@@ -189,6 +197,22 @@ class MetricsConfig(_Section):
         if value:
             listen_address(value)  # ValueError names the problem
         return value
+
+    @field_validator("allow")
+    @classmethod
+    def _allow_parses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or CIDR (e.g. 10.0.5.17, 10.0.5.0/28, ::1)"
+                ) from None
+        return value
+
+    def allowed_networks(self) -> tuple[Network, ...]:
+        """`allow` parsed; empty: no client is refused for its address."""
+        return tuple(ipaddress.ip_network(entry, strict=False) for entry in self.allow)
 
     @field_validator("textfile", mode="before")
     @classmethod

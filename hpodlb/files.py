@@ -1,9 +1,10 @@
 """The files hpodlb reads and writes: who could have changed them, how they are read and written.
 
 hpodlb runs as root for months and acts on what its files say, so every file goes through here:
-- **trust**: a file that someone other than root could have changed (its final target, symlinks
-  followed, or any directory above it: not owned by root, or writable by group or others without
-  the sticky bit) is refused, never "fixed";
+- **trust**: a file that someone other than root could have changed (the path as given: each
+  directory on the way, each symlink on the way and every directory on the way to where it points,
+  and the file it ends at; not owned by root, or writable by group or others without the sticky
+  bit) is refused, never "fixed";
 - **reading**: only a regular file of bounded size, opened with O_NONBLOCK so that a FIFO never
   blocks the open; a FIFO, a device or a file larger than the caller's limit is a one-line error
   naming the file, never a hang or a MemoryError;
@@ -24,6 +25,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
+
+_MAX_LINKS = 40  # as the kernel's path walk (ELOOP beyond)
 
 
 class FileSignature(NamedTuple):
@@ -56,21 +59,52 @@ def os_reason(exc: BaseException) -> str:
 def require_trusted(path: Path) -> None:
     """Raise UntrustedPathError unless only root (or we) could have changed `path`.
 
+    Judged as given, not only where it leads: a symlink in a user's directory is that user's to
+    re-point at any time, so a path through it is theirs however trusted its target is today.
     A missing path passes: the caller's own read reports that more precisely.
     """
-    real = Path(os.path.realpath(path))
     owners = {0, os.geteuid()}
-    try:
-        st = real.stat()
-    except OSError:
+    chain = _walk(path)
+    if chain is None:
         return
-    _judge(path, real, st, owners, is_dir=False)
-    for parent in real.parents:
+    *on_the_way, (final, st) = chain
+    _judge(path, final, st, owners, is_dir=False)
+    for entry, est in on_the_way:
+        _judge(path, entry, est, owners, is_dir=True)
+
+
+def _walk(path: Path) -> list[tuple[Path, os.stat_result]] | None:
+    """What the kernel goes through to reach `path`, in order, each with its lstat: `/`, every
+    directory, every symlink and then where it points, and last what `path` names. None if a part
+    of it is missing (or not a directory where one is needed)."""
+    here = Path("/")
+    chain = [(here, os.lstat(here))]
+    todo = list(reversed(Path.cwd().joinpath(path).parts[1:]))
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name == "..":
+            here = here.parent  # `here` never is a symlink: its parent is the one walked through
+            continue
+        entry = here / name
         try:
-            pst = parent.stat()
-        except OSError as exc:
-            raise UntrustedPathError(f"{parent}: cannot check ({exc.strerror})") from None
-        _judge(path, parent, pst, owners, is_dir=True)
+            st = os.lstat(entry)
+        except OSError:
+            return None
+        chain.append((entry, st))
+        if not stat.S_ISLNK(st.st_mode):
+            here = entry
+            continue
+        links += 1
+        if links > _MAX_LINKS:
+            raise UntrustedPathError(f"{path}: too many levels of symbolic links")
+        target = entry.readlink()
+        if target.is_absolute():
+            here = Path("/")
+        todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+    if chain[-1][0] != here:  # it ended on `..` or on a symlink to `/` or `.`
+        chain.append((here, os.lstat(here)))
+    return chain
 
 
 def require_trusted_dir(path: Path) -> None:
@@ -98,6 +132,8 @@ def _judge(asked: Path, path: Path, st: os.stat_result, owners: set[int], *, is_
         raise UntrustedPathError(
             f"{what} is owned by uid {st.st_uid}, not root; refusing to trust it"
         )
+    if stat.S_ISLNK(st.st_mode):
+        return  # its mode means nothing: who owns it and its directory decide where it points
     writable_by_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     if writable_by_others and not (is_dir and st.st_mode & stat.S_ISVTX):
         raise UntrustedPathError(

@@ -1,11 +1,14 @@
 """Log setup: one JSON event per line for the journal, a readable console on a TTY.
 
 Under systemd (`JOURNAL_STREAM` names our stdout) each line gets a `<N>` syslog priority prefix so
-`journalctl -u hpodlb -p warning` works. boto3, botocore, urllib3 and paramiko log through the
-stdlib; they are routed through the same renderer at warning and above, with or without `-v`:
-botocore's debug output holds the signed request (the session token, the access key id), and
-paramiko's the SSH session. `-v` turns on hpodlb's own debug events only. Nothing here may ever log
-key material or credentials: callers pass fingerprints, never key bytes.
+`journalctl -u hpodlb -p warning` works; on a terminal, colour unless `NO_COLOR` is set
+(no-color.org). The libraries (APScheduler, boto3, botocore, urllib3, paramiko...) log through the
+stdlib and are routed through the same renderer at warning and above: their info lines are their
+own bookkeeping (APScheduler's two per interval would be 5,760 lines a day at the default).
+`-v` turns on hpodlb's debug events and the libraries' info lines, never their debug output:
+botocore's holds the signed request (the session token, the access key id), paramiko's the SSH
+session. Nothing here may ever log key material or credentials: callers pass fingerprints, never
+key bytes.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from typing import Any, TextIO
 import structlog
 
 _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
-# Libraries whose logs reach us only at warning and above; never lowered, whatever `-v` says.
-_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "paramiko")
 
 
 def stream_is_journal(stream: TextIO, environ: dict[str, str] | None = None) -> bool:
@@ -36,6 +37,12 @@ def stream_is_journal(stream: TextIO, environ: dict[str, str] | None = None) -> 
 def _journal_prefix(_: Any, method: str, event: str | bytes) -> str:
     text = event.decode() if isinstance(event, bytes) else event
     return f"<{_PRIORITY.get(method, 6)}>{text}"
+
+
+def colour_wanted() -> bool:
+    """False when `NO_COLOR` is set to anything but the empty string (no-color.org), on a
+    terminal too: an admin who set it may be reading through a screen reader or a pager."""
+    return not os.environ.get("NO_COLOR", "")
 
 
 def setup_logging(
@@ -58,7 +65,7 @@ def setup_logging(
     renderer: Any
     final: list[Any]
     if out.isatty() and not journal:
-        renderer = structlog.dev.ConsoleRenderer(colors=True)
+        renderer = structlog.dev.ConsoleRenderer(colors=colour_wanted())
         final = [renderer]
     else:
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
@@ -73,10 +80,9 @@ def setup_logging(
     handler.addFilter(_AsDebug(shown=verbose))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    # The root's level is every library's (none of them sets its own): never debug.
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("hpodlb").setLevel(logging.DEBUG if verbose else logging.INFO)
-    for name in _LIBRARIES:
-        logging.getLogger(name).setLevel(logging.WARNING)
 
     structlog.configure(
         # Dropped before any processor runs when the level is off: a pass makes a debug call per

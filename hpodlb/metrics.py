@@ -4,15 +4,19 @@ What the families are and what a pass sets them to is `metricfamilies.py`'s (`Me
 in the core imports either module: the AWS calls are tallied by the adapters (`awscalls.py`) and
 everything else is read from the outcome.
 
-`Exporter` is the edge: the `/metrics` endpoint of `hpodlb run` (`[metrics] listen`) and
-node_exporter's textfile (`[metrics] textfile`), rewritten atomically after each pass of `run` and
-`once`. Metrics never cost a pass: an address in use, or a textfile that cannot be written, is
-logged once (with what happens next) and retried after each pass; reconciling goes on.
+`Exporter` is the edge: the `/metrics` endpoint of `hpodlb run` (`[metrics] listen`, answering
+the clients `[metrics] allow` admits) and node_exporter's textfile (`[metrics] textfile`),
+rewritten atomically after each pass of `run` and `once`. Metrics never cost a pass: an address in
+use, or a textfile that cannot be written, is logged once (with what happens next) and retried
+after each pass; reconciling goes on. A scrape's failure (a client that reset, went silent, was
+cut) is the client's: never a traceback on stderr.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+import sys
 import time
 from collections import Counter as Tally
 from contextlib import suppress
@@ -24,7 +28,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
-from hpodlb.config import Config, MetricsConfig, listen_address
+from hpodlb.config import Config, MetricsConfig, Network, listen_address
 from hpodlb.files import UntrustedPathError, os_reason, require_trusted_dir, write_atomically
 from hpodlb.logs import get_logger
 from hpodlb.metricfamilies import Metrics
@@ -45,7 +49,8 @@ SERVE_POLL_SECONDS = 5.0
 # nothing, or a header line every few seconds), no more than MAX_SCRAPES are answered at once and
 # no more than MAX_SCRAPES_PER_CLIENT from one address (the others are closed at once). Without
 # them, anyone who can reach the port could hold a thread each until the daemon has none left, or
-# keep every slot busy and blind the monitoring to the alerts that matter.
+# keep every slot busy and blind the monitoring to the alerts that matter. A client `[metrics]
+# allow` does not admit is closed before it is counted: it takes no slot at all.
 SCRAPE_TIMEOUT_SECONDS = 10.0
 MAX_SCRAPES = 4
 MAX_SCRAPES_PER_CLIENT = 2
@@ -68,7 +73,8 @@ class Exporter:
         self.metrics = metrics or Metrics()
         self.listen = ""  # the address asked for; served when `_server` is set
         self.address = ""  # the address actually bound (port 0 asks for any free port)
-        self._server: WSGIServer | None = None
+        self._server: _Server | None = None
+        self._allowed: tuple[Network, ...] = ()  # `[metrics] allow`; empty: every client
         self._thread: Thread | None = None
         self._listen_error = ""
         self.textfile: Path | None = None
@@ -115,6 +121,12 @@ class Exporter:
         if config.listen != self.listen:
             self._stop_server()
             self.listen, self._listen_error = config.listen, ""
+        allowed = config.allowed_networks()
+        if allowed != self._allowed:
+            self._allowed = allowed
+            if self._server is not None:  # from its next accept; open scrapes end by their deadline
+                self._server.allowed = allowed
+                log.info("metrics_allow_changed", address=self.address, allow=_shown(allowed))
         if self.listen and self._server is None:
             self._start_server(self.listen)
         if config.textfile != self.textfile:
@@ -157,6 +169,7 @@ class Exporter:
                 _Server6 if ":" in host else _Server,
                 handler_class=_Quiet,
             )
+            server.allowed = self._allowed
         except OSError as exc:
             error = f"cannot listen on {listen}: {os_reason(exc)}"
             if error != self._listen_error:
@@ -178,7 +191,13 @@ class Exporter:
         self._server, self._thread, self._listen_error = server, thread, ""
         host, port = str(server.server_address[0]), int(server.server_address[1])
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        log.info("metrics_listening", listen=listen, address=self.address, path="/metrics")
+        log.info(
+            "metrics_listening",
+            listen=listen,
+            address=self.address,
+            path="/metrics",
+            allow=_shown(self._allowed),
+        )
 
     def _stop_server(self) -> None:
         if self._server is None:
@@ -200,13 +219,33 @@ class Exporter:
             log.info("metrics_textfile_removed", path=str(path), why="no longer configured")
 
 
+def client_allowed(allowed: tuple[Network, ...], host: str) -> bool:
+    """Whether `[metrics] allow` admits a client at `host` (empty: everyone). An IPv4 client of an
+    IPv6 socket (`::ffff:10.0.5.17`) is judged by its IPv4 address, as an admin wrote it."""
+    if not allowed:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in allowed)
+
+
+def _shown(allowed: tuple[Network, ...]) -> list[str] | str:
+    return [str(n) for n in allowed] or "any client that can reach it"
+
+
 class _Server(ThreadingMixIn, WSGIServer):
-    """A thread per scrape (none waited for at exit), at most MAX_SCRAPES at once and
+    """A thread per scrape (none waited for at exit), only for clients `allowed` admits (the
+    others are closed at accept, before they count), at most MAX_SCRAPES at once and
     MAX_SCRAPES_PER_CLIENT from one address, each cut SCRAPE_TIMEOUT_SECONDS after it was accepted
     (one thread for all the deadlines, asleep while no scrape is open: a timer per scrape would
     double the threads, a polling loop would wake an idle daemon for nothing)."""
 
     daemon_threads = True
+    allowed: tuple[Network, ...] = ()  # replaced whole on a reload: read without a lock
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._changed = Condition()
@@ -215,6 +254,23 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._closing = False
         super().__init__(*args, **kwargs)
         Thread(target=self._cut_late, name="hpodlb-metrics-deadlines", daemon=True).start()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """socketserver closes the connection of a client this refuses, before process_request."""
+        if client_allowed(self.allowed, client_address[0]):
+            return True
+        log.debug("metrics_client_refused", client=client_address[0], why="not in [metrics] allow")
+        return False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver's own prints a traceback on stderr. A client that reset, went silent past
+        the read timeout or was cut is the client's doing, and the scrape's alone: debug at most.
+        Anything else is a bug of ours: one event, with its traceback, in the journal."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.debug("metrics_scrape_dropped", client=client_address[0], error=str(exc))
+        else:
+            log.error("metrics_scrape_failed", client=client_address[0], exc_info=True)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         host = client_address[0]

@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ from sim.aws import FakeAws
 from sim.env import SimEnv
 from tests.support.aws import TG_ARN
 from tests.support.daemon import Daemon, spawn_daemon, stop_daemons
+from tests.support.data import FIGURES
 
 REPO = Path(__file__).resolve().parents[2]
 DOTTED_QUAD = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
@@ -251,6 +253,73 @@ def test_an_address_in_use_costs_the_endpoint_not_the_passes(
     assert daemon.proc.wait(15) == 0
 
 
+def _silent_from(address: str, sources: list[str], count: int) -> list[socket.socket]:
+    """`count` connections that say nothing, spread over `sources`: the slot-holding attack."""
+    host, port = address.rsplit(":", 1)
+    return [
+        socket.create_connection((host, int(port)), source_address=(sources[n % len(sources)], 0))
+        for n in range(count)
+    ]
+
+
+def test_the_allowed_scraper_is_answered_while_other_addresses_try_to_hold_every_slot(
+    run_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws, arn: str
+) -> None:
+    """The issue's case on a real `hpodlb run`: two other loopback addresses open as many silent
+    connections as there are slots, again and again; `[metrics] allow` names 127.0.0.1 only, so
+    theirs are closed as they are accepted (none holds a slot) and every scrape from 127.0.0.1 is
+    answered on its first try."""
+    from hpodlb.metrics import MAX_SCRAPES
+
+    config = write_config(
+        [{"arn": arn, "port": 22}],
+        metrics={"listen": "127.0.0.1:0", "allow": ["127.0.0.1"]},
+    )
+    daemon = run_daemon(config, aws.env())
+    listening = daemon.wait_event("metrics_listening")
+    assert listening["allow"] == ["127.0.0.1/32"]
+    address = listening["address"]
+    rounds, slowest = 20, 0.0
+    for _ in range(rounds):
+        others = _silent_from(address, ["127.0.0.2", "127.0.0.3"], MAX_SCRAPES)
+        started = time.monotonic()
+        body = _scrape_from(address, "127.0.0.1")  # the first try, no retry
+        slowest = max(slowest, time.monotonic() - started)
+        assert value(parse(body), "hpodlb_info", version=hpodlb.__version__) == 1
+        for sock in others:
+            assert_cut(sock, within=2)
+            sock.close()
+    FIGURES["metrics scrapes answered from the allowed address, others holding every slot"] = (
+        f"{rounds}/{rounds}, slowest {slowest * 1000:.0f} ms"
+    )
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(15) == 0
+
+
+def test_a_client_that_resets_mid_request_prints_no_traceback(
+    run_daemon: Callable[..., Daemon], write_config: Callable[..., Path], aws: FakeAws, arn: str
+) -> None:
+    """A scraper that sends half a request and resets the connection (as one killed mid-scrape
+    does) costs that scrape only: no Python traceback on the daemon's stderr, and the endpoint
+    answers the next scrape."""
+    config = write_config([{"arn": arn, "port": 22}], metrics={"listen": "127.0.0.1:0"})
+    daemon = run_daemon(config, aws.env())
+    address = daemon.wait_event("metrics_listening")["address"]
+    host, port = address.rsplit(":", 1)
+    for _ in range(3):
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+        time.sleep(0.2)  # its handler is reading the headers
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # linger 0: a reset, not a FIN
+    assert value(parse(scrape(address)), "hpodlb_info", version=hpodlb.__version__) == 1
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(15) == 0
+    output = daemon.log.read_text()  # stdout and stderr
+    assert "Traceback" not in output, output[-3000:]
+    assert "Exception occurred" not in output, output[-3000:]
+
+
 # -- `once` and the textfile ---------------------------------------------------------------------
 
 
@@ -305,6 +374,45 @@ def test_once_writes_the_textfile_atomically_and_never_through_a_symlink(
     later = json.loads((tmp_path / "state" / "state.json").read_text())
     assert later["last_converged_at"] > state["last_converged_at"]
     assert later["first_pass_at"] == state["first_pass_at"]
+
+
+def _events(stderr: str, name: str) -> list[dict[str, Any]]:
+    """The JSON events named `name` that a command wrote on stderr."""
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [e for e in events if e["event"] == name]
+
+
+def test_a_textfile_dir_a_user_replaced_with_a_symlink_is_refused(
+    write_config: Callable[..., Path], aws: FakeAws, arn: str, tmp_path: Path, fresh_env: None
+) -> None:
+    """A textfile dir in an ordinary user's home is refused; once that user replaces it with a
+    symlink to a root-owned dir it is refused all the same (the user can re-point the link at any
+    moment): `once` names the user's dir, writes nothing where the link points, and converges."""
+    nobody = 65534
+    home = tmp_path / "home"  # an ordinary user's, as /home/ubuntu is
+    home.mkdir(mode=0o755)
+    os.chown(home, nobody, nobody)
+    textdir = home / "node-exporter"
+    textdir.mkdir(mode=0o755)
+    os.chown(textdir, nobody, nobody)
+    config = write_config([{"arn": arn, "port": 22}], metrics={"textfile": str(textdir / "x.prom")})
+
+    owned = once(config, aws)
+    assert owned.returncode == 0, owned.stderr
+    (refused,) = _events(owned.stderr, "metrics_textfile_unwritable")
+    assert f"{textdir} is owned by uid {nobody}, not root" in refused["error"]
+
+    # The user swaps their dir for a symlink to a dir that root owns and trusts.
+    textdir.rmdir()
+    rootdir = metrics_dir(tmp_path)
+    textdir.symlink_to(rootdir)
+    os.lchown(textdir, nobody, nobody)
+    linked = once(config, aws)
+    assert linked.returncode == 0, linked.stderr
+    assert sorted(rootdir.iterdir()) == []
+    (refused,) = _events(linked.stderr, "metrics_textfile_unwritable")
+    assert refused["path"] == str(textdir / "x.prom")
+    assert f"{home} is owned by uid {nobody}, not root" in refused["error"]
 
 
 def test_a_textfile_that_cannot_be_written_costs_the_pass_nothing(
@@ -450,6 +558,50 @@ def test_a_bad_metrics_key_makes_commands_exit_2_with_one_line(
             f"{path}: metrics.listen: 'localhost' is not HOST:PORT "
             "(e.g. 127.0.0.1:9818, 0.0.0.0:9818, [::1]:9818)"
         )
+
+
+@pytest.mark.parametrize(
+    ("allow", "problem"),
+    [
+        (["prometheus.example"], "'prometheus.example' is not an IP address or CIDR"),
+        (["10.0.0.0/33"], "'10.0.0.0/33' is not an IP address or CIDR"),
+        (["127.0.0.1", ""], "'' is not an IP address or CIDR"),
+    ],
+)
+def test_a_bad_allow_entry_names_file_key_and_problem(
+    tmp_path: Path, allow: list[str], problem: str
+) -> None:
+    """An allow entry that is not an address or a CIDR is refused on one line naming the file,
+    metrics.allow and the entry: a typo must not open (or close) the endpoint unseen."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[metrics]\nallow = {json.dumps(allow)}\n[[target_groups]]\narn = "{TG_ARN}"\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    assert str(err.value).startswith(f"{path}: metrics.allow: {problem}")
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_allow_admits_addresses_and_networks_of_either_family(tmp_path: Path) -> None:
+    """Addresses and CIDRs, IPv4 and IPv6, from the file or HPODLB_METRICS__ALLOW; an IPv4
+    client of an IPv6 endpoint is judged by its IPv4 address; empty admits every client."""
+    from hpodlb.config import MetricsConfig
+    from hpodlb.metrics import client_allowed
+
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[metrics]\nallow = ["10.0.5.17", "10.0.6.0/28", "fd00::/8"]\n'
+        f'[[target_groups]]\narn = "{TG_ARN}"\n'
+    )
+    allowed = load_config(path, {}).metrics.allowed_networks()
+    for client in ("10.0.5.17", "10.0.6.15", "::ffff:10.0.5.17", "fd00::9"):
+        assert client_allowed(allowed, client), client
+    for client in ("10.0.5.18", "10.0.6.16", "127.0.0.1", "::1", "::ffff:10.0.5.18", "x"):
+        assert not client_allowed(allowed, client), client
+    overridden = load_config(path, {"HPODLB_METRICS__ALLOW": "127.0.0.1, ::1"}).metrics
+    assert overridden.allow == ("127.0.0.1", "::1")
+    assert client_allowed(MetricsConfig().allowed_networks(), "203.0.113.9")
 
 
 def test_the_example_config_serves_localhost() -> None:
@@ -763,6 +915,52 @@ def test_slow_clients_are_cut_and_one_address_cannot_take_every_slot(
         )
     finally:
         exporter.close()
+
+
+def test_a_reload_changes_who_is_admitted_without_moving_the_endpoint() -> None:
+    """A changed `allow` applies from the next connection on, at the same address: a client
+    admitted before is closed at accept after, the one now named is answered."""
+    from hpodlb.config import MetricsConfig
+    from hpodlb.metrics import Exporter
+
+    exporter = Exporter()
+    exporter.follow(MetricsConfig(listen="127.0.0.1:0"))
+    try:
+        address = exporter.address
+        assert "hpodlb_info" in _scrape_from(address, "127.0.0.2")
+        exporter.follow(MetricsConfig(listen="127.0.0.1:0", allow=("127.0.0.1/32", "::1")))
+        assert exporter.address == address
+        (refused,) = _silent_from(address, ["127.0.0.2"], 1)
+        assert_cut(refused, within=2)
+        refused.close()
+        assert "hpodlb_info" in _scrape_from(address, "127.0.0.1")
+    finally:
+        exporter.close()
+
+
+def test_a_client_silent_past_the_read_timeout_prints_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A client that sends half a request and goes silent is dropped when its read times out,
+    and nothing reaches stderr (socketserver prints a traceback there by default). The read
+    timeout is set below the whole-request deadline here, so that it is what ends the scrape."""
+    from hpodlb import metrics
+    from hpodlb.config import MetricsConfig
+
+    monkeypatch.setattr(metrics, "SCRAPE_TIMEOUT_SECONDS", 60.0)
+    monkeypatch.setattr(metrics._Quiet, "timeout", 0.5)
+    exporter = metrics.Exporter()
+    exporter.follow(MetricsConfig(listen="127.0.0.1:0"))
+    try:
+        host, port = exporter.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+            assert_cut(sock, within=20)
+        assert value(parse(scrape(exporter.address)), "hpodlb_info", version=hpodlb.__version__)
+    finally:
+        exporter.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
 
 
 def test_a_moved_endpoint_cuts_the_scrapes_the_old_one_had_open(

@@ -579,3 +579,90 @@ def test_verbose_logs_never_carry_aws_credentials(
     for line in lines:
         for name, value in secrets.items():
             assert value not in line, f"{name} in: {line[:200]}"
+
+
+def _library_lines(daemon: Daemon) -> list[dict[str, Any]]:
+    """The events a library (not hpodlb) logged through the daemon's renderer."""
+    return [e for e in daemon.events() if not str(e.get("logger", "")).startswith("hpodlb")]
+
+
+def test_libraries_log_warnings_only_unless_verbose(
+    start_daemon: Callable[..., Daemon],
+    write_config: Callable[..., Path],
+    aws: FakeAws,
+) -> None:
+    """APScheduler's two lines per interval ("Running job ...", "... executed successfully", at
+    info) would be 5,760 journal lines a day at the default interval: without -v, a library's
+    line reaches the journal only at warning or above, over passes the interval job asked for;
+    with -v its info lines are shown too, never its debug output (botocore's holds signed
+    requests)."""
+    config, _ = _config(write_config, aws, reconcile={"interval_seconds": 1})
+    quiet = start_daemon(config)
+    quiet.wait_event("pass_finished", count=4)  # the start's pass, then the interval job's
+    quiet.proc.send_signal(signal.SIGTERM)
+    assert quiet.proc.wait(15) == 0
+    chatter = [e for e in _library_lines(quiet) if e["level"] not in ("warning", "error")]
+    assert chatter == []
+    assert "Running job" not in quiet.log.read_text()
+
+    verbose = start_daemon(config, args=["-v"])
+    verbose.wait_event("pass_finished", count=3)
+    verbose.proc.send_signal(signal.SIGTERM)
+    assert verbose.proc.wait(15) == 0
+    shown = _library_lines(verbose)
+    assert any(e["logger"].startswith("apscheduler") and e["level"] == "info" for e in shown)
+    assert not [e for e in shown if e["level"] == "debug"]
+
+
+def _output_on_a_terminal(argv: Sequence[str], env: dict[str, str], until: bytes) -> bytes:
+    """What `argv` writes with stdout and stderr on a pseudo-terminal (as in an admin's shell),
+    up to `until` and then to its exit after a SIGTERM."""
+    import pty
+    import select
+
+    main, sub = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sub, stderr=sub, env=env)
+    os.close(sub)
+    out, deadline, stopped = b"", time.monotonic() + 30, False
+    try:
+        while True:
+            if not stopped and until in out:
+                proc.send_signal(signal.SIGTERM)
+                stopped = True
+            assert time.monotonic() < deadline, out[-2000:]
+            if not select.select([main], [], [], 0.2)[0]:
+                continue
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the terminal's last writer has gone
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(main)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return out
+
+
+def test_no_color_turns_colour_off_on_a_terminal(
+    write_config: Callable[..., Path], aws: FakeAws, fresh_env: None
+) -> None:
+    """On a terminal the log is the readable console, in colour; with NO_COLOR set to anything
+    but the empty string (no-color.org), the same console without an escape sequence."""
+    config, _ = _config(write_config, aws)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HPODLB_", "AWS_", "NOTIFY", "WATCHDOG", "JOURNAL", "NO_COLOR"))
+    }
+    env.update(aws.env())
+    argv = [sys.executable, "-m", "hpodlb", "run", "--config", str(config)]
+    escape = b"\x1b["
+    for no_color, coloured in ((None, True), ("", True), ("1", False), ("false", False)):
+        run_env = env if no_color is None else {**env, "NO_COLOR": no_color}
+        out = _output_on_a_terminal(argv, run_env, until=b"daemon_started")
+        assert b"daemon_started" in out and not out.lstrip().startswith(b"{"), out[:500]
+        assert (escape in out) is coloured, (no_color, out[:500])
