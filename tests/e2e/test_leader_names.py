@@ -89,11 +89,11 @@ def test_two_daemons_told_the_controller_is_localhost_write_nothing(
     logs = {head: tmp_path / f"{head}.log" for head in configs}
     daemons = []
     for head, path in configs.items():
-        with logs[head].open("wb") as log:
+        with logs[head].open("wb") as out:
             daemons.append(
                 subprocess.Popen(
                     as_host(head, sys.executable, "-m", "hpodlb", "run", "--config", str(path)),
-                    stdout=log,
+                    stdout=out,
                     stderr=subprocess.STDOUT,
                     env=os.environ.copy(),
                 )

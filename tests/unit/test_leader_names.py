@@ -17,14 +17,17 @@ CANNOT_TELL = "cannot tell which head is in control: "
 
 def ping_naming(*controllers: str, up: bool = True) -> list[tuple[str, bool]]:
     state = "UP" if up else "DOWN"
-    roles = ["primary", "backup", "backup2"]
+    roles = ["primary", "backup", "backup2"][: len(controllers)]
     return leader.controllers(
-        "".join(f"Slurmctld({r}) at {c} is {state}\n" for r, c in zip(roles, controllers))
+        "".join(
+            f"Slurmctld({r}) at {c} is {state}\n" for r, c in zip(roles, controllers, strict=True)
+        )
     )
 
 
 @pytest.mark.parametrize(
-    "name", ["localhost", "LOCALHOST", "localhost.localdomain", "127.0.0.1", "::1", "0.0.0.0"]
+    "name",
+    ["localhost", "LOCALHOST", "localhost.localdomain", "127.0.0.1", "::1", "0.0.0.0"],  # noqa: S104  # a name, not a bind
 )
 def test_a_controller_named_as_every_host_names_itself_cannot_tell(name: str) -> None:
     """A controller in control called `localhost` (or a loopback address) is whichever head reads
