@@ -24,7 +24,10 @@ def _provisioner(config: Config, args: argparse.Namespace) -> tuple[Provisioner,
 
     region = _region(config, args)
     if not region:
-        raise UsageError("no AWS region: pass --region, set aws.region or AWS_REGION")
+        raise UsageError(
+            "no AWS region: pass --region, set aws.region or AWS_REGION (no target group in the "
+            "config names one, and the instance metadata did not answer)"
+        )
     cluster = args.cluster_name or cluster_name(config.cluster.resource_config)
     return Provisioner(elbv2_client(region), cluster, dry_run=args.dry_run), cluster
 
@@ -171,8 +174,22 @@ def _network(config: Config, args: argparse.Namespace, cluster: str) -> Network:
 
 
 def _region(config: Config, args: argparse.Namespace) -> str:
-    """--region, else aws.region, else boto3's (AWS_REGION, the profile): there is no target
-    group yet whose ARN could say."""
+    """--region; else as the passes ask (`Config.region_for`: aws.region, else the configured
+    target group's own region), the example config's placeholder group aside; else boto3's chain
+    (AWS_REGION, the profile); else the instance metadata, which a head node has where the README's
+    `provision --write-config` runs without AWS_REGION."""
     import boto3
+    import botocore.session
+    from botocore.utils import IMDSRegionProvider
 
-    return args.region or config.aws.region or str(boto3.session.Session().region_name or "")
+    from hpodlb.provision import is_placeholder
+
+    if args.region:
+        return str(args.region)
+    real = [tg for tg in config.target_groups if not is_placeholder(tg.arn)]
+    if config.aws.region or real:
+        return config.region_for(real[0] if real else None)
+    region = boto3.session.Session().region_name
+    if not region:
+        region = IMDSRegionProvider(botocore.session.get_session()).provide()
+    return str(region or "")

@@ -290,7 +290,11 @@ def _aws_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cluster-name", help="default: ClusterConfig.ClusterName of the resource config"
     )
-    p.add_argument("--region", help="default: aws.region, else boto3's (AWS_REGION, profile)")
+    p.add_argument(
+        "--region",
+        help="default: aws.region, else the configured target group's, else AWS_REGION or the "
+        "profile's, else the instance metadata's",
+    )
     p.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
 
 

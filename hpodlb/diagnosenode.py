@@ -131,25 +131,38 @@ def sshd(
     types: Sequence[str],
     idle: int | None,
 ) -> list[Finding]:
-    """From `sshd -T`: it listens on the target port, reads the host keys hpodlb installs, and
-    sends keepalives more often than the NLB drops idle connections."""
+    """From `sshd -T`: it listens on the target port at the node's address, reads the host keys
+    hpodlb installs, and sends keepalives more often than the NLB drops idle connections."""
     area = f"node {ip}"
     settings: dict[str, list[str]] = {}
     for line in sshd_t.splitlines():
         key, _, value = line.strip().partition(" ")
         settings.setdefault(key.lower(), []).append(value.strip())
     out: list[Finding] = []
-    listening = settings.get("port", [])
+    bound = _listening(settings)
+    here = sorted({port for host, port in bound if _takes(host, ip)})
+    listening = [str(port) for port in here]
     for port in ports:
-        if str(port) not in listening:
+        if port in here:
+            continue
+        if not here or any(p == port for _, p in bound):
+            found = f"sshd listens on {', '.join(_spelled(h, p) for h, p in bound) or '?'}"
             out.append(
                 fail(
                     area,
-                    f"sshd listens on port {', '.join(listening) or '?'}, the target group sends "
-                    f"to {port}",
-                    f"make sshd listen on {port}, or fix the target group's port",
+                    f"{found}, not on {_spelled(ip, port)}, where the target group sends",
+                    f"make sshd listen on {_spelled(ip, port)} or on every address "
+                    "(ListenAddress in sshd_config), or fix the target group's port",
                 )
             )
+            continue
+        out.append(
+            fail(
+                area,
+                f"sshd listens on port {', '.join(listening)}, the target group sends to {port}",
+                f"make sshd listen on {port}, or fix the target group's port",
+            )
+        )
     wanted = {t: f"{remote_dir.rstrip('/')}/ssh_host_{t}_key" for t in types}
     loaded = settings.get("hostkey", [])
     missing = [path for path in wanted.values() if path not in loaded]
@@ -192,6 +205,37 @@ def sshd(
             )
         )
     return out
+
+
+def _listening(settings: Mapping[str, Sequence[str]]) -> list[tuple[str, int]]:
+    """(address, port) sshd listens on ("" = every address): its `listenaddress` lines, where a
+    `ListenAddress IP:PORT` in sshd_config keeps its own port while `port` still says 22; `port`
+    alone only from an sshd that prints no `listenaddress`."""
+    found = []
+    for value in settings.get("listenaddress", []):
+        words = value.split()  # `rdomain NAME` may follow
+        host, colon, port = (words[0] if words else "").rpartition(":")
+        if colon and port.isdigit():
+            found.append((host.removeprefix("[").removesuffix("]"), int(port)))
+    if found:
+        return found
+    return [("", int(port)) for port in settings.get("port", []) if port.isdigit()]
+
+
+def _takes(host: str, ip: str) -> bool:
+    """Whether a socket sshd bound to `host` accepts connections to the node's `ip`: the same
+    address, or the wildcard of its family (sshd binds `::` IPv6-only). A name doctor cannot
+    judge is given the benefit of the doubt."""
+    try:
+        address, target = ipaddress.ip_address(host), ipaddress.ip_address(ip)
+    except ValueError:
+        return True
+    return address.version == target.version and (address.is_unspecified or address == target)
+
+
+def _spelled(host: str, port: int) -> str:
+    """`HOST:PORT` as sshd_config's ListenAddress spells it (`[v6]:PORT`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _first_number(values: Sequence[str]) -> str:

@@ -3,24 +3,39 @@
 HyperPod can run slurmctld on more than one controller node (a primary and backups). Each head runs
 hpodlb, and two acting daemons would fight: each pushes from its own key store and registers on its
 own schedule. `scontrol ping` lists the controllers in the order Slurm tries them, each UP or DOWN;
-the first UP one is in control. The head whose hostname is that controller acts; the others observe
-(probe, read AWS, record) and write nothing, and take over on their next pass once control moves.
+the first UP one is in control. The head that controller names acts; the others observe (probe,
+read AWS, record) and write nothing, and take over on their next pass once control moves.
+
+A head is named by what tells it from the other heads: its hostname (and short form), its FQDN and
+its own addresses. Never by `localhost` (or a loopback address): Slurm lets any host whose
+slurm.conf says `SlurmctldHost=localhost` play that controller, so every head would take it for
+itself. An answer whose controller in control is named only so cannot tell which head acts; so
+does a slurm.conf naming a controller so, since Slurm's own tools then print, on every head, that
+head's own name for it (`scontrol ping` says `at head2` on head2 and `at head1` on head1).
 
 When no controller is UP (Slurm itself is down), the first listed, the primary, acts: users' logins
 do not depend on Slurm. When `scontrol` cannot say (it fails, hangs, prints nothing we know), this
 head does not act: pausing one head is recoverable, two heads pushing different keys is not. With no
-`scontrol` at all, a single head is assumed, as before this existed.
+`scontrol` at all, a single head is assumed, as before this existed. `scontrol` is looked up in
+absolute directories only: `sudo hpodlb doctor` typed in a user's directory must not run that
+user's `./scontrol` as root (an empty PATH entry, `.` or a relative one would).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import os
 import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from hpodlb.files import UnusableFileError, read_regular_file
 
 # HyperPod installs Slurm under /opt/slurm, which is not on systemd's default PATH.
 EXTRA_PATHS = ("/opt/slurm/bin",)
@@ -30,7 +45,16 @@ TIMEOUT_SECONDS = 30.0
 OUTPUT_CAP = 64 << 10
 CONFIRM_SECONDS = 2.0  # a backup head taking over asks again after this long, to be sure
 PING_LINE = re.compile(r"^Slurmctld\((?P<role>[^)]*)\) at (?P<host>\S+) is (?P<state>UP|DOWN)\b")
-THIS_HOST = "localhost"  # what slurm.conf may call the head it runs on
+# What every host calls itself: a controller named so is no head in particular.
+ANY_HOST = frozenset(
+    {"localhost", "localhost.localdomain", "localhost6", "ip6-localhost", "ip6-loopback"}
+)
+FQDN_SECONDS = 1.0  # a resolver that answers later is asked again next pass, not waited for
+# slurm.conf's lines naming controllers (SlurmctldHost, and the names before Slurm 18.08).
+CONTROLLER_LINE = re.compile(
+    r"^\s*(?:SlurmctldHost|ControlMachine|BackupController)\s*=\s*([^\s#(]+)", re.I | re.M
+)
+SLURM_CONF_CAP = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -67,10 +91,23 @@ def controllers(ping_output: str) -> list[tuple[str, bool]]:
     return found
 
 
-def _is_me(host: str, me: set[str]) -> bool:
-    """`host` as scontrol prints it (a name, `localhost`, or several names with commas)."""
-    names = {n.strip().lower() for n in host.split(",") if n.strip()}
-    return bool(names & (me | {THIS_HOST}))
+def identifies(name: str) -> bool:
+    """Whether `name` can tell one host from another: not `localhost` or a name like it, not a
+    loopback, unspecified or link-local address (every host has those)."""
+    name = name.strip().lower().rstrip(".")
+    if not name or name in ANY_HOST or name.endswith(".localhost"):
+        return False
+    try:
+        address = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return True
+    return not (address.is_loopback or address.is_unspecified or address.is_link_local)
+
+
+def _names(host: str) -> set[str]:
+    """The names of `host` as scontrol prints it (one, or several with commas) that identify a
+    host, lower case."""
+    return {n.strip().lower().rstrip(".") for n in host.split(",") if identifies(n)}
 
 
 def decide(listed: Sequence[tuple[str, bool]], me: set[str]) -> Leadership:
@@ -79,9 +116,19 @@ def decide(listed: Sequence[tuple[str, bool]], me: set[str]) -> Leadership:
     primary = listed[0][0]
     in_control = up[0] if up else primary
     how = "is in control" if up else "is the primary, and no controller is UP"
-    if _is_me(in_control, me):
+    me = {n for n in me if identifies(n)}
+    if not _names(in_control):
+        return Leadership(
+            False,
+            in_control,
+            f"cannot tell which head is in control: scontrol ping calls it {in_control}, a name "
+            "every head has (name the heads by their hostnames in slurm.conf's SlurmctldHost)",
+            primary,
+            sound=False,
+        )
+    if _names(in_control) & me:
         return Leadership(True, in_control, f"this head's slurmctld ({in_control}) {how}", primary)
-    if not any(_is_me(host, me) for host, _ in listed):
+    if not any(_names(host) & me for host, _ in listed):
         return Leadership(
             False,
             in_control,
@@ -96,15 +143,61 @@ def decide(listed: Sequence[tuple[str, bool]], me: set[str]) -> Leadership:
 
 
 def host_names() -> set[str]:
-    """This host as slurm.conf names it (SlurmctldHost): its hostname and the short form, lower
-    case. No DNS lookup: a head node with slow DNS must not stall every pass."""
+    """The names slurm.conf may give this head (SlurmctldHost): its hostname and the short form
+    (what slurmctld itself compares), its FQDN, and its own addresses; lower case, and only those
+    that identify it (`identifies`)."""
     name = socket.gethostname()
-    return {n.lower() for n in (name, name.split(".")[0]) if n}
+    found = {name, name.split(".")[0], _fqdn(name), *_own_addresses()}
+    return {n.lower() for n in found if identifies(n)}
+
+
+_FQDN: dict[str, str] = {}  # hostname -> its FQDN, once the resolver has said
+_RESOLVING: dict[str, threading.Thread] = {}
+
+
+def _fqdn(name: str) -> str:
+    """`name`'s FQDN, or "" while the resolver has not said within FQDN_SECONDS: a head node with
+    slow DNS must not stall every pass. One lookup at a time per name; its answer is kept."""
+    if name not in _FQDN:
+        lookup = _RESOLVING.get(name)
+        if lookup is None or not lookup.is_alive():
+            lookup = threading.Thread(
+                target=lambda: _FQDN.setdefault(name, socket.getfqdn(name)),
+                name="hpodlb-fqdn",
+                daemon=True,
+            )
+            _RESOLVING[name] = lookup
+            lookup.start()
+        lookup.join(FQDN_SECONDS)
+    return _FQDN.get(name, "")
+
+
+def _own_addresses(proc: Path = Path("/proc/net")) -> Iterator[str]:
+    """This host's addresses, from the kernel's own tables (no DNS, no subprocess): the local
+    routes of `fib_trie` (IPv4) and `if_inet6`."""
+    try:
+        trie = (proc / "fib_trie").read_text().splitlines()
+    except OSError:
+        trie = []
+    for line, after in itertools.pairwise(trie):
+        if line.strip().startswith("|--") and after.strip().startswith("/32 host LOCAL"):
+            yield line.strip()[3:].strip()
+    try:
+        rows = (proc / "if_inet6").read_text().splitlines()
+    except OSError:
+        rows = []
+    for row in rows:
+        word = row.split()[0] if row.split() else ""
+        if len(word) == 32:
+            yield str(ipaddress.IPv6Address(int(word, 16)))
 
 
 def find_scontrol() -> str | None:
-    path = os.pathsep.join([os.environ.get("PATH", os.defpath), *EXTRA_PATHS])
-    return shutil.which("scontrol", path=path)
+    """`scontrol` on PATH or in EXTRA_PATHS, in absolute directories only: an empty PATH entry,
+    `.` or a relative one is the current directory, maybe a user's (`sudo hpodlb doctor`)."""
+    entries = [*os.environ.get("PATH", os.defpath).split(os.pathsep), *EXTRA_PATHS]
+    absolute = [e for e in entries if Path(e).is_absolute()]
+    return shutil.which("scontrol", path=os.pathsep.join(absolute)) if absolute else None
 
 
 def check(
@@ -118,6 +211,16 @@ def check(
     scontrol = find_scontrol()
     if scontrol is None:
         return Leadership(True, why="no scontrol here: a single head node is assumed")
+    conf = slurm_conf(scontrol)
+    anonymous = anonymous_controllers(conf)
+    if anonymous:
+        return Leadership(
+            False,
+            why=f"cannot tell which head is in control: {conf} names a controller "
+            f"{anonymous[0]}, which Slurm takes for whichever head asks (name the heads by "
+            "their hostnames in SlurmctldHost)",
+            sound=False,
+        )
     try:
         done = run(
             [scontrol, "ping"],
@@ -139,3 +242,25 @@ def check(
             False, why=f"cannot tell which head is in control: scontrol ping: {first}", sound=False
         )
     return decide(listed, names())
+
+
+def slurm_conf(scontrol: str) -> Path:
+    """The slurm.conf `scontrol` reads: SLURM_CONF, else its own installation's (HyperPod's
+    /opt/slurm/etc), else the distribution's /etc/slurm."""
+    if os.environ.get("SLURM_CONF"):
+        return Path(os.environ["SLURM_CONF"])
+    beside = Path(scontrol).resolve().parent.parent / "etc" / "slurm.conf"
+    return beside if beside.is_file() else Path("/etc/slurm/slurm.conf")
+
+
+def anonymous_controllers(conf: Path) -> list[str]:
+    """The controllers `conf` names only by a name every host has (`localhost`): Slurm reads
+    `localhost` as the short hostname of the host reading it, so each head's `scontrol ping`
+    calls that controller by the head's own name. [] when `conf` cannot be read: the ping is
+    then all there is, as before."""
+    try:
+        text = read_regular_file(conf, SLURM_CONF_CAP).decode(errors="replace")
+    except (OSError, UnusableFileError):
+        return []
+    named = (n for match in CONTROLLER_LINE.finditer(text) for n in match[1].split(","))
+    return [n for n in named if n and not identifies(n)]

@@ -27,6 +27,7 @@ log = get_logger("hpodlb.provision")
 
 MANAGED = "hpodlb:managed"
 CLUSTER = "hpodlb:cluster"
+PLACEHOLDER_ID = "0123456789abcdef"  # the example config's target group ID
 
 
 class ProvisionError(Exception):
@@ -282,9 +283,18 @@ def cluster_network(
 ) -> Network:
     """The flags an admin gave, and for each one missing, the cluster's own: the login groups'
     OverrideVpcConfig if they have one, else the cluster's VpcConfig (DescribeCluster), one
-    subnet per Availability Zone (an NLB takes no more), and the VPC of those subnets."""
+    subnet per Availability Zone (an NLB takes no more); the VPC is always the subnets' own
+    unless --vpc-id says (the cluster is not asked for it)."""
     if vpc_id and subnet_ids and security_group_ids:
         return Network(vpc_id, tuple(subnet_ids), tuple(security_group_ids), "the flags")
+    if subnet_ids and security_group_ids:
+        found = ec2.describe_subnets(SubnetIds=list(subnet_ids)).get("Subnets", [])
+        return Network(
+            _vpc_of(found, subnet_ids),
+            tuple(subnet_ids),
+            tuple(security_group_ids),
+            "the flags, and the VPC of the subnets",
+        )
     flag_vpc = vpc_id
     try:
         described = hyperpod.describe(cluster)
@@ -314,10 +324,7 @@ def cluster_network(
             first.setdefault(subnet.get("AvailabilityZone", subnet["SubnetId"]), subnet["SubnetId"])
         subnets = tuple(first.values())
     if not vpc_id:
-        vpcs = sorted({s["VpcId"] for s in found})
-        if len(vpcs) != 1:
-            raise ProvisionError(f"subnets {', '.join(subnets)} are in VPCs {vpcs}; pass --vpc-id")
-        vpc_id = vpcs[0]
+        vpc_id = _vpc_of(found, subnets)
     flags = (
         ("--vpc-id", flag_vpc),
         ("--subnet-id", subnet_ids),
@@ -328,6 +335,14 @@ def cluster_network(
     if given:
         source += f", with {', '.join(given)}"
     return Network(vpc_id, subnets, groups, source)
+
+
+def _vpc_of(found: Sequence[Mapping[str, Any]], subnets: Sequence[str]) -> str:
+    """The one VPC the described subnets are in (ProvisionError if they span several or none)."""
+    vpcs = sorted({str(s["VpcId"]) for s in found})
+    if len(vpcs) != 1:
+        raise ProvisionError(f"subnets {', '.join(subnets)} are in VPCs {vpcs}; pass --vpc-id")
+    return vpcs[0]
 
 
 def cluster_name(resource_config: Path) -> str:
@@ -345,6 +360,12 @@ def cluster_name(resource_config: Path) -> str:
     return name
 
 
+def is_placeholder(arn: str) -> bool:
+    """The example config's target group (`.../smhp-login-node-tg/0123456789abcdef`): a stand-in
+    for the one `provision --write-config` makes, naming no real group or region."""
+    return arn.endswith(f"/{PLACEHOLDER_ID}")
+
+
 def add_target_group_to_config(path: Path, arn: str, port: int) -> bool:
     """Point the config at `arn`, editing the text so every comment survives; False if it already is.
 
@@ -353,7 +374,7 @@ def add_target_group_to_config(path: Path, arn: str, port: int) -> bool:
     text = path.read_text()
     if arn in text:
         return False
-    placeholder = re.search(r'arn\s*=\s*"arn:aws[^"]*:targetgroup/[^"/]+/0123456789abcdef"', text)
+    placeholder = re.search(rf'arn\s*=\s*"arn:aws[^"]*:targetgroup/[^"/]+/{PLACEHOLDER_ID}"', text)
     if placeholder:
         new = text[: placeholder.start()] + f'arn = "{arn}"' + text[placeholder.end() :]
         new = _set_port_after(new, placeholder.start(), port)

@@ -24,6 +24,9 @@ from typing import Any
 
 from sim.aws import FakeAws, moto_server
 from sim.nodes import RELOAD_COMMAND, SIM_USER, SimCluster, sim_cluster
+from sim.workdir import require_inside
+
+RESOURCE_CONFIG = Path("opt-ml-config", "resource_config.json")  # under the work dir
 
 CLUSTER_NAME = "ml-cluster"
 
@@ -67,25 +70,14 @@ def resource_config(login_nodes: dict[str, str]) -> dict[str, Any]:
     }
 
 
-class Demo:
-    def __init__(self, aws: FakeAws, cluster: SimCluster, workdir: Path) -> None:
-        self.aws = aws
-        self.cluster = cluster
-        self.workdir = workdir
-        self.failures: list[str] = []
-        self.rc_path = workdir / "opt-ml-config" / "resource_config.json"
-        self.rc_path.parent.mkdir()
-        self.arn = aws.create_login_nlb()
-        # The client key, copied: the simulated cluster's dir goes when the demo ends, and a kept
-        # work dir's config must still name files that exist (`./dev demo --keep`).
-        self.key_file = workdir / "ssh" / "id_ed25519"
-        self.key_file.parent.mkdir(mode=0o700)
-        shutil.copy2(cluster.client_key, self.key_file)
-        self.config = workdir / "config.toml"
-        self.config.write_text(
-            f"""[cluster]
-resource_config = "{self.rc_path}"
-provisioning_parameters = "{self.rc_path.parent / "provisioning_parameters.json"}"
+def write_config(workdir: Path, arn: str, port: int, key_file: Path) -> Path:
+    """The demo's config, every path on this machine inside `workdir` (refused otherwise): the
+    commands it prints may be typed again after a `--keep`."""
+    config, rc_path = workdir / "config.toml", workdir / RESOURCE_CONFIG
+    config.write_text(
+        f"""[cluster]
+resource_config = "{rc_path}"
+provisioning_parameters = "{rc_path.parent / "provisioning_parameters.json"}"
 login_groups = ["login-group"]
 allowed_cidrs = ["127.0.0.0/8"]   # the simulated login nodes live on loopback
 leader = "always"                 # one simulated head node, whatever Slurm this machine has
@@ -94,13 +86,13 @@ leader = "always"                 # one simulated head node, whatever Slurm this
 interval_seconds = 2   # short, so that an absent target waits 2 passes 2 s apart, not 30 s
 
 [[target_groups]]
-arn = "{self.arn}"
+arn = "{arn}"
 port = 22
 
 [ssh]
 user = "{SIM_USER}"
-port = {cluster.port}
-key_file = "{self.key_file}"
+port = {port}
+key_file = "{key_file}"
 connect_timeout_seconds = 3
 
 [host_keys]
@@ -110,7 +102,26 @@ reload_command = {json.dumps(RELOAD_COMMAND)}
 [state]
 dir = "{workdir / "state"}"
 """
-        )
+    )
+    require_inside(config, workdir)
+    return config
+
+
+class Demo:
+    def __init__(self, aws: FakeAws, cluster: SimCluster, workdir: Path) -> None:
+        self.aws = aws
+        self.cluster = cluster
+        self.workdir = workdir
+        self.failures: list[str] = []
+        self.rc_path = workdir / RESOURCE_CONFIG
+        self.rc_path.parent.mkdir()
+        self.arn = aws.create_login_nlb()
+        # The client key, copied: the simulated cluster's dir goes when the demo ends, and a kept
+        # work dir's config must still name files that exist (`./dev demo --keep`).
+        self.key_file = workdir / "ssh" / "id_ed25519"
+        self.key_file.parent.mkdir(mode=0o700)
+        shutil.copy2(cluster.client_key, self.key_file)
+        self.config = write_config(workdir, self.arn, cluster.port, self.key_file)
 
     def expect(self, what: str, ok: bool) -> None:
         """Say whether a step ended as it should; the demo fails if any did not."""

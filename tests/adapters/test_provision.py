@@ -19,6 +19,8 @@ from moto import mock_aws
 from hpodlb.config import load_config
 from hpodlb.provision import Provisioner, ProvisionError, Spec, add_target_group_to_config
 from sim.aws import FakeAws, moto_server
+from tests.support.aws import TG_ARN
+from tests.support.imds import instance_metadata
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -383,4 +385,57 @@ def test_cli_provision_takes_the_network_from_the_cluster(
     assert override.stdout.splitlines()[0].endswith(
         f"(DescribeCluster), with --security-group-id): {vpc}, subnets {', '.join(subnets[:2])}, "
         f"security groups {other}"
+    )
+
+
+def test_cli_provision_without_vpc_id_takes_the_subnets_vpc(admin: Admin) -> None:
+    """--subnet-id and --security-group-id without --vpc-id: the VPC is the subnets' own, as the
+    help says; the cluster (which moto does not know here) is not asked."""
+    vpc, subnet, sg = admin.flags[1], admin.flags[3], admin.flags[5]
+    made = admin("provision", "--subnet-id", subnet, "--security-group-id", sg)
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.splitlines()[0] == (
+        f"network (the flags, and the VPC of the subnets): {vpc}, subnets {subnet}, "
+        f"security groups {sg}"
+    )
+    lb = admin.elb.describe_load_balancers(Names=["smhp-login-node-lb"])["LoadBalancers"][0]
+    assert lb["VpcId"] == vpc
+
+
+def test_cli_provision_write_config_on_a_head_node_without_aws_region(
+    admin: Admin, server: FakeAws
+) -> None:
+    """No AWS_REGION and no profile, the example config's placeholder group: the region is the
+    instance metadata's (a stand-in IMDS, tests/support/imds.py); once the config points at the
+    new group, the group's ARN says it, as it does for the passes; with neither, a one-line
+    usage error."""
+    region = "eu-central-1"  # not the placeholder's us-west-2, nor the moto fixtures'
+    ec2 = FakeAws(server.endpoint_url, region).client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.7.0.0/18")["Subnet"]["SubnetId"]
+    sg = ec2.create_security_group(GroupName="nlb", Description="nlb", VpcId=vpc)["GroupId"]
+    flags = ["--subnet-id", subnet, "--security-group-id", sg]
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        admin.env.pop(name, None)
+    admin.env["AWS_CONFIG_FILE"] = admin.env["AWS_SHARED_CREDENTIALS_FILE"] = "/nonexistent"
+    with instance_metadata(f"{region}b") as endpoint:
+        admin.env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = endpoint
+        made = admin("provision", *flags, "--write-config")
+    assert made.returncode == 0, made.stderr
+    arn = next(line.split()[-1] for line in made.stdout.splitlines() if "ARN:" in line)
+    assert arn.startswith(f"arn:aws:elasticloadbalancing:{region}:")
+    assert load_config(admin.config, {}).target_groups[0].arn == arn
+
+    admin.env["AWS_EC2_METADATA_DISABLED"] = "true"
+    again = admin("provision", *flags)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to change" in again.stdout
+    assert admin("once").returncode == 0
+
+    admin.config.write_text(admin.config.read_text().replace(arn, TG_ARN))  # the placeholder
+    lost = admin("provision", *flags)
+    assert (lost.returncode, lost.stderr.splitlines()[-1]) == (
+        2,
+        "hpodlb: no AWS region: pass --region, set aws.region or AWS_REGION (no target group in "
+        "the config names one, and the instance metadata did not answer)",
     )

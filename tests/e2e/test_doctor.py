@@ -660,6 +660,59 @@ def test_broken_login_nodes_are_each_named(sim_env: SimEnv, tmp_path: Path) -> N
     assert auth.fix.startswith(f"install the public half of {tmp_path / 'other'}")
 
 
+def test_sshd_pinned_by_listen_address_is_judged_where_it_listens(sim_env: SimEnv) -> None:
+    """A real sshd whose port is set by `ListenAddress IP:PORT` (and an IPv6 `[::1]:PORT` beside
+    it), no `Port` line: `sshd -T` still says `port 22`. doctor passes it on PORT, and fails it on
+    22, where it does not listen."""
+    env = sim_env
+    assert hpodlb(env, "keys", "generate").returncode == 0
+    ip = env.cluster.ip(2)
+    env.cluster.add_node(ip, "i-0000000000pinned", keys_from=env.store / "current")
+    node, port = env.cluster.nodes[ip], env.cluster.port
+    node.write_sshd_config("ClientAliveInterval 60\n")  # so that doctor's line on sshd is a PASS
+    config = node.etc_ssh / "sshd_config"
+    config.write_text(
+        config.read_text().replace(
+            f"ListenAddress {ip}\nPort {port}\n",
+            f"ListenAddress [::1]:{port}\nListenAddress {ip}:{port}\n",
+        )
+    )
+    node.restart_sshd()
+    env.list_nodes([ip])
+    sim_path(env, [ip], host_keys={"store": str(env.store)})
+
+    def sshd_findings() -> list[tuple[Status, str]]:
+        report = run_doctor(env.config, build_reconciler(env.config))
+        return [
+            (f.status, f.found)
+            for f in report.findings
+            if f.area == f"node {ip}" and f.found.startswith("sshd ")
+        ]
+
+    said = node_sshd_t(env, ip)
+    assert "port 22" in said and f"listenaddress {ip}:{port}" in said  # what misled doctor
+    found = sshd_findings()
+    assert [s for s, _ in found] == [Status.PASS], found
+    assert found[0][1].startswith(f"sshd on port {port} with the host keys in /etc/ssh")
+
+    env.tg_port = 22
+    env.write_config()
+    assert sshd_findings() == [
+        (Status.FAIL, f"sshd listens on port {port}, the target group sends to 22")
+    ]
+
+
+def node_sshd_t(env: SimEnv, ip: str) -> str:
+    """`sshd -T` as the node's sshd reads its config (in its mount namespace)."""
+    keeper = (env.cluster.nodes[ip].dir / "keeper.pid").read_text().strip()
+    return subprocess.run(
+        ["nsenter", f"--mount=/proc/{keeper}/ns/mnt", "/usr/sbin/sshd", "-T"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 def test_the_head_nodes_own_inputs_are_named(
     moto_env: None, write_config: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from hpodlb import leader
 from hpodlb.config import load_config
 from hpodlb.state import load_state
 from sim.aws import FakeAws
+from tests.support.slurm import as_host, once_as, ping, slurm_heads, stand_in
 
 # Copied from Slurm 22.05.8's `scontrol ping` (exit status 0, then 1 with its banner).
 BOTH_UP = "Slurmctld(primary) at head1 is UP\nSlurmctld(backup) at head2 is UP\n"
@@ -56,25 +55,15 @@ def test_the_first_controller_up_is_in_control_and_the_primary_when_none_is() ->
     # A second backup, a controller slurm.conf calls localhost, several names in one entry.
     three = BOTH_DOWN.replace("head2 is DOWN", "head2 is DOWN\nSlurmctld(backup2) at head3 is UP")
     assert leader.decide(leader.controllers(three), {"head3"}).takes_over
-    assert leader.decide(
-        leader.controllers("Slurmctld(primary) at localhost is UP\n"), {"h"}
-    ).acting
+    assert not leader.decide(
+        leader.controllers("Slurmctld(primary) at localhost is UP\n"), {"h", "localhost"}
+    ).acting  # every head is localhost: tests/e2e/test_leader_names.py
     assert leader.decide(
         leader.controllers("Slurmctld(primary) at a,head1 is UP\n"), {"head1"}
     ).acting
     stranger = leader.decide(leader.controllers(BOTH_UP), {"login-1"})  # not a controller at all
     assert (stranger.acting, stranger.sound) == (False, False)
     assert stranger.label.startswith("standby (this host (login-1) is none of the controllers")
-
-
-def stand_in(tmp_path: Path, body: str) -> Path:
-    """A directory holding an executable `scontrol` with `body` as its script."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    script = bin_dir / "scontrol"
-    script.write_text(f"#!/bin/sh\n{body}\n")
-    script.chmod(0o755)
-    return bin_dir
 
 
 def test_when_scontrol_cannot_say_this_head_does_not_act(
@@ -111,107 +100,12 @@ def test_when_scontrol_cannot_say_this_head_does_not_act(
 # -- a real slurmctld -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def as_host(name: str, *command: str) -> list[str]:
-    """`command` in a UTS namespace whose hostname is `name`: how a second head is played here."""
-    return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *command]
-
-
 @pytest.fixture
 def slurm(tmp_path: Path) -> Iterator[Callable[[bool], None]]:
     """munged and a slurm.conf naming two controllers, head1 then head2; the fixture's function
     starts or stops the real slurmctld of head1. SLURM_CONF is set for this process's children."""
-    for tool in ("slurmctld", "scontrol", "munged"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            pytest.skip(
-                f"needs {tool} (Debian's slurmctld, slurm-client and munge: ./dev installs them)"
-            )
-    base = tmp_path / "slurm"
-    (base / "state").mkdir(parents=True)
-    key = base / "munge.key"
-    key.write_bytes(os.urandom(1024))
-    key.chmod(0o400)
-    munged = subprocess.run(
-        [
-            "munged",
-            "--force",
-            f"--key-file={key}",
-            f"--socket={base}/munge.sock",
-            f"--pid-file={base}/munged.pid",
-            f"--log-file={base}/munged.log",
-            f"--seed-file={base}/seed",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert munged.returncode == 0, munged.stderr
-    conf = base / "slurm.conf"
-    conf.write_text(
-        f"ClusterName=hpodlb\nSlurmctldHost=head1(127.0.0.1)\nSlurmctldHost=head2(127.0.0.1)\n"
-        f"SlurmctldPort={free_port()}\nSlurmdPort={free_port()}\nSlurmUser=root\n"
-        f"AuthType=auth/munge\nAuthInfo=socket={base}/munge.sock\nCredType=cred/munge\n"
-        f"StateSaveLocation={base}/state\nSlurmctldPidFile={base}/slurmctld.pid\n"
-        f"SlurmctldLogFile={base}/slurmctld.log\nSlurmctldTimeout=3\nProctrackType=proctrack/linuxproc\n"
-        "MpiDefault=none\nSwitchType=switch/none\nTaskPlugin=task/none\n"
-        "NodeName=c1 CPUs=1 State=FUTURE\nPartitionName=p Nodes=c1 Default=YES\n"
-    )
-    saved = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(conf)
-    ctld: list[subprocess.Popen[bytes]] = []
-
-    def head1(running: bool) -> None:
-        if running:
-            ctld.append(
-                subprocess.Popen(
-                    as_host("head1", "slurmctld", "-D", "-f", str(conf)),
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-            deadline = time.monotonic() + 30
-            while "at head1 is UP" not in ping():
-                assert time.monotonic() < deadline, (base / "slurmctld.log").read_text()[-2000:]
-                time.sleep(0.2)
-        else:
-            while ctld:
-                proc = ctld.pop()
-                proc.terminate()
-                proc.wait(timeout=30)
-
-    try:
-        yield head1
-    finally:
-        head1(False)
-        pid = (base / "munged.pid").read_text().strip() if (base / "munged.pid").exists() else ""
-        if pid:
-            subprocess.run(["kill", pid], check=False)
-        if saved is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = saved
-
-
-def ping() -> str:
-    return subprocess.run(
-        ["scontrol", "ping"], capture_output=True, text=True, timeout=30, check=False
-    ).stdout
-
-
-def once_as(head: str, config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        as_host(head, sys.executable, "-m", "hpodlb", "once", "--config", str(config)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=os.environ.copy(),
-    )
+    with slurm_heads(tmp_path / "slurm", ("head1", "head2"), "head1") as heads:
+        yield heads.run
 
 
 def test_with_a_real_slurmctld_only_the_head_in_control_acts(
