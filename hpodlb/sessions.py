@@ -15,32 +15,43 @@ from hpodlb.sshnode import ROOT_SHELL, SshConnector, SshError
 # Without host keys hpodlb has nothing to pin a session to, so it logs in to no node.
 NO_LOGINS = "host_keys.enabled = false: hpodlb logs in to no node"
 
-# Every `USER [priv]` process (sshd's monitor of one logged-in connection; `unknown [priv]` has
-# not said who it is yet) in this node's mount namespace, except hpodlb's own: those whose
-# session runs hpodlb's root shell (ROOT_SHELL, perhaps under `sudo -n`: pushes, counts, doctor,
-# from this or another hpodlb of this build or later; a user's own `ssh node sh -s` is counted,
-# and so is an older hpodlb's, which ran `sh -s` alone). Not only the listener's children:
-# sessions outlive an sshd restart (apt upgrades do that), and are reparented away from the new
-# listener. The mount namespace keeps the count to this node where one kernel hosts several (the
-# simulated login nodes). A connection of hpodlb's caught before its script starts or after it
-# ends is counted: one poll's worth.
-SESSIONS_SCRIPT = rb"""mine=$(readlink /proc/$$/ns/mnt)
-ps -ww -eo pid=,ppid=,args= | awk '
-function priv(p) {
-  return args[p] ~ /^sshd(-session)?: [^ ]+ \[priv\]$/ && args[p] !~ /: unknown \[priv\]$/
-}
-{ pid = $1; parent[pid] = $2; $1 = ""; $2 = ""; sub(/^ +/, ""); args[pid] = $0 }
+# A node's SSH sessions are read from what only root and sshd can write, never from a name a user
+# chooses. A logged-in connection is a process that:
+# - runs as root (real uid 0: no user can start one, and a setuid program keeps the user's), from
+#   sshd's own program (`/proc/PID/exe`: sshd, or sshd-session since OpenSSH 9.8; "(deleted)"
+#   after an upgrade), titled by sshd `sshd: USER [priv]` (the monitor of one connection);
+# - has a child titled `sshd: USER@...` (its user side, forked by the monitor once USER has
+#   authenticated: a connection still authenticating has a `[net]` child, and is not counted).
+# Not only the listener's children: sessions outlive an sshd restart (apt upgrades do that), and
+# are reparented away from the new listener. hpodlb's own sessions (this count's, and a push or
+# doctor of this or another head) are those with a root-run `sh -s hpodlb` below their monitor:
+# root's processes are not a user's to start or rename. A user's `sh -s hpodlb` is theirs, and
+# counted; so is an older hpodlb's session (it ran `sh -s` alone). The mount namespace keeps the
+# count to this node where one kernel hosts several (the simulated login nodes).
+SESSIONS_SCRIPT = rb"""[ "$(id -u)" = 0 ] || { echo "counting sessions needs root" >&2; exit 1; }
+mine=$(readlink /proc/$$/ns/mnt)
+ps -ww -eo pid=,ppid=,ruid=,args= | awk '
+{ pid = $1; parent[pid] = $2; uid[pid] = $3; $1 = ""; $2 = ""; $3 = ""; sub(/^ +/, ""); args[pid] = $0 }
 END {
-  for (q in args) if (args[q] ~ /^(sudo -n )?@ROOT_SHELL@$/) {
-    p = q
-    while ((p in parent) && p > 1) { if (priv(p)) { ours[p] = 1; break }; p = parent[p] }
+  for (p in args) if (uid[p] == 0 && args[p] ~ /^sshd(-session)?: [^ ]+ \[priv\]$/) {
+    who = args[p]; sub(/^[^ ]+ /, "", who); sub(/ \[priv\]$/, "", who); monitor[p] = who
   }
-  for (q in args) if (priv(q) && !(q in ours)) print q
+  for (c in args) {
+    p = parent[c]; side = args[c]
+    if ((p in monitor) && sub(/^sshd(-session)?: /, "", side) && index(side, monitor[p] "@") == 1)
+      session[p] = 1
+  }
+  for (q in args) if (uid[q] == 0 && args[q] == "@ROOT_SHELL@") {
+    p = q
+    while ((p in parent) && p > 1) { if (p in session) { ours[p] = 1; break }; p = parent[p] }
+  }
+  for (p in session) if (!(p in ours)) print p
 }' | {
   n=0
   while read -r p; do
-    ns=$(readlink "/proc/$p/ns/mnt" 2>/dev/null)
-    if [ -z "$ns" ] || [ "$ns" = "$mine" ]; then n=$((n + 1)); fi
+    exe=$(readlink "/proc/$p/exe") || continue
+    case ${exe% (deleted)} in */sshd | */sshd-session) ;; *) continue ;; esac
+    [ "$(readlink "/proc/$p/ns/mnt")" = "$mine" ] && n=$((n + 1))
   done
   echo "hpodlb-sessions $n"
 }
@@ -60,9 +71,7 @@ def count_sessions(connector: SshConnector, ip: str, pin: frozenset[str]) -> int
     words = out.split()
     if rc != 0 or len(words) != 2 or words[0] != "hpodlb-sessions" or not words[1].isdigit():
         why = (err.strip().splitlines() or out.strip().splitlines() or [f"exit status {rc}"])[0]
-        raise SshError(
-            "sessions", f"cannot count them ({why[:200]}; needs ps, awk and a privsep sshd)"
-        )
+        raise SshError("sessions", f"cannot count them ({why[:200]}; needs ps and awk)")
     return int(words[1])
 
 
