@@ -3,7 +3,8 @@
 Used by `hpodlb drain` (tell the users, watch the node empty) and by the pass (a drained node's
 open sessions, for `status` and `drain --wait`), so the core never imports a command for them.
 Each runs as root in a session pinned to keys the caller can vouch for; this module never
-decides what to pin, and never logs a script or its output.
+decides what to pin, and never logs a script or its output. This is maintenance work: each script
+stops itself on the node after SCRIPT_SECONDS or when its session goes, with all it started.
 
 The count includes scp, VS Code and other connections without a terminal, which `who` would miss.
 """
@@ -57,30 +58,92 @@ END {
 }
 """.replace(b"@ROOT_SHELL@", ROOT_SHELL.encode())
 
+SCRIPT_SECONDS = 10.0  # a count or a `wall` on the node: well under a second unless it hangs
+
+# What a maintenance script says on stderr when its limit stopped it.
+STOPPED = "stopped after {seconds:.0f}s on the node (a command there hangs: a dead NFS mount?)"
+
+# Started first by a maintenance script, in the background: the script ends with its SSH session
+# and within its limit, with everything it started (its process group, which sshd made for the
+# command: sudo and the root shell are in it). sshd sends no signal to a command without a
+# terminal when the connection goes, so a count whose `ps` hangs (a process stuck on a dead NFS
+# mount) would otherwise stay on the node for good, one more every pass. The session is gone when
+# the nearest sshd process above the script is. The guard reads clocks and /proc with shell
+# builtins only, and ends with the script (its EXIT trap), so a count takes no longer for it.
+# Pushes are not run under it: a push cut between its renames is better finished than killed.
+_GUARD = """hpodlb_guard() {
+  read -r s < /proc/$$/stat && set -- ${s##*)} && pg=$3 && link=$$ || return
+  while [ "$link" -gt 1 ]; do
+    read -r s < "/proc/$link/stat" && set -- ${s##*)} && link=$2 || break
+    read -r c < "/proc/$link/comm" || break
+    case $c in sshd | sshd-session) break ;; esac
+  done
+  read -r up _ < /proc/uptime
+  end=$((${up%.*}${up#*.} + @CENTISECONDS@))
+  while kill -0 $$ 2>/dev/null; do
+    read -r up _ < /proc/uptime
+    if [ "${up%.*}${up#*.}" -ge "$end" ]; then
+      echo "hpodlb: @STOPPED@" >&2
+      kill -KILL -"$pg"
+      return
+    fi
+    if [ "$link" -gt 1 ] && ! kill -0 "$link" 2>/dev/null; then kill -KILL -"$pg"; return; fi
+    sleep 0.2 2>/dev/null
+  done
+}
+hpodlb_guard </dev/null >/dev/null &
+trap "kill $! 2>/dev/null" EXIT
+"""
+
+
+def bounded(script: bytes, seconds: float) -> bytes:
+    """`script` run so that it ends, with all it started, after `seconds` or with its session."""
+    guard = _GUARD.replace("@CENTISECONDS@", str(round(seconds * 100)))
+    return guard.replace("@STOPPED@", STOPPED.format(seconds=seconds)).encode() + script
+
+
+def _said(rc: int, out: str, err: str, seconds: float) -> tuple[bool, str]:
+    """(whether its limit stopped the script, what it said): the limit's own words, or the first
+    line the script wrote (stderr first)."""
+    stopped = STOPPED.format(seconds=seconds)
+    said = err.strip().splitlines() or out.strip().splitlines() or [f"exit status {rc}"]
+    if f"hpodlb: {stopped}" in said:
+        return True, stopped
+    return False, said[0][:200]
+
 
 def count_seconds(timeout: float) -> float:
     """How long counting may take in all: a login (a connect and key exchange, authentication,
-    each within `timeout`), one short command (SshSettings.command_deadline), and slack."""
-    return 2 * timeout + max(30.0, 3 * timeout) + 10
+    each within `timeout`), the script within SCRIPT_SECONDS, and slack."""
+    return 2 * timeout + SCRIPT_SECONDS + 10
 
 
-def count_sessions(connector: SshConnector, ip: str, pin: frozenset[str]) -> int:
+def count_sessions(
+    connector: SshConnector, ip: str, pin: frozenset[str], seconds: float = SCRIPT_SECONDS
+) -> int:
     """Authenticated SSH connections on the node, hpodlb's own excepted; SshError if unknown."""
     with connector.session(ip, pin) as session:
-        rc, out, err = session.run_root(SESSIONS_SCRIPT)
+        rc, out, err = session.run_root(bounded(SESSIONS_SCRIPT, seconds))
     words = out.split()
     if rc != 0 or len(words) != 2 or words[0] != "hpodlb-sessions" or not words[1].isdigit():
-        why = (err.strip().splitlines() or out.strip().splitlines() or [f"exit status {rc}"])[0]
-        raise SshError("sessions", f"cannot count them ({why[:200]}; needs ps and awk)")
+        stopped, said = _said(rc, out, err, seconds)
+        raise SshError(
+            "sessions", said if stopped else f"cannot count them ({said}; needs ps and awk)"
+        )
     return int(words[1])
 
 
-def tell_users(connector: SshConnector, ip: str, pin: frozenset[str], message: str) -> None:
+def tell_users(
+    connector: SshConnector,
+    ip: str,
+    pin: frozenset[str],
+    message: str,
+    seconds: float = SCRIPT_SECONDS,
+) -> None:
     """`wall` on the node. The message is one printable line (check_reason), so the quoted
     here-document cannot end early and nothing in it reaches a shell."""
     script = f"wall <<'HPODLB_NOTICE'\n{message}\nHPODLB_NOTICE\necho hpodlb-wall-ok\n".encode()
     with connector.session(ip, pin) as session:
-        rc, out, err = session.run_root(script)
+        rc, out, err = session.run_root(bounded(script, seconds))
     if rc != 0 or "hpodlb-wall-ok" not in out:
-        why = (err.strip().splitlines() or [f"exit status {rc}"])[0]
-        raise SshError("wall", why[:200])
+        raise SshError("wall", _said(rc, out, err, seconds)[1])

@@ -1,21 +1,25 @@
 """A login node's SSH sessions, counted on real sshd nodes whose users choose what they run and
-what it is called."""
+what it is called; and the count's own command, which must not outlive its limit or its session."""
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 
 import paramiko
 import pytest
 
 from hpodlb.sessions import count_sessions
-from hpodlb.sshnode import ParamikoConnector
+from hpodlb.sshnode import ParamikoConnector, Session, SshError
 from hpodlb.wiring import ssh_settings
 from sim.env import SimEnv
 from sim.nodes import SIM_USER
 from tests.support.lab import canonical, nodes
-from tests.support.nodeside import logged_in, run_as_user, user_processes
+from tests.support.nodeside import Hang, logged_in, run_as_user, user_processes
 
 pytestmark = pytest.mark.sshd
 
@@ -73,3 +77,92 @@ def test_a_process_named_like_an_sshd_session_is_not_one(env: SimEnv) -> None:
     finally:
         unauthenticated.close()
         sock.close()
+
+
+class Recording:
+    """The real connector, keeping each session it opens, so a test can cut one as the head
+    node's deadline does (shut its socket down)."""
+
+    def __init__(self, real: ParamikoConnector) -> None:
+        self.real = real
+        self.sessions: list[Session] = []
+
+    def probe(self, ip: str, key_type: str) -> str | None:
+        return self.real.probe(ip, key_type)
+
+    def session(self, ip: str, pin: frozenset[str]) -> AbstractContextManager[Session]:
+        @contextmanager
+        def opened() -> Iterator[Session]:
+            with self.real.session(ip, pin) as session:
+                self.sessions.append(session)
+                yield session
+
+        return opened()
+
+    def cut(self) -> None:
+        (session,) = self.sessions
+        transport = session.client.get_transport()  # type: ignore[attr-defined]
+        transport.sock.shutdown(socket.SHUT_RDWR)
+
+
+def gone(hang: Hang, within: float) -> list[int]:
+    """The runs of the hanging tool still alive once `within` seconds have passed (or none is)."""
+    deadline = time.monotonic() + within
+    while hang.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return hang.alive()
+
+
+def test_a_count_that_hangs_on_the_node_is_stopped_there_with_what_it_started(
+    env: SimEnv, tmp_path: Path
+) -> None:
+    """`ps` hangs on the node (a process stuck on a dead NFS mount): the count stops itself
+    there after its limit, well inside the head node's command deadline, says so, and leaves
+    nothing running."""
+    (ip,), connector, pin = converged(env, 1)
+    hang = Hang(env.cluster.nodes[ip], "ps", tmp_path / "ps-runs")
+    try:
+        started = time.monotonic()
+        with pytest.raises(SshError) as failed:
+            count_sessions(connector, ip, pin)
+        took = time.monotonic() - started
+        assert str(failed.value) == (
+            "sessions: stopped after 10s on the node (a command there hangs: a dead NFS mount?)"
+        )
+        assert took < ssh_settings(env.config).command_deadline
+        assert len(hang.started()) == 1
+        assert gone(hang, 2) == []
+    finally:
+        hang.undo()
+
+
+def test_a_cut_session_takes_its_command_on_the_node_with_it(env: SimEnv, tmp_path: Path) -> None:
+    """The head node shuts a count's connection (its deadline, or the daemon killed) while `ps`
+    hangs on the node: sshd gives a command without a terminal no signal, so the count's own
+    guard ends what it started, within a second or so, instead of one orphan per pass."""
+    (ip,), real, pin = converged(env, 1)
+    connector = Recording(real)
+    hang = Hang(env.cluster.nodes[ip], "ps", tmp_path / "ps-runs")
+    result: list[object] = []
+    counting = threading.Thread(
+        target=lambda: result.append(_count(connector, ip, pin)), daemon=True
+    )
+    try:
+        counting.start()
+        deadline = time.monotonic() + 30
+        while not hang.started():
+            assert time.monotonic() < deadline and counting.is_alive(), result
+            time.sleep(0.05)
+        connector.cut()
+        counting.join(30)
+        assert isinstance(result[0], SshError), result
+        assert gone(hang, 3) == []
+    finally:
+        hang.undo()
+
+
+def _count(connector: Recording, ip: str, pin: frozenset[str]) -> object:
+    try:
+        return count_sessions(connector, ip, pin)
+    except SshError as exc:
+        return exc
