@@ -18,7 +18,8 @@ counts go to a `NodeJobs` of MAINTENANCE_WORKERS that the reconciler keeps from 
 pass of the daemon does not wait for it (a wedged drained node once held every pass, and every
 new node, for the 30 s command deadline); what a count found is taken in by the first pass after
 it ends. A node whose count is still running, even past its deadline, gets no second one (`busy`),
-so the lane cannot pile up threads behind a node that hangs. Workers end when nothing waits.
+so the lane cannot pile up threads behind a node that hangs. Workers end when nothing waits; the
+lane's do not hold a stopping daemon (a count cut off there is ended on the node, see sessions).
 """
 
 from __future__ import annotations
@@ -82,9 +83,12 @@ class NodeJobs:
         clock: Callable[[], float],
         beat: Callable[[], None],
         name: str = "hpodlb-node",
+        *,
+        detached: bool = False,
     ) -> None:
         self._workers = workers
         self._name = name
+        self._detached = detached  # the process may end without waiting for these workers
         self._threads = 0
         self._waiting: list[tuple[int, int, Future[Any], Callable[[], Any], Job]] = []  # a heap
         self._count = 0
@@ -108,7 +112,7 @@ class NodeJobs:
             if self._threads < self._workers:  # a worker a job, up to the limit
                 self._threads += 1
                 name = f"{self._name}_{self._threads - 1}"
-                threading.Thread(target=self._work, name=name).start()
+                threading.Thread(target=self._work, name=name, daemon=self._detached).start()
         self._running[future] = job
 
     def busy(self, ip: str) -> bool:

@@ -70,7 +70,7 @@ class Reconciler:
         # Session counts, kept from pass to pass: a count a pass did not wait for is taken in by
         # a later one.
         self.maintenance = NodeJobs(
-            MAINTENANCE_WORKERS, self._now, lambda: None, name="hpodlb-maintenance"
+            MAINTENANCE_WORKERS, self._now, lambda: None, "hpodlb-maintenance", detached=True
         )
 
     def _now(self) -> float:
