@@ -101,9 +101,12 @@ class Hang:
         self.node = node
         self.runs = runs
         self.wrapper = node.dir / f"hang-{tool}"
-        self.wrapper.write_text(
-            f'#!/bin/bash\necho "$$ $(date +%s.%N)" >> {runs}\nexec -a {tool}-hangs sleep 3600\n'
-        )
+        lines = [
+            "#!/bin/bash",
+            f'echo "$$ $(date +%s.%N)" >> {runs}',
+            f"exec -a {tool}-hangs sleep 3600",
+        ]
+        self.wrapper.write_text("\n".join(lines) + "\n")
         self.wrapper.chmod(0o755)
         runs.touch()
         self.target = subprocess.run(
