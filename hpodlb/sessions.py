@@ -28,7 +28,9 @@ NO_LOGINS = "host_keys.enabled = false: hpodlb logs in to no node"
 # doctor of this or another head) are those with a root-run `sh -s hpodlb` below their monitor:
 # root's processes are not a user's to start or rename. A user's `sh -s hpodlb` is theirs, and
 # counted; so is an older hpodlb's session (it ran `sh -s` alone). The mount namespace keeps the
-# count to this node where one kernel hosts several (the simulated login nodes).
+# count to this node where one kernel hosts several (the simulated login nodes). Not utmp (only
+# sessions with a terminal are in it: scp and VS Code are not), nor logind (only where sshd runs
+# pam_systemd): sshd's own processes are there for every logged-in connection.
 SESSIONS_SCRIPT = rb"""[ "$(id -u)" = 0 ] || { echo "counting sessions needs root" >&2; exit 1; }
 mine=$(readlink /proc/$$/ns/mnt)
 ps -ww -eo pid=,ppid=,ruid=,args= | awk '
