@@ -19,7 +19,7 @@ from functools import partial
 from hpodlb.config import target_group_name
 from hpodlb.context import KeySide, Known, PassContext, log
 from hpodlb.identity import KeyState
-from hpodlb.jobs import SESSIONS, Job, NodeJobs, failure_text
+from hpodlb.jobs import Job, NodeJobs, failure_text
 from hpodlb.keystore import KeySet, KeyStoreError
 from hpodlb.planner import Action, Kind, Plan, Target
 from hpodlb.record import fingerprints
@@ -76,8 +76,8 @@ class Actor:
         joining = [a for a in fresh(Kind.REGISTER) if not a.after_push]
         if self._ready_to_join(joining):
             did = self._write(Kind.REGISTER, joining) or did
-        if self.jobs.only(SESSIONS):  # last, with what is left of the budget, once no probe or
-            # push can claim it (a session count cannot)
+        if not self.jobs:  # last, with what is left of the budget, once no probe or push can
+            # claim it
             strays = [a for a in fresh(Kind.DEREGISTER) if a.ip not in self.ctx.by_ip]
             did = self._write(Kind.DEREGISTER, strays) or did
             for action in fresh(Kind.RETIRE_PREVIOUS):

@@ -1,4 +1,5 @@
-"""The node-job runner: probes, pushes, adoptions and session counts on a pool of threads.
+"""The node-job runner: probes, pushes and adoptions on a pool of threads, and maintenance work
+(a drained node's session count) in a lane of its own.
 
 A node's job runs with the deadline its step gives (`HostKeys.probe_seconds`, ..., counted from
 when a worker takes it, not from when it was queued) behind an exception boundary: whatever it
@@ -11,6 +12,14 @@ Jobs are pipelined: a free worker takes the oldest waiting push or adoption befo
 probe, so a node's push starts as soon as its probe has come back and been planned, not after
 every other node's probe (a cold pass over 200 nodes would otherwise register nobody until the
 last probe had run).
+
+Maintenance never shares a worker with that work: a pass's pool is the pass's own, and session
+counts go to a `NodeJobs` of MAINTENANCE_WORKERS that the reconciler keeps from pass to pass. A
+pass of the daemon does not wait for it (a wedged drained node once held every pass, and every
+new node, for the 30 s command deadline); what a count found is taken in by the first pass after
+it ends. A node whose count is still running, even past its deadline, gets no second one (`busy`),
+so the lane cannot pile up threads behind a node that hangs. Workers end when nothing waits; the
+lane's do not hold a stopping daemon (a count cut off there is ended on the node, see sessions).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import heapq
 import math
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
@@ -38,10 +48,11 @@ def default_workers(cpus: int | None = None) -> int:
 
 
 WORKERS = default_workers()
+MAINTENANCE_WORKERS = 2  # session counts at a time, apart from `WORKERS`: drained nodes are few
 GATHER_SECONDS = 0.05  # results that come in this close together make one re-plan, not several
 BEAT_SECONDS = 0.25  # a pass waiting on node jobs wakes this often, to say it is alive
 PROBE = "probe"
-SESSIONS = "sessions"  # counting a drained node's SSH connections
+SESSIONS = "sessions"  # counting a drained node's SSH connections (maintenance)
 # Which waiting job a free worker takes first (lower first; the oldest among equals): what moves
 # a node closer to users goes before what only looks at one.
 URGENT, ROUTINE = 0, 1
@@ -54,6 +65,7 @@ class Job:
     budget: float  # seconds from the job's start: past them, the node's job counts as failed
     action: Action | None = None
     started: float | None = None  # monotonic; set by the worker that runs it
+    finished: float | None = None  # monotonic; when its call returned (what it found is of then)
 
     @property
     def deadline(self) -> float:
@@ -63,16 +75,26 @@ class Job:
 
 
 class NodeJobs:
-    """The jobs of one pass, `workers` at a time, the urgent first."""
+    """Jobs, `workers` at a time, the urgent first: a pass's, or the maintenance lane's."""
 
-    def __init__(self, workers: int, clock: Callable[[], float], beat: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        workers: int,
+        clock: Callable[[], float],
+        beat: Callable[[], None],
+        name: str = "hpodlb-node",
+        *,
+        detached: bool = False,
+    ) -> None:
         self._workers = workers
+        self._name = name
+        self._detached = detached  # the process may end without waiting for these workers
         self._threads = 0
         self._waiting: list[tuple[int, int, Future[Any], Callable[[], Any], Job]] = []  # a heap
         self._count = 0
-        self._closed = False
-        self._wake = threading.Condition()
-        self._running: dict[Future[Any], Job] = {}
+        self._lock = threading.Lock()
+        self._running: dict[Future[Any], Job] = {}  # not yet handed back
+        self._busy: Counter[str] = Counter()  # by IP: queued, or its call has not returned
         self._clock = clock
         self._beat = beat
 
@@ -82,24 +104,31 @@ class NodeJobs:
     def submit(self, job: Job, call: Callable[[], Any], *, urgent: bool = False) -> None:
         """Run `call` as `job`; `urgent` (a push, an adoption) before every probe still waiting."""
         future: Future[Any] = Future()
-        with self._wake:
+        with self._lock:
             self._count += 1
             entry = (URGENT if urgent else ROUTINE, self._count, future, call, job)
             heapq.heappush(self._waiting, entry)
+            self._busy[job.ip] += 1
             if self._threads < self._workers:  # a worker a job, up to the limit
                 self._threads += 1
-                name = f"hpodlb-node_{self._threads - 1}"
-                threading.Thread(target=self._work, name=name).start()
-            self._wake.notify()
+                name = f"{self._name}_{self._threads - 1}"
+                threading.Thread(target=self._work, name=name, daemon=self._detached).start()
         self._running[future] = job
 
-    def only(self, what: str) -> bool:
-        """Every job still running is a `what` (true when none runs)."""
-        return all(job.what == what for job in self._running.values())
+    def busy(self, ip: str) -> bool:
+        """A job for `ip` waits, or runs: handed back at its deadline or not, until it returns."""
+        with self._lock:
+            return self._busy[ip] > 0
+
+    def poll(self) -> list[tuple[Job, Any]]:
+        """Every job done or past its deadline, as `collect` hands them back, without waiting."""
+        return self._hand_back({f for f in self._running if f.done()})
 
     def collect(self, wake_by: float | None = None) -> list[tuple[Job, Any]]:
         """Wait for at least one job (or its deadline, or `wake_by`), then hand back every job
         that is done, with its result: what it returned, or the exception that ended it."""
+        if not self._running:
+            return []
         done: set[Future[Any]] = set()
         pending: set[Future[Any]] = set(self._running)
         while True:
@@ -117,6 +146,9 @@ class NodeJobs:
             self._beat()
         if done and pending:  # what finishes in the next moment is taken in with it: one re-plan
             done |= wait(pending, timeout=GATHER_SECONDS)[0]
+        return self._hand_back(done)
+
+    def _hand_back(self, done: set[Future[Any]]) -> list[tuple[Job, Any]]:
         now = self._clock()
         results: list[tuple[Job, Any]] = []
         for future, job in list(self._running.items()):
@@ -133,23 +165,25 @@ class NodeJobs:
     def close(self) -> None:
         """Jobs not started are dropped; running ones are not waited for (each is bounded), and
         their workers end once they are done."""
-        with self._wake:
-            self._closed = True
-            for _, _, future, _, _ in self._waiting:
+        with self._lock:
+            for _, _, future, _, job in self._waiting:
                 future.cancel()
+                self._busy[job.ip] -= 1
             self._waiting.clear()
-            self._wake.notify_all()
 
     def _work(self) -> None:
         while True:
-            with self._wake:
-                while not self._waiting and not self._closed:
-                    self._wake.wait()
-                if not self._waiting:
+            with self._lock:
+                if not self._waiting:  # nothing waits: this worker ends (submit starts another)
+                    self._threads -= 1
                     return
                 _, _, future, call, job = heapq.heappop(self._waiting)
             if future.set_running_or_notify_cancel():
-                future.set_result(_boundary(call, job, self._clock))
+                result = _boundary(call, job, self._clock)
+                job.finished = self._clock()
+                with self._lock:  # before the result shows: a pass that sees it may start anew
+                    self._busy[job.ip] -= 1
+                future.set_result(result)
 
 
 def _boundary(call: Callable[[], Any], job: Job, clock: Callable[[], float]) -> Any:

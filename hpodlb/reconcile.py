@@ -5,7 +5,8 @@ itself. `observe` reads (login nodes, target groups, intents, key facts), `jobs`
 node's probe, push or adoption on a pool, `act` applies what became runnable and `record` writes
 down what was learned. Each time a node job comes back the planner is asked again, with all that
 is known so far: a healthy node is registered as soon as its own probe verifies, whatever another
-node's SSH is doing.
+node's SSH is doing. Maintenance (counting a drained node's sessions) runs in the reconciler's own
+lane, which no pass of the daemon waits for: a wedged drained node delays nothing.
 
 Faults stay where they happen: a bad resource config stops the pass before any AWS write; a target
 group that cannot be read, or is not what the config says, gets no action; a node's fault (any
@@ -29,7 +30,7 @@ from hpodlb.context import KeySide, Known, PassContext, log, read_boot_id
 from hpodlb.guards import Guards, guards_of
 from hpodlb.hyperpod import HyperPod
 from hpodlb.inventory import Answer, InventoryError, LoginNode
-from hpodlb.jobs import PROBE, SESSIONS, WORKERS, Job, NodeJobs
+from hpodlb.jobs import MAINTENANCE_WORKERS, PROBE, SESSIONS, WORKERS, Job, NodeJobs
 from hpodlb.leader import CONFIRM_SECONDS, Leadership
 from hpodlb.outcome import PassOutcome
 from hpodlb.planner import Absence, Drain, Kind, Memory, Plan, plan_pass
@@ -66,6 +67,15 @@ class Reconciler:
         self.hyperpod = hyperpod
         self.cluster = observe.ClusterAnswers()
         self.leadership: Leadership | None = None  # the last decision, to log its changes
+        # Session counts, kept from pass to pass: a count a pass did not wait for is taken in by
+        # a later one.
+        self.maintenance = NodeJobs(
+            MAINTENANCE_WORKERS, self._now, lambda: None, "hpodlb-maintenance", detached=True
+        )
+
+    def _now(self) -> float:
+        """`clock` as it is at each call (tests move it after construction)."""
+        return self.clock()
 
     def login_groups(self) -> Answer:
         return self.cluster.login_groups(self.config, self.hyperpod, self.clock)
@@ -98,13 +108,22 @@ class Reconciler:
         return lead
 
     def run_pass(
-        self, state: State, *, apply: bool, beat: Callable[[], None] = lambda: None
+        self,
+        state: State,
+        *,
+        apply: bool,
+        beat: Callable[[], None] = lambda: None,
+        wait_for_counts: bool = True,
     ) -> PassOutcome:
         """One level-triggered pass; mutates `state` only when `apply` is true.
 
         `beat` is called whenever the pass advances (and at least every BEAT_SECONDS while it
         waits on node jobs, each bounded by its deadline): the daemon's watchdog follows it, so a
-        long pass over many slow nodes is alive, and one stuck in a call is not."""
+        long pass over many slow nodes is alive, and one stuck in a call is not.
+
+        `wait_for_counts`: a pass that is the last of its process (`once`) waits, once all else
+        is done, for the session counts it started; the daemon's do not (a later pass takes them
+        in), so that a count that hangs never holds back the next pass."""
         started, started_wall = self.clock(), self.wall()
         outcome = PassOutcome()
         if apply:
@@ -131,7 +150,7 @@ class Reconciler:
                     apply=apply,
                     act=acting,
                 )
-                _Pass(self, ctx).run()
+                _Pass(self, ctx, wait_for_counts).run()
             except Exception as exc:  # a bug must cost one pass, and the pass must say so
                 log.exception("pass_crashed")
                 outcome.errors.append(f"pass crashed: {type(exc).__name__}: {exc}")
@@ -147,11 +166,12 @@ class _Pass:
     """One pass in progress: observe, then plan, act and take in node results until nothing is
     left running or runnable, then record."""
 
-    def __init__(self, rec: Reconciler, ctx: PassContext) -> None:
+    def __init__(self, rec: Reconciler, ctx: PassContext, wait_for_counts: bool) -> None:
         self.rec = rec
         self.ctx = ctx
         self.known = Known()
         self.side = rec.keys
+        self.wait_for_counts = wait_for_counts
 
     def run(self) -> None:
         ctx, known, side = self.ctx, self.known, self.side
@@ -167,9 +187,11 @@ class _Pass:
         )
         jobs = NodeJobs(max(1, min(self.rec.workers, len(ctx.nodes))), self.rec.clock, ctx.beat)
         actor = Actor(ctx, known, self.rec.groups, side, jobs)
+        lane = self.rec.maintenance
+        self._take_counts(lane.poll())
         try:
             self._start_probes(jobs)
-            self._start_session_counts(jobs)
+            self._start_session_counts(lane)
             while True:
                 ctx.beat()
                 if actor.step(self._plan()):
@@ -183,6 +205,9 @@ class _Pass:
                 )
         finally:
             jobs.close()
+        while self.wait_for_counts and lane:
+            self._take_counts(lane.collect())
+        self._take_counts(lane.poll())
         final = self._plan()
         ctx.outcome.plan = final
         for action in final.held():
@@ -229,9 +254,10 @@ class _Pass:
                 jobs.submit(Job(PROBE, node.ip, budget), partial(side.nodes.probe, node.ip))
         self.known.facts = replace(self.known.facts, probes=dict(self.known.probes))
 
-    def _start_session_counts(self, jobs: NodeJobs) -> None:
+    def _start_session_counts(self, lane: NodeJobs) -> None:
         """A drained node's open SSH connections, for `status` and `drain --wait` readers: counted
-        in a session pinned to the canonical keys (current or previous), never to anything else."""
+        in a session pinned to the canonical keys (current or previous), never to anything else;
+        not while a count of it still runs, nor while the node backs off."""
         ctx, side, facts = self.ctx, self.side, self.known.facts
         if not ctx.acting:  # a dry run, or a standby head: no logins for this
             return
@@ -241,14 +267,22 @@ class _Pass:
                 why = NO_LOGINS if side is None else "no canonical host keys to vouch for the node"
                 record.not_counted(ctx, ip, why)
                 continue
+            retry = ctx.state.nodes[ip].retry_mono
+            if lane.busy(ip) or (retry is not None and retry > ctx.now):
+                continue
             job = Job(SESSIONS, ip, count_seconds(side.timeout_seconds))
-            jobs.submit(job, partial(count_sessions, side.nodes.connector, ip, pin))
+            lane.submit(job, partial(count_sessions, side.nodes.connector, ip, pin))
+
+    def _take_counts(self, results: list[tuple[Job, Any]]) -> None:
+        """Counts that came back, into the record of nodes that are still drained login nodes
+        (one undrained or gone meanwhile has no count to show)."""
+        for job, result in results:
+            if job.ip in self.ctx.by_ip and job.ip in self.known.drains:
+                record.counted(self.ctx, job, result)
 
     def _take(self, actor: Actor, job: Job, result: Any) -> None:
         """A node job's result, into the record, the known world, or (an adoption) the store."""
-        if job.what == SESSIONS:
-            record.counted(self.ctx, job.ip, result)
-        elif job.action is None:
+        if job.action is None:
             record.probed(self.ctx, self.known, job.ip, result)
         elif job.action.kind is Kind.PUSH_KEYS:
             record.pushed(self.ctx, self.known, job.action, result)

@@ -19,7 +19,7 @@ from hpodlb.files import UntrustedPathError, make_trusted_dir, os_reason, write_
 from hpodlb.identity import KeyState
 from hpodlb.intentmodel import Intents
 from hpodlb.intents import IntentsError, update_intents
-from hpodlb.jobs import failure_text
+from hpodlb.jobs import Job, failure_text
 from hpodlb.keystore import fingerprint, identity
 from hpodlb.outcome import SOUND_RESULTS, PassOutcome
 from hpodlb.planner import Action, Kind, Plan, Probe
@@ -85,16 +85,32 @@ def pushed(
     )
 
 
-def counted(ctx: PassContext, ip: str, result: int | Exception) -> None:
-    """A drained node's open SSH sessions, or why they could not be counted."""
+def counted(ctx: PassContext, job: Job, result: int | Exception) -> None:
+    """A drained node's open SSH sessions, as of when its count ended, or why they could not be
+    counted: a failed count backs the node off as a failed push does (its next count, and any
+    push, wait), without failing the pass, which maintenance never decides."""
+    ip = job.ip
     record, node = ctx.state.nodes[ip], ctx.by_ip[ip]
     if isinstance(result, Exception):
-        record.sessions, record.sessions_error = None, failure_text(result, "sessions")
+        why = failure_text(result, "sessions")  # `connect: ...` when the login failed
+        record.sessions, record.sessions_error = None, why
+        error = why if why.startswith("sessions:") else f"sessions: {why}"
+        node_failed(ctx, ip, error, backoff=True, fails_pass=False)
     else:
         if result != record.sessions:
             log.info("drained_sessions", ip=ip, instance_id=node.instance_id, sessions=result)
         record.sessions, record.sessions_error = result, ""
-    record.sessions_at = ctx.wall()
+        _end_count_backoff(record)
+    ended = ctx.clock() if job.finished is None else job.finished
+    record.sessions_at = ctx.wall() - (ctx.clock() - ended)
+
+
+def _end_count_backoff(record: NodeRecord) -> None:
+    """A count came back, or the node is no longer drained: a backoff its counts caused is over
+    (one a push caused is the push's to end)."""
+    if record.last_error.startswith("sessions:"):
+        record.failures, record.retry_mono, record.retry_at = 0, None, None
+        record.last_error = ""
 
 
 def not_counted(ctx: PassContext, ip: str, why: str) -> None:
@@ -102,8 +118,11 @@ def not_counted(ctx: PassContext, ip: str, why: str) -> None:
     record.sessions, record.sessions_at, record.sessions_error = None, None, why
 
 
-def node_failed(ctx: PassContext, ip: str, error: str, *, backoff: bool) -> None:
-    """A node's step failed; with `backoff` (a push), its next push waits, longer each time."""
+def node_failed(
+    ctx: PassContext, ip: str, error: str, *, backoff: bool, fails_pass: bool = True
+) -> None:
+    """A node's step failed; with `backoff` (a push, a session count), the node's next push and
+    count wait, longer each time; with `fails_pass` as well, the pass is not converged."""
     node, record = ctx.by_ip[ip], ctx.state.nodes[ip]
     step = error.split(":", 1)[0]
     record.last_error, record.last_error_at = error, ctx.wall()
@@ -114,7 +133,8 @@ def node_failed(ctx: PassContext, ip: str, error: str, *, backoff: bool) -> None
         record.retry_mono = ctx.clock() + wait_s
         record.retry_at = ctx.wall() + wait_s
         fields = {"failures": record.failures, "retry_in_seconds": wait_s}
-        ctx.error(f"{node.label()}: {error}")
+        if fails_pass:
+            ctx.error(f"{node.label()}: {error}")
     log.error("node_failed", ip=ip, instance_id=node.instance_id, step=step, error=error, **fields)
 
 
@@ -206,6 +226,7 @@ def _remember_nodes(ctx: PassContext, known: Known, final: Plan) -> None:
         record.drained = drain.reason if drain else ""
         if drain is None:
             record.sessions, record.sessions_at, record.sessions_error = None, None, ""
+            _end_count_backoff(record)
         j = final.judgements.get(node.ip)
         probe = known.probes.get(node.ip)
         if j is not None:

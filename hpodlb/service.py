@@ -190,7 +190,9 @@ class Daemon:
         outcome: PassOutcome | None = None
         started = time.monotonic()
         try:
-            outcome = generation.reconciler.run_pass(self.state, apply=True, beat=self._beat)
+            outcome = generation.reconciler.run_pass(  # counts: taken in by a later pass
+                self.state, apply=True, beat=self._beat, wait_for_counts=False
+            )
             save_outcome(config.state.dir, self.state, outcome)
         except Exception:  # a bug must cost one pass, never the daemon
             log.exception("pass_crashed")

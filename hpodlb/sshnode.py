@@ -260,19 +260,26 @@ def _send_script(channel: Any, script: bytes) -> None:
 
 
 def _collect(channel: Any, deadline: float, limit: float, cap: int) -> tuple[int, str, str]:
-    """Read stdout and stderr until exit, within the deadline and the output cap."""
+    """Read stdout and stderr until exit, within the deadline and the output cap.
+
+    The cap counts both streams together and is checked at every read, each read asking for no
+    more than is left of it: a node that writes faster than we read keeps the receive loops
+    going, so a check after them would let it fill memory first."""
     out, err = bytearray(), bytearray()
+    streams = (
+        (channel.recv_ready, channel.recv, out),
+        (channel.recv_stderr_ready, channel.recv_stderr, err),
+    )
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise SshError("command", f"no exit status within {limit:.0f}s (node too slow)")
         select.select([channel], [], [], min(left, 0.5))
-        while channel.recv_ready():
-            out += channel.recv(65536)
-        while channel.recv_stderr_ready():
-            err += channel.recv_stderr(65536)
-        if len(out) + len(err) > cap:
-            raise SshError("command", f"output exceeded {cap // 1024} KiB; stopped reading")
+        for ready, receive, into in streams:
+            while ready():
+                into.extend(receive(min(65536, cap + 1 - len(out) - len(err))))
+                if len(out) + len(err) > cap:
+                    raise SshError("command", f"output exceeded {cap // 1024} KiB; stopped reading")
         drained = not channel.recv_ready() and not channel.recv_stderr_ready()
         if channel.exit_status_ready() and drained:
             break

@@ -1,10 +1,11 @@
 """SSH faults beyond the host-key suite's: a full disk on the node, and a node that dies between
 the push and the verification. Each leaves the node with working keys and out of rotation until
-it verifies."""
+it verifies. And a node flooding stderr, which the output cap bounds as it does stdout."""
 
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 
@@ -120,3 +121,26 @@ def test_slow_nodes_join_within_timeouts_and_too_slow_ones_stay_out(env: SimEnv)
     assert record.last_error.startswith("handshake: "), record.last_error
     assert outcome.duration_seconds < 30
     _survived(f"slow path (joined), too slow (bounded, pass {outcome.duration_seconds:.0f} s)")
+
+
+def test_a_node_flooding_stderr_is_cut_off_at_the_output_cap(env: SimEnv) -> None:
+    """A remote command that floods stderr (not stdout) fails at the output cap as quickly as a
+    stdout flood does: stderr counts toward the 256 KiB, or such a node is read until its command
+    deadline (an earlier build read 4.5 GiB in 3 s)."""
+    from hpodlb.sshnode import ParamikoConnector, SshError
+    from hpodlb.wiring import ssh_settings
+    from tests.support.lab import canonical, nodes
+
+    (ip,) = nodes(env, 1)
+    assert env.run_pass().converged
+    settings = ssh_settings(env.config)
+    started = time.monotonic()
+    with (
+        ParamikoConnector(settings).session(ip, frozenset(canonical(env))) as session,
+        pytest.raises(SshError) as failed,
+    ):
+        session.run_root(b"exec yes hpodlb-floods-stderr >&2\n")
+    took = time.monotonic() - started
+    assert str(failed.value) == "command: output exceeded 256 KiB; stopped reading"
+    assert took < settings.command_deadline / 3, took
+    _survived(f"stderr flood (cut at the cap in {took:.1f} s)")

@@ -330,3 +330,34 @@ def test_a_standby_head_logs_in_nowhere_and_learns_what_the_acting_head_register
     assert logins == 0
     assert env.registered() == {ips[0]}
     assert state.registered_by_us[env.arn] == [ips[0]]
+
+
+def test_a_standby_head_counts_no_sessions_even_on_drained_nodes(sim_env: Any) -> None:
+    """A drained node is the one a pass logs in to (to count its users' sessions for `status`
+    and `drain --wait`); a standby head logs in to it no more than to any other node: no login
+    in its sshd log, no count recorded."""
+    from hpodlb.intentmodel import DrainRequest, Intents
+    from hpodlb.intents import update_intents
+    from hpodlb.wiring import build_reconciler
+    from tests.support.lab import nodes
+    from tests.support.nodeside import logins
+
+    env = sim_env
+    ips = nodes(env, 2)
+    assert env.run_pass().converged  # acting: the canonical keys, that a count is pinned to
+
+    def drain(intents: Intents) -> None:
+        intents.drain[ips[1]] = DrainRequest(reason="kernel update", force=True)
+
+    update_intents(env.state_dir, drain)
+    before = {ip: logins(env.cluster.nodes[ip]) for ip in ips}
+    rec = build_reconciler(env.config)
+    rec.leader = lambda: leader.Leadership(
+        False, "head1", "slurmctld on head1 is in control", "head1"
+    )
+    state = env.state()
+    outcome = rec.run_pass(state, apply=True)
+    assert outcome.standby == "standby (controller: head1)" and outcome.applied == []
+    assert {ip: logins(env.cluster.nodes[ip]) for ip in ips} == before
+    drained = state.nodes[ips[1]]
+    assert (drained.drained, drained.sessions, drained.sessions_at) == ("kernel update", None, None)
