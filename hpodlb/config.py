@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hpodlb.files import UntrustedPathError, UnusableFileError, read_regular_file, require_trusted
+from hpodlb.files import UntrustedPathError, UnusableFileError, read_trusted_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -269,14 +269,10 @@ def config_path(explicit: str | None, environ: Mapping[str, str] = os.environ) -
 def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
     """Read, override and validate; raise ConfigError with one line per problem."""
     try:
-        require_trusted(path)
-    except UntrustedPathError as exc:
-        raise ConfigError(str(exc)) from None
-    try:
-        raw = tomllib.loads(read_regular_file(path, CONFIG_MAX_BYTES).decode("utf-8"))
+        raw = tomllib.loads(read_trusted_file(path, CONFIG_MAX_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except UnusableFileError as exc:
+    except (UntrustedPathError, UnusableFileError) as exc:
         raise ConfigError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None

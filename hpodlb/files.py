@@ -3,7 +3,8 @@
 hpodlb runs as root for months and acts on what its files say, so every file goes through here:
 - **trust**: a file that someone other than root could have changed (its final target, symlinks
   followed, or any directory above it: not owned by root, or writable by group or others without
-  the sticky bit) is refused, never "fixed";
+  the sticky bit) is refused, never "fixed"; a file that belongs to one other account by design
+  (`ssh.key_file`, in the login user's home) names that account as a further owner;
 - **reading**: only a regular file of bounded size, opened with O_NONBLOCK so that a FIFO never
   blocks the open; a FIFO, a device or a file larger than the caller's limit is a one-line error
   naming the file, never a hang or a MemoryError;
@@ -21,7 +22,7 @@ import errno
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,24 +54,42 @@ def os_reason(exc: BaseException) -> str:
     return str(exc)
 
 
-def require_trusted(path: Path) -> None:
-    """Raise UntrustedPathError unless only root (or we) could have changed `path`.
+def require_trusted(path: Path, owners: Mapping[int, str] | None = None) -> None:
+    """Raise UntrustedPathError unless only root (or we, or one of `owners`: uid -> name) could
+    have changed `path`.
 
     A missing path passes: the caller's own read reports that more precisely.
     """
     real = Path(os.path.realpath(path))
-    owners = {0, os.geteuid()}
+    allowed = _owners(owners)
     try:
         st = real.stat()
     except OSError:
         return
-    _judge(path, real, st, owners, is_dir=False)
+    _judge(path, real, st, allowed, is_dir=False)
     for parent in real.parents:
         try:
             pst = parent.stat()
         except OSError as exc:
             raise UntrustedPathError(f"{parent}: cannot check ({exc.strerror})") from None
-        _judge(path, parent, pst, owners, is_dir=True)
+        _judge(path, parent, pst, allowed, is_dir=True)
+
+
+def read_trusted_file(path: Path, limit: int, owners: Mapping[int, str] | None = None) -> bytes:
+    """`require_trusted`, then `read_regular_file`: the whole file, if only root (or `owners`)
+    could have changed it. What it is comes first, so a directory given as a file (`--config
+    /tmp`, sticky and world-writable) is named a directory, not an untrusted file; the open file
+    is judged again, so one swapped in between the check and the open is still refused.
+
+    Raises UntrustedPathError, UnusableFileError, or OSError (FileNotFoundError first of all)."""
+    with contextlib.suppress(OSError):  # the read below says why a path cannot be stat'ed
+        _require_regular(path, path.stat())
+    require_trusted(path, owners)
+    allowed = _owners(owners)
+    real = Path(os.path.realpath(path))
+    return read_regular_file(
+        path, limit, check=lambda st: _judge(path, real, st, allowed, is_dir=False)
+    )
 
 
 def require_trusted_dir(path: Path) -> None:
@@ -92,11 +111,20 @@ def make_trusted_dir(path: Path) -> None:
     require_trusted(path)
 
 
-def _judge(asked: Path, path: Path, st: os.stat_result, owners: set[int], *, is_dir: bool) -> None:
+def _owners(others: Mapping[int, str] | None) -> dict[int, str]:
+    """Who may own a trusted path, uid -> name for messages: root (and we, root as a rule),
+    and `others`."""
+    return {os.geteuid(): "root", 0: "root", **(others or {})}
+
+
+def _judge(
+    asked: Path, path: Path, st: os.stat_result, owners: Mapping[int, str], *, is_dir: bool
+) -> None:
     what = f"{asked}" if path == Path(os.path.realpath(asked)) else f"{asked}: {path}"
     if st.st_uid not in owners:
+        names = " or ".join(dict.fromkeys(owners.values()))
         raise UntrustedPathError(
-            f"{what} is owned by uid {st.st_uid}, not root; refusing to trust it"
+            f"{what} is owned by uid {st.st_uid}, not {names}; refusing to trust it"
         )
     writable_by_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     if writable_by_others and not (is_dir and st.st_mode & stat.S_ISVTX):

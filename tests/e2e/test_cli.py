@@ -590,3 +590,15 @@ def test_the_demos_kept_work_dir_serves_status(fresh_env: None) -> None:
         assert kept.host_keys.store.is_dir()
     finally:
         shutil.rmtree(config.parent, ignore_errors=True)
+
+
+def test_a_directory_as_the_config_is_named_a_directory(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    """`--config /tmp` (sticky, world-writable) says what is wrong: it is a directory."""
+    assert Path("/tmp").stat().st_mode & 0o1777 == 0o1777
+    out = hpodlb("check-config", "--config", "/tmp")
+    assert (out.returncode, out.stderr) == (
+        2,
+        "hpodlb: config error: /tmp: cannot read: not a regular file (a directory)\n",
+    )

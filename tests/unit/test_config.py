@@ -140,3 +140,14 @@ def test_an_override_with_one_underscore_is_an_error_naming_it(
     ):
         load_config(path, {var: "maybe"})
     assert load_config(path, {"HPODLB_CONFIG": str(path)}).reconcile.prune is True
+
+
+def test_a_directory_given_as_the_config_is_named_a_directory(tmp_path: Path) -> None:
+    """`--config /tmp`: a sticky, world-writable directory is said to be a directory, which is
+    what is wrong with it, not "writable by group or others"."""
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    with pytest.raises(ConfigError) as err:
+        load_config(sticky, {})
+    assert str(err.value) == f"{sticky}: cannot read: not a regular file (a directory)"
