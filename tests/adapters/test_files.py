@@ -222,3 +222,100 @@ def test_check_config_says_a_missing_state_dir_will_be_created(
     assert not state.exists()
     assert hpodlb("once", "--config", config).returncode == 0
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+# -- the SSH key hpodlb logs in with --------------------------------------------------------------
+
+
+def _passphrase_key(path: Path) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _certified_key(path: Path) -> None:
+    ca = path.parent / "user_ca"
+    for made in (ca, path):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(made)],
+            check=True,
+            capture_output=True,
+        )
+    subprocess.run(
+        ["ssh-keygen", "-q", "-s", str(ca), "-I", "hpodlb", "-n", "nobody", f"{path}.pub"],
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("plant", "said"),
+    [
+        (_fifo, ": cannot read: not a regular file (a FIFO)"),
+        (
+            lambda p: p.symlink_to("/dev/zero"),
+            ": cannot read: not a regular file (a character device)",
+        ),
+        (lambda p: p.mkdir(), ": cannot read: not a regular file (a directory)"),
+        (lambda p: p.write_bytes(b"-" * (65 << 10)), ": cannot read: larger than 64 KiB"),
+        (lambda p: p.write_text("not a key\n"), ": not an SSH private key (OpenSSH or PEM)"),
+        (lambda p: None, ": file not found"),
+        (_passphrase_key, " is passphrase-protected; hpodlb needs a key without one"),
+    ],
+    ids=["fifo", "dev-zero", "directory", "too-large", "not-a-key", "missing", "passphrase"],
+)
+def test_an_ssh_key_hpodlb_cannot_use_is_one_line_naming_it(
+    hpodlb: Hpodlb,
+    write_config: Callable[..., Path],
+    arn: str,
+    tmp_path: Path,
+    plant: Callable[[Path], object],
+    said: str,
+) -> None:
+    """`check-config` reads ssh.key_file as a login reads it: a FIFO or a link to /dev/zero is
+    named (no hang, no read without end), as is a file that is no key hpodlb can log in with."""
+    key = tmp_path / "ssh" / "id_ed25519"
+    key.parent.mkdir(mode=0o700)
+    plant(key)
+    config = write_config(
+        [{"arn": arn, "port": 22}],
+        host_keys={"enabled": True, "store": str(tmp_path / "host_keys")},
+        ssh={"key_file": str(key)},
+    )
+    out = hpodlb("check-config", "--config", str(config), timeout=30)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert [line for line in out.stdout.splitlines() if line.startswith("FAIL")] == [
+        f"FAIL  ssh.key_file {key}{said}"
+    ]
+
+
+def test_an_ssh_key_the_login_user_owns_is_used_with_its_certificate(
+    hpodlb: Hpodlb, write_config: Callable[..., Path], arn: str, tmp_path: Path
+) -> None:
+    """The key may belong to the login user (the default is in /home/ubuntu/.ssh), in that
+    user's dirs; a certificate beside it (`KEY-cert.pub`) is taken along, as ssh does."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    key = home / ".ssh" / "id_ed25519"
+    key.parent.mkdir(mode=0o700)
+    _certified_key(key)
+    for path in (home, key.parent, key, Path(f"{key}-cert.pub")):
+        os.chown(path, NOBODY, NOBODY)
+    config = write_config(
+        [{"arn": arn, "port": 22}],
+        host_keys={"enabled": True, "store": str(tmp_path / "host_keys")},
+        ssh={"key_file": str(key), "user": "nobody"},
+    )
+    out = hpodlb("check-config", "--config", str(config))
+    assert out.returncode == 0, out.stdout
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("ok    ssh key")]
+    assert line.startswith(f"ok    ssh key {key}: ssh-ed25519 SHA256:")
+    assert line.endswith(", with its certificate (login as nobody)")
+
+    os.chown(key, NOBODY + 1, NOBODY + 1)  # anyone else's: refused
+    out = hpodlb("check-config", "--config", str(config))
+    assert (
+        f"FAIL  ssh.key_file {key} is owned by uid {NOBODY + 1}, not root or nobody" in out.stdout
+    )

@@ -500,9 +500,10 @@ def test_check_config_says_what_is_true_of_the_key_store(
 ) -> None:
     """check-config says a missing key store does not exist yet (the first pass creates it), and
     an existing empty one is empty."""
-    store = tmp_path / "host_keys"
+    store = tmp_path / "etc" / "host_keys"
+    store.parent.mkdir(mode=0o700)
     key_file = tmp_path / "id_ed25519"
-    key_file.write_text("not read by check-config\n")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key_file)], check=True)
     cfg = str(
         write_config(
             [{"arn": arn, "port": 22}],
@@ -703,6 +704,31 @@ def test_the_daemon_with_an_ssh_key_it_cannot_read_is_not_converged_and_keeps_no
         )
     finally:
         stop_daemons(started)
+
+
+def test_doctor_files_an_ssh_key_it_cannot_use_under_the_ssh_login(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+    tmp_path: Path,
+) -> None:
+    """A missing ssh.key_file is a FAIL of the SSH login, with a fix about that key, not a key
+    store problem pointing at `hpodlb keys --help` (that is about the nodes' host keys)."""
+    key = tmp_path / "ssh" / "id_rsa"
+    cfg = write_config(
+        [{"arn": arn, "port": 22}],
+        host_keys={"enabled": True, "store": str(tmp_path / "host_keys")},
+        ssh={"key_file": str(key), "connect_timeout_seconds": 1, "port": 1},
+    )
+    out = hpodlb("doctor", "--json", "--config", str(cfg))
+    assert out.returncode == 1, out.stderr
+    checks = json.loads(out.stdout)["checks"]
+    assert [(c["area"], c["status"], c["found"]) for c in checks if "key_file" in c["found"]] == [
+        ("ssh login", "FAIL", f"ssh.key_file {key}: file not found")
+    ]
+    (fix,) = [c["fix"] for c in checks if c["area"] == "ssh login"]
+    assert fix.startswith("set ssh.key_file to the private key ubuntu logs in to the login nodes")
+    assert all("keys --help" not in c["fix"] for c in checks if c["status"] != "PASS")
 
 
 def test_a_directory_as_the_config_is_named_a_directory(
