@@ -85,9 +85,16 @@ def _check_state_dir(config: Config) -> Check:
 
 
 def check_host_keys(config: Config) -> Iterator[Check]:
+    from hpodlb.files import UntrustedPathError, require_trusted_dir
+
     hk = config.host_keys
     store = KeyStore(hk.store, hk.types)
     absent = not hk.store.exists() and not hk.store.is_symlink()
+    try:  # where an adoption would write the keys, as the store's own load judges it
+        require_trusted_dir(hk.store)
+    except UntrustedPathError as exc:
+        yield False, f"key store: {exc}"
+        return
     if absent and hk.adopt_from_first_node:
         yield (
             True,

@@ -499,7 +499,8 @@ def test_check_config_says_what_is_true_of_the_key_store(
     tmp_path: Path,
 ) -> None:
     """check-config says a missing key store does not exist yet (the first pass creates it), and
-    an existing empty one is empty."""
+    an existing empty one is empty; either is refused under a dir others can write, as the first
+    pass would refuse it."""
     store = tmp_path / "etc" / "host_keys"
     store.parent.mkdir(mode=0o700)
     key_file = tmp_path / "id_ed25519"
@@ -512,9 +513,9 @@ def test_check_config_says_what_is_true_of_the_key_store(
         )
     )
 
-    def store_line() -> str:
+    def store_line(returncode: int = 0) -> str:
         out = hpodlb("check-config", "--config", cfg)
-        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.returncode == returncode, out.stdout + out.stderr
         return next(
             ln
             for ln in out.stdout.splitlines()
@@ -530,6 +531,11 @@ def test_check_config_says_what_is_true_of_the_key_store(
         store_line()
         == f"ok    key store {store} is empty: the first pass adopts the first login node's keys"
     )
+    store.parent.chmod(0o770)
+    unsafe = f"{store.parent} is writable by group or others (mode 0770); refusing to trust it"
+    assert store_line(1) == f"FAIL  key store: {store}: {unsafe}"
+    store.rmdir()
+    assert store_line(1) == f"FAIL  key store: {unsafe}"
 
 
 def test_unreachable_aws_makes_plan_exit_2(
