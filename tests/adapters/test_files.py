@@ -224,6 +224,99 @@ def test_check_config_says_a_missing_state_dir_will_be_created(
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
 
 
+# -- who could have changed a file: every input, each rule ------------------------------------------
+
+
+def _owned_by_nobody(path: Path) -> str:
+    os.chown(path, NOBODY, NOBODY)
+    return f"is owned by uid {NOBODY}, not root"
+
+
+def _group_writable(path: Path) -> str:
+    path.chmod(stat.S_IMODE(path.stat().st_mode) | stat.S_IWGRP)
+    return f"is writable by group or others (mode {stat.S_IMODE(path.stat().st_mode):04o})"
+
+
+def _world_writable(path: Path) -> str:
+    path.chmod(stat.S_IMODE(path.stat().st_mode) | stat.S_IWOTH)
+    return f"is writable by group or others (mode {stat.S_IMODE(path.stat().st_mode):04o})"
+
+
+FILE_RULES = {"owner": _owned_by_nobody, "group": _group_writable, "world": _world_writable}
+
+
+def _login_key(path: Path) -> Path:
+    """A real key pair for ssh.key_file, made by ssh-keygen as an admin would, in a 0700 dir."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+@pytest.mark.parametrize("rule", sorted(FILE_RULES))
+def test_every_input_someone_else_could_change_is_refused(
+    hpodlb: Hpodlb,
+    write_config: Callable[..., Path],
+    cluster_dir: Path,
+    arn: str,
+    tmp_path: Path,
+    rule: str,
+) -> None:
+    """Owned by another user, group-writable (the group alone), or world-writable: the config,
+    the resource config, the provisioning parameters, the state dir, the dir above the key store
+    and the SSH key (`ssh.key_file`) are each refused by `check-config`, with a line naming the
+    path and the rule."""
+    breaks = FILE_RULES[rule]
+    store = tmp_path / "etc-hpodlb" / "host_keys"
+    store.parent.mkdir(mode=0o755)
+    KeyStore(store, ("ed25519",)).install({"ed25519": generate("ed25519")}, keep_previous=False)
+    key = _login_key(tmp_path / "ssh" / "id_ed25519")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    config = write_config(
+        [{"arn": arn, "port": 22}],
+        host_keys={"enabled": True, "store": str(store), "types": ["ed25519"]},
+        ssh={"key_file": str(key)},
+    )
+    good = hpodlb("check-config", "--config", str(config))
+    assert good.returncode == 0, good.stdout + good.stderr
+
+    said = breaks(config)
+    out = hpodlb("check-config", "--config", str(config))
+    assert (out.returncode, out.stderr.splitlines()) == (
+        2,
+        [f"hpodlb: config error: {config} {said}; refusing to trust it"],
+    )
+    config.chmod(0o600)
+    os.chown(config, 0, 0)
+
+    pp = cluster_dir / "provisioning_parameters.json"
+    expected = [
+        f"FAIL  login groups: {pp} {breaks(pp)}; refusing to trust it",
+        f"FAIL  state dir: {state} {breaks(state)}; refusing to trust it",
+        f"FAIL  key store: {store}: {store.parent} {breaks(store.parent)}; refusing to trust it",
+        f"FAIL  ssh.key_file {key} {breaks(key)}; refusing to trust it",
+    ]
+    out = hpodlb("check-config", "--config", str(config))
+    assert out.returncode == 1, out.stderr
+    assert [line for line in out.stdout.splitlines() if line.startswith("FAIL")] == expected
+
+    rc = cluster_dir / "resource_config.json"
+    config = write_config(  # the rest as sound as at first: only the resource config is read
+        [{"arn": arn, "port": 22}],
+        cluster={"login_groups": ["login-group"]},
+        state={"dir": str(tmp_path / "sound-state")},
+    )
+    said = breaks(rc)
+    out = hpodlb("check-config", "--config", str(config))
+    assert [line for line in out.stdout.splitlines() if line.startswith("FAIL")] == [
+        f"FAIL  resource config: {rc} {said}; refusing to trust it"
+    ]
+
+
 # -- the SSH key hpodlb logs in with --------------------------------------------------------------
 
 
