@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import pytest
@@ -691,7 +692,7 @@ def test_the_daemon_with_an_ssh_key_it_cannot_read_is_not_converged_and_keeps_no
         env = {k: v for k, v in os.environ.items() if not k.startswith("HPODLB_")}
         daemon = spawn_daemon(tmp_path, started, sim_env.config_path, env)
         threads = []
-        for n in range(1, 7):
+        for n in range(1, 13):
             finished = daemon.wait_event("pass_finished", count=n, timeout=60)
             assert finished["converged"] is False, finished
             assert finished["seconds"] < 10, finished  # a hung session count costs > 30 s
@@ -702,11 +703,12 @@ def test_the_daemon_with_an_ssh_key_it_cannot_read_is_not_converged_and_keeps_no
         assert sim_env.state().nodes[a].sessions_error == f"key: {said}"
         _, status = daemon.notify.wait_for("STATUS=")[-1]
         assert re.search(r", [1-9]\d* errors, ", status), status
-        # Node workers end with their pass (a sample may catch one ending): no growth.
-        assert min(threads[3:]) <= min(threads[:3]), threads
-        seconds = [e["seconds"] for e in daemon.events_named("pass_finished")[:6]]
+        # No growth: a sample may catch a pass's workers ending (+2 here), and the first passes
+        # start the daemon's lasting threads; a thread left per pass would add 6 in between.
+        assert median(threads[-4:]) <= median(threads[2:6]) + 2, threads
+        seconds = [e["seconds"] for e in daemon.events_named("pass_finished")[:12]]
         FIGURES["daemon passes with a FIFO as ssh.key_file"] = (
-            f"6 not converged, longest {max(seconds)} s, threads {threads}"
+            f"12 not converged, longest {max(seconds)} s, threads {threads}"
         )
     finally:
         stop_daemons(started)
