@@ -24,8 +24,9 @@ def run_checks(config: Config, adapters: CommandAdapters) -> Iterator[Check]:
     yield from check_inventory(config, adapters)
     yield from _check_target_groups(adapters)
     yield _check_state_dir(config)
-    if config.host_keys.enabled:
+    if config.host_keys.enabled:  # else hpodlb logs in nowhere, and needs neither
         yield from check_host_keys(config)
+        yield check_login_key(config)
 
 
 def check_inventory(config: Config, adapters: CommandAdapters) -> Iterator[Check]:
@@ -84,9 +85,16 @@ def _check_state_dir(config: Config) -> Check:
 
 
 def check_host_keys(config: Config) -> Iterator[Check]:
+    from hpodlb.files import UntrustedPathError, require_trusted_dir
+
     hk = config.host_keys
     store = KeyStore(hk.store, hk.types)
     absent = not hk.store.exists() and not hk.store.is_symlink()
+    try:  # where an adoption would write the keys, as the store's own load judges it
+        require_trusted_dir(hk.store)
+    except UntrustedPathError as exc:
+        yield False, f"key store: {exc}"
+        return
     if absent and hk.adopt_from_first_node:
         yield (
             True,
@@ -106,8 +114,32 @@ def check_host_keys(config: Config) -> Iterator[Check]:
         else:
             prints = ", ".join(f"{t} {k.fingerprint}" for t, k in keys.items())
             yield True, f"key store {hk.store}: {prints}"
-    key_file = config.ssh.key_file
-    if os.access(key_file, os.R_OK):
-        yield True, f"ssh key {key_file} is readable (login as {config.ssh.user})"
-    else:
-        yield False, f"ssh.key_file {key_file}: missing or not readable"
+
+
+def login_key_fix(config: Config) -> str:
+    """What to do about an SSH key the head node cannot log in with."""
+    user = config.ssh.user
+    return (
+        f"set ssh.key_file to the private key {user} logs in to the login nodes with (its public "
+        f"half in ~{user}/.ssh/authorized_keys there, no passphrase): a regular file owned by "
+        f"root or {user}, mode 0600, in directories only root or {user} can write"
+    )
+
+
+def check_login_key(config: Config) -> Check:
+    """The head node's SSH key, read exactly as a pass reads it before a login."""
+    from hpodlb.keystore import fingerprint
+    from hpodlb.sshnode import LoginKey, SshError, key_line
+
+    ssh = config.ssh
+    try:
+        key = LoginKey(ssh.key_file, ssh.user).load()
+    except SshError as exc:
+        return False, str(exc).removeprefix("key: ")
+    line = key_line(key)
+    cert = ", with its certificate" if key.public_blob is not None else ""
+    return (
+        True,
+        f"ssh key {ssh.key_file}: {line.split()[0]} {fingerprint(line)}{cert} "
+        f"(login as {ssh.user})",
+    )

@@ -14,11 +14,11 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from hpodlb.files import UntrustedPathError, UnusableFileError, read_regular_file, require_trusted
+from hpodlb.files import UntrustedPathError, UnusableFileError, read_trusted_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,14 +48,31 @@ class ConfigError(Exception):
     """The config file (or an override) cannot be used; the message is one line for the admin."""
 
 
+def _absolute(value: Any) -> Any:
+    """Judged as written (before `Path` makes "" into "."); what is not text is pydantic's."""
+    if isinstance(value, str | Path) and not Path(value).is_absolute():
+        raise ValueError(
+            f"{str(value)!r} is not an absolute path (a relative one would depend on the "
+            "directory hpodlb was started from)"
+        )
+    return value
+
+
+AbsolutePath = Annotated[Path, BeforeValidator(_absolute)]
+"""Every path in the config: hpodlb runs as root from wherever systemd or an admin's shell
+starts it, and a relative path would make it read, or write private keys, somewhere else each
+time. A key that may also name something other than a path (a `secretsmanager:` store) takes
+`AbsolutePath | ThatForm` and keeps this rule for its paths."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ClusterConfig(_Section):
-    resource_config: Path = Path("/opt/ml/config/resource_config.json")
+    resource_config: AbsolutePath = Path("/opt/ml/config/resource_config.json")
     """Where HyperPod writes the cluster's instances: the desired set comes from here."""
-    provisioning_parameters: Path = Path("/opt/ml/config/provisioning_parameters.json")
+    provisioning_parameters: AbsolutePath = Path("/opt/ml/config/provisioning_parameters.json")
     """Names the login group (`login_group`) when `login_groups` is empty."""
     login_groups: tuple[str, ...] = ()
     """Instance groups whose instances are login nodes; empty: provisioning_parameters, else
@@ -135,7 +152,7 @@ class ReconcileConfig(_Section):
 class SshConfig(_Section):
     user: str = "ubuntu"
     port: int = Field(default=22, ge=1, le=65535)
-    key_file: Path = Path("/home/ubuntu/.ssh/id_rsa")
+    key_file: AbsolutePath = Path("/home/ubuntu/.ssh/id_rsa")
     sudo: bool = True
     """Prefix privileged remote commands with `sudo -n` (never prompts, fails instead)."""
     connect_timeout_seconds: float = Field(default=10, gt=0)
@@ -144,9 +161,9 @@ class SshConfig(_Section):
 
 class HostKeysConfig(_Section):
     enabled: bool = True
-    store: Path = Path("/etc/hpodlb/host_keys")
+    store: AbsolutePath = Path("/etc/hpodlb/host_keys")
     types: tuple[str, ...] = KEY_TYPES
-    remote_dir: Path = Path("/etc/ssh")
+    remote_dir: AbsolutePath = Path("/etc/ssh")
     reload_command: str = "systemctl try-reload-or-restart ssh"
     adopt_from_first_node: bool = True
     probe_interval_seconds: float = Field(default=240, ge=0)
@@ -168,7 +185,7 @@ class HostKeysConfig(_Section):
 
 
 class StateConfig(_Section):
-    dir: Path = Path("/var/lib/hpodlb")
+    dir: AbsolutePath = Path("/var/lib/hpodlb")
 
 
 class MetricsConfig(_Section):
@@ -293,14 +310,10 @@ def config_path(explicit: str | None, environ: Mapping[str, str] = os.environ) -
 def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
     """Read, override and validate; raise ConfigError with one line per problem."""
     try:
-        require_trusted(path)
-    except UntrustedPathError as exc:
-        raise ConfigError(str(exc)) from None
-    try:
-        raw = tomllib.loads(read_regular_file(path, CONFIG_MAX_BYTES).decode("utf-8"))
+        raw = tomllib.loads(read_trusted_file(path, CONFIG_MAX_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except UnusableFileError as exc:
+    except (UntrustedPathError, UnusableFileError) as exc:
         raise ConfigError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None

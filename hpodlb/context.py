@@ -26,6 +26,7 @@ from hpodlb.keystore import KeySet, KeyStore
 from hpodlb.logs import get_logger
 from hpodlb.outcome import PassOutcome
 from hpodlb.planner import GroupView, KeyFacts, Probe
+from hpodlb.sshnode import LoginKey
 from hpodlb.state import State
 
 log = get_logger("hpodlb.pass")
@@ -48,6 +49,7 @@ class KeySide:
     adopt: bool
     probe_interval_seconds: float
     timeout_seconds: float
+    login: LoginKey | None = None  # the head node's SSH key, read each pass (None: none to read)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpodlb import diagnose, diagnosenode
-from hpodlb.checks import check_host_keys, check_inventory
+from hpodlb.checks import check_host_keys, check_inventory, check_login_key, login_key_fix
 from hpodlb.config import Config
 from hpodlb.diagnose import Finding, Status, fail, passed, warn
 from hpodlb.doctoraws import AwsPath
@@ -77,6 +77,7 @@ def run_doctor(
         report.evaluated = aws.reachable
         report.findings += _judge_nodes(config, nodes, ssh, aws.idle_timeout, drained)
     report.findings += _key_store(config)
+    report.findings += _login_key(config)
     report.findings.append(_leadership(config))
     report.findings += _daemon(config, wall())
     return report
@@ -257,6 +258,7 @@ def _ssh_fix(error: str, config: Config) -> str:
         "auth": f"install the public half of {config.ssh.key_file} in "
         f"~{config.ssh.user}/.ssh/authorized_keys on the node",
         "sudo": f"give {config.ssh.user} passwordless sudo on the node",
+        "key": login_key_fix(config),
         "sshd-T": "sshd's own config check fails on the node: run `sshd -T` there",
     }.get(step, "see the error; `hpodlb status` shows the last pass's view of this node")
 
@@ -294,6 +296,14 @@ def _key_store(config: Config) -> list[Finding]:
         passed("key store", line) if ok else fail("key store", line, "see `hpodlb keys --help`")
         for ok, line in check_host_keys(config)
     ]
+
+
+def _login_key(config: Config) -> list[Finding]:
+    """The key every login to a node uses (none without host keys: no login then)."""
+    if not config.host_keys.enabled:
+        return []
+    ok, line = check_login_key(config)
+    return [passed("ssh login", line) if ok else fail("ssh login", line, login_key_fix(config))]
 
 
 def _daemon(config: Config, now: float) -> list[Finding]:

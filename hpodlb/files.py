@@ -4,7 +4,8 @@ hpodlb runs as root for months and acts on what its files say, so every file goe
 - **trust**: a file that someone other than root could have changed (the path as given: each
   directory on the way, each symlink on the way and every directory on the way to where it points,
   and the file it ends at; not owned by root, or writable by group or others without the sticky
-  bit) is refused, never "fixed";
+  bit) is refused, never "fixed"; a file that belongs to one other account by design
+  (`ssh.key_file`, in the login user's home) names that account as a further owner;
 - **reading**: only a regular file of bounded size, opened with O_NONBLOCK so that a FIFO never
   blocks the open; a FIFO, a device or a file larger than the caller's limit is a one-line error
   naming the file, never a hang or a MemoryError;
@@ -22,7 +23,7 @@ import errno
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,21 +57,22 @@ def os_reason(exc: BaseException) -> str:
     return str(exc)
 
 
-def require_trusted(path: Path) -> None:
-    """Raise UntrustedPathError unless only root (or we) could have changed `path`.
+def require_trusted(path: Path, owners: Mapping[int, str] | None = None) -> None:
+    """Raise UntrustedPathError unless only root (or we, or one of `owners`: uid -> name) could
+    have changed `path`.
 
     Judged as given, not only where it leads: a symlink in a user's directory is that user's to
     re-point at any time, so a path through it is theirs however trusted its target is today.
     A missing path passes: the caller's own read reports that more precisely.
     """
-    owners = {0, os.geteuid()}
+    allowed = _owners(owners)
     chain = _walk(path)
     if chain is None:
         return
     *on_the_way, (final, st) = chain
-    _judge(path, final, st, owners, is_dir=False)
+    _judge(path, final, st, allowed, is_dir=False)
     for entry, est in on_the_way:
-        _judge(path, entry, est, owners, is_dir=True)
+        _judge(path, entry, est, allowed, is_dir=True)
 
 
 def _walk(path: Path) -> list[tuple[Path, os.stat_result]] | None:
@@ -107,6 +109,23 @@ def _walk(path: Path) -> list[tuple[Path, os.stat_result]] | None:
     return chain
 
 
+def read_trusted_file(path: Path, limit: int, owners: Mapping[int, str] | None = None) -> bytes:
+    """`require_trusted`, then `read_regular_file`: the whole file, if only root (or `owners`)
+    could have changed it. What it is comes first, so a directory given as a file (`--config
+    /tmp`, sticky and world-writable) is named a directory, not an untrusted file; the open file
+    is judged again, so one swapped in between the check and the open is still refused.
+
+    Raises UntrustedPathError, UnusableFileError, or OSError (FileNotFoundError first of all)."""
+    with contextlib.suppress(OSError):  # the read below says why a path cannot be stat'ed
+        _require_regular(path, path.stat())
+    require_trusted(path, owners)
+    allowed = _owners(owners)
+    real = Path(os.path.realpath(path))
+    return read_regular_file(
+        path, limit, check=lambda st: _judge(path, real, st, allowed, is_dir=False)
+    )
+
+
 def require_trusted_dir(path: Path) -> None:
     """`require_trusted` for a dir hpodlb writes; one that does not exist yet is judged by the
     nearest directory above it, where it would be created."""
@@ -126,11 +145,20 @@ def make_trusted_dir(path: Path) -> None:
     require_trusted(path)
 
 
-def _judge(asked: Path, path: Path, st: os.stat_result, owners: set[int], *, is_dir: bool) -> None:
+def _owners(others: Mapping[int, str] | None) -> dict[int, str]:
+    """Who may own a trusted path, uid -> name for messages: root (and we, root as a rule),
+    and `others`."""
+    return {os.geteuid(): "root", 0: "root", **(others or {})}
+
+
+def _judge(
+    asked: Path, path: Path, st: os.stat_result, owners: Mapping[int, str], *, is_dir: bool
+) -> None:
     what = f"{asked}" if path == Path(os.path.realpath(asked)) else f"{asked}: {path}"
     if st.st_uid not in owners:
+        names = " or ".join(dict.fromkeys(owners.values()))
         raise UntrustedPathError(
-            f"{what} is owned by uid {st.st_uid}, not root; refusing to trust it"
+            f"{what} is owned by uid {st.st_uid}, not {names}; refusing to trust it"
         )
     if stat.S_ISLNK(st.st_mode):
         return  # its mode means nothing: who owns it and its directory decide where it points

@@ -4,7 +4,8 @@ Every read here is of the world or of what an admin asked, never a write to AWS 
 what it finds goes into the pass's `Known` and, for `status`, its state. A read that fails is the
 pass's error (said, and kept from converging) and costs only what depended on it: a group that
 cannot be read or is refused gets no action; a key store that is refused stops pushes, not the
-pass; an unusable intents file keeps the drains as last known.
+pass; an SSH key (`ssh.key_file`) that cannot be read fails each login at once, not the pass; an
+unusable intents file keeps the drains as last known.
 
 `ClusterAnswers` is what the SageMaker API said (the login groups, HyperPod's status of the login
 nodes), kept across passes by whoever asks: the daemon's reconciler, or a command's adapters.
@@ -30,6 +31,7 @@ from hpodlb.inventory import (
 )
 from hpodlb.keystore import KeyStoreError, identity
 from hpodlb.planner import KeyFacts, Probe
+from hpodlb.sshnode import SshError
 from hpodlb.targets import TargetGroup, TargetsError
 from hpodlb.targetstate import registered_ips
 
@@ -242,6 +244,8 @@ def key_facts(ctx: PassContext, known: Known, side: KeySide | None) -> KeyFacts:
     except (KeyStoreError, OSError) as exc:
         unavailable = f"key store refused: {exc}"
         log.error("host_keys_unavailable", store=str(side.store.path), error=str(exc))
+    if ctx.apply:
+        check_login_key(ctx, side)
     trusted = {ip: (r.instance_id, frozenset(r.keys)) for ip, r in known.intents.trust.items()}
     return KeyFacts(
         enabled=True,
@@ -253,6 +257,19 @@ def key_facts(ctx: PassContext, known: Known, side: KeySide | None) -> KeyFacts:
         trusted=trusted,
         backing_off=backing_off(ctx),
     )
+
+
+def check_login_key(ctx: PassContext, side: KeySide) -> None:
+    """The head node's SSH key, read as a login would read it: one that cannot be read makes
+    the pass not converged, whether or not this pass logs in anywhere (a drained node's session
+    count, the next push would fail on it). Each login then fails on it at once, on its own."""
+    if side.login is None:
+        return
+    try:
+        side.login.load()
+    except SshError as exc:
+        ctx.error(str(exc))
+        log.error("ssh_key_unusable", key_file=str(side.login.path), error=str(exc))
 
 
 def backing_off(ctx: PassContext) -> dict[str, str]:

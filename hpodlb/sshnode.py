@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import io
+import pwd
 import select
 import socket
 import threading
@@ -23,9 +25,16 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from hpodlb.keystore import ALGORITHMS, BLOB_TYPES, fingerprint
+from hpodlb.files import (
+    UntrustedPathError,
+    UnusableFileError,
+    os_reason,
+    read_trusted_file,
+)
+from hpodlb.keystore import ALGORITHMS, BLOB_TYPES, KEY_FILE_MAX_BYTES, fingerprint
 
 if TYPE_CHECKING:
     import paramiko
@@ -87,12 +96,107 @@ def key_line(key: Any) -> str:
     return f"{key.get_name()} {key.get_base64()}"
 
 
+class LoginKey:
+    """The head node's own SSH key (`ssh.key_file`), read as every file hpodlb trusts is
+    (`files.py`): a regular file of key size, opened without blocking, so a FIFO put in its place
+    costs one error, not a worker thread for good, and a link to /dev/zero is not read without
+    end; owned by root or by the login user (the default lives in /home/ubuntu/.ssh), and
+    writable by nobody else, all the way up. paramiko is handed the loaded key, never the path.
+    A certificate beside it (`KEY-cert.pub`) is taken along, as ssh and paramiko do."""
+
+    def __init__(self, path: str | Path, user: str) -> None:
+        self.path = Path(path)
+        self.user = user
+        self._owners = _login_user(user)
+        self._lock = threading.Lock()
+        self._parsed: tuple[bytes, bytes | None, Any] | None = None
+
+    def load(self) -> paramiko.PKey:
+        """The key, read again each call and parsed again only when its bytes changed (an RSA
+        key costs ~50 ms of CPU); SshError at step `key`, naming the file and the problem."""
+        data = self._read(self.path)
+        cert_path = Path(f"{self.path}-cert.pub")
+        cert = self._read(cert_path) if cert_path.exists() or cert_path.is_symlink() else None
+        with self._lock:
+            if self._parsed is not None and self._parsed[:2] == (data, cert):
+                return self._parsed[2]
+        key = _parse_login_key(data, self.path)
+        if cert is not None:
+            try:
+                key.load_certificate(cert.decode(errors="replace"))
+            except (ValueError, IndexError, TypeError) as exc:
+                raise SshError(
+                    "key", f"ssh.key_file {cert_path}: not a certificate of this key ({exc})"
+                ) from None
+        with self._lock:
+            self._parsed = (data, cert, key)
+        return key
+
+    def _read(self, path: Path) -> bytes:
+        try:
+            return read_trusted_file(path, KEY_FILE_MAX_BYTES, self._owners)
+        except FileNotFoundError:
+            raise SshError("key", f"ssh.key_file {path}: file not found") from None
+        except (UntrustedPathError, UnusableFileError) as exc:
+            raise SshError("key", f"ssh.key_file {exc}") from None
+        except OSError as exc:
+            raise SshError("key", f"ssh.key_file {path}: cannot read ({os_reason(exc)})") from None
+
+
+def _login_user(user: str) -> dict[int, str]:
+    """The login user as a further owner of its key, when it is an account on this head node."""
+    try:
+        return {pwd.getpwnam(user).pw_uid: user}
+    except KeyError:
+        return {}
+
+
+def _parse_login_key(data: bytes, path: Path) -> paramiko.PKey:
+    """An OpenSSH or PEM private key (RSA, ECDSA, Ed25519) as paramiko's key class for it; no
+    part of the key is ever in a message."""
+    import paramiko
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    loaded: object
+    try:
+        try:
+            loaded = serialization.load_ssh_private_key(data, password=None)
+        except ValueError:
+            loaded = serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # cryptography's word for "a password is needed"
+        raise SshError(
+            "key", f"ssh.key_file {path} is passphrase-protected; hpodlb needs a key without one"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise SshError(
+            "key", f"ssh.key_file {path}: not an SSH private key (OpenSSH or PEM)"
+        ) from None
+    classes: tuple[tuple[type, type[paramiko.PKey]], ...] = (
+        (rsa.RSAPrivateKey, paramiko.RSAKey),
+        (ec.EllipticCurvePrivateKey, paramiko.ECDSAKey),
+        (ed25519.Ed25519PrivateKey, paramiko.Ed25519Key),
+    )
+    cls = next((c for kind, c in classes if isinstance(loaded, kind)), None)
+    if cls is None:
+        raise SshError(
+            "key",
+            f"ssh.key_file {path}: a {type(loaded).__name__}, not an RSA, ECDSA or Ed25519 key",
+        )
+    try:
+        return cls.from_private_key(io.StringIO(data.decode()))
+    except (paramiko.SSHException, ValueError):
+        raise SshError("key", f"ssh.key_file {path}: paramiko cannot use this key") from None
+
+
 class ParamikoConnector:
     """The real connector: paramiko over TCP, with deadlines and pins."""
 
     def __init__(self, settings: SshSettings, output_cap: int = OUTPUT_CAP_BYTES) -> None:
         self.settings = settings
         self.output_cap = output_cap
+        self.login_key = LoginKey(settings.key_file, settings.user)
 
     def probe(self, ip: str, key_type: str) -> str | None:
         import paramiko
@@ -122,7 +226,7 @@ class ParamikoConnector:
 
     @contextmanager
     def session(self, ip: str, pin: frozenset[str]) -> Iterator[Session]:
-        client = _login(ip, self.settings, pin)
+        client = _login(ip, self.settings, pin, self.login_key)
         try:
             yield _ParamikoSession(client, self.settings, self.output_cap)
         finally:
@@ -146,11 +250,12 @@ class _Pinned:
             raise _NotPinnedError(key)
 
 
-def _login(ip: str, s: SshSettings, pin: frozenset[str]) -> paramiko.SSHClient:
+def _login(ip: str, s: SshSettings, pin: frozenset[str], key: LoginKey) -> paramiko.SSHClient:
     import paramiko
 
     if not pin:
         raise SshError("host-key", "no verified host key to pin this session to; nothing sent")
+    pkey = key.load()  # before any connection: a key that cannot be used costs the node nothing
     pinned_types = {line.split()[0] for line in pin}
     # Offer only algorithms of pinned key types, so the server cannot pick one we cannot check.
     disabled = [
@@ -166,7 +271,7 @@ def _login(ip: str, s: SshSettings, pin: frozenset[str]) -> paramiko.SSHClient:
                     ip,
                     port=s.port,
                     username=s.user,
-                    key_filename=s.key_file,
+                    pkey=pkey,
                     sock=sock,
                     timeout=s.timeout,
                     banner_timeout=s.timeout,
@@ -185,10 +290,6 @@ def _login(ip: str, s: SshSettings, pin: frozenset[str]) -> paramiko.SSHClient:
                 ) from None
             except paramiko.AuthenticationException as exc:
                 raise SshError("auth", f"login as {s.user} refused ({exc})") from None
-            except paramiko.PasswordRequiredException:
-                raise SshError(
-                    "auth", f"{s.key_file} is passphrase-protected; hpodlb needs a key without one"
-                ) from None
             except (paramiko.SSHException, OSError, EOFError, ValueError) as exc:
                 raise SshError("connect", _why(exc, expired, s.login_deadline)) from None
     except BaseException:

@@ -22,7 +22,7 @@ from hpodlb.inventory import Answer, LoginNode
 from hpodlb.keystore import KeyStore
 from hpodlb.observe import ClusterAnswers
 from hpodlb.reconcile import Reconciler
-from hpodlb.sshnode import ParamikoConnector, SshSettings
+from hpodlb.sshnode import LoginKey, ParamikoConnector, SshSettings
 from hpodlb.targets import TargetGroup
 
 
@@ -46,14 +46,15 @@ def ssh_settings(config: Config) -> SshSettings:
     return SshSettings(s.user, s.port, str(s.key_file), s.sudo, s.connect_timeout_seconds)
 
 
-def host_keys(config: Config) -> HostKeys:
+def host_keys(config: Config, connector: ParamikoConnector | None = None) -> HostKeys:
     """The nodes' side of the host keys, over paramiko."""
     hk = config.host_keys
-    connector = ParamikoConnector(ssh_settings(config))
+    connector = connector or ParamikoConnector(ssh_settings(config))
     return HostKeys(connector, hk.types, str(hk.remote_dir), hk.reload_command)
 
 
-def key_side(config: Config, host_keys: HostKeys) -> KeySide:
+def key_side(config: Config, host_keys: HostKeys, login: LoginKey | None = None) -> KeySide:
+    """`login`: the key the connector of `host_keys` logs in with, which each pass reads."""
     hk = config.host_keys
     return KeySide(
         store=KeyStore(hk.store, hk.types),
@@ -61,6 +62,7 @@ def key_side(config: Config, host_keys: HostKeys) -> KeySide:
         adopt=hk.adopt_from_first_node,
         probe_interval_seconds=hk.probe_interval_seconds,
         timeout_seconds=config.ssh.connect_timeout_seconds,
+        login=login,
     )
 
 
@@ -90,13 +92,19 @@ class Adapters:
         return target_groups(self.config)
 
     @cached_property
+    def connector(self) -> ParamikoConnector:
+        return ParamikoConnector(ssh_settings(self.config))
+
+    @cached_property
     def host_keys(self) -> HostKeys:
-        return host_keys(self.config)
+        return host_keys(self.config, self.connector)
 
     @cached_property
     def keys(self) -> KeySide | None:
-        """The host-key side, None when host keys are off."""
-        return key_side(self.config, self.host_keys) if self.config.host_keys.enabled else None
+        """The host-key side, None when host keys are off (and then no login anywhere)."""
+        if not self.config.host_keys.enabled:
+            return None
+        return key_side(self.config, self.host_keys, self.connector.login_key)
 
     @cached_property
     def hyperpod(self) -> HyperPod:

@@ -222,3 +222,193 @@ def test_check_config_says_a_missing_state_dir_will_be_created(
     assert not state.exists()
     assert hpodlb("once", "--config", config).returncode == 0
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+# -- who could have changed a file: every input, each rule ------------------------------------------
+
+
+def _owned_by_nobody(path: Path) -> str:
+    os.chown(path, NOBODY, NOBODY)
+    return f"is owned by uid {NOBODY}, not root"
+
+
+def _group_writable(path: Path) -> str:
+    path.chmod(stat.S_IMODE(path.stat().st_mode) | stat.S_IWGRP)
+    return f"is writable by group or others (mode {stat.S_IMODE(path.stat().st_mode):04o})"
+
+
+def _world_writable(path: Path) -> str:
+    path.chmod(stat.S_IMODE(path.stat().st_mode) | stat.S_IWOTH)
+    return f"is writable by group or others (mode {stat.S_IMODE(path.stat().st_mode):04o})"
+
+
+FILE_RULES = {"owner": _owned_by_nobody, "group": _group_writable, "world": _world_writable}
+
+
+def _login_key(path: Path) -> Path:
+    """A real key pair for ssh.key_file, made by ssh-keygen as an admin would, in a 0700 dir."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+@pytest.mark.parametrize("rule", sorted(FILE_RULES))
+def test_every_input_someone_else_could_change_is_refused(
+    hpodlb: Hpodlb,
+    write_config: Callable[..., Path],
+    cluster_dir: Path,
+    arn: str,
+    tmp_path: Path,
+    rule: str,
+) -> None:
+    """Owned by another user, group-writable (the group alone), or world-writable: the config,
+    the resource config, the provisioning parameters, the state dir, the dir above the key store
+    and the SSH key (`ssh.key_file`) are each refused by `check-config`, with a line naming the
+    path and the rule."""
+    breaks = FILE_RULES[rule]
+    store = tmp_path / "etc-hpodlb" / "host_keys"
+    store.parent.mkdir(mode=0o755)
+    KeyStore(store, ("ed25519",)).install({"ed25519": generate("ed25519")}, keep_previous=False)
+    key = _login_key(tmp_path / "ssh" / "id_ed25519")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    config = write_config(
+        [{"arn": arn, "port": 22}],
+        host_keys={"enabled": True, "store": str(store), "types": ["ed25519"]},
+        ssh={"key_file": str(key)},
+    )
+    good = hpodlb("check-config", "--config", str(config))
+    assert good.returncode == 0, good.stdout + good.stderr
+
+    said = breaks(config)
+    out = hpodlb("check-config", "--config", str(config))
+    assert (out.returncode, out.stderr.splitlines()) == (
+        2,
+        [f"hpodlb: config error: {config} {said}; refusing to trust it"],
+    )
+    config.chmod(0o600)
+    os.chown(config, 0, 0)
+
+    pp = cluster_dir / "provisioning_parameters.json"
+    expected = [
+        f"FAIL  login groups: {pp} {breaks(pp)}; refusing to trust it",
+        f"FAIL  state dir: {state} {breaks(state)}; refusing to trust it",
+        f"FAIL  key store: {store}: {store.parent} {breaks(store.parent)}; refusing to trust it",
+        f"FAIL  ssh.key_file {key} {breaks(key)}; refusing to trust it",
+    ]
+    out = hpodlb("check-config", "--config", str(config))
+    assert out.returncode == 1, out.stderr
+    assert [line for line in out.stdout.splitlines() if line.startswith("FAIL")] == expected
+
+    rc = cluster_dir / "resource_config.json"
+    config = write_config(  # the rest as sound as at first: only the resource config is read
+        [{"arn": arn, "port": 22}],
+        cluster={"login_groups": ["login-group"]},
+        state={"dir": str(tmp_path / "sound-state")},
+    )
+    said = breaks(rc)
+    out = hpodlb("check-config", "--config", str(config))
+    assert [line for line in out.stdout.splitlines() if line.startswith("FAIL")] == [
+        f"FAIL  resource config: {rc} {said}; refusing to trust it"
+    ]
+
+
+# -- the SSH key hpodlb logs in with --------------------------------------------------------------
+
+
+def _passphrase_key(path: Path) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _certified_key(path: Path) -> None:
+    ca = path.parent / "user_ca"
+    for made in (ca, path):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(made)],
+            check=True,
+            capture_output=True,
+        )
+    subprocess.run(
+        ["ssh-keygen", "-q", "-s", str(ca), "-I", "hpodlb", "-n", "nobody", f"{path}.pub"],
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("plant", "said"),
+    [
+        (_fifo, ": cannot read: not a regular file (a FIFO)"),
+        (
+            lambda p: p.symlink_to("/dev/zero"),
+            ": cannot read: not a regular file (a character device)",
+        ),
+        (lambda p: p.mkdir(), ": cannot read: not a regular file (a directory)"),
+        (lambda p: p.write_bytes(b"-" * (65 << 10)), ": cannot read: larger than 64 KiB"),
+        (lambda p: p.write_text("not a key\n"), ": not an SSH private key (OpenSSH or PEM)"),
+        (lambda p: None, ": file not found"),
+        (_passphrase_key, " is passphrase-protected; hpodlb needs a key without one"),
+    ],
+    ids=["fifo", "dev-zero", "directory", "too-large", "not-a-key", "missing", "passphrase"],
+)
+def test_an_ssh_key_hpodlb_cannot_use_is_one_line_naming_it(
+    hpodlb: Hpodlb,
+    write_config: Callable[..., Path],
+    arn: str,
+    tmp_path: Path,
+    plant: Callable[[Path], object],
+    said: str,
+) -> None:
+    """`check-config` reads ssh.key_file as a login reads it: a FIFO or a link to /dev/zero is
+    named (no hang, no read without end), as is a file that is no key hpodlb can log in with."""
+    key = tmp_path / "ssh" / "id_ed25519"
+    key.parent.mkdir(mode=0o700)
+    plant(key)
+    config = write_config(
+        [{"arn": arn, "port": 22}],
+        host_keys={"enabled": True, "store": str(tmp_path / "host_keys")},
+        ssh={"key_file": str(key)},
+    )
+    out = hpodlb("check-config", "--config", str(config), timeout=30)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert [line for line in out.stdout.splitlines() if line.startswith("FAIL")] == [
+        f"FAIL  ssh.key_file {key}{said}"
+    ]
+
+
+def test_an_ssh_key_the_login_user_owns_is_used_with_its_certificate(
+    hpodlb: Hpodlb, write_config: Callable[..., Path], arn: str, tmp_path: Path
+) -> None:
+    """The key may belong to the login user (the default is in /home/ubuntu/.ssh), in that
+    user's dirs; a certificate beside it (`KEY-cert.pub`) is taken along, as ssh does."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    key = home / ".ssh" / "id_ed25519"
+    key.parent.mkdir(mode=0o700)
+    _certified_key(key)
+    for path in (home, key.parent, key, Path(f"{key}-cert.pub")):
+        os.chown(path, NOBODY, NOBODY)
+    config = write_config(
+        [{"arn": arn, "port": 22}],
+        host_keys={"enabled": True, "store": str(tmp_path / "host_keys")},
+        ssh={"key_file": str(key), "user": "nobody"},
+    )
+    out = hpodlb("check-config", "--config", str(config))
+    assert out.returncode == 0, out.stdout
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("ok    ssh key")]
+    assert line.startswith(f"ok    ssh key {key}: ssh-ed25519 SHA256:")
+    assert line.endswith(", with its certificate (login as nobody)")
+
+    os.chown(key, NOBODY + 1, NOBODY + 1)  # anyone else's: refused
+    out = hpodlb("check-config", "--config", str(config))
+    assert (
+        f"FAIL  ssh.key_file {key} is owned by uid {NOBODY + 1}, not root or nobody" in out.stdout
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -12,11 +13,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
+from typing import Any
 
 import pytest
 
 from hpodlb.config import load_config
 from sim.aws import FakeAws
+from sim.env import SimEnv
+from tests.support.daemon import Daemon, spawn_daemon, stop_daemons
+from tests.support.data import FIGURES
+from tests.support.lab import nodes
 
 
 @pytest.fixture
@@ -493,10 +500,12 @@ def test_check_config_says_what_is_true_of_the_key_store(
     tmp_path: Path,
 ) -> None:
     """check-config says a missing key store does not exist yet (the first pass creates it), and
-    an existing empty one is empty."""
-    store = tmp_path / "host_keys"
+    an existing empty one is empty; either is refused under a dir others can write, as the first
+    pass would refuse it."""
+    store = tmp_path / "etc" / "host_keys"
+    store.parent.mkdir(mode=0o700)
     key_file = tmp_path / "id_ed25519"
-    key_file.write_text("not read by check-config\n")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key_file)], check=True)
     cfg = str(
         write_config(
             [{"arn": arn, "port": 22}],
@@ -505,9 +514,9 @@ def test_check_config_says_what_is_true_of_the_key_store(
         )
     )
 
-    def store_line() -> str:
+    def store_line(returncode: int = 0) -> str:
         out = hpodlb("check-config", "--config", cfg)
-        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.returncode == returncode, out.stdout + out.stderr
         return next(
             ln
             for ln in out.stdout.splitlines()
@@ -523,6 +532,11 @@ def test_check_config_says_what_is_true_of_the_key_store(
         store_line()
         == f"ok    key store {store} is empty: the first pass adopts the first login node's keys"
     )
+    store.parent.chmod(0o770)
+    unsafe = f"{store.parent} is writable by group or others (mode 0770); refusing to trust it"
+    assert store_line(1) == f"FAIL  key store: {store}: {unsafe}"
+    store.rmdir()
+    assert store_line(1) == f"FAIL  key store: {unsafe}"
 
 
 def test_unreachable_aws_makes_plan_exit_2(
@@ -590,3 +604,148 @@ def test_the_demos_kept_work_dir_serves_status(fresh_env: None) -> None:
         assert kept.host_keys.store.is_dir()
     finally:
         shutil.rmtree(config.parent, ignore_errors=True)
+
+
+# -- ssh.key_file: read as every file is, on real sshd login nodes -----------------------------------
+
+
+def _limit_memory() -> None:
+    # A read without end (a key file linked to /dev/zero) fails fast here, not by swapping.
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+def _run_in(env: SimEnv, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`hpodlb ARGS --config` the simulated head node's config, as root runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "hpodlb", *args, "--config", str(env.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("HPODLB_")},
+        preexec_fn=_limit_memory,
+    )
+
+
+def _events(text: str, name: str) -> list[dict[str, Any]]:
+    return [e for e in map(json.loads, re.findall(r"^\{.*\}$", text, re.M)) if e["event"] == name]
+
+
+def _threads(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+
+
+def _fifo_key(path: Path) -> None:
+    os.mkfifo(path, 0o600)
+
+
+def _dev_zero_key(path: Path) -> None:
+    path.symlink_to("/dev/zero")
+
+
+@pytest.mark.parametrize(
+    ("plant", "kind"), [(_fifo_key, "a FIFO"), (_dev_zero_key, "a character device")]
+)
+def test_once_with_an_ssh_key_it_cannot_read_fails_at_once(
+    sim_env: SimEnv, plant: Callable[[Path], None], kind: str
+) -> None:
+    """A FIFO or a link to /dev/zero as ssh.key_file (the default is in the login user's home):
+    `once` neither hangs on it nor reads it without end; the pass that needs a login (adopting
+    the first node's keys) fails in seconds, names the key, and exits 1."""
+    nodes(sim_env, 2)
+    key = sim_env.workdir / "id_ed25519"
+    plant(key)
+    sim_env.write_config(ssh={"key_file": str(key)})
+    out = _run_in(sim_env, "once")
+    assert out.returncode == 1, out.stdout + out.stderr
+    said = f"ssh.key_file {key}: cannot read: not a regular file ({kind})"
+    (unusable,) = _events(out.stderr, "ssh_key_unusable")
+    assert (unusable["key_file"], unusable["error"]) == (str(key), f"key: {said}")
+    (finished,) = _events(out.stderr, "pass_finished")
+    assert finished["converged"] is False
+    assert finished["seconds"] < 10  # a hang waits out the job's deadline (> 100 s) or for good
+    FIGURES[f"`once` with {kind} as ssh.key_file"] = f"exit 1 after a {finished['seconds']} s pass"
+    assert "MemoryError" not in out.stderr
+    assert _events(out.stderr, "host_keys_adoption_failed")[0]["error"] == f"key: {said}"
+
+
+def test_the_daemon_with_an_ssh_key_it_cannot_read_is_not_converged_and_keeps_no_thread(
+    sim_env: SimEnv, tmp_path: Path
+) -> None:
+    """A converged cluster, then a FIFO where ssh.key_file was: `drain` (which tells the node's
+    users) ends at once and says why; each of the daemon's passes (which count the drained
+    node's sessions over SSH) is quick and not converged, STATUS counts the error, and no pass
+    leaves a thread behind."""
+    a, _ = nodes(sim_env, 2)
+    assert sim_env.run_pass().converged
+    key = sim_env.workdir / "id_fifo"
+    _fifo_key(key)
+    sim_env.write_config(ssh={"key_file": str(key)}, reconcile={"interval_seconds": 1})
+    said = f"ssh.key_file {key}: cannot read: not a regular file (a FIFO)"
+    drain = _run_in(sim_env, "drain", a, "--reason", "kernel", timeout=30)
+    assert drain.returncode == 0, drain.stderr
+    assert f"warning: could not tell its users (wall): key: {said}" in drain.stdout
+
+    started: list[Daemon] = []
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HPODLB_")}
+        daemon = spawn_daemon(tmp_path, started, sim_env.config_path, env)
+        threads = []
+        for n in range(1, 13):
+            finished = daemon.wait_event("pass_finished", count=n, timeout=60)
+            assert finished["converged"] is False, finished
+            assert finished["seconds"] < 10, finished  # a hung session count costs > 30 s
+            threads.append(_threads(daemon.proc.pid))
+        assert [e["error"] for e in daemon.events_named("ssh_key_unusable")][:6] == [
+            f"key: {said}"
+        ] * 6
+        assert sim_env.state().nodes[a].sessions_error == f"key: {said}"
+        _, status = daemon.notify.wait_for("STATUS=")[-1]
+        assert re.search(r", [1-9]\d* errors, ", status), status
+        # No growth: a sample may catch a pass's workers ending (+2 here), and the first passes
+        # start the daemon's lasting threads; a thread left per pass would add 6 in between.
+        assert median(threads[-4:]) <= median(threads[2:6]) + 2, threads
+        seconds = [e["seconds"] for e in daemon.events_named("pass_finished")[:12]]
+        FIGURES["daemon passes with a FIFO as ssh.key_file"] = (
+            f"12 not converged, longest {max(seconds)} s, threads {threads}"
+        )
+    finally:
+        stop_daemons(started)
+
+
+def test_doctor_files_an_ssh_key_it_cannot_use_under_the_ssh_login(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+    write_config: Callable[..., Path],
+    arn: str,
+    tmp_path: Path,
+) -> None:
+    """A missing ssh.key_file is a FAIL of the SSH login, with a fix about that key, not a key
+    store problem pointing at `hpodlb keys --help` (that is about the nodes' host keys)."""
+    key = tmp_path / "ssh" / "id_rsa"
+    cfg = write_config(
+        [{"arn": arn, "port": 22}],
+        host_keys={"enabled": True, "store": str(tmp_path / "host_keys")},
+        ssh={"key_file": str(key), "connect_timeout_seconds": 1, "port": 1},
+    )
+    out = hpodlb("doctor", "--json", "--config", str(cfg))
+    assert out.returncode == 1, out.stderr
+    checks = json.loads(out.stdout)["checks"]
+    assert [(c["area"], c["status"], c["found"]) for c in checks if "key_file" in c["found"]] == [
+        ("ssh login", "FAIL", f"ssh.key_file {key}: file not found")
+    ]
+    (fix,) = [c["fix"] for c in checks if c["area"] == "ssh login"]
+    assert fix.startswith("set ssh.key_file to the private key ubuntu logs in to the login nodes")
+    assert all("keys --help" not in c["fix"] for c in checks if c["status"] != "PASS")
+
+
+def test_a_directory_as_the_config_is_named_a_directory(
+    hpodlb: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    """`--config /tmp` (sticky, world-writable) says what is wrong: it is a directory."""
+    assert Path("/tmp").stat().st_mode & 0o1777 == 0o1777
+    out = hpodlb("check-config", "--config", "/tmp")
+    assert (out.returncode, out.stderr) == (
+        2,
+        "hpodlb: config error: /tmp: cannot read: not a regular file (a directory)\n",
+    )

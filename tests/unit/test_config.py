@@ -140,3 +140,43 @@ def test_an_override_with_one_underscore_is_an_error_naming_it(
     ):
         load_config(path, {var: "maybe"})
     assert load_config(path, {"HPODLB_CONFIG": str(path)}).reconcile.prune is True
+
+
+PATH_KEYS = [
+    ("cluster", "resource_config", "opt/ml/config/resource_config.json"),
+    ("cluster", "provisioning_parameters", "provisioning_parameters.json"),
+    ("ssh", "key_file", ".ssh/id_rsa"),
+    ("host_keys", "store", "secretsmanager:x"),  # before that form exists: a relative dir
+    ("host_keys", "remote_dir", "etc/ssh"),
+    ("state", "dir", "var/lib/hpodlb"),
+    ("state", "dir", ""),  # "" would be "." for a Path
+]
+
+
+@pytest.mark.parametrize(("section", "key", "value"), PATH_KEYS)
+def test_every_path_in_the_config_is_absolute(
+    write_config: Callable[..., Path], section: str, key: str, value: str
+) -> None:
+    """A relative path, in the file or from an override, is refused with one line naming the
+    key: it would name another file (or a new dir of private keys) wherever hpodlb started."""
+    path = write_config(**{section: {key: value}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    assert str(err.value) == (
+        f"{path}: {section}.{key}: {value!r} is not an absolute path (a relative one would "
+        "depend on the directory hpodlb was started from)"
+    )
+    var = f"HPODLB_{section.upper()}__{key.upper()}"
+    with pytest.raises(ConfigError, match=rf"^{var} \(overrides {path}\): {section}\.{key}: "):
+        load_config(write_config(), {var: value})
+
+
+def test_a_directory_given_as_the_config_is_named_a_directory(tmp_path: Path) -> None:
+    """`--config /tmp`: a sticky, world-writable directory is said to be a directory, which is
+    what is wrong with it, not "writable by group or others"."""
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    with pytest.raises(ConfigError) as err:
+        load_config(sticky, {})
+    assert str(err.value) == f"{sticky}: cannot read: not a regular file (a directory)"
