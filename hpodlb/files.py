@@ -109,16 +109,22 @@ def _walk(path: Path) -> list[tuple[Path, os.stat_result]] | None:
     return chain
 
 
-def read_trusted_file(path: Path, limit: int, owners: Mapping[int, str] | None = None) -> bytes:
-    """`require_trusted`, then `read_regular_file`: the whole file, if only root (or `owners`)
-    could have changed it. What it is comes first, so a directory given as a file (`--config
-    /tmp`, sticky and world-writable) is named a directory, not an untrusted file; the open file
-    is judged again, so one swapped in between the check and the open is still refused.
-
-    Raises UntrustedPathError, UnusableFileError, or OSError (FileNotFoundError first of all)."""
-    with contextlib.suppress(OSError):  # the read below says why a path cannot be stat'ed
+def require_trusted_file(path: Path, owners: Mapping[int, str] | None = None) -> None:
+    """`require_trusted` for a path that must be a regular file, what it is judged first: a
+    directory given as a file (`--config /tmp`, sticky and world-writable) is named a directory,
+    not an untrusted file. A missing path passes, as in `require_trusted`."""
+    with contextlib.suppress(OSError):  # the caller's read says why a path cannot be stat'ed
         _require_regular(path, path.stat())
     require_trusted(path, owners)
+
+
+def read_trusted_file(path: Path, limit: int, owners: Mapping[int, str] | None = None) -> bytes:
+    """`require_trusted_file`, then `read_regular_file`: the whole file, if only root (or
+    `owners`) could have changed it. The open file is judged again, so one swapped in between the
+    check and the open is still refused.
+
+    Raises UntrustedPathError, UnusableFileError, or OSError (FileNotFoundError first of all)."""
+    require_trusted_file(path, owners)
     allowed = _owners(owners)
     real = Path(os.path.realpath(path))
     return read_regular_file(

@@ -23,7 +23,7 @@ from hpodlb.files import (
     UnusableFileError,
     file_signature,
     read_regular_file,
-    require_trusted,
+    require_trusted_file,
 )
 
 DEFAULT_LOGIN_GROUP = "login-group"
@@ -229,8 +229,8 @@ def _login_node(
 
 def _require_trusted(path: Path) -> None:
     try:
-        require_trusted(path)
-    except UntrustedPathError as exc:
+        require_trusted_file(path)
+    except (UntrustedPathError, UnusableFileError) as exc:
         raise InventoryError(str(exc)) from None
 
 

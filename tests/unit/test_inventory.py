@@ -164,6 +164,25 @@ def test_unreadable_file(tmp_path: Path) -> None:
         read_login_nodes(tmp_path / "rc.json", ["login-group"], PRIVATE)
 
 
+@pytest.mark.parametrize("which", ["resource config", "provisioning parameters"])
+def test_a_sticky_directory_given_as_a_file_is_named_a_directory(
+    tmp_path: Path, which: str
+) -> None:
+    """A sticky world-writable directory (/tmp) where a file should be is "a directory", the one
+    thing wrong with it, not "writable by group or others": the fix the message points to is the
+    path, not the mode."""
+    sticky = tmp_path / "sticky"
+    sticky.mkdir(mode=0o1777)
+    sticky.chmod(0o1777)
+    expected = f"{sticky}: cannot read: not a regular file (a directory)"
+    with pytest.raises(InventoryError) as err:
+        if which == "resource config":
+            read_login_nodes(sticky, ["login-group"], PRIVATE)
+        else:
+            login_group_names((), sticky, lambda: None)
+    assert str(err.value) == expected
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda children: (
