@@ -160,7 +160,7 @@ def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_drain(config: Config, args: argparse.Namespace) -> int:
-    from hpodlb.drain import DrainError, Drains
+    from hpodlb.drain import DrainError, Drains, drain_lines
 
     drains = Drains(config)
     try:
@@ -168,28 +168,13 @@ def cmd_drain(config: Config, args: argparse.Namespace) -> int:
     except DrainError as exc:
         _fail(str(exc))
         return EXIT_PENDING
-    node, reason = result.node, result.request.reason
     if result.restored:
         print(f"intents.json was gone: restored the drains of {', '.join(result.restored)}")
-    if result.unchanged:
-        print(f"{node.label()} is drained already ({reason}): nothing changed")
-    elif result.forced_now:
-        print(f"{node.label()} is drained already ({reason}): now with --force (past the guards)")
-    else:
-        print(
-            f"{node.label()} drained: {reason}. The daemon takes it out of rotation at its next "
-            "pass (it sees this within a second), within its guards, and keeps it out until "
-            f"`hpodlb undrain {node.ip}`; its host keys are still kept in step."
-        )
-        if result.note:
-            print(f"note: {result.note}")
-        if result.told:
-            print(f"warning: could not tell its users (wall): {result.told}")
-        else:
-            print("Its users were told (wall): new logins go to the other login nodes.")
+    for line in drain_lines(result, config):
+        print(line)
     if args.wait is None:
         return EXIT_OK
-    return _wait_drained(drains, node.ip, result.request.requested_at, args.wait)
+    return _wait_drained(drains, result.node.ip, result.request.requested_at, args.wait)
 
 
 def _wait_drained(drains: Drains, ip: str, since: float, seconds: float) -> int:

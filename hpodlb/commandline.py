@@ -201,10 +201,11 @@ def _add_pass_commands(add: Adder) -> None:
         "drain",
         "take a login node out of rotation for maintenance",
         "Take the login node at IP out of rotation until `hpodlb undrain IP`: recorded in the "
-        "state dir (intents.json; kept across restarts), applied by the daemon's next pass "
-        "within the guards (a drain that would leave fewer than min_in_service registered "
-        "targets is refused without --force). Its users get a wall notice; its host keys are "
-        "still kept in step. --wait then follows the daemon's passes and the node's SSH sessions "
+        "state dir (intents.json; kept across restarts), applied by the next pass (the "
+        "daemon's, which it says is running or not, or `hpodlb once`) within the guards (a drain "
+        "that would leave fewer than min_in_service login nodes in service is refused without "
+        "--force). Its users get a wall notice; with host keys on, its host keys are still kept "
+        "in step. --wait then follows the passes and the node's SSH sessions "
         "until it is out of rotation and empty. A standby head refuses (drains are per head). "
         "Exit status: 0 drained (with --wait: out and empty), 1 refused, not a login node, or "
         "not out and empty when --wait ran out, 2 config or usage error, 130 interrupted "

@@ -140,13 +140,15 @@ class ReconcileConfig(_Section):
     prune: bool = True
     """Remove targets at the configured port that no login node accounts for (hand-added drift)."""
     max_deregister_fraction: float = Field(default=0.5, ge=0, le=1)
-    """At most this share of a group's targets leaves in one pass: a bad read cannot empty it."""
+    """At most this share of a group's targets leaves within one interval_seconds, however many
+    passes run in it: a bad read cannot empty it."""
     absent_passes_before_deregister: int = Field(default=2, ge=1)
     """Consecutive passes a node must be missing before its target goes, the first and the last at
     least (this - 1) x interval_seconds apart, as that many scheduled passes are: deregister
     cautiously, and a burst of file-triggered passes is not a long time."""
     min_in_service: int = Field(default=1, ge=0)
-    """Never leave fewer registered targets than this, whatever the inputs say."""
+    """Never leave fewer login nodes in service (`guards.in_service`) than this, whatever the
+    inputs say."""
 
 
 class SshConfig(_Section):

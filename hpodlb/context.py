@@ -92,8 +92,10 @@ class Known:
     """The world as this pass knows it so far: what the planner is asked about."""
 
     views: dict[str, GroupView] = field(default_factory=dict)  # with this pass's writes applied
-    start_registered: dict[str, int] = field(default_factory=dict)  # as the pass began, by arn
-    spent: Counter[str] = field(default_factory=Counter)  # deregistrations done, by arn
+    # max_deregister_fraction's window, by arn (`guards.py`): registered as it began, and the
+    # deregistrations done within it (earlier passes' and this one's).
+    start_registered: dict[str, int] = field(default_factory=dict)
+    spent: Counter[str] = field(default_factory=Counter)
     probes: dict[str, Probe] = field(default_factory=dict)  # by IP; a push's result counts too
     facts: KeyFacts = field(default_factory=KeyFacts)
     keyset: KeySet = field(default_factory=dict)  # the canonical set (private keys included)

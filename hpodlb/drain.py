@@ -16,20 +16,23 @@ from __future__ import annotations
 import getpass
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from hpodlb.config import Config, TargetGroupConfig
-from hpodlb.guards import Ledger, guards_of
+from hpodlb.config import Config, ReconcileConfig, TargetGroupConfig
+from hpodlb.context import read_boot_id
+from hpodlb.guards import Ledger, guards_of, in_service, out_of_service, recent
 from hpodlb.intentmodel import DrainRequest, Intents
 from hpodlb.intents import IntentsError, intents_path, update_intents
 from hpodlb.inventory import InventoryError, LoginNode
+from hpodlb.lock import LOCK_FILE, lock_holder
 from hpodlb.logs import get_logger
 from hpodlb.sessions import NO_LOGINS, count_sessions, tell_users
 from hpodlb.sshnode import SshConnector, SshError
-from hpodlb.state import State, load_state
-from hpodlb.targetstate import registered_ips
+from hpodlb.state import State, TargetRecord, load_state
+from hpodlb.targetstate import is_registered, registered_ips
 from hpodlb.wiring import Adapters
 
 log = get_logger("hpodlb.drain")
@@ -55,11 +58,21 @@ def check_reason(text: str) -> str:
     return text
 
 
-def notice(node: LoginNode, reason: str) -> str:
+def notice(node: LoginNode, reason: str, others: bool | None) -> str:
+    """What its users read; `others`: whether other login nodes are in service (None: unknown)."""
     return (
         f"hpodlb: this login node ({node.ip}) is being drained for maintenance: {reason}. "
-        "New logins go to the other login nodes; please save your work and log out."
+        f"{elsewhere(others)}; please save your work and log out."
     )
+
+
+def elsewhere(others: bool | None) -> str:
+    """Where new logins go, as far as the last pass tells."""
+    return {
+        True: "New logins go to the other login nodes",
+        False: "No other login node is in service now, so new logins may fail until it is back",
+        None: "New logins go to the other login nodes, if any is in service",
+    }[others]
 
 
 @dataclass
@@ -69,8 +82,73 @@ class DrainResult:
     restored: list[str] = field(default_factory=list)  # drains put back after intents.json loss
     told: str = ""  # why the users could not be told; empty: they were
     note: str = ""  # what the guard check could not see
+    others: bool | None = None  # other login nodes in service once it is out (None: unknown)
+    daemon: Daemon | None = None  # who will apply it
     unchanged: bool = False  # drained already, just so: nothing recorded, nobody told again
     forced_now: bool = False  # only --force was added: recorded, users not told again
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """Whether an `hpodlb run` holds this state dir's lock: what applies a drain, and when."""
+
+    pid: str | None  # None: none holds it
+    error: str = ""  # why it cannot be told (then `pid` is None too)
+    lock: str = ""
+
+    @classmethod
+    def of(cls, state_dir: Path) -> Daemon:
+        lock = str(state_dir / LOCK_FILE)
+        try:
+            return cls(lock_holder(state_dir), lock=lock)
+        except OSError as exc:
+            return cls(None, f"{lock}: {exc.strerror or exc}", lock)
+
+    def when(self) -> str:
+        """When the drain (or an undrain) takes effect, as is true now."""
+        if self.pid is not None:
+            return (
+                f"the daemon (pid {self.pid}) applies it at its next pass, within a second or two "
+                "(it watches intents.json)"
+            )
+        if self.error:
+            return (
+                f"cannot tell whether the daemon runs ({self.error}): it applies at the next pass"
+            )
+        return (
+            f"no hpodlb daemon runs on this head (nothing holds {self.lock}): nothing changes "
+            "until a pass runs (`systemctl start hpodlb`, or `hpodlb once`)"
+        )
+
+
+def drain_lines(result: DrainResult, config: Config) -> list[str]:
+    """What `hpodlb drain` says it did and what will happen when: true of this head now (is a
+    daemon running? are host keys on? are other nodes in service?), never a promise it cannot
+    keep."""
+    node, reason, ip = result.node, result.request.reason, result.node.ip
+    if result.unchanged:
+        return [f"{node.label()} is drained already ({reason}): nothing changed"]
+    if result.forced_now:
+        return [f"{node.label()} is drained already ({reason}): now with --force (past the guards)"]
+    guards = "past the guards (--force)" if result.request.force else "within the guards"
+    keys = (
+        "; each pass still keeps its host keys in step"
+        if config.host_keys.enabled
+        else f" ({NO_LOGINS}: its host keys are not kept in step, its sessions not counted)"
+    )
+    daemon = result.daemon or Daemon.of(config.state.dir)
+    lines = [
+        f"{node.label()} drained: {reason}. Out of rotation {guards}, kept out until "
+        f"`hpodlb undrain {ip}`{keys}.",
+        f"When: {daemon.when()}.",
+    ]
+    if result.note:
+        lines.append(f"note: {result.note}")
+    if result.told:
+        lines.append(f"warning: could not tell its users (wall): {result.told}")
+    else:
+        lines.append(f"Its users were told (wall): {elsewhere(result.others)}.")
+    return lines
 
 
 class Drains:
@@ -86,11 +164,14 @@ class Drains:
     def connector(self) -> SshConnector:
         return self.adapters.host_keys.connector
 
-    def login_node(self, ip: str) -> LoginNode:
+    def login_nodes(self) -> tuple[LoginNode, ...]:
         try:
-            nodes = self.adapters.desired()
+            return self.adapters.desired()
         except InventoryError as exc:
             raise DrainError(str(exc)) from None
+
+    def login_node(self, ip: str, nodes: Sequence[LoginNode] | None = None) -> LoginNode:
+        nodes = self.login_nodes() if nodes is None else nodes
         node = next((n for n in nodes if n.ip == ip), None)
         if node is None:
             raise DrainError(
@@ -104,7 +185,8 @@ class Drains:
         node's users. Draining a drained node again changes only what was asked: its reason (its
         users are told again), or --force (recorded, nobody told again); otherwise nothing, and
         `since` stays the first one."""
-        node = self.login_node(ip)
+        nodes = self.login_nodes()
+        node = self.login_node(ip, nodes)
         state = self._state()
         if state.last_pass is not None and state.last_pass.standby:
             raise DrainError(
@@ -113,7 +195,6 @@ class Drains:
                 "slurmctld is in control"
             )
         restored = self._lost(state, ip)
-        notes: list[str] = []
         result: list[DrainResult] = []
 
         def add(intents: Intents) -> None:
@@ -122,8 +203,10 @@ class Drains:
             if old is not None and old.reason == why and (old.force or not force):
                 result.append(DrainResult(node, old, restored, unchanged=True))
                 return
-            if not force and old is None:  # under the intents lock: two drains cannot both pass
-                notes.append(self._guard(ip, state, set(intents.drain) | set(state.drains)))
+            # Under the intents lock: two drains cannot both pass.
+            seen = self._guard(ip, nodes, state, set(intents.drain) | set(state.drains))
+            if not force and old is None and seen.refusal:
+                raise DrainError(seen.refusal)
             request = DrainRequest(
                 reason=why,
                 force=force or bool(old and old.force),
@@ -133,8 +216,17 @@ class Drains:
             )
             intents.drain[ip] = request
             forced_now = old is not None and old.reason == why
-            note = "".join(notes)
-            result.append(DrainResult(node, request, restored, note=note, forced_now=forced_now))
+            result.append(
+                DrainResult(
+                    node,
+                    request,
+                    restored,
+                    note=seen.note,
+                    forced_now=forced_now,
+                    others=seen.others,
+                    daemon=Daemon.of(self.state_dir),
+                )
+            )
 
         self._update(add)
         done = result[0]
@@ -148,7 +240,7 @@ class Drains:
             reason=request.reason,
             force=request.force,
             by=request.requested_by,
-            action="the daemon takes it out of rotation at its next pass",
+            action=(done.daemon or Daemon.of(self.state_dir)).when(),
         )
         if done.forced_now:
             return done
@@ -156,7 +248,8 @@ class Drains:
             done.told = NO_LOGINS
             return done
         try:
-            tell_users(self.connector, ip, self._pin(ip), notice(node, request.reason))
+            text = notice(node, request.reason, done.others)
+            tell_users(self.connector, ip, self._pin(ip), text)
         except SshError as exc:
             done.told = str(exc)
             log.warning("drain_notice_failed", ip=ip, instance_id=node.instance_id, error=str(exc))
@@ -185,7 +278,10 @@ class Drains:
         state = self._state()
         last = state.last_pass
         if last is None or last.started_at < since:
-            return False, "waiting for the daemon's next pass (is `hpodlb run` active?)"
+            daemon = Daemon.of(self.state_dir)
+            if daemon.pid is not None:
+                return False, f"waiting for the next pass of the daemon (pid {daemon.pid})"
+            return False, f"no pass since the drain: {daemon.when()}"
         held = [h for h in last.held if h.startswith(f"deregister {ip} ")]
         if held:
             return False, f"still in rotation: {held[0]}"
@@ -230,39 +326,43 @@ class Drains:
                 return False
             time.sleep(min(POLL_SECONDS, left))
 
-    def _guard(self, ip: str, state: State, drained: set[str]) -> str:
-        """Refuse a drain the guards would hold (as the last pass saw the groups): below
-        min_in_service, or where max_deregister_fraction lets nothing leave. The planner holds such
-        a drain anyway; this says so before anything changes. What it cannot see, it says."""
+    def _guard(self, ip: str, nodes: Sequence[LoginNode], state: State, drained: set[str]) -> Seen:
+        """What the guards would do with this drain, as the last pass saw the groups: refuse one
+        that would leave fewer than min_in_service login nodes in service (`guards.in_service`,
+        as the planner counts), or that max_deregister_fraction never lets leave. The planner
+        holds such a drain anyway; this says so before anything changes. What it cannot see, it
+        says."""
         if state.last_pass is None:
-            return "no pass has run yet: the daemon's guards decide when it leaves"
+            return Seen(unread="no pass has run yet: the guards decide when it leaves, at a pass")
         rc = self.config.reconcile
-        unread = ""
+        keys = {n.ip: state.nodes[n.ip].key_state for n in nodes if n.ip in state.nodes}
+        seen = Seen(others=False)
         for tg in self.config.target_groups:
             why = _unread(state, [tg])
             if why:
-                unread = unread or why
+                seen.unread = seen.unread or f"{why}: the guards decide when it leaves, at a pass"
+                seen.others = None if seen.others is False else seen.others
                 continue
+            targets = state.targets.get(tg.arn, [])
+            # The other drains leave too.
+            staying = in_service(keys, targets, tg.port) - (drained - {ip})
+            if staying - {ip}:
+                seen.others = True
             registered = _registered(state, tg)
-            if ip not in registered:
+            if ip not in registered or seen.refusal:
                 continue
-            # The other drains leave too; the share is of every registered target, as the pass
-            # counts it.
-            staying = registered - (drained - {ip})
-            ledger = Ledger(guards_of(rc), registered=len(staying), base=len(registered))
-            if ledger.at_floor:
-                raise DrainError(
-                    f"draining {ip} would leave {len(staying) - 1} registered targets in "
-                    f"{tg.name} (reconcile.min_in_service = {rc.min_in_service}); add --force to "
-                    "drain it anyway (users may find no login node)"
-                )
-            if ledger.fraction_spent:
-                raise DrainError(
+            ledger = Ledger(guards_of(rc), serving=len(staying), base=len(registered))
+            if ledger.too_few(in_service=ip in staying):
+                seen.refusal = _too_few(ip, tg, keys, targets, staying, drained, rc)
+            elif ledger.fraction_spent:
+                seen.refusal = (
                     f"{tg.name} has {len(registered)} registered targets and "
                     f"reconcile.max_deregister_fraction = {rc.max_deregister_fraction:g} lets "
                     "none leave in a pass; add --force to drain it anyway"
                 )
-        return f"{unread}: the daemon's guards decide when the node leaves it" if unread else ""
+            else:
+                seen.later = seen.later or _window_spent(state, tg, len(registered), rc)
+        return seen
 
     def _lost(self, state: State, ip: str) -> list[str]:
         """Drains that intents.json lost and the next write puts back (from the daemon's copy)."""
@@ -289,6 +389,63 @@ class Drains:
         from hpodlb.keyadmin import vouched_keys
 
         return vouched_keys(self.config, [ip])[ip]
+
+
+@dataclass
+class Seen:
+    """The guard check's findings: why it refuses (empty: it does not), what it could not see,
+    and whether other login nodes stay in service (None: not known of every group)."""
+
+    refusal: str = ""
+    unread: str = ""  # a group it knows nothing of
+    later: str = ""  # a group whose budget is spent for now
+    others: bool | None = None
+
+    @property
+    def note(self) -> str:
+        return "; ".join(x for x in (self.unread, self.later) if x)
+
+
+def _too_few(
+    ip: str,
+    tg: TargetGroupConfig,
+    keys: Mapping[str, str],
+    targets: Sequence[TargetRecord],
+    staying: set[str],
+    drained: set[str],
+    rc: ReconcileConfig,
+) -> str:
+    """The refusal, with the count and the nodes behind it: which are in service, and why each
+    other registered target is not."""
+    left = staying - {ip}
+    shown = ", ".join(sorted(staying)) or "none"
+    out = [
+        f"{t.ip} ({'drained' if t.ip in drained else out_of_service(keys, t)})"
+        for t in targets
+        if t.port == tg.port and is_registered(t.state) and t.ip not in staying
+    ]
+    return (
+        f"draining {ip} would leave {len(left)} login nodes in service in {tg.name} "
+        f"(reconcile.min_in_service = {rc.min_in_service}); in service now: {shown}"
+        + (f"; registered but not in service: {', '.join(out)}" if out else "")
+        + "; add --force to drain it anyway (users may find no login node)"
+    )
+
+
+def _window_spent(state: State, tg: TargetGroupConfig, registered: int, rc: ReconcileConfig) -> str:
+    """What to say when this window's deregistration budget is spent already (the pass then
+    holds the drain until the window ends), as the state file keeps the window."""
+    if state.boot_id != read_boot_id():  # the monotonic times are another boot's
+        return ""
+    guards = guards_of(rc)
+    spent = recent(state.departures.get(tg.arn, []), time.monotonic(), guards)
+    if not Ledger(guards, serving=0, base=registered + len(spent), spent=len(spent)).fraction_spent:
+        return ""
+    return (
+        f"{len(spent)} targets left {tg.name} within the last {guards.fraction_window_seconds:g}s, "
+        f"all that reconcile.max_deregister_fraction = {rc.max_deregister_fraction:g} lets go "
+        "in that time: it leaves at the first pass after that"
+    )
 
 
 def _registered(state: State, tg: TargetGroupConfig) -> set[str]:

@@ -41,6 +41,12 @@ class KeyState(str, enum.Enum):
 KEYS_SETTLED = frozenset({KeyState.IN_SYNC.value, KeyState.NOT_CHECKED.value})
 # ... and of a node held out of rotation until an admin acts (nothing is pushed to it).
 KEYS_HELD = frozenset({KeyState.UNKNOWN_KEYS.value, KeyState.NO_KEY_TYPE.value})
+# ... and of a node whose keys users may trust now (during a rotation, the previous set too): one
+# of the conditions of being in service (`guards.in_service`). A probe not back yet, or failed,
+# vouches for nothing.
+KEYS_VOUCHED = frozenset(
+    {KeyState.IN_SYNC.value, KeyState.NOT_CHECKED.value, KeyState.ROTATING.value}
+)
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,16 @@ def is_replacement(node: LoginNode, keys: KeyFacts) -> bool:
     return bool(verified) and verified != node.instance_id
 
 
+def standing(node: LoginNode, j: Judgement, keys: KeyFacts) -> str:
+    """The key state that counts for `guards.in_service`: the judgement, except that a node whose
+    probe of this pass is not back yet stands as it was last verified (this instance, the
+    canonical keys): a probe in flight proves nothing either way, and the guards must not take
+    it for a node out of service while they decide whether another may leave."""
+    if j.state is KeyState.PENDING and keys.verified.get(node.ip) == node.instance_id:
+        return KeyState.IN_SYNC.value
+    return j.state.value
+
+
 def role_of(j: Judgement, replaced: bool) -> Role:
     state = j.state
     if state in (KeyState.IN_SYNC, KeyState.NOT_CHECKED):

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from hpodlb.config import Config
 from hpodlb.context import KeySide, Known, PassContext, log
+from hpodlb.guards import guards_of, recent
 from hpodlb.hyperpod import ClusterError, HyperPod
 from hpodlb.identity import KEYS_SETTLED, KeyState
 from hpodlb.intents import IntentsError, intents_path, load_intents
@@ -30,10 +31,10 @@ from hpodlb.inventory import (
     read_login_nodes,
 )
 from hpodlb.keystore import KeyStoreError, identity
-from hpodlb.planner import KeyFacts, Probe
+from hpodlb.planner import GroupView, KeyFacts, Probe
 from hpodlb.sshnode import SshError
 from hpodlb.targets import TargetGroup, TargetsError
-from hpodlb.targetstate import registered_ips
+from hpodlb.targetstate import is_failing_out, registered_ips
 
 CLUSTER_RETRY_SECONDS = 600.0  # DescribeCluster failed: asked again after this long
 PLATFORM_SECONDS = 300.0  # ListClusterNodes again after this long, if the same nodes still wait
@@ -204,7 +205,9 @@ def read_intents(ctx: PassContext, known: Known) -> None:
 
 
 def observe_groups(ctx: PassContext, known: Known, groups: Sequence[TargetGroup]) -> None:
-    """Each group's targets, and whether it may be written to at all."""
+    """Each group's targets, whether it may be written to at all, and what its deregistration
+    budget has spent."""
+    guards = guards_of(ctx.config.reconcile)
     for group in groups:
         ctx.beat()
         try:
@@ -226,8 +229,17 @@ def observe_groups(ctx: PassContext, known: Known, groups: Sequence[TargetGroup]
             log.error("target_group_refused", target_group=group.name, error=problem)
             view = replace(view, problem=problem)
         ctx.state.target_errors.pop(group.arn, None)
-        known.views[group.arn] = view
-        known.start_registered[group.arn] = len(registered_ips(view.targets, view.port))
+        known.views[group.arn] = replace(view, failing=failing(view))
+        # max_deregister_fraction's window: what left within it is spent, and was registered as
+        # it began.
+        spent = len(recent(ctx.state.departures.get(group.arn, []), ctx.now, guards))
+        known.start_registered[group.arn] = len(registered_ips(view.targets, view.port)) + spent
+        known.spent[group.arn] = spent
+
+
+def failing(view: GroupView) -> dict[str, str]:
+    """Targets leaving and failing their health checks (`unhealthy.draining`), as just read."""
+    return {t.ip: t.state for t in view.targets if t.port == view.port and is_failing_out(t.state)}
 
 
 def key_facts(ctx: PassContext, known: Known, side: KeySide | None) -> KeyFacts:

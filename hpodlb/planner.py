@@ -13,8 +13,14 @@ Rules, in the order an admin asks about them:
   keys we can vouch for) and registered only after they verify; a known instance presenting
   unknown keys is held for an admin; an empty store adopts the first login node's keys;
 - every deregistration, whatever its reason, counts against `max_deregister_fraction` of the
-  group's registered targets (as the pass began) and never leaves fewer than `min_in_service`;
-  wrong identities go first, then instances that moved to another IP, then absent targets;
+  group's registered targets (as its window began: `memory` carries what left within it) and
+  never leaves fewer than `min_in_service` login nodes in service (`guards.in_service`, the one
+  definition); wrong identities go first, then drains, then instances in service at a new IP,
+  then absent targets;
+- an instance listed at a new IP frees its old one without the absence wait only once it is in
+  service at the new one: one odd read of the resource config moves no target;
+- a desired node whose target is leaving (`draining`, `unhealthy.draining`) is registered again;
+  one that was failing its checks too keeps the plan waiting;
 - an absent target goes only after `absent_passes_before_deregister` consecutive passes, the first
   and the last at least (that - 1) x `interval_seconds` apart, as that many scheduled passes are
   (a burst of file-triggered passes does not shorten it);
@@ -33,13 +39,21 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from hpodlb.guards import Guard, Guards, Ledger
-from hpodlb.identity import Judgement
+from hpodlb.config import target_group_name
+from hpodlb.guards import Guard, Guards, Ledger, in_service
+from hpodlb.identity import Judgement, KeyState
 from hpodlb.inventory import LoginNode
-from hpodlb.keyplan import is_replacement, leave_reason, plan_keys, role_of, unverified_waiting
+from hpodlb.keyplan import (
+    is_replacement,
+    leave_reason,
+    plan_keys,
+    role_of,
+    standing,
+    unverified_waiting,
+)
 from hpodlb.plantypes import (
     SHUTTING_DOWN,
     Absence,
@@ -93,6 +107,7 @@ def plan_pass(
     judgements, key_actions, key_waiting = plan_keys(nodes, keys)
     by_ip = {n.ip: n for n in nodes}
     roles = {n.ip: role_of(judgements[n.ip], is_replacement(n, keys)) for n in nodes}
+    vouching = {n.ip: standing(n, judgements[n.ip], keys) for n in nodes}
     pushing = {a.ip for a in key_actions if a.kind is Kind.PUSH_KEYS and not a.held}
 
     actions = list(key_actions)
@@ -103,7 +118,9 @@ def plan_pass(
         if group.problem:
             problems.append(group.problem)
             continue
-        planned = _plan_group(group, by_ip, roles, judgements, pushing, drains, guards, memory, now)
+        planned = _plan_group(
+            group, by_ip, roles, judgements, vouching, pushing, drains, guards, memory, now
+        )
         actions.extend(planned.actions)
         unmanaged.extend((group.arn, t) for t in planned.unmanaged)
         absent[group.arn] = planned.absent
@@ -111,7 +128,11 @@ def plan_pass(
     live = [g for g in groups if not g.problem]
     waiting = [
         w
-        for w in (*key_waiting, *unverified_waiting(nodes, roles, judgements, live))
+        for w in (
+            *key_waiting,
+            *unverified_waiting(nodes, roles, judgements, live),
+            *_failing(nodes, live),
+        )
         if w.node.ip not in drains  # out of rotation on purpose: nothing to wait for
     ]
     return Plan(
@@ -140,6 +161,7 @@ def _plan_group(
     by_ip: Mapping[str, LoginNode],
     roles: Mapping[str, Role],
     judgements: Mapping[str, Judgement],
+    vouching: Mapping[str, str],
     pushing: set[str],
     drains: Mapping[str, Drain],
     guards: Guards,
@@ -148,6 +170,7 @@ def _plan_group(
 ) -> _GroupPlan:
     live = {t.ip: t for t in group.targets if t.port == group.port and _is_ip(t.ip)}
     registered = {ip for ip, t in live.items() if t.registered}
+    serving = in_service(vouching, live.values(), group.port)
 
     def act(kind: Kind, ip: str, reason: str, held_by: Guard | None = None) -> Action:
         node = by_ip.get(ip)
@@ -165,7 +188,9 @@ def _plan_group(
     actions: list[Action] = []
     # Register eagerly, but only what is (or is about to be) verified.
     for ip in sorted(set(by_ip) - registered - set(drains)):
-        why = "draining target re-registered" if ip in live else "login node not registered"
+        why = (
+            f"{live[ip].state} target re-registered" if ip in live else "login node not registered"
+        )
         if roles[ip] is Role.SERVE:
             actions.append(act(Kind.REGISTER, ip, why))
         elif roles[ip] in (Role.IN_PLACE, Role.REPAIR) and ip in pushing:
@@ -173,15 +198,19 @@ def _plan_group(
 
     ledger = Ledger(
         guards,
-        registered=len(registered),
+        serving=len(serving),
         base=memory.start_registered.get(group.arn, len(registered)),
         spent=memory.spent.get(group.arn, 0),
     )
+
+    def take(ip: str, *, forced: bool = False) -> Guard | None:
+        return ledger.take(in_service=ip in serving, forced=forced)
+
     # Wrong identity first: it is serving users a host key they were not told about, right now.
     for ip in sorted(registered & set(by_ip)):
         if roles[ip] not in (Role.REPAIR, Role.HOLD, Role.LEAVE):
             continue
-        held = ledger.take(forced=ip in drains and drains[ip].force)
+        held = take(ip, forced=ip in drains and drains[ip].force)
         node = by_ip[ip]
         reason = f"{node.label()}: {leave_reason(judgements[ip], roles[ip])}"
         actions.append(act(Kind.DEREGISTER, ip, reason, held))
@@ -191,9 +220,11 @@ def _plan_group(
     for ip in sorted(registered & set(drains)):
         if roles[ip] in (Role.REPAIR, Role.HOLD, Role.LEAVE):
             continue  # already leaving above, for its identity
+        if vouching[ip] == KeyState.PENDING.value:
+            continue  # whether it is in service is known once its probe is back: the guards wait
         drain = drains[ip]
         reason = f"{by_ip[ip].label()}: drained by an admin: {drain.reason}"
-        actions.append(act(Kind.DEREGISTER, ip, reason, ledger.take(forced=drain.force)))
+        actions.append(act(Kind.DEREGISTER, ip, reason, take(ip, forced=drain.force)))
 
     ours = frozenset(memory.registered_by_us.get(group.arn, ()))
     strays = sorted(registered - set(by_ip))
@@ -201,11 +232,29 @@ def _plan_group(
     managed = [ip for ip in strays if guards.prune or ip in ours]
     absent = _absences(managed, memory.absent.get(group.arn, {}), memory.last_instance, now)
     listed_at = {n.instance_id: n.ip for n in by_ip.values()}
-    # An instance now listed at another IP: its old IP is stale for certain, no need to wait.
-    moved = {ip for ip, a in absent.items() if listed_at.get(a.instance_id, ip) != ip}
+    actions += _plan_absent(absent, listed_at, serving, guards, now, act, take)
+    return _GroupPlan(actions, absent, unmanaged)
+
+
+def _plan_absent(
+    absent: Mapping[str, Absence],
+    listed_at: Mapping[str, str],
+    serving: set[str],
+    guards: Guards,
+    now: float,
+    act: Callable[[Kind, str, str, Guard | None], Action],
+    take: Callable[[str], Guard | None],
+) -> list[Action]:
+    """The targets no login node accounts for: each goes once its absence has lasted (passes and
+    time), or at once if its instance is in service at a new IP."""
+    actions: list[Action] = []
+    moved_to = {ip: listed_at.get(a.instance_id, ip) for ip, a in absent.items()}
+    # An instance in service at a new IP: its old IP is stale for certain, no need to wait. One
+    # not in service there (a bad read, a new IP that does not verify) waits like any absence.
+    moved = {ip for ip, new in moved_to.items() if new != ip and new in serving}
     for ip in sorted(moved):
-        reason = f"instance {absent[ip].instance_id} moved to {listed_at[absent[ip].instance_id]}"
-        actions.append(act(Kind.DEREGISTER, ip, reason, ledger.take()))
+        reason = f"instance {absent[ip].instance_id} moved to {moved_to[ip]}, in service there"
+        actions.append(act(Kind.DEREGISTER, ip, reason, take(ip)))
     need = guards.absent_passes_before_deregister
     for ip, record in absent.items():
         if ip in moved:
@@ -214,9 +263,26 @@ def _plan_group(
         reason = f"not in the resource config for {record.passes}/{need} passes"
         if guards.min_absent_seconds:
             reason += f" and {waited:.0f}/{guards.min_absent_seconds:.0f} s"
+        if moved_to[ip] != ip:
+            reason += f" (instance {record.instance_id} listed at {moved_to[ip]}, not in service)"
         early = record.passes < need or waited < guards.min_absent_seconds
-        actions.append(act(Kind.DEREGISTER, ip, reason, Guard.ABSENCE if early else ledger.take()))
-    return _GroupPlan(actions, absent, unmanaged)
+        actions.append(act(Kind.DEREGISTER, ip, reason, Guard.ABSENCE if early else take(ip)))
+    return actions
+
+
+def _failing(nodes: Sequence[LoginNode], groups: Sequence[GroupView]) -> list[Waiting]:
+    """Login nodes whose target was leaving and failing its health checks as the pass read the
+    group: registered again, but not in service until the NLB says they pass."""
+    return [
+        Waiting(
+            node,
+            f"its target in {target_group_name(g.arn)} was {g.failing[node.ip]} as the pass read "
+            "it: registered again; in service once the NLB's health checks pass",
+        )
+        for g in groups
+        for node in nodes
+        if node.ip in g.failing
+    ]
 
 
 def _absences(

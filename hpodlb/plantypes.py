@@ -48,6 +48,10 @@ class GroupView:
     port: int
     targets: tuple[Target, ...]
     problem: str = ""
+    # Targets AWS reported leaving *and* failing their health checks (`unhealthy.draining`) when
+    # the pass read the group, ip -> state: registering them again cannot make them pass the
+    # checks, so the pass waits on them (not converged) even after it has.
+    failing: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,10 @@ class Memory:
     absent: Mapping[str, Mapping[str, Absence]] = field(default_factory=dict)  # arn -> ip ->
     registered_by_us: Mapping[str, Iterable[str]] = field(default_factory=dict)
     last_instance: Mapping[str, str] = field(default_factory=dict)  # ip -> instance last seen
-    start_registered: Mapping[str, int] = field(default_factory=dict)  # fraction base, by arn
-    spent: Mapping[str, int] = field(default_factory=dict)  # deregistrations applied this pass
+    # max_deregister_fraction's window, by arn: the targets registered as it began, and the
+    # deregistrations applied within it (earlier passes' and this one's).
+    start_registered: Mapping[str, int] = field(default_factory=dict)
+    spent: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ a state or known_hosts that cannot be written is the pass's error, never a crash
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from hpodlb import health
 from hpodlb.config import target_group_name
 from hpodlb.context import Known, PassContext, log
 from hpodlb.files import UntrustedPathError, make_trusted_dir, os_reason, write_atomically
+from hpodlb.guards import guards_of, recent
 from hpodlb.identity import KeyState
 from hpodlb.intentmodel import Intents
 from hpodlb.intents import IntentsError, update_intents
@@ -162,14 +164,30 @@ def remember(ctx: PassContext, known: Known, final: Plan, groups: Sequence[Targe
             ip: AbsenceRecord(passes=a.passes, since=a.since, instance_id=a.instance_id)
             for ip, a in final.absent.get(arn, {}).items()
         }
+    _remember_departures(ctx)
     configured = {g.arn for g in groups}
-    for table in (s.registered_by_us, s.absent, s.targets, s.target_errors):
+    for table in (s.registered_by_us, s.absent, s.targets, s.target_errors, s.departures):
         for arn in [a for a in table if a not in configured]:
             del table[arn]
     _remember_nodes(ctx, known, final)
     s.boot_id = ctx.boot_id
     if known.keyset:  # none with host keys off
         _write_known_hosts(ctx, known)
+
+
+def _remember_departures(ctx: PassContext) -> None:
+    """This pass's deregistrations, stamped with its start, beside those of earlier passes still
+    inside max_deregister_fraction's window (`guards.recent`): the next pass, however soon it
+    comes and whoever runs it, spends the same budget."""
+    guards = guards_of(ctx.config.reconcile)
+    s = ctx.state
+    left = Counter(a.target_group for a in ctx.outcome.applied if a.kind is Kind.DEREGISTER)
+    for arn in set(s.departures) | set(left):
+        kept = recent(s.departures.get(arn, []), ctx.now, guards) + [ctx.now] * left[arn]
+        if kept:
+            s.departures[arn] = kept
+        else:
+            s.departures.pop(arn, None)
 
 
 def _remember_health(ctx: PassContext, known: Known, groups: Sequence[TargetGroup]) -> None:
@@ -334,10 +352,14 @@ def rebase(state: State, boot_id: str, now: float) -> None:
         for targets in state.targets.values():
             for target in targets:
                 target.since_mono = now
+        for arn, times in state.departures.items():  # still spent: the window starts again
+            state.departures[arn] = [now] * len(times)
         for node in state.nodes.values():
             node.verified_mono = None
             node.retry_mono, node.retry_at = None, None
         state.boot_id = boot_id
+    for arn, times in state.departures.items():  # none from the future: each window ends
+        state.departures[arn] = [min(t, now) for t in times]
     for node in state.nodes.values():
         if node.retry_mono is not None and node.retry_mono > now + BACKOFF_MAX_SECONDS:
             node.retry_mono = now + BACKOFF_MAX_SECONDS

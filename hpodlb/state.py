@@ -92,6 +92,10 @@ class State(BaseModel):
     boot_id: str = ""  # the boot the monotonic times belong to
     absent: dict[str, dict[str, AbsenceRecord]] = {}
     registered_by_us: dict[str, list[str]] = {}
+    # Monotonic times (each pass's start) of the deregistrations still inside
+    # max_deregister_fraction's window, by target group ARN: kept here so that the window
+    # outlives the pass, and a restart (`guards.py`).
+    departures: dict[str, list[float]] = {}
     nodes: dict[str, NodeRecord] = {}
     targets: dict[str, list[TargetRecord]] = {}
     target_errors: dict[str, str] = {}

@@ -232,12 +232,13 @@ def test_status_shows_health_with_reason_and_live_asks_aws_now(
     assert load_state(load_config(cfg, {}).state.dir)[0] == before  # --live wrote nothing
 
 
-def test_unhealthy_draining_stays_registered_and_checks_off_counts_as_serving(
+def test_unhealthy_draining_is_registered_again_and_never_converged_and_checks_off_serves(
     elb: Any, write_config: Callable[..., Path]
 ) -> None:
-    """`unhealthy.draining` is a registered target failing its checks (not one leaving): no pass
-    registers it again, and it is reported; `unavailable` because health checks are off is how
-    AWS says it sends to every target: serving, never "unhealthy too long"."""
+    """`unhealthy.draining` is a target leaving the group while failing its checks (issue 23,
+    item 7): each pass registers the login node again, counts it out of service, and does not
+    converge, naming it; `unavailable` because health checks are off is how AWS says it sends
+    to every target: serving, never "unhealthy too long", nothing done to it."""
     rec, clock, arn = reconciler(elb, write_config)
     state = State()
     rec.run_pass(state, apply=True)
@@ -250,8 +251,11 @@ def test_unhealthy_draining_stays_registered_and_checks_off_counts_as_serving(
         for _ in range(3):
             clock.advance(31)
             outcome = rec.run_pass(state, apply=True)
-            assert outcome.applied == []
-    assert [line.split()[0] for line in outcome.unhealthy] == [NODES[0]]
+            assert [(a.kind.value, a.ip) for a in outcome.applied] == [("register", NODES[0])]
+            assert not outcome.converged
+            assert state.last_pass is not None and not state.last_pass.ok
+            (waiting,) = state.last_pass.waiting
+            assert waiting.startswith(NODES[0]) and "was unhealthy.draining" in waiting
     assert (
         health.headline(state, [arn])
         == "2/3 login nodes healthy (1 more registered, not healthy yet)"

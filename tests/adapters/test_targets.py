@@ -303,7 +303,8 @@ def test_the_group_is_checked_at_start_and_every_ten_minutes_not_every_pass(
 def test_an_instance_that_moved_to_a_new_ip_leaves_its_old_ip_in_the_same_pass(
     elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]], cluster_dir: Path
 ) -> None:
-    """Same InstanceId at a new IP: the old IP's target goes now, without the absence wait."""
+    """Same InstanceId at a new IP: once the new IP is registered (in service: host keys are off
+    here), the old IP's target goes in the same pass, without the absence wait."""
     rec, arn = reconciler_for()
     state = State()
     rec.run_pass(state, apply=True)
@@ -316,4 +317,4 @@ def test_an_instance_that_moved_to_a_new_ip_leaves_its_old_ip_in_the_same_pass(
     assert old_ip not in ips_in(elb, arn)
     assert "10.1.71.99" in ips_in(elb, arn)
     (gone,) = [a for a in outcome.applied if a.kind is Kind.DEREGISTER]
-    assert gone.reason == f"instance {moved['InstanceId']} moved to 10.1.71.99"
+    assert gone.reason == f"instance {moved['InstanceId']} moved to 10.1.71.99, in service there"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +20,13 @@ from hpodlb.cli import main
 from hpodlb.intents import intents_path, load_intents
 from hpodlb.planner import Kind
 from hpodlb.report import status_text
+from sim.aws import nlb_health
 from sim.env import SimEnv
 from sim.nodes import SIM_USER, SimNode
-from tests.support.lab import canonical, nodes
+from tests.support.daemon import Daemon, spawn_daemon, stop_daemons
+from tests.support.lab import canonical, nodes, run_pass_later
+
+FAILING = ("unhealthy", "Target.FailedHealthChecks", "Health checks failed")
 
 pytestmark = pytest.mark.sshd
 
@@ -178,7 +183,7 @@ def test_drain_wait_reports_rotation_and_sessions_until_out_and_empty(
         # No pass since the drain (no daemon): the node is still in rotation, whatever its sessions.
         assert cli(env, "drain", a, "--wait", "1") == 1
         out = capsys.readouterr().out
-        assert "waiting for the daemon's next pass" in out and "2 sessions open" in out
+        assert "no pass since the drain: no hpodlb daemon runs" in out and "2 sessions open" in out
         assert "not yet both out of rotation and empty after 1s" in out
 
         codes: list[int] = []
@@ -257,7 +262,7 @@ def test_drain_below_min_in_service_is_refused_unless_forced(
     (a,) = converged(env, 1)
     assert cli(env, "drain", a) == 1
     err = capsys.readouterr().err
-    assert "would leave 0 registered targets" in err and "min_in_service = 1" in err
+    assert "would leave 0 login nodes in service" in err and "min_in_service = 1" in err
     assert "--force" in err
     assert load_intents(env.state_dir).drain == {}
     assert env.run_pass().converged and env.registered() == {a}
@@ -295,7 +300,7 @@ def test_the_guard_check_counts_drains_no_pass_has_applied_yet(
     a, b = converged(env, 2)
     assert cli(env, "drain", a) == 0
     assert cli(env, "drain", b) == 1  # a is not out yet, but it will be: b would be the last
-    assert "would leave 0 registered targets" in capsys.readouterr().err
+    assert "would leave 0 login nodes in service" in capsys.readouterr().err
     env.write_config(reconcile={"max_deregister_fraction": 0.4})
     assert cli(env, "undrain", a) == 0
     assert cli(env, "drain", a) == 1  # 0.4 x 2 registered: nothing may leave in a pass
@@ -545,3 +550,120 @@ def test_ctrl_c_during_wait_keeps_the_drain_and_says_so(env: SimEnv) -> None:
     assert proc.returncode == 130, (out, err)
     assert f"interrupted: {a} stays drained" in out and "Traceback" not in err, (out, err)
     assert a in load_intents(env.state_dir).drain
+
+
+# -- issue 23: one "in service", and messages that say what is true -----------------------------
+
+
+def hpodlb(env: SimEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `hpodlb` command, as an admin types it on the head node."""
+    return subprocess.run(
+        [sys.executable, "-m", "hpodlb", "--config", str(env.config_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("other", ["gone from the resource config", "unhealthy", "added by hand"])
+def test_draining_the_last_node_in_service_is_refused_whatever_else_is_registered(
+    env: SimEnv, other: str
+) -> None:
+    """Nodes A and B registered, B not in service (left the resource config and still inside the
+    absence window, failing its health checks, or a target added by hand): `drain A` would
+    leave no login node in service, so it is refused, saying how many are in service and why B
+    is not; nothing is recorded."""
+    if other == "added by hand":
+        (a,) = converged(env, 1)
+        b = env.cluster.ip(50)
+        env.aws.client("elbv2").register_targets(
+            TargetGroupArn=env.arn, Targets=[{"Id": b, "Port": env.tg_port}]
+        )
+    else:
+        a, b = converged(env, 2)
+    if other == "gone from the resource config":
+        env.list_nodes([a])
+    with nlb_health({b: FAILING} if other == "unhealthy" else {}):
+        env.run_pass()
+    assert env.registered() == {a, b}
+
+    done = hpodlb(env, "drain", a)
+    assert done.returncode == 1, done.stdout
+    (line,) = done.stderr.splitlines()
+    assert f"draining {a} would leave 0 login nodes in service" in line, line
+    assert "min_in_service = 1" in line and f"in service now: {a};" in line
+    why = {"unhealthy": "unhealthy"}.get(other, "not a login node of the resource config")
+    assert f"registered but not in service: {b} ({why})" in line and "--force" in line
+    assert load_intents(env.state_dir).drain == {}
+
+
+def test_a_forced_drain_of_the_last_node_says_so_and_the_dead_target_waits_for_a_live_one(
+    env: SimEnv,
+) -> None:
+    """The A+B case of issue 23 end to end: with --force, A's drain is recorded and its users are
+    told no other login node is in service (not "the other login nodes"); A leaves; B, gone from
+    the resource config, is held by min_in_service (nothing is in service) instead of emptying
+    the group; after `undrain A`, A is back and B leaves."""
+    a, b = converged(env, 2)
+    env.list_nodes([a])
+    env.run_pass()
+    node = env.cluster.nodes[a]
+    with sessions(env, node, 1) as held:
+        done = hpodlb(env, "drain", a, "--force", "--reason", "bios")
+        assert done.returncode == 0, done.stderr
+        assert "past the guards (--force)" in done.stdout
+        assert "No other login node is in service now" in done.stdout
+        assert "go to the other login nodes" not in done.stdout
+        (told,) = held.output()
+    assert b"Nootherloginnodeisinservicenow" in told and b"gototheother" not in told
+
+    outcome = run_pass_later(env, 60)  # past the absence window of B
+    assert (Kind.DEREGISTER, a) in [(x.kind, x.ip) for x in outcome.applied]
+    assert env.registered() == {b}
+    (held_b,) = env.state().last_pass.held  # type: ignore[union-attr]
+    assert held_b.startswith(f"deregister {b}") and "held by min_in_service" in held_b
+
+    assert hpodlb(env, "undrain", a).returncode == 0
+    run_pass_later(env, 120)  # A joins (B's leave was budgeted on the group as the pass began)
+    run_pass_later(env, 180)
+    assert env.registered() == {a}
+
+
+def test_drain_says_what_is_true_with_and_without_a_daemon(env: SimEnv, tmp_path: Path) -> None:
+    """No daemon holds the lock: `drain` says nothing changes until a pass runs (no "within a
+    second"). Host keys off and a daemon running: it names the daemon's pid, says the node's
+    host keys are not kept in step, and the daemon takes the node out; once the window's
+    deregistration budget is spent, a drain says it waits for the window to end."""
+    a, b, c, _ = converged(env, 4)
+    alone = hpodlb(env, "drain", a)
+    assert alone.returncode == 0, alone.stderr
+    assert "no hpodlb daemon runs on this head (nothing holds" in alone.stdout, alone.stdout
+    assert "nothing changes until a pass runs" in alone.stdout
+    assert "within a second" not in alone.stdout
+    assert "each pass still keeps its host keys in step" in alone.stdout
+    assert "Its users were told (wall): New logins go to the other login nodes" in alone.stdout
+
+    env.write_config(host_keys={"enabled": False}, reconcile={"interval_seconds": 300})
+    started: list[Daemon] = []
+    try:
+        daemon = spawn_daemon(tmp_path, started, env.config_path, dict(os.environ))
+        daemon.wait_event("pass_finished", timeout=60)  # a leaves: 1 of the window's 2
+        done = hpodlb(env, "drain", b)
+        assert done.returncode == 0, done.stderr
+        assert f"the daemon (pid {daemon.proc.pid}) applies it at its next pass" in done.stdout
+        assert "its host keys are not kept in step" in done.stdout
+        assert "keeps its host keys in step" not in done.stdout
+        deadline = time.monotonic() + 30
+        while b in env.registered():
+            assert time.monotonic() < deadline, daemon.log.read_text()[-2000:]
+            time.sleep(0.1)
+        daemon.wait_event("pass_finished", timeout=30, count=2)
+        spent = hpodlb(env, "drain", c)
+        assert spent.returncode == 0, spent.stderr
+        assert "note: 2 targets left" in spent.stdout, spent.stdout
+        assert "it leaves at the first pass after that" in spent.stdout
+        held = daemon.wait_event("held_back", timeout=30)
+        assert (held["ip"], held["guard"]) == (c, "max_deregister_fraction")
+    finally:
+        stop_daemons(started)

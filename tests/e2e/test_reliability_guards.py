@@ -6,10 +6,12 @@ target in a batch, and the number of AWS attempts docs/reference.md promises.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,11 +20,13 @@ from typing import Any
 import boto3
 import pytest
 
+from hpodlb.guards import WINDOW_SLACK
 from hpodlb.state import load_state
 from hpodlb.targets import TargetGroup, TargetsError, boto_config
 from sim.aws import FakeAws, moto_server
 from sim.env import SimEnv
 from sim.faultproxy import FaultPlan, fault_proxy
+from tests.support.daemon import Daemon, spawn_daemon, stop_daemons
 from tests.support.data import FIGURES
 from tests.support.lab import nodes
 
@@ -211,3 +215,117 @@ def test_aws_calls_are_tried_as_often_as_documented(
             TargetGroup(client, arn, 22).observe()
     assert plan.requests == attempts
     FIGURES[f"AWS attempts per failing call ({setting or 'default'})"] = str(plan.requests)
+
+
+def at(event: dict[str, Any]) -> float:
+    """An event's own timestamp (the daemon's or the command's clock), as epoch seconds."""
+    return dt.datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+def events(done: subprocess.CompletedProcess[str], *names: str) -> list[dict[str, Any]]:
+    """The JSON events of a finished `hpodlb` process, of these names, in order."""
+    found = [json.loads(x) for x in done.stderr.splitlines() if x.startswith("{")]
+    return [e for e in found if e["event"] in names]
+
+
+@pytest.mark.sshd
+def test_one_read_listing_instances_at_other_ips_moves_no_target(sim_env: SimEnv) -> None:
+    """A resource config that, for one read, lists 2 of 4 known instances at IPs where nothing
+    answers: no target is written (their old IPs wait, as absent ones do, for the new ones to be
+    in service); its flap back, no write either. A real move (a node answering at the new IP)
+    frees the old IP in the same pass, once the new one is verified and registered."""
+    from sim.demo import resource_config
+
+    env = sim_env
+    ips = nodes(env, 4)
+    assert hpodlb(env.config_path, "once").returncode == 0
+    instances = {ip: env.cluster.nodes[ip].instance_id for ip in ips}
+    odd = {env.cluster.ip(60): instances[ips[0]], env.cluster.ip(61): instances[ips[1]]}
+    odd |= {ip: instances[ip] for ip in ips[2:]}
+    env.rc.write_text(json.dumps(resource_config(odd)))
+    read = hpodlb(env.config_path, "once")
+    assert read.returncode == 1, read.stderr[-3000:]  # the new IPs do not verify: not converged
+    assert events(read, "registered", "deregistered") == []
+    held = events(read, "held_back")
+    assert {e["ip"] for e in held} == set(ips[:2])
+    assert all(e["guard"] == "absent_passes_before_deregister" for e in held)
+    assert targets(env.aws, env.arn) == set(ips)
+    env.list_nodes(ips)  # the flap back
+    back = hpodlb(env.config_path, "once")
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert events(back, "registered", "deregistered") == []
+    assert targets(env.aws, env.arn) == set(ips)
+
+    new = env.cluster.ip(62)
+    env.cluster.add_node(new, instances[ips[3]])  # HyperPod moved it: it answers at the new IP
+    moved = {ip: instances[ip] for ip in ips[:3]} | {new: instances[ips[3]]}
+    env.rc.write_text(json.dumps(resource_config(moved)))
+    done = hpodlb(env.config_path, "once")
+    assert done.returncode == 0, done.stderr[-3000:]
+    writes = [(e["event"], e["ip"]) for e in events(done, "registered", "deregistered")]
+    assert writes == [("registered", new), ("deregistered", ips[3])]
+    assert targets(env.aws, env.arn) == {*ips[:3], new}
+    FIGURES["known instances listed at other IPs for one read"] = (
+        "0 writes on the read and 0 on its flap back; a real move: old IP freed in the same pass, "
+        "after the new one registered"
+    )
+
+
+def test_the_fraction_is_a_budget_per_interval_whatever_triggers_the_passes(
+    aws: FakeAws, write_config: Callable[..., Path], cluster_dir: Path, tmp_path: Path
+) -> None:
+    """8 targets, 7 of which no login node accounts for, and a resource config rewritten every
+    second (a pass each time, by the real daemon): 4 leave in the first interval, whatever
+    the number of passes; a restart (`hpodlb once` after the daemon) within it deregisters
+    nothing; the next interval lets 2 more go."""
+    from sim.demo import resource_config
+
+    arn = aws.create_login_nlb(name=f"t{uuid.uuid4().hex[:12]}")
+    interval = 20
+    config = write_config(
+        [{"arn": arn, "port": 22}],
+        reconcile={
+            "interval_seconds": interval,
+            "absent_passes_before_deregister": 1,
+            "max_deregister_fraction": 0.5,
+        },
+    )
+    rc = cluster_dir / "resource_config.json"
+    text = json.dumps(resource_config({"10.1.71.12": "i-0a1b2c3d4e5f60011"}))
+    rc.write_text(text)
+    strays = [f"10.1.80.{n}" for n in range(1, 8)]
+    aws.client("elbv2").register_targets(
+        TargetGroupArn=arn, Targets=[{"Id": ip, "Port": 22} for ip in ["10.1.71.12", *strays]]
+    )
+    assert len(targets(aws, arn)) == 8
+    started: list[Daemon] = []
+    try:
+        daemon = spawn_daemon(tmp_path, started, config, dict(os.environ))
+        daemon.wait_event("pass_finished", timeout=60)
+        for _ in range(6):  # a rewrite every second (the daemon lets it settle for half of one)
+            time.sleep(1.0)
+            rc.write_text(text)
+        daemon.wait_event("pass_finished", timeout=30, count=5)
+        left = daemon.events_named("deregistered")
+        passes = daemon.events_named("pass_finished")
+    finally:
+        stop_daemons(started)
+    # The daemon's own stamps: what happened within the first window, whatever came after.
+    window_end = at(left[0]) + interval * (1 - WINDOW_SLACK)
+    assert len([e for e in left if at(e) < window_end]) == 4, [e["ip"] for e in left]
+    passes_within = len([e for e in passes if at(e) < window_end])
+    assert passes_within >= 5
+    restarted = hpodlb(config, "once")
+    assert time.time() < window_end  # still within it, as the next assertions need
+    assert restarted.returncode == 1  # held back, and says by what
+    assert events(restarted, "deregistered") == []
+    assert {e["guard"] for e in events(restarted, "held_back")} == {"max_deregister_fraction"}
+    time.sleep(max(0.0, at(left[-1]) + interval - time.time()))  # the window ends
+    later = hpodlb(config, "once")
+    assert len(events(later, "deregistered")) == 2  # half of the 4 as this window began
+    assert len(targets(aws, arn)) == 2
+    FIGURES["max_deregister_fraction per interval, resource config rewritten every second"] = (
+        f"8 targets: 4 left in the first {interval} s over {passes_within} daemon passes and a "
+        "restart; "
+        "2 more in the next interval"
+    )

@@ -6,6 +6,7 @@ import base64
 
 import pytest
 
+from hpodlb.guards import in_service, out_of_service, recent
 from hpodlb.identity import KeyState
 from hpodlb.inventory import LoginNode
 from hpodlb.planner import (
@@ -160,15 +161,19 @@ def test_budget_spent_earlier_in_the_pass_counts() -> None:
 
 
 def test_min_in_service_keeps_the_last_targets() -> None:
-    """An empty login group never empties the target group below min_in_service."""
-    plan = plan_pass(
-        [],
-        [view("10.1.0.1", "10.1.0.2")],
-        OFF,
-        Guards(max_deregister_fraction=1.0, absent_passes_before_deregister=1, min_in_service=1),
+    """An empty login group never empties the target group below min_in_service: with no login
+    node in service, nothing leaves at all; with one, every other target may."""
+    guards = Guards(
+        max_deregister_fraction=1.0, absent_passes_before_deregister=1, min_in_service=1
     )
-    assert [a.ip for a in plan.runnable(Kind.DEREGISTER)] == ["10.1.0.1"]
-    assert [(a.ip, a.held_by) for a in plan.held()] == [("10.1.0.2", Guard.MIN_IN_SERVICE)]
+    plan = plan_pass([], [view("10.1.0.1", "10.1.0.2")], OFF, guards)
+    assert plan.runnable(Kind.DEREGISTER) == ()
+    assert {(a.ip, a.held_by) for a in plan.held()} == {
+        ("10.1.0.1", Guard.MIN_IN_SERVICE),
+        ("10.1.0.2", Guard.MIN_IN_SERVICE),
+    }
+    kept = plan_pass([node("10.1.0.3")], [view("10.1.0.1", "10.1.0.2", "10.1.0.3")], OFF, guards)
+    assert {a.ip for a in kept.runnable(Kind.DEREGISTER)} == {"10.1.0.1", "10.1.0.2"}
 
 
 def test_min_in_service_zero_allows_emptying_when_fraction_allows() -> None:
@@ -252,18 +257,44 @@ def test_draining_target_is_registered_again() -> None:
     assert "draining" in plan.actions[0].reason
 
 
-def test_an_instance_that_moved_to_a_new_ip_leaves_its_old_ip_at_once() -> None:
-    """Same InstanceId at a new IP: the new IP joins and the old one leaves in the same pass."""
-    moved = node("10.1.0.5", "i-same")
-    other = node("10.1.0.2")
-    current = [view("10.1.0.1", "10.1.0.2", "10.1.0.3")]
+def test_a_moved_instance_frees_its_old_ip_once_it_is_in_service_at_the_new_one() -> None:
+    """Same InstanceId at a new IP: the old IP leaves without waiting for the absence guard only
+    once the new IP is registered and verified (in service); one odd read (the new IP not in
+    service) changes nothing but the absence count."""
+    moved, other, third = node("10.1.0.5", "i-same"), node("10.1.0.2"), node("10.1.0.3")
     memory = Memory(last_instance={"10.1.0.1": "i-same"})
-    plan = plan_pass([moved, other, node("10.1.0.3")], current, OFF, Guards(), memory)
-    assert summary(plan) == {("register", "10.1.0.5", None), ("deregister", "10.1.0.1", None)}
-    assert "instance i-same moved to 10.1.0.5" in plan.runnable(Kind.DEREGISTER)[0].reason
+    before = [view("10.1.0.1", "10.1.0.2", "10.1.0.3")]
+    plan = plan_pass([moved, other, third], before, OFF, Guards(), memory)
+    assert summary(plan) == {
+        ("register", "10.1.0.5", None),
+        ("deregister", "10.1.0.1", Guard.ABSENCE.value),
+    }
+    assert "instance i-same listed at 10.1.0.5, not in service" in plan.held()[0].reason
+    # Once the new IP is in (the pass registers it, then plans again): the old one leaves.
+    joined = [view("10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.5")]
+    plan = plan_pass([moved, other, third], joined, OFF, Guards(), memory)
+    assert summary(plan) == {("deregister", "10.1.0.1", None)}
+    assert "instance i-same moved to 10.1.0.5, in service there" in plan.actions[0].reason
     # Still within the guards: with a budget of 0 it is held like any deregistration.
-    held = plan_pass([moved, other], current, OFF, Guards(max_deregister_fraction=0.0), memory)
+    held = plan_pass([moved, other], joined, OFF, Guards(max_deregister_fraction=0.0), memory)
     assert ("deregister", "10.1.0.1", Guard.FRACTION.value) in summary(held)
+
+
+def test_a_new_ip_that_does_not_verify_never_frees_the_old_one_early() -> None:
+    """Host keys on: a known instance listed at an IP where nothing answers (a bad read) is not
+    in service there, so its old IP stays until the absence guard lets it go, as any absent
+    target's."""
+    moved = node("10.1.0.5", "i-same")
+    others = [node("10.1.0.2"), node("10.1.0.3")]
+    probes = {moved.ip: Probe(error="connect: refused")} | {n.ip: sees(CANON) for n in others}
+    keys = facts(probes, {n.ip: n.instance_id for n in others})
+    groups = [view("10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.5")]  # registered, unverified
+    memory = Memory(last_instance={"10.1.0.1": "i-same"})
+    plan = plan_pass([moved, *others], groups, keys, Guards(), memory)
+    assert ("deregister", "10.1.0.1", Guard.ABSENCE.value) in summary(plan)
+    later = Memory(last_instance=memory.last_instance, absent=plan.absent)
+    plan = plan_pass([moved, *others], groups, keys, Guards(), later)
+    assert ("deregister", "10.1.0.1", None) in summary(plan)  # 2/2 passes: an absence like any
 
 
 def test_an_ip_whose_instance_is_not_listed_waits_for_the_absence_guard() -> None:
@@ -296,15 +327,15 @@ def test_zero_nodes_and_empty_group_is_settled() -> None:
 
 
 def test_a_thousand_nodes_are_planned_in_one_pass() -> None:
-    """1,000 new nodes (NLB's per-group limit) are all registered; 1,000 absent ones are capped."""
+    """1,000 new nodes (NLB's per-group limit) are all registered; 999 absent ones are capped."""
     nodes = [node(f"10.2.{i // 250}.{i % 250 + 1}") for i in range(1000)]
     plan = plan_pass(nodes, [view()], OFF, Guards())
     assert len(plan.runnable(Kind.REGISTER)) == 1000
     gone = plan_pass(
-        [], [view(*(n.ip for n in nodes))], OFF, Guards(absent_passes_before_deregister=1)
+        nodes[:1], [view(*(n.ip for n in nodes))], OFF, Guards(absent_passes_before_deregister=1)
     )
     assert len(gone.runnable(Kind.DEREGISTER)) == 500
-    assert len(gone.held()) == 500
+    assert len(gone.held()) == 499
 
 
 # -- host keys ---------------------------------------------------------------------------------
@@ -597,3 +628,89 @@ def test_a_forced_drain_of_a_node_leaving_for_its_identity_passes_the_guards_too
         forced = plan_pass([a], [view(a.ip)], keys, guards, drained={a.ip: Drain("x", force=True)})
         assert ("deregister", a.ip, None) in summary(forced)
         assert ("register", a.ip, None) not in summary(forced)
+
+
+# -- in service: one definition for every guard -------------------------------------------------
+
+
+def test_in_service_is_a_verified_login_node_registered_and_up() -> None:
+    """A login node of the resource config, keys vouched for, registered and neither unhealthy,
+    unused nor draining (`*.draining` included): nothing else is in service."""
+    states = {
+        "10.1.0.1": "healthy",
+        "10.1.0.2": "initial",  # just registered: in service until its checks say otherwise
+        "10.1.0.3": "unhealthy",
+        "10.1.0.4": "unhealthy.draining",
+        "10.1.0.5": "draining",
+        "10.1.0.6": "unused",
+        "10.1.0.7": "healthy",  # its keys are not verified
+        "10.1.0.8": "healthy",  # during a rotation: the previous canonical set
+        "10.1.0.9": "healthy",  # not a login node of the resource config
+    }
+    targets = [Target(ip, 22, state) for ip, state in states.items()]
+    keys = dict.fromkeys(list(states)[:6], KeyState.IN_SYNC.value)
+    keys |= {"10.1.0.7": KeyState.UNREACHABLE.value, "10.1.0.8": KeyState.ROTATING.value}
+    assert in_service(keys, targets, 22) == {"10.1.0.1", "10.1.0.2", "10.1.0.8"}
+    assert in_service(keys, targets, 2222) == set()
+    assert out_of_service(keys, targets[3]) == "unhealthy.draining"
+    assert out_of_service(keys, targets[6]) == "host keys unreachable"
+    assert out_of_service(keys, targets[8]) == "not a login node of the resource config"
+
+
+def test_a_drain_that_would_leave_no_node_in_service_is_held_whatever_else_is_registered() -> None:
+    """A and B registered, B gone from the resource config, a hand-added target, an unhealthy
+    node: draining A would leave none in service, so it is held by min_in_service (a count of
+    registered targets would have let it go)."""
+    a, c = node("10.1.0.1"), node("10.1.0.3")
+    group = GroupView(
+        TG,
+        22,
+        (
+            Target(a.ip, 22, "healthy"),
+            Target("10.1.0.2", 22, "healthy"),  # B: no longer in the resource config
+            Target(c.ip, 22, "unhealthy"),
+            Target("10.1.0.9", 22, "healthy"),  # added by hand
+        ),
+    )
+    guards = Guards(max_deregister_fraction=1.0, min_in_service=1)
+    plan = plan_pass([a, c], [group], OFF, guards, drained={a.ip: Drain("kernel")})
+    assert ("deregister", a.ip, Guard.MIN_IN_SERVICE.value) in summary(plan)
+    forced = plan_pass([a, c], [group], OFF, guards, drained={a.ip: Drain("kernel", force=True)})
+    assert ("deregister", a.ip, None) in summary(forced)
+
+
+def test_an_unhealthy_draining_target_is_registered_again_and_keeps_the_pass_waiting() -> None:
+    """`unhealthy.draining` (any `*.draining`) is not registered: a desired node in that state is
+    registered again, is not counted in service, and the plan waits on it (not converged)."""
+    a, b = node("10.1.0.1"), node("10.1.0.2")
+    group = GroupView(
+        TG,
+        22,
+        (Target(a.ip, 22, "unhealthy.draining"), Target(b.ip, 22, "healthy")),
+        failing={a.ip: "unhealthy.draining"},
+    )
+    plan = plan_pass([a, b], [group], OFF, Guards(max_deregister_fraction=1.0))
+    assert summary(plan) == {("register", a.ip, None)}
+    assert "unhealthy.draining target re-registered" in plan.actions[0].reason
+    (waiting,) = plan.waiting
+    assert waiting.node == a and "was unhealthy.draining as the pass read it" in waiting.reason
+    assert not plan.settled
+    drain_b = plan_pass(
+        [a, b], [group], OFF, Guards(max_deregister_fraction=1.0), drained={b.ip: Drain("x")}
+    )
+    assert ("deregister", b.ip, Guard.MIN_IN_SERVICE.value) in summary(drain_b)
+
+
+def test_deregistrations_spent_earlier_in_the_window_count() -> None:
+    """The fraction is budgeted per window: what left within it, in earlier passes, is spent;
+    a deregistration older than the window is not."""
+    guards = Guards(max_deregister_fraction=0.5, fraction_window_seconds=27.0)
+    assert recent([100.0, 100.0, 80.0, 73.0], now=100.0, guards=guards) == [100.0, 100.0, 80.0]
+    assert recent([100.0], now=127.0, guards=guards) == []
+    # 8 registered as the window began, 4 left since (earlier passes): nothing more may leave.
+    ips = [f"10.1.0.{i}" for i in range(1, 5)]
+    keep = node("10.1.0.1")
+    spent = Memory(start_registered={TG: 8}, spent={TG: 4})
+    plan = plan_pass([keep], [view(*ips)], OFF, Guards(absent_passes_before_deregister=1), spent)
+    assert plan.runnable(Kind.DEREGISTER) == ()
+    assert {a.held_by for a in plan.held()} == {Guard.FRACTION}

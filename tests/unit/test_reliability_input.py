@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hpodlb.config import ConfigError, load_config
-from hpodlb.identity import KeyState
+from hpodlb.identity import KEYS_VOUCHED, KeyState
 from hpodlb.inventory import InventoryError, LoginNode, parse_login_nodes, read_login_nodes
 from hpodlb.keystore import KeyStore, KeyStoreError, generate
 from hpodlb.planner import (
@@ -219,16 +219,23 @@ def test_no_plan_breaks_a_guard_or_a_trust_rule(x: dict[str, Any]) -> None:
     assert set(leaving) <= set(ip_targets)
     assert len(ip_targets) - len(leaving) >= min(guards.min_in_service, len(ip_targets))
     assert len(leaving) <= math.floor(guards.max_deregister_fraction * len(ip_targets))
-    moved_from = {
-        ip for ip, iid in x["last_instance"].items() if iid in {n.instance_id for n in nodes}
+    # In service (a verified login node, registered, up): never below the floor, and nothing
+    # leaves while the group is below it already.
+    serving = {
+        ip for ip in ip_targets if ip in desired and plan.judgements[ip].state.value in KEYS_VOUCHED
     }
+    assert len(serving - set(leaving)) >= min(guards.min_in_service, len(serving))
+    assert len(serving) >= guards.min_in_service or not leaving
     for ip in leaving:
         if ip in desired:
             assert plan.judgements[ip].state is not KeyState.IN_SYNC
-        elif ip not in moved_from:
-            passes, since = x["absent"].get(ip, (0, now))
-            assert passes + 1 >= guards.absent_passes_before_deregister
-            assert now - since >= guards.min_absent_seconds
+            continue
+        moved_to = x["last_instance"].get(ip, "")[2:]  # `i-IP`: the node listed at that IP now
+        if moved_to in desired and moved_to != ip and moved_to in serving:
+            continue  # its instance is in service at its new IP: no need to wait
+        passes, since = x["absent"].get(ip, (0, now))
+        assert passes + 1 >= guards.absent_passes_before_deregister
+        assert now - since >= guards.min_absent_seconds
     pushes = {a.ip for a in plan.runnable(Kind.PUSH_KEYS)}
     for a in plan.runnable(Kind.REGISTER):
         state = plan.judgements[a.ip].state
