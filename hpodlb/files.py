@@ -81,7 +81,7 @@ def _walk(path: Path) -> list[tuple[Path, os.stat_result]] | None:
     of it is missing (or not a directory where one is needed)."""
     here = Path("/")
     chain = [(here, os.lstat(here))]
-    todo = list(reversed(Path.cwd().joinpath(path).parts[1:]))
+    todo = list(reversed((path if path.is_absolute() else Path.cwd() / path).parts[1:]))
     links = 0
     while todo:
         name = todo.pop()

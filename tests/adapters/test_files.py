@@ -412,3 +412,21 @@ def test_an_ssh_key_the_login_user_owns_is_used_with_its_certificate(
     assert (
         f"FAIL  ssh.key_file {key} is owned by uid {NOBODY + 1}, not root or nobody" in out.stdout
     )
+
+
+def test_an_absolute_path_is_judged_from_a_deleted_working_directory(tmp_path: Path) -> None:
+    """An admin who installed from an unpacked directory and then deleted it still runs hpodlb
+    from there: an absolute path does not depend on the working directory, so its file is read
+    (it was "file not found", the walk asking for the deleted directory's name first)."""
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    config.chmod(0o600)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = (
+        "import os, sys; from pathlib import Path; from hpodlb.files import read_trusted_file;"
+        f"os.chdir({str(gone)!r}); os.rmdir({str(gone)!r});"
+        f"sys.stdout.write(repr(read_trusted_file(Path({str(config)!r}), 1024)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "b''", "")

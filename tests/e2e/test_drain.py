@@ -22,9 +22,10 @@ from hpodlb.planner import Kind
 from hpodlb.report import status_text
 from sim.aws import nlb_health
 from sim.env import SimEnv
-from sim.nodes import SIM_USER, SimNode
+from sim.nodes import SimNode
 from tests.support.daemon import Daemon, spawn_daemon, stop_daemons
 from tests.support.lab import canonical, nodes, run_pass_later
+from tests.support.nodeside import logins, ssh_as_user
 
 FAILING = ("unhealthy", "Target.FailedHealthChecks", "Health checks failed")
 
@@ -56,22 +57,10 @@ class Held:
 
 @contextmanager
 def sessions(env: SimEnv, node: SimNode, count: int, command: str = "sleep 120") -> Iterator[Held]:
-    opts = [
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",
-        "-i",
-        str(env.cluster.client_key),
-        "-p",
-        str(env.cluster.port),
-    ]
-    before = _logins(node)
+    before = logins(node)
     procs = [
         subprocess.Popen(
-            ["ssh", "-tt", *opts, f"{SIM_USER}@{node.ip}", command],
+            ssh_as_user(env.cluster, node, command, terminal=True),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -81,17 +70,13 @@ def sessions(env: SimEnv, node: SimNode, count: int, command: str = "sleep 120")
     held = Held(procs)
     try:
         deadline = time.monotonic() + 30
-        while _logins(node) < before + count:
+        while logins(node) < before + count:
             assert time.monotonic() < deadline, f"{count} ssh sessions to {node.ip} did not log in"
             time.sleep(0.05)
         time.sleep(0.3)  # the session's pty and utmp entry follow the login
         yield held
     finally:
         held.close()
-
-
-def _logins(node: SimNode) -> int:
-    return (node.dir / "sshd.log").read_text().count("Accepted publickey")
 
 
 def cli(env: SimEnv, *args: str) -> int:
@@ -401,11 +386,11 @@ def test_users_of_a_node_hpodlb_cannot_vouch_for_are_not_told(
     node.stop()
     node.new_host_keys()  # same instance, other keys: an impostor or a re-image
     node.start()
-    before = _logins(node)
+    before = logins(node)
     assert cli(env, "drain", a, "--reason", "suspicious") == 0
     out = capsys.readouterr().out
     assert "could not tell its users (wall): host-key:" in out
-    assert _logins(node) == before
+    assert logins(node) == before
     assert a in load_intents(env.state_dir).drain
 
 
@@ -418,20 +403,20 @@ def test_draining_again_changes_only_what_was_asked(
     node = env.cluster.nodes[a]
     assert cli(env, "drain", a, "--reason", "kernel 6.8") == 0
     first = load_intents(env.state_dir).drain[a]
-    logins = _logins(node)
+    seen = logins(node)
     assert cli(env, "drain", a) == 0
     assert "is drained already (kernel 6.8): nothing changed" in capsys.readouterr().out
     assert load_intents(env.state_dir).drain[a] == first
-    assert _logins(node) == logins  # no second wall
+    assert logins(node) == seen  # no second wall
     assert cli(env, "drain", a, "--reason", "kernel 6.9") == 0
     again = load_intents(env.state_dir).drain[a]
     assert (again.reason, again.requested_at) == ("kernel 6.9", first.requested_at)
-    assert _logins(node) == logins + 1  # told the new reason
+    assert logins(node) == seen + 1  # told the new reason
     assert cli(env, "drain", a, "--force") == 0  # adding --force is recorded, nobody told again
     assert "now with --force" in capsys.readouterr().out
     assert load_intents(env.state_dir).drain[a].force
     assert load_intents(env.state_dir).drain[a].reason == "kernel 6.9"
-    assert _logins(node) == logins + 1
+    assert logins(node) == seen + 1
 
 
 def test_an_unusable_intents_file_keeps_drains_as_last_known(
@@ -501,14 +486,14 @@ def test_without_host_keys_drain_says_it_cannot_tell_or_count_and_waits_on_rotat
     a, _, _ = converged(env, 3)
     node = env.cluster.nodes[a]
     env.write_config(host_keys={"enabled": False})
-    logins = _logins(node)
+    seen = logins(node)
     with passes(env):
         assert cli(env, "drain", a, "--wait", "60") == 0
     out = capsys.readouterr().out
     assert "could not tell its users (wall): host_keys.enabled = false" in out
     assert "sessions not counted (host_keys.enabled = false" in out
     assert f"{a}: out of rotation (its sessions are not counted" in out
-    assert _logins(node) == logins  # no login at all
+    assert logins(node) == seen  # no login at all
     assert a not in env.registered()
     assert "host_keys.enabled = false" in env.state().nodes[a].sessions_error
 

@@ -21,10 +21,14 @@ def logins(node: SimNode) -> int:
     return (node.dir / "sshd.log").read_text().count("Accepted publickey")
 
 
-def ssh_as_user(cluster: SimCluster, node: SimNode, command: str) -> list[str]:
-    """The `ssh` command line of the login user running `command` on the node (no terminal)."""
+def ssh_as_user(
+    cluster: SimCluster, node: SimNode, command: str, *, terminal: bool = False
+) -> list[str]:
+    """The `ssh` command line of the login user running `command` on the node (with a terminal,
+    as an interactive user's, only if asked: `wall` writes to terminals)."""
     return [
         "ssh",
+        *(["-tt"] if terminal else []),
         "-o",
         "StrictHostKeyChecking=no",
         "-o",
