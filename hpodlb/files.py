@@ -73,6 +73,24 @@ def require_trusted(path: Path, owners: Mapping[int, str] | None = None) -> None
     _judge(path, final, st, allowed, is_dir=False)
     for entry, est in on_the_way:
         _judge(path, entry, est, allowed, is_dir=True)
+    _require_chosen_by_its_owner(path, chain, allowed)
+
+
+def _require_chosen_by_its_owner(
+    path: Path, chain: list[tuple[Path, os.stat_result]], allowed: Mapping[int, str]
+) -> None:
+    """A further owner (the login user, for its key) who owns something on the way chooses which
+    file the path ends at, so that file must be theirs: else root would use, on their word, a
+    file they cannot read themselves (a symlink of theirs to a key only root can read)."""
+    root = {0, os.geteuid()}
+    (final, st) = chain[-1]
+    for entry, est in reversed(chain[:-1]):  # the nearest first: what the message names
+        if est.st_uid not in root and st.st_uid != est.st_uid:
+            who, owner = allowed[est.st_uid], allowed.get(st.st_uid, f"uid {st.st_uid}")
+            raise UntrustedPathError(
+                f"{path}: {final} is owned by {owner}, but {who} chose it ({entry} is {who}'s):"
+                f" it must be {who}'s own key"
+            )
 
 
 def _walk(path: Path) -> list[tuple[Path, os.stat_result]] | None:

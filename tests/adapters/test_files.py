@@ -430,3 +430,33 @@ def test_an_absolute_path_is_judged_from_a_deleted_working_directory(tmp_path: P
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert (out.returncode, out.stdout, out.stderr) == (0, "b''", "")
+
+
+def test_the_login_user_cannot_point_its_key_file_at_a_key_only_root_can_read(
+    hpodlb: Hpodlb, write_config: Callable[..., Path], arn: str, tmp_path: Path
+) -> None:
+    """The login user owns the path to its key, so it may choose which file that is, but only
+    among its own: a symlink it owns, to a key only root can read (another head's login key, a
+    host key of the store), would have root log in with a key that user cannot read itself."""
+    secret = tmp_path / "root-only" / "id_ed25519"
+    secret.parent.mkdir(mode=0o700)
+    _certified_key(secret)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    link = home / ".ssh" / "id_ed25519"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(secret)
+    for path in (home, link.parent):
+        os.chown(path, NOBODY, NOBODY)
+    os.lchown(link, NOBODY, NOBODY)
+    config = write_config(
+        [{"arn": arn, "port": 22}],
+        host_keys={"enabled": True, "store": str(tmp_path / "host_keys")},
+        ssh={"key_file": str(link), "user": "nobody"},
+    )
+    out = hpodlb("check-config", "--config", str(config))
+    assert out.returncode == 1, out.stdout
+    assert (
+        f"FAIL  ssh.key_file {link}: {secret} is owned by root, but nobody chose it"
+        f" ({link} is nobody's): it must be nobody's own key" in out.stdout
+    )
