@@ -358,7 +358,7 @@ class Drains:
                 seen.refusal = (
                     f"{tg.name} has {len(registered)} registered targets and "
                     f"reconcile.max_deregister_fraction = {rc.max_deregister_fraction:g} lets "
-                    "none leave in a pass; add --force to drain it anyway"
+                    "none leave within reconcile.interval_seconds; add --force to drain it anyway"
                 )
             else:
                 seen.later = seen.later or _window_spent(state, tg, len(registered), rc)

@@ -122,7 +122,8 @@ def decide(listed: Sequence[tuple[str, bool]], me: set[str]) -> Leadership:
             False,
             in_control,
             f"cannot tell which head is in control: scontrol ping calls it {in_control}, a name "
-            "every head has (name the heads by their hostnames in slurm.conf's SlurmctldHost)",
+            "every head has (name the heads by their hostnames in slurm.conf's SlurmctldHost; "
+            'on a cluster with one head, set cluster.leader = "always")',
             primary,
             sound=False,
         )
@@ -218,7 +219,8 @@ def check(
             False,
             why=f"cannot tell which head is in control: {conf} names a controller "
             f"{anonymous[0]}, which Slurm takes for whichever head asks (name the heads by "
-            "their hostnames in SlurmctldHost)",
+            "their hostnames in SlurmctldHost; on a cluster with one head, set cluster.leader = "
+            '"always")',
             sound=False,
         )
     try:

@@ -288,8 +288,8 @@ def test_the_guard_check_counts_drains_no_pass_has_applied_yet(
     assert "would leave 0 login nodes in service" in capsys.readouterr().err
     env.write_config(reconcile={"max_deregister_fraction": 0.4})
     assert cli(env, "undrain", a) == 0
-    assert cli(env, "drain", a) == 1  # 0.4 x 2 registered: nothing may leave in a pass
-    assert "lets none leave in a pass" in capsys.readouterr().err
+    assert cli(env, "drain", a) == 1  # 0.4 x 2 registered: nothing may leave in an interval
+    assert "lets none leave within reconcile.interval_seconds" in capsys.readouterr().err
 
 
 def test_a_standby_head_refuses_to_drain(env: SimEnv, capsys: pytest.CaptureFixture[str]) -> None:

@@ -58,7 +58,8 @@ def test_with_a_real_slurmctld_named_localhost_no_head_acts(
             assert done.returncode == 1, done.stdout + done.stderr
             assert done.stdout.startswith(
                 f"{CANNOT_TELL}{slurm.conf} names a controller localhost, which Slurm takes for "
-                "whichever head asks (name the heads by their hostnames in SlurmctldHost)): "
+                "whichever head asks (name the heads by their hostnames in SlurmctldHost; on a "
+                'cluster with one head, set cluster.leader = "always")): '
                 "observed only, changed nothing"
             ), done.stdout
     assert aws.targets(arn) == set()

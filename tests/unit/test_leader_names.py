@@ -38,7 +38,8 @@ def test_a_controller_named_as_every_host_names_itself_cannot_tell(name: str) ->
         assert (lead.acting, lead.sound) == (False, False)
         assert lead.why == (
             f"{CANNOT_TELL}scontrol ping calls it {name}, a name every head has (name the heads "
-            "by their hostnames in slurm.conf's SlurmctldHost)"
+            "by their hostnames in slurm.conf's SlurmctldHost; on a cluster with one head, set "
+            'cluster.leader = "always")'
         )
         assert lead.label == f"standby ({lead.why})"
 
