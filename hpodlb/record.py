@@ -97,7 +97,14 @@ def counted(ctx: PassContext, job: Job, result: int | Exception) -> None:
         why = failure_text(result, "sessions")  # `connect: ...` when the login failed
         record.sessions, record.sessions_error = None, why
         error = why if why.startswith("sessions:") else f"sessions: {why}"
-        node_failed(ctx, ip, error, backoff=True, fails_pass=False)
+        if record.failures and not record.last_error.startswith("sessions:"):
+            # The node already backs off for another step (a push): its counts wait with it, and
+            # that step's error and backoff stay, for that step alone to end.
+            log.error(
+                "node_failed", ip=ip, instance_id=node.instance_id, step="sessions", error=why
+            )
+        else:
+            node_failed(ctx, ip, error, backoff=True, fails_pass=False)
     else:
         if result != record.sessions:
             log.info("drained_sessions", ip=ip, instance_id=node.instance_id, sessions=result)
