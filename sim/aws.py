@@ -8,6 +8,7 @@ in hpodlb knows it is talking to an emulator.
 from __future__ import annotations
 
 import os
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,6 +119,12 @@ def moto_server() -> Iterator[FakeAws]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    # moto keeps its accounts in this process, not in the server: without a reset, a server
+    # started after another (the next test in a pytest worker) would still hold the first one's
+    # load balancers, VPCs and target groups.
+    urllib.request.urlopen(
+        urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"), timeout=30
+    ).close()
     try:
         yield FakeAws(endpoint_url=f"http://{host}:{port}", region=REGION)
     finally:
