@@ -66,7 +66,9 @@ class SimEnv:
                 "user": SIM_USER,
                 "port": self.cluster.port,
                 "key_file": str(self.cluster.client_key),
-                "connect_timeout_seconds": 2,
+                # A silent node costs a test this long; a handshake under two suites' load can
+                # take 2 s (it failed a login node that was only slow).
+                "connect_timeout_seconds": 4,
             },
             # Probe every pass: tests change nodes between passes; the interval has tests of its own.
             "host_keys": {
