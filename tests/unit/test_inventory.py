@@ -20,12 +20,7 @@ from hpodlb.inventory import (
     read_login_nodes,
 )
 from tests.support.data import FIXTURES
-
-PRIVATE = tuple(
-    ipaddress.IPv4Network(c)
-    for c in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
-)
-PATH = Path("/opt/ml/config/resource_config.json")
+from tests.support.inputs import PATH, PRIVATE, config_like
 
 
 def doc(*instances: dict[str, Any], group: str = "login-group") -> bytes:
@@ -181,45 +176,6 @@ def test_a_sticky_directory_given_as_a_file_is_named_a_directory(
         else:
             login_group_names((), sticky, lambda: None)
     assert str(err.value) == expected
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
-    ),
-    max_leaves=20,
-)
-ip_like = st.one_of(
-    st.ip_addresses().map(str),
-    st.sampled_from(["10.1.0.1", "10.1.0.1 ", "010.1.0.1", "", "10.1.0", "::ffff:10.1.0.1"]),
-    st.text(max_size=16),
-)
-instance_like = st.fixed_dictionaries(
-    {},
-    optional={
-        "CustomerIpAddress": ip_like | json_values,
-        "InstanceId": st.text(max_size=12) | json_values,
-        "InstanceName": st.text(max_size=12),
-    },
-)
-config_like = (
-    st.fixed_dictionaries(
-        {
-            "InstanceGroups": st.lists(
-                st.fixed_dictionaries(
-                    {"Name": st.sampled_from(["login-group", "compute"]) | json_values},
-                    optional={
-                        "Instances": st.lists(instance_like | json_values, max_size=5) | json_values
-                    },
-                ),
-                max_size=4,
-            )
-            | json_values
-        }
-    )
-    | json_values
-)
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)

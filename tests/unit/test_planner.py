@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 
 from hpodlb.guards import in_service, out_of_service, recent
@@ -23,23 +21,11 @@ from hpodlb.planner import (
     Target,
     plan_pass,
 )
+from tests.support.inputs import keyset
 
 TG = "arn:aws:elasticloadbalancing:us-west-2:123456789012:targetgroup/tg-a/0123456789abcdef"
 TG2 = "arn:aws:elasticloadbalancing:us-west-2:123456789012:targetgroup/tg-b/0123456789abcdef"
 OFF = KeyFacts()  # host keys disabled: every node counts as verified
-
-
-def keyset(tag: str) -> dict[str, str]:
-    """A set of `algo base64` lines, distinct per tag (the planner never parses the blobs)."""
-
-    def line(algo: str) -> str:
-        return f"{algo} {base64.b64encode(f'{tag}-{algo}'.encode()).decode()}"
-
-    return {
-        "rsa": line("ssh-rsa"),
-        "ecdsa": line("ecdsa-sha2-nistp256"),
-        "ed25519": line("ssh-ed25519"),
-    }
 
 
 CANON = keyset("canonical")

@@ -35,8 +35,7 @@ from hpodlb.planner import (
 )
 from tests.support.aws import TG_ARN
 from tests.support.data import FIGURES, FIXTURES
-from tests.unit.test_inventory import PATH, PRIVATE, config_like
-from tests.unit.test_planner import keyset
+from tests.support.inputs import PATH, PRIVATE, config_like, keyset
 
 pytestmark = pytest.mark.reliability
 
