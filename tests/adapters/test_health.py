@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from hpodlb.state import NodeRecord, State, TargetRecord, load_state
 from hpodlb.targets import TargetGroup
 from sim.aws import FakeAws, nlb_health
 from tests.support.aws import Clock
+from tests.support.process import run_hpodlb
 
 NODES = ["10.1.70.201", "10.1.71.12", "10.1.72.45"]  # the fixture's login nodes
 FAILING = ("unhealthy", "Target.FailedHealthChecks", "Health checks failed")
@@ -187,13 +187,7 @@ def test_every_target_unhealthy_empties_nothing(
 
 
 def hpodlb(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hpodlb", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_hpodlb(*args)
 
 
 def test_status_shows_health_with_reason_and_live_asks_aws_now(

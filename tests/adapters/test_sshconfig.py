@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from sim.env import SimEnv
 from sim.nodes import SIM_USER
 from tests.support.aws import credentials_denied, enforce_iam
 from tests.support.lab import nodes
+from tests.support.process import run_hpodlb
 
 REGION = "us-west-2"
 REPO = Path(__file__).resolve().parents[2]
@@ -275,14 +275,8 @@ def test_a_name_unsafe_to_paste_is_a_usage_error(
 
 def hpodlb(env: SimEnv, *args: str) -> subprocess.CompletedProcess[str]:
     """This worktree's hpodlb as a process, with the sim's AWS in its environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "hpodlb", *args, "--config", str(env.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+    return run_hpodlb(
+        *args, config=env.config_path, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
     )
 
 

@@ -28,6 +28,7 @@ from hpodlb.wiring import build_reconciler
 from sim.env import SimEnv
 from tests.support.aws import credentials_denied, enforce_iam
 from tests.support.lab import nodes
+from tests.support.process import run_hpodlb
 
 REGION = "us-west-2"
 LOGIN_IPS = ["10.1.71.12", "10.1.72.45", "10.1.70.201"]  # the fixture resource config's
@@ -527,13 +528,7 @@ def sim_path(env: SimEnv, ips: list[str], **config: dict[str, Any]) -> None:
 
 
 def hpodlb(env: SimEnv, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hpodlb", *args, "--config", str(env.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_hpodlb(*args, config=env.config_path)
 
 
 def test_doctor_passes_a_sound_simulated_cluster_with_its_daemon_running(sim_env: SimEnv) -> None:

@@ -26,6 +26,7 @@ from sim.nodes import SimNode
 from tests.support.daemon import Daemon, spawn_daemon, stop_daemons
 from tests.support.lab import canonical, nodes, run_pass_later
 from tests.support.nodeside import logins, ssh_as_user
+from tests.support.process import run_hpodlb
 
 FAILING = ("unhealthy", "Target.FailedHealthChecks", "Health checks failed")
 
@@ -500,7 +501,6 @@ def test_without_host_keys_drain_says_it_cannot_tell_or_count_and_waits_on_rotat
 
 def test_ctrl_c_during_wait_keeps_the_drain_and_says_so(env: SimEnv) -> None:
     import signal
-    import sys
 
     a, _, _ = converged(env, 3)
     # Into a pipe, as `| tee` would read it: Python buffers a pipe unless told otherwise, and
@@ -542,13 +542,7 @@ def test_ctrl_c_during_wait_keeps_the_drain_and_says_so(env: SimEnv) -> None:
 
 def hpodlb(env: SimEnv, *args: str) -> subprocess.CompletedProcess[str]:
     """The real `hpodlb` command, as an admin types it on the head node."""
-    return subprocess.run(
-        [sys.executable, "-m", "hpodlb", "--config", str(env.config_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_hpodlb(*args, config=env.config_path)
 
 
 @pytest.mark.parametrize("other", ["gone from the resource config", "unhealthy", "added by hand"])

@@ -21,6 +21,7 @@ import pytest
 from hpodlb.config import load_config
 from sim.aws import FakeAws
 from tests.support.data import FIGURES
+from tests.support.process import run_hpodlb
 from tests.support.slurm import as_host, once_as, ping, slurm_heads, stand_in
 
 pytestmark = pytest.mark.slurmctld
@@ -148,15 +149,7 @@ def test_a_scontrol_in_the_current_directory_is_never_run(
     env.pop("SLURM_CONF", None)
 
     def hpodlb(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "hpodlb", *args, "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            cwd=users,
-            env=env,
-        )
+        return run_hpodlb(*args, config=config, cwd=users, env=env)
 
     once = hpodlb("once")
     doctor = hpodlb("doctor", "--json")

@@ -10,7 +10,6 @@ import datetime as dt
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from sim.faultproxy import FaultPlan, fault_proxy
 from tests.support.daemon import Daemon, spawn_daemon, stop_daemons
 from tests.support.data import FIGURES
 from tests.support.lab import nodes
+from tests.support.process import run_hpodlb
 
 pytestmark = pytest.mark.reliability
 
@@ -44,14 +44,7 @@ def aws(fresh_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAws]:
 def hpodlb(
     config: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hpodlb", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
+    return run_hpodlb(*args, config=config, env={**os.environ, **(env or {})})
 
 
 def targets(aws: FakeAws, arn: str) -> set[str]:
