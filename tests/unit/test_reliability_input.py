@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hpodlb.config import ConfigError, load_config
 from hpodlb.identity import KEYS_VOUCHED, KeyState
 from hpodlb.inventory import InventoryError, LoginNode, parse_login_nodes, read_login_nodes
+from hpodlb.keyplan import standing
 from hpodlb.keystore import KeyStore, KeyStoreError, generate
 from hpodlb.planner import (
     Absence,
@@ -187,6 +188,25 @@ plan_inputs = st.fixed_dictionaries(
 @pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(plan_inputs)
+# Found by the full run: a stray target leaves beside a login node verified before whose probe is
+# not back yet; the node stands as verified, so one is in service.
+@example(
+    {
+        "desired": ["10.9.0.2"],
+        "registered": {"10.9.0.1", "10.9.0.2"},
+        "guards": Guards(
+            max_deregister_fraction=1.0, absent_passes_before_deregister=1, min_in_service=1
+        ),
+        "absent": {},
+        "probes": {},
+        "verified": {"10.9.0.2": "same"},
+        "trusted": {},
+        "last_instance": {},
+        "previous": False,
+        "store": "full",
+        "now": 0.0,
+    }
+)
 def test_no_plan_breaks_a_guard_or_a_trust_rule(x: dict[str, Any]) -> None:
     """Whatever the inventory, targets, probes and memory, a plan keeps min_in_service and the
     fraction cap for every deregistration whatever its reason, touches only IP targets, waits out
@@ -220,8 +240,12 @@ def test_no_plan_breaks_a_guard_or_a_trust_rule(x: dict[str, Any]) -> None:
     assert len(leaving) <= math.floor(guards.max_deregister_fraction * len(ip_targets))
     # In service (a verified login node, registered, up): never below the floor, and nothing
     # leaves while the group is below it already.
+    # A node whose probe of this pass is not back yet stands as last verified (`standing`).
+    by_ip = {n.ip: n for n in nodes}
     serving = {
-        ip for ip in ip_targets if ip in desired and plan.judgements[ip].state.value in KEYS_VOUCHED
+        ip
+        for ip in ip_targets
+        if ip in desired and standing(by_ip[ip], plan.judgements[ip], keys) in KEYS_VOUCHED
     }
     assert len(serving - set(leaving)) >= min(guards.min_in_service, len(serving))
     assert len(serving) >= guards.min_in_service or not leaving
