@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
+from hpodlb import leader
 from sim.aws import FakeAws
 from sim.faultproxy import FaultPlan, fault_proxy
 from tests.support.daemon import Daemon, spawn_daemon, stop_daemons
@@ -176,3 +178,68 @@ def test_a_head_that_loses_control_mid_pass_writes_nothing_after_its_cache_allow
         f"{max(windows[:2]):.2f} s with 6 s reads (0: none), {windows[2]:.2f} s with 1.5 s reads"
     )
     FIGURES["control moved mid-pass -> old head's leadership_lost"] = f"{max(noticed):.2f} s"
+
+
+def losing_control(rec: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """head1 in control as the pass begins, head2 at every question after; with the cache off
+    (its 2 s have tests of their own), so the first step that asks again is the one that finds
+    control gone."""
+    answers = [HEAD1]
+    monkeypatch.setattr(leader, "CACHE_SECONDS", 0.0, raising=False)  # (raising: main has none)
+
+    def ask() -> leader.Leadership:
+        said = answers.pop(0) if answers else HEAD2
+        return leader.decide(leader.controllers(said), {"head1"})
+
+    rec.leader = ask
+
+
+@pytest.mark.sshd
+def test_a_head_that_loses_control_adopts_and_pushes_nothing(
+    sim_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host keys on, real sshd nodes: control moves between the pass's first question and its
+    adoption (an empty store), then, once converged, between a pass's first question and its push
+    to a replaced node: nothing adopted or pushed, no login on any node, `leadership_lost` names
+    head2 and the pass ends `standby (controller: head2)`."""
+    from hpodlb.keystore import KeyStore
+    from hpodlb.state import load_state, save_state
+    from hpodlb.wiring import build_reconciler
+    from tests.support.lab import TYPES, nodes
+    from tests.support.nodeside import logins
+
+    env = sim_env
+    ips = nodes(env, 2)
+    env.write_config(cluster={"leader": "slurmctld"})
+
+    def a_pass_losing_control() -> tuple[Any, Any]:
+        rec = build_reconciler(env.config)
+        losing_control(rec, monkeypatch)
+        state, _ = load_state(env.state_dir)
+        with capture_logs() as logs:
+            outcome = rec.run_pass(state, apply=True)
+        save_state(env.state_dir, state)
+        return outcome, logs
+
+    def check(outcome: Any, logs: list[Any]) -> None:
+        events = [e["event"] for e in logs]
+        assert not {"host_keys_adopted", "host_keys_pushed"} & set(events), events
+        lost = [e for e in logs if e["event"] == "leadership_lost"]
+        assert [e["controller"] for e in lost] == ["head2"]
+        assert outcome.standby == "standby (controller: head2)" and outcome.push_failures == 0
+
+    before = {ip: logins(env.cluster.nodes[ip]) for ip in ips}
+    check(*a_pass_losing_control())
+    assert KeyStore(env.store, TYPES).is_empty()
+    assert {ip: logins(env.cluster.nodes[ip]) for ip in ips} == before
+
+    env.write_config(cluster={"leader": "always"})
+    assert env.run_pass().converged
+    replaced = env.cluster.nodes[ips[1]]
+    replaced.replace("i-0replaced0000001")
+    own = replaced.keyscan()
+    env.write_config(cluster={"leader": "slurmctld"})
+    before = {ip: logins(env.cluster.nodes[ip]) for ip in ips}
+    check(*a_pass_losing_control())
+    assert replaced.keyscan() == own  # not pushed: it still presents its own new keys
+    assert {ip: logins(env.cluster.nodes[ip]) for ip in ips} == before
