@@ -8,6 +8,10 @@ a pass lasts longer than the 2 s an answer stands. Both read one stand-in `scont
 writes (tests/support/slurm.py). The test empties the target group behind the acting head's back,
 waits until that head's next pass is inside its slow read, and moves control to the other head:
 the old head would re-register the nodes when the read returns; it must not, and says so.
+
+Pushes and adoptions are asked about as their node job starts: the last test runs a pass in this
+process over real sshd nodes with host keys on, its answers given by a callable (the cache, which
+`tests/unit/test_leader_cache.py` pins, set to 0 so the first step to ask again finds control gone).
 """
 
 from __future__ import annotations
