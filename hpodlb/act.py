@@ -1,7 +1,12 @@
 """What a pass changes: AWS target writes, key pushes and adoptions started, the key store.
 
 Only what the plan made runnable, each at most once a pass, and only when this pass may act
-(`PassContext.acting`: it applies, and this head was the one in control when the pass began).
+(`PassContext.acting`: it applies, and this head is the one in control). Leadership is asked again
+before every write batch, push, adoption and change to the store (`ctx.leader`, cached at most
+leader.CACHE_SECONDS): control can move while a pass waits on a slow AWS or hung nodes, and a head
+that lost it must write nothing more. From the first answer that it no longer acts (another head
+does, or `scontrol` cannot tell) the pass only observes, as a standby pass does, and says so once
+(`leadership_lost`).
 AWS writes happen on the pass's own thread, in this order of urgency:
 nodes serving the wrong identity leave as soon as that is known, verified nodes join as soon as
 they verify (those ready within LINGER_SECONDS of each other share one call), and targets no login
@@ -12,9 +17,11 @@ results come back through the sequencer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
+from typing import Any
 
 from hpodlb.config import target_group_name
 from hpodlb.context import KeySide, Known, PassContext, log
@@ -26,6 +33,11 @@ from hpodlb.record import fingerprints
 from hpodlb.targets import BATCH_SIZE, TargetGroup, TargetsError
 
 LINGER_SECONDS = 0.5  # a node ready to register waits this long for others to share the call
+
+
+class NotInControlError(Exception):
+    """A push or adoption job's result when, as its worker took it, this head no longer acted:
+    nothing was done on the node, and that is no failure of the node's."""
 
 
 class Actor:
@@ -46,6 +58,7 @@ class Actor:
         self.jobs = jobs
         self.attempted: set[tuple[Kind, str, str]] = set()
         self.ready_since: dict[tuple[str, str], float] = {}  # (group, ip) ready to register
+        self._losing = threading.Lock()  # node workers ask too: the loss is taken in once
 
     def step(self, plan: Plan) -> bool:
         """Start or apply what became runnable and was not tried yet; True if anything was."""
@@ -89,6 +102,34 @@ class Actor:
         """When the pass must look again even if no node job ends: a ready node's linger ends."""
         return min(self.ready_since.values()) + LINGER_SECONDS if self.ready_since else None
 
+    def in_control(self) -> bool:
+        """Asked before every AWS write batch, push, adoption and store change. The first answer
+        that this head does not act ends its acting for the rest of the pass (even if a later
+        answer says otherwise: the pass began on one decision, and one change is all it takes in),
+        and the outcome then says what a standby pass says."""
+        if not self.ctx.acting:
+            return False
+        lead = self.ctx.leader()
+        if not lead.acting:
+            with self._losing:
+                if self.ctx.act:
+                    self.ctx.act = False
+                    self.ctx.outcome.leadership = lead
+                    log.warning(
+                        "leadership_lost",
+                        controller=lead.controller,
+                        why=lead.why,
+                        action="no more writes or pushes this pass",
+                    )
+        return self.ctx.acting
+
+    def _if_in_control(self, call: Callable[[], Any]) -> Any:
+        """A node job's call, made only if this head still acts as a worker takes the job (it may
+        have waited behind slow probes)."""
+        if not self.in_control():
+            raise NotInControlError
+        return call()
+
     def _attempt(self, action: Action) -> None:
         self.attempted.add((action.kind, action.target_group, action.ip))
 
@@ -114,6 +155,8 @@ class Actor:
             self._attempt(action)
             by_group.setdefault(action.target_group, []).append(action)
         for arn, group_actions in by_group.items():
+            if not self.in_control():
+                break
             group = self.groups[arn]
             self.ctx.beat()
             write = group.register if kind is Kind.REGISTER else group.deregister
@@ -193,19 +236,23 @@ class Actor:
         budget = side.nodes.push_seconds(side.timeout_seconds)
         job = Job(action.kind.value, action.ip, budget, action)
         call = partial(side.nodes.push, action.ip, dict(self.known.keyset), action.pin)
-        self.jobs.submit(job, call, urgent=True)  # before the probes still waiting
+        # Before the probes still waiting.
+        self.jobs.submit(job, partial(self._if_in_control, call), urgent=True)
 
     def _start_adoption(self, action: Action) -> None:
         self._attempt(action)
         side = self._keys()
         budget = side.nodes.read_keys_seconds(side.timeout_seconds)
         job = Job(action.kind.value, action.ip, budget, action)
-        self.jobs.submit(job, partial(side.nodes.read_keys, action.ip, action.pin), urgent=True)
+        call = partial(side.nodes.read_keys, action.ip, action.pin)
+        self.jobs.submit(job, partial(self._if_in_control, call), urgent=True)
 
     def adopted(self, action: Action, result: KeySet | Exception) -> None:
         """The first login node's keys, read by an adoption job, into the store."""
         ip, store = action.ip, self._keys().store
         node = self.ctx.by_ip[ip]
+        if not self.in_control():
+            return  # another head acts now: its store is the one that counts
         error = _adoption_error(result) if isinstance(result, Exception) else self._install(result)
         if error is not None:
             why = f"adopting the keys of {node.label()} failed: {error}"
@@ -238,6 +285,8 @@ class Actor:
 
     def _retire_previous(self, action: Action) -> None:
         self._attempt(action)
+        if not self.in_control():
+            return
         try:
             self._keys().store.retire_previous()
         except KeyStoreError as exc:

@@ -23,6 +23,7 @@ from hpodlb.hostkeys import HostKeys
 from hpodlb.intentmodel import DrainRequest, Intents
 from hpodlb.inventory import LoginNode
 from hpodlb.keystore import KeySet, KeyStore
+from hpodlb.leader import Leadership
 from hpodlb.logs import get_logger
 from hpodlb.outcome import PassOutcome
 from hpodlb.planner import GroupView, KeyFacts, Probe
@@ -64,7 +65,9 @@ class PassContext:
     wall: Callable[[], float]
     beat: Callable[[], None]  # the pass advanced (the daemon's watchdog follows it)
     apply: bool  # False: a dry run (`plan`): nothing is written, nobody is logged in to
-    act: bool  # False: another head acts; this pass observes and records only
+    act: bool  # False: another head acts (or took over mid-pass); this pass observes and records
+    # Leadership as of now (cached at most leader.CACHE_SECONDS): `act` asks it before each write.
+    leader: Callable[[], Leadership] = lambda: Leadership(True, why="one head")
     now: float = field(init=False)  # monotonic, when the pass began: decisions compare with it
     by_ip: dict[str, LoginNode] = field(init=False)
 
@@ -79,7 +82,7 @@ class PassContext:
     @property
     def acting(self) -> bool:
         """Whether this pass may write to AWS and log in to nodes: it applies, and this head is
-        the one in control (asked once, as the pass began)."""
+        the one in control (as the pass began, and at every write since: see `act`)."""
         return self.apply and self.act
 
     def error(self, line: str) -> None:

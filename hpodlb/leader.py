@@ -19,6 +19,11 @@ head does not act: pausing one head is recoverable, two heads pushing different 
 `scontrol` at all, a single head is assumed, as before this existed. `scontrol` is looked up in
 absolute directories only: `sudo hpodlb doctor` typed in a user's directory must not run that
 user's `./scontrol` as root (an empty PATH entry, `.` or a relative one would).
+
+Control can move in the middle of a pass (a pass over hung nodes or a slow AWS lasts minutes), so
+the pass asks again before every AWS write batch and every push or adoption (`Asker`), trusting an
+answer for at most CACHE_SECONDS from when it was asked: a head that lost control makes no write
+later than that, plus the one call already in flight.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ EXTRA_PATHS = ("/opt/slurm/bin",)
 TIMEOUT_SECONDS = 30.0
 OUTPUT_CAP = 64 << 10
 CONFIRM_SECONDS = 2.0  # a backup head taking over asks again after this long, to be sure
+# How long an answer stands for the writes of a pass: each `scontrol ping` is a few milliseconds
+# and an RPC to slurmctld, so asking before every write is cheap; 2 s bounds how late a head that
+# lost control can still write, and spares slurmctld a ping per node on a pass of many pushes.
+CACHE_SECONDS = 2.0
 PING_LINE = re.compile(r"^Slurmctld\((?P<role>[^)]*)\) at (?P<host>\S+) is (?P<state>UP|DOWN)\b")
 # What every host calls itself: a controller named so is no head in particular.
 ANY_HOST = frozenset(
@@ -78,6 +87,41 @@ class Leadership:
     def takes_over(self) -> bool:
         """Acting as a backup: the primary's slurmctld does not answer."""
         return self.acting and bool(self.primary) and self.controller != self.primary
+
+
+class Asker:
+    """Leadership for one pass, asked again once the last answer is CACHE_SECONDS old.
+
+    An answer's age counts from when it was asked, not when it came: what `scontrol ping` said
+    was true at some moment after the question, and no later. Thread-safe (pushes ask from node
+    workers); callers that find the answer stale wait for the one question in flight.
+    """
+
+    def __init__(self, ask: Callable[[], Leadership], clock: Callable[[], float]) -> None:
+        self._ask = ask
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._answer: Leadership | None = None
+        self._asked_at = 0.0
+
+    def fresh(self) -> Leadership:
+        """Ask now, whatever the last answer's age (a pass's first question, a takeover's
+        second)."""
+        with self._lock:
+            return self._fresh()
+
+    def __call__(self) -> Leadership:
+        """The last answer while it is younger than CACHE_SECONDS, else a new one."""
+        with self._lock:
+            if self._answer is None or self._clock() - self._asked_at >= CACHE_SECONDS:
+                return self._fresh()
+            return self._answer
+
+    def _fresh(self) -> Leadership:
+        asked_at = self._clock()
+        self._answer = self._ask()
+        self._asked_at = asked_at
+        return self._answer
 
 
 def controllers(ping_output: str) -> list[tuple[str, bool]]:

@@ -24,14 +24,14 @@ from functools import partial
 from typing import Any
 
 from hpodlb import observe, record
-from hpodlb.act import Actor
+from hpodlb.act import Actor, NotInControlError
 from hpodlb.config import Config, target_group_name
 from hpodlb.context import KeySide, Known, PassContext, log, read_boot_id
 from hpodlb.guards import Guards, guards_of
 from hpodlb.hyperpod import HyperPod
 from hpodlb.inventory import Answer, InventoryError, LoginNode
 from hpodlb.jobs import MAINTENANCE_WORKERS, PROBE, SESSIONS, WORKERS, Job, NodeJobs
-from hpodlb.leader import CONFIRM_SECONDS, Leadership
+from hpodlb.leader import CONFIRM_SECONDS, Asker, Leadership
 from hpodlb.outcome import PassOutcome
 from hpodlb.planner import Absence, Drain, Kind, Memory, Plan, plan_pass
 from hpodlb.sessions import NO_LOGINS, count_seconds, count_sessions
@@ -91,15 +91,15 @@ class Reconciler:
     def guards(self) -> Guards:
         return guards_of(self.config.reconcile)
 
-    def _lead(self) -> Leadership:
+    def _lead(self, ask: Asker) -> Leadership:
         """Whether this head acts in this pass; a change is logged once, as it happens. A backup
         head about to take over asks again a moment later: one ping the primary missed under load
         must not make two heads act."""
-        lead = self.leader()
+        lead = ask.fresh()
         before = self.leadership
         if lead.takes_over and (before is None or not before.acting):
             self.sleep(CONFIRM_SECONDS)
-            lead = self.leader()
+            lead = ask.fresh()
         if before is None or (lead.acting, lead.controller) != (before.acting, before.controller):
             event = "leadership_acting" if lead.acting else "leadership_standby"
             level = log.info if lead.acting else log.warning
@@ -126,8 +126,9 @@ class Reconciler:
         in), so that a count that hangs never holds back the next pass."""
         started, started_wall = self.clock(), self.wall()
         outcome = PassOutcome()
+        ask = Asker(self.leader, self.clock)  # asked again before each write (`act`)
         if apply:
-            outcome.leadership = self._lead()
+            outcome.leadership = self._lead(ask)
         work = state if apply else state.model_copy(deep=True)
         self.cluster.kept = {**work.cluster_login_groups, **self.cluster.kept}
         try:
@@ -149,6 +150,7 @@ class Reconciler:
                     beat,
                     apply=apply,
                     act=acting,
+                    leader=ask,
                 )
                 _Pass(self, ctx, wait_for_counts).run()
             except Exception as exc:  # a bug must cost one pass, and the pass must say so
@@ -157,6 +159,7 @@ class Reconciler:
                 outcome.crashed = True
         outcome.duration_seconds = self.clock() - started
         if apply:
+            self.leadership = outcome.leadership  # control lost mid-pass was logged then
             work.cluster_login_groups = dict(self.cluster.kept)
             record.record_pass(work, outcome, started_wall, self.wall())
         return outcome
@@ -282,6 +285,8 @@ class _Pass:
 
     def _take(self, actor: Actor, job: Job, result: Any) -> None:
         """A node job's result, into the record, the known world, or (an adoption) the store."""
+        if isinstance(result, NotInControlError):
+            return  # not made: this head lost control (`act`), which is no node's fault
         if job.action is None:
             record.probed(self.ctx, self.known, job.ip, result)
         elif job.action.kind is Kind.PUSH_KEYS:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.support.slurm import as_host
+
 # SO_TIMESTAMPNS (asm-generic/socket.h; Python's socket module does not name it).
 SO_TIMESTAMPNS = 35
 
@@ -141,9 +143,11 @@ def spawn_daemon(
     args: Sequence[str] = (),
     *,
     journal: bool = False,
+    host: str = "",
 ) -> Daemon:
     """`hpodlb run` as a process with `env` (the caller decides which AWS it sees), its JSON log in
-    a file, a stand-in for systemd's notify socket; added to `started` for `stop_daemons`."""
+    a file, a stand-in for systemd's notify socket; added to `started` for `stop_daemons`.
+    `host`: run as the head of that hostname (`slurm.as_host`)."""
     n = len(started)
     notify = NotifySocket(tmp_path / f"notify{n}.sock")
     log = tmp_path / f"daemon{n}.log"
@@ -152,8 +156,9 @@ def spawn_daemon(
     if journal:
         st = os.fstat(out.fileno())
         full_env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    command = [sys.executable, "-m", "hpodlb", "run", *args, "--config", str(config)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hpodlb", "run", *args, "--config", str(config)],
+        as_host(host, *command) if host else command,
         stdout=out,
         stderr=subprocess.STDOUT,
         env=full_env,
