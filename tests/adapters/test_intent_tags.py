@@ -163,7 +163,13 @@ def test_unreadable_tags_keep_drained_nodes_out_and_say_so(
 
     key = credentials_denied("elasticloadbalancing:DescribeTags")
     enforce_iam(monkeypatch)
-    denied = boto3.client("elbv2", region_name="us-west-2", config=boto_config(), **key)
+    denied = boto3.client(
+        "elbv2",
+        region_name="us-west-2",
+        config=boto_config(),
+        aws_access_key_id=key["aws_access_key_id"],
+        aws_secret_access_key=key["aws_secret_access_key"],
+    )
     rec = reconciler(head1, denied, clock)
     for lose_the_cache in (False, True):
         if lose_the_cache:
