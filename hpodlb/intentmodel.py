@@ -83,7 +83,7 @@ def _is_hex(pair: str) -> bool:
 def drain_tag(ip: str, drain: DrainRequest) -> tuple[str, str]:
     """(key, value) of one drain: `hpodlb:drain:IP` = `f=0 t=EPOCH i=INSTANCE b=WHO r=REASON`."""
     head = (
-        f"f={int(drain.force)} t={int(drain.requested_at)} "
+        f"f={int(drain.force)} t={drain.requested_at!r} "
         f"i={escape_tag_text(drain.instance_id, word=True)} "
         f"b={escape_tag_text(drain.requested_by, word=True)} r="
     )
@@ -102,7 +102,7 @@ def trust_tag(ip: str, trust: TrustRequest) -> tuple[str, str]:
 
     prints = sorted(k if k.startswith("SHA256:") else fingerprint(k) for k in trust.keys)
     value = " ".join(
-        [f"t={int(trust.requested_at)}", f"i={escape_tag_text(trust.instance_id, word=True)}"]
+        [f"t={trust.requested_at!r}", f"i={escape_tag_text(trust.instance_id, word=True)}"]
     )
     return TRUST_PREFIX + ip, " ".join([value, *prints])
 

@@ -170,8 +170,8 @@ def cache_intents(state_dir: Path, intents: Intents) -> None:
         try:
             if load_intents(state_dir) == intents:
                 return
-        except IntentsError:
-            pass  # unusable: replaced by what the tags hold
+        except IntentsError as exc:  # unusable: replaced by what the tags hold
+            log.warning("intents_cache_replaced", error=str(exc), why="the tags hold the record")
         _write_cache(state_dir, intents)
 
 
@@ -220,18 +220,25 @@ def _write_tags(
                 "remove other tags from the group"
             )
         work.append((group, gone, new))
-    failed = []
+    failed, kept = [], False
     for group, gone, new in work:
         try:
             group.remove_tags(gone)
+        except TargetsError as exc:
+            failed.append(_tag_failure(group, exc))
+            kept = True  # what it still holds is still in force (the union)
+            continue
+        try:
             group.add_tags(new)
         except TargetsError as exc:
             failed.append(_tag_failure(group, exc))
-    if failed:
+    if failed and (kept or len(failed) == len(work)):
         raise IntentTagsError(
-            "not recorded on every target group (a drain kept on any group holds; nothing was "
-            "removed that was not asked): " + "; ".join(failed)
+            "not changed on every target group (a drain kept on any group holds): "
+            + "; ".join(failed)
         )
+    if failed:  # recorded on the others: the union keeps it in force
+        log.warning("intent_tags_partly_written", error="; ".join(failed))
 
 
 def _tag_failure(group: TargetGroup, exc: Exception) -> str:

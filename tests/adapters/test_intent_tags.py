@@ -140,7 +140,7 @@ def test_an_old_intents_file_is_carried_into_the_tags_once(
     assert outcome.converged, outcome.errors
     tags = tags_of(elb, arn)
     assert tags[DRAIN_PREFIX + DRAINED].endswith(" r=old drain")
-    assert tags[TRUST_PREFIX + "10.1.72.45"].startswith("t=7 i=i-0b SHA256:")
+    assert tags[TRUST_PREFIX + "10.1.72.45"].startswith("t=7.0 i=i-0b SHA256:")
     assert ips_in(elb, arn) == LOGIN_NODES - {DRAINED}
     assert load_intents(head1.state.dir).shared
 
