@@ -8,7 +8,8 @@ an admin can act on, and a raw botocore traceback is not.
 Before anything writes to a group, `problem` checks that it is what the config says: type `ip`,
 protocol `TCP`, the configured port. A group of another kind (someone else's `instance` group, say)
 gets no write at all. The answer is cached for `CHECK_SECONDS` and checked again after any write
-that AWS refused as invalid, so an idle pass stays at one DescribeTargetHealth per group.
+that AWS refused as invalid, so an idle pass stays at one DescribeTargetHealth per group (and one
+DescribeTags, for the admin's intents kept on the group).
 """
 
 from __future__ import annotations
