@@ -4,7 +4,8 @@ The command only records the admin's word (intents.json, beside but apart from t
 tells the node's users, and watches the node empty; the daemon's next pass does the rest (the
 planner takes a drained node out of every target group within the guards, keeps it out, and keeps
 its host keys in step). So a drain survives restarts and never races the daemon for an AWS write.
-Each head keeps its own intents, and only the acting head applies them: a standby head refuses.
+The drain is kept on the target groups' tags (`intents.py`), so it may be given on any head: a
+standby head records it, and whichever head is in control applies it.
 
 On the node, two short root scripts (`sessions.py`), each in a session pinned to keys hpodlb can
 vouch for (the canonical or previous set, or the daemon's own pin for that node): `wall` with the
@@ -25,7 +26,7 @@ from hpodlb.config import Config, ReconcileConfig, TargetGroupConfig
 from hpodlb.context import read_boot_id
 from hpodlb.guards import Ledger, guards_of, in_service, out_of_service, recent
 from hpodlb.intentmodel import DrainRequest, Intents
-from hpodlb.intents import IntentsError, intents_path, update_intents
+from hpodlb.intents import IntentsError, IntentTagsError, intents_path, update_intents
 from hpodlb.inventory import InventoryError, LoginNode
 from hpodlb.lock import LOCK_FILE, lock_holder
 from hpodlb.logs import get_logger
@@ -86,6 +87,7 @@ class DrainResult:
     daemon: Daemon | None = None  # who will apply it
     unchanged: bool = False  # drained already, just so: nothing recorded, nobody told again
     forced_now: bool = False  # only --force was added: recorded, users not told again
+    standby: str = ""  # this head's last pass was on standby (what it said): another head applies
 
 
 @dataclass(frozen=True)
@@ -137,10 +139,16 @@ def drain_lines(result: DrainResult, config: Config) -> list[str]:
         else f" ({NO_LOGINS}: its host keys are not kept in step, its sessions not counted)"
     )
     daemon = result.daemon or Daemon.of(config.state.dir)
+    when = daemon.when()
+    if result.standby:
+        when = (
+            f"this head is on {result.standby}: the drain is kept on the target groups, and the "
+            "head in control applies it at its next pass"
+        )
     lines = [
         f"{node.label()} drained: {reason}. Out of rotation {guards}, kept out until "
         f"`hpodlb undrain {ip}`{keys}.",
-        f"When: {daemon.when()}.",
+        f"When: {when}.",
     ]
     if result.note:
         lines.append(f"note: {result.note}")
@@ -188,12 +196,6 @@ class Drains:
         nodes = self.login_nodes()
         node = self.login_node(ip, nodes)
         state = self._state()
-        if state.last_pass is not None and state.last_pass.standby:
-            raise DrainError(
-                f"this head is on {state.last_pass.standby}: each head keeps its own drains, and "
-                "only the acting head applies them; run `hpodlb drain` on the head whose "
-                "slurmctld is in control"
-            )
         restored = self._lost(state, ip)
         result: list[DrainResult] = []
 
@@ -230,6 +232,7 @@ class Drains:
 
         self._update(add)
         done = result[0]
+        done.standby = state.last_pass.standby if state.last_pass is not None else ""
         if done.unchanged:
             return done
         request = done.request
@@ -366,13 +369,15 @@ class Drains:
 
     def _lost(self, state: State, ip: str) -> list[str]:
         """Drains that intents.json lost and the next write puts back (from the daemon's copy)."""
-        if intents_path(self.state_dir).exists():
-            return []
+        if self.adapters.groups or intents_path(self.state_dir).exists():
+            return []  # the tags keep them: a lost cache loses nothing
         return sorted(set(state.drains) - {ip})
 
     def _update(self, change: Callable[[Intents], None]) -> None:
         try:
-            update_intents(self.state_dir, change)
+            update_intents(self.state_dir, change, self.adapters.groups)
+        except IntentTagsError as exc:
+            raise DrainError(str(exc)) from None
         except IntentsError as exc:
             raise DrainError(
                 f"{exc}; fix or remove it (the drains the daemon has applied are kept and put "
