@@ -4,8 +4,7 @@ The command only records the admin's word (intents.json, beside but apart from t
 tells the node's users, and watches the node empty; the daemon's next pass does the rest (the
 planner takes a drained node out of every target group within the guards, keeps it out, and keeps
 its host keys in step). So a drain survives restarts and never races the daemon for an AWS write.
-The drain is kept on the target groups' tags (`intents.py`), so it may be given on any head: a
-standby head records it, and whichever head is in control applies it.
+Each head keeps its own intents, and only the acting head applies them: a standby head refuses.
 
 On the node, two short root scripts (`sessions.py`), each in a session pinned to keys hpodlb can
 vouch for (the canonical or previous set, or the daemon's own pin for that node): `wall` with the
@@ -25,7 +24,7 @@ from typing import Any
 from hpodlb.config import Config
 from hpodlb.drainguard import check_drain, registered_at, unread_group
 from hpodlb.intentmodel import DrainRequest, Intents
-from hpodlb.intents import IntentsError, IntentTagsError, intents_path, update_intents
+from hpodlb.intents import IntentsError, intents_path, update_intents
 from hpodlb.inventory import InventoryError, LoginNode
 from hpodlb.lock import LOCK_FILE, lock_holder
 from hpodlb.logs import get_logger
@@ -85,7 +84,6 @@ class DrainResult:
     daemon: Daemon | None = None  # who will apply it
     unchanged: bool = False  # drained already, just so: nothing recorded, nobody told again
     forced_now: bool = False  # only --force was added: recorded, users not told again
-    standby: str = ""  # this head's last pass was on standby (what it said): another head applies
 
 
 @dataclass(frozen=True)
@@ -137,16 +135,10 @@ def drain_lines(result: DrainResult, config: Config) -> list[str]:
         else f" ({NO_LOGINS}: its host keys are not kept in step, its sessions not counted)"
     )
     daemon = result.daemon or Daemon.of(config.state.dir)
-    when = daemon.when()
-    if result.standby:
-        when = (
-            f"this head is on {result.standby}: the drain is kept on the target groups, and the "
-            "head in control applies it at its next pass"
-        )
     lines = [
         f"{node.label()} drained: {reason}. Out of rotation {guards}, kept out until "
         f"`hpodlb undrain {ip}`{keys}.",
-        f"When: {when}.",
+        f"When: {daemon.when()}.",
     ]
     if result.note:
         lines.append(f"note: {result.note}")
@@ -194,6 +186,12 @@ class Drains:
         nodes = self.login_nodes()
         node = self.login_node(ip, nodes)
         state = self._state()
+        if state.last_pass is not None and state.last_pass.standby:
+            raise DrainError(
+                f"this head is on {state.last_pass.standby}: each head keeps its own drains, and "
+                "only the acting head applies them; run `hpodlb drain` on the head whose "
+                "slurmctld is in control"
+            )
         restored = self._lost(state, ip)
         result: list[DrainResult] = []
 
@@ -232,7 +230,6 @@ class Drains:
 
         self._update(add)
         done = result[0]
-        done.standby = state.last_pass.standby if state.last_pass is not None else ""
         if done.unchanged:
             return done
         request = done.request
@@ -331,15 +328,13 @@ class Drains:
 
     def _lost(self, state: State, ip: str) -> list[str]:
         """Drains that intents.json lost and the next write puts back (from the daemon's copy)."""
-        if self.adapters.groups or intents_path(self.state_dir).exists():
-            return []  # the tags keep them: a lost cache loses nothing
+        if intents_path(self.state_dir).exists():
+            return []
         return sorted(set(state.drains) - {ip})
 
     def _update(self, change: Callable[[Intents], None]) -> None:
         try:
-            update_intents(self.state_dir, change, self.adapters.groups)
-        except IntentTagsError as exc:
-            raise DrainError(str(exc)) from None
+            update_intents(self.state_dir, change)
         except IntentsError as exc:
             raise DrainError(
                 f"{exc}; fix or remove it (the drains the daemon has applied are kept and put "

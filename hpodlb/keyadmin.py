@@ -16,7 +16,7 @@ from hpodlb.config import Config
 from hpodlb.files import UnusableFileError, read_regular_file
 from hpodlb.hostkeys import known_hosts_lines
 from hpodlb.intentmodel import Intents, TrustRequest
-from hpodlb.intents import IntentsError, update_intents
+from hpodlb.intents import update_intents
 from hpodlb.inventory import InventoryError
 from hpodlb.keystore import KeySet, KeyStore, KeyStoreError, fingerprint, generate
 from hpodlb.logs import get_logger
@@ -186,10 +186,7 @@ def trust_node(config: Config, ip: str) -> TrustRequest:
     def add(intents: Intents) -> None:
         intents.trust[ip] = request
 
-    try:
-        update_intents(config.state.dir, add, adapters.groups)
-    except IntentsError as exc:
-        raise KeyCommandError(f"{ip}: trust not recorded: {exc}") from None
+    update_intents(config.state.dir, add)
     log.warning(
         "host_keys_trusted_by_admin",
         ip=ip,

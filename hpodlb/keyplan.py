@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from hpodlb.guards import Guard
 from hpodlb.identity import Judgement, KeyState, judge
 from hpodlb.inventory import LoginNode
-from hpodlb.keystore import fingerprint
 from hpodlb.plantypes import SHUTTING_DOWN, Action, GroupView, KeyFacts, Kind, Probe, Role, Waiting
 from hpodlb.targetstate import registered_ips
 
@@ -122,20 +121,9 @@ def _judge_node(node: LoginNode, keys: KeyFacts, current: Mapping[str, str]) -> 
         current,
         keys.previous,
         known_instance=keys.verified.get(node.ip) == node.instance_id,
-        admin_trusted=_trusted_lines(trusted[1], probe.offered)
-        if trusted and trusted[0] == node.instance_id
-        else None,
+        admin_trusted=trusted[1] if trusted and trusted[0] == node.instance_id else None,
         ip=node.ip,
     )
-
-
-def _trusted_lines(trusted: frozenset[str], offered: Mapping[str, str]) -> frozenset[str]:
-    """A trust request kept on the target groups' tags names the keys by SHA256 fingerprint:
-    the offered key lines when they are exactly those, else the request as it is (no match)."""
-    if not all(k.startswith("SHA256:") for k in trusted):
-        return trusted
-    lines = frozenset(offered.values())
-    return lines if frozenset(fingerprint(k) for k in lines) == trusted else trusted
 
 
 def is_replacement(node: LoginNode, keys: KeyFacts) -> bool:

@@ -21,17 +21,7 @@ from hpodlb.context import KeySide, Known, PassContext, log
 from hpodlb.guards import guards_of, recent
 from hpodlb.hyperpod import ClusterError, HyperPod
 from hpodlb.identity import KEYS_SETTLED, KeyState
-from hpodlb.intentmodel import Intents
-from hpodlb.intents import (
-    IntentsError,
-    IntentTagsError,
-    cache_intents,
-    intents_path,
-    load_intents,
-    needs_carrying,
-    read_shared,
-    update_intents,
-)
+from hpodlb.intents import IntentsError, intents_path, load_intents
 from hpodlb.inventory import (
     Answer,
     InventoryError,
@@ -186,67 +176,10 @@ class ClusterAnswers:
             return {}
 
 
-def read_intents(ctx: PassContext, known: Known, groups: Sequence[TargetGroup] = ()) -> None:
-    """Trust requests and drains, as the target groups' tags keep them (every head reads the
-    same); without groups, as intents.json does. When they cannot be read, this head's cache
-    stands in and the pass says why: a failed read must not put a node under maintenance back
-    in front of users. An old intents.json is carried into the tags once."""
-    if not groups:
-        _read_cached_intents(ctx, known)
-        return
-    try:
-        shared = read_shared(groups)
-    except IntentTagsError as exc:
-        _tags_unread(ctx, known, str(exc))
-        return
-    known.intents = shared.intents
-    if shared.unread:  # a group not read may hold a drain: the cache's stay in force too
-        _tags_unread(ctx, known, "; ".join(shared.unread.values()))
-    if shared.disagree:
-        log.warning(
-            "drain_tags_disagree",
-            drained=shared.disagree,
-            action="drained: a drain kept on any target group holds (a write was half done)",
-        )
-    known.drains = dict(known.intents.drain)
-    if ctx.apply:
-        _keep_cache(ctx, known, groups)
-        ctx.state.drains = dict(known.drains)
-
-
-def _tags_unread(ctx: PassContext, known: Known, error: str) -> None:
-    """The tags (or some of them) could not be read: the cache's drains and the last pass's
-    stay in force, with whatever the readable groups hold."""
-    try:
-        cached = load_intents(ctx.config.state.dir)
-    except IntentsError:
-        cached = Intents()
-    line = f"{error}: drains kept as this head's cache and last pass know them"
-    ctx.error(line)
-    log.error("intent_tags_unreadable", error=error, action="drains kept as last known")
-    for ip, drain in [*ctx.state.drains.items(), *cached.drain.items()]:
-        known.intents.drain.setdefault(ip, drain)
-    for ip, trust in cached.trust.items():
-        known.intents.trust.setdefault(ip, trust)
-    known.drains = dict(known.intents.drain)
-
-
-def _keep_cache(ctx: PassContext, known: Known, groups: Sequence[TargetGroup]) -> None:
-    """intents.json kept as the tags say; an old one carried into the tags first (once)."""
-    state_dir = ctx.config.state.dir
-    try:
-        if needs_carrying(state_dir):
-            known.intents = update_intents(state_dir, lambda _: None, groups)
-            known.drains = dict(known.intents.drain)
-        else:
-            cache_intents(state_dir, known.intents)
-    except (IntentsError, OSError) as exc:
-        ctx.error(f"{intents_path(state_dir)}: {exc}")
-        log.error("intents_cache_unwritten", error=str(exc))
-
-
-def _read_cached_intents(ctx: PassContext, known: Known) -> None:
-    """intents.json as the record (no target group to keep them on)."""
+def read_intents(ctx: PassContext, known: Known) -> None:
+    """Trust requests and drains. When intents.json cannot be read, or is gone while the last
+    pass had drains, the drains this state remembers stay in force and the pass says why:
+    a lost file must not put a node under maintenance back in front of users."""
     state_dir = ctx.config.state.dir
     remembered = ctx.state.drains
     try:

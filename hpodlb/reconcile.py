@@ -182,7 +182,7 @@ class _Pass:
         record.rebase(ctx.state, ctx.boot_id, ctx.now)
         for node in ctx.nodes:
             ctx.state.nodes.setdefault(node.ip, NodeRecord())
-        observe.read_intents(ctx, known, self.rec.groups)
+        observe.read_intents(ctx, known)
         observe.observe_groups(ctx, known, self.rec.groups)
         facts = observe.key_facts(ctx, known, side)
         known.facts = replace(

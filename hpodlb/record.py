@@ -176,7 +176,7 @@ def remember(ctx: PassContext, known: Known, final: Plan, groups: Sequence[Targe
     for table in (s.registered_by_us, s.absent, s.targets, s.target_errors, s.departures):
         for arn in [a for a in table if a not in configured]:
             del table[arn]
-    _remember_nodes(ctx, known, final, groups)
+    _remember_nodes(ctx, known, final)
     s.boot_id = ctx.boot_id
     if known.keyset:  # none with host keys off
         _write_known_hosts(ctx, known)
@@ -237,9 +237,7 @@ def _remember_health(ctx: PassContext, known: Known, groups: Sequence[TargetGrou
                 )
 
 
-def _remember_nodes(
-    ctx: PassContext, known: Known, final: Plan, groups: Sequence[TargetGroup]
-) -> None:
+def _remember_nodes(ctx: PassContext, known: Known, final: Plan) -> None:
     """Each login node's record; the nodes no longer listed are forgotten. A node whose keys a
     probe of this pass verified is recorded as verified (and an admin's trust request for it,
     now used, is removed)."""
@@ -280,7 +278,7 @@ def _remember_nodes(
                 intents.trust.pop(ip, None)
 
         try:
-            update_intents(ctx.config.state.dir, forget, groups)
+            update_intents(ctx.config.state.dir, forget)
         except (IntentsError, OSError) as exc:
             ctx.error(f"cannot update {ctx.config.state.dir}/intents.json: {exc}")
 

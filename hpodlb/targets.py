@@ -8,8 +8,7 @@ an admin can act on, and a raw botocore traceback is not.
 Before anything writes to a group, `problem` checks that it is what the config says: type `ip`,
 protocol `TCP`, the configured port. A group of another kind (someone else's `instance` group, say)
 gets no write at all. The answer is cached for `CHECK_SECONDS` and checked again after any write
-that AWS refused as invalid, so an idle pass stays at one DescribeTargetHealth per group (and one
-DescribeTags, for the admin's intents kept on the group).
+that AWS refused as invalid, so an idle pass stays at one DescribeTargetHealth per group.
 """
 
 from __future__ import annotations
@@ -157,25 +156,6 @@ class TargetGroup:
             self.info = self.describe()
             self._checked = (now, check_group(self.info, self.port))
         return self._checked[1]
-
-    def tags(self) -> dict[str, str]:
-        """Every tag on the group (DescribeTags): where the admin's drains and trust requests are
-        kept, so that every head reads the same (`intents.py`)."""
-        reply = self._call("DescribeTags", ResourceArns=[self.arn])
-        found: dict[str, str] = {}
-        for description in reply.get("TagDescriptions", []):
-            found.update({t["Key"]: t.get("Value", "") for t in description.get("Tags", [])})
-        return found
-
-    def add_tags(self, tags: dict[str, str]) -> None:
-        """Set these tags (AddTags overwrites a key that exists)."""
-        if tags:
-            pairs = [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
-            self._call("AddTags", ResourceArns=[self.arn], Tags=pairs)
-
-    def remove_tags(self, keys: Sequence[str]) -> None:
-        if keys:
-            self._call("RemoveTags", ResourceArns=[self.arn], TagKeys=sorted(keys))
 
     def register(self, ips: Sequence[str]) -> WriteResult:
         return self._write("RegisterTargets", ips)

@@ -284,8 +284,7 @@ def test_a_group_on_another_port_or_protocol_is_refused(
 def test_the_group_is_checked_at_start_and_every_ten_minutes_not_every_pass(
     elb: Any, reconciler_for: Callable[..., tuple[Reconciler, str]], clock: Clock
 ) -> None:
-    """An idle pass makes one DescribeTags (the drains kept on the group) and one
-    DescribeTargetHealth; DescribeTargetGroups runs at start and per 600 s."""
+    """An idle pass makes one DescribeTargetHealth; DescribeTargetGroups runs at start and per 600 s."""
     rec, _ = reconciler_for()
     calls = calls_of(rec)
     state = State()
@@ -295,7 +294,7 @@ def test_the_group_is_checked_at_start_and_every_ten_minutes_not_every_pass(
     for _ in range(5):
         clock.advance(30)
         assert rec.run_pass(state, apply=True).converged
-    assert calls == ["DescribeTags", "DescribeTargetHealth"] * 5
+    assert calls == ["DescribeTargetHealth"] * 5
     clock.advance(600)
     rec.run_pass(state, apply=True)
     assert calls.count("DescribeTargetGroups") == 1

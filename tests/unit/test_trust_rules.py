@@ -265,32 +265,3 @@ def test_an_adoption_the_store_cannot_take_fails_that_pass_quietly(
     assert world.run_pass().converged  # adopts now; the others are pushed and join
     assert world.registered() == set(IPS)
     assert world.canonical() == {world.nodes[IPS[0]].keys[t].public for t in TYPES}
-
-
-def test_a_trust_request_made_on_another_head_is_honoured_from_the_tags(
-    world: World, tmp_path: Path
-) -> None:
-    """`keys trust` on another head (its own state dir) is kept on the target group's tags, by
-    fingerprint: this head's pass accepts exactly those keys, repairs the node once, and the
-    request is gone from the tags for both heads."""
-    assert world.run_pass().converged
-    node = world.nodes[IPS[1]]
-    node.keys = world.keysets.take()
-    world.run_pass()
-    assert IPS[1] not in world.registered()
-    request = TrustRequest(
-        instance_id=world.state.nodes[IPS[1]].instance_id,
-        keys=[k.public for k in node.keys.values()],
-        requested_at=0,
-    )
-    other_head = tmp_path / "head2-state"
-    groups = [TargetGroup(world.elb, world.arn, 22)]
-    update_intents(other_head, lambda i: i.trust.__setitem__(IPS[1], request), groups)
-    assert load_intents(world.config.state.dir).trust == {}  # this head never heard of it
-    before = node.sessions
-    outcome = world.run_pass()
-    assert outcome.converged, outcome.errors
-    assert node.sessions == before + 1
-    assert IPS[1] in world.registered()
-    tags = world.elb.describe_tags(ResourceArns=[world.arn])["TagDescriptions"][0]["Tags"]
-    assert not [t for t in tags if t["Key"].startswith("hpodlb:trust:")]
