@@ -243,8 +243,7 @@ class MetricsConfig(_Section):
     def _textfile_dir(cls, value: Path | None) -> Path | None:
         if value is None:
             return None
-        if not value.is_absolute():
-            raise ValueError(f"{str(value)!r} is not an absolute path")
+        _absolute(value)  # the rule every path key follows, and its message
         if value.suffix != ".prom":
             raise ValueError(f"{str(value)!r}: node_exporter reads only files named *.prom")
         return value
